@@ -1,0 +1,76 @@
+"""Shared fixtures: one real local Ray cluster and one real redis-server per test session.
+
+Tests that are not about Ray's token authentication run their cluster with auth disabled
+(RAY-NOTES: token auth is on by default in ray 2.60).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA_DIR = Path(os.environ.get("MEDKD_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray cluster (2 CPUs, dashboard on) shared by the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server started and owned by medkd, on 127.0.0.1 with a password."""
+    from medkd.platform.redis_server import ManagedRedisServer
+
+    server = ManagedRedisServer(data_dir=tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def breastmnist_path() -> Path:
+    path = SHARED_DATA_DIR / "breastmnist.npz"
+    if not path.exists():
+        pytest.skip(f"real MedMNIST file not found at {path} (set MEDKD_DATA_DIR)")
+    return path
