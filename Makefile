@@ -1,0 +1,36 @@
+# `make demo` and `make test` do all set-up on a fresh Debian machine with Python 3.11:
+# a virtualenv in .venv, the project and its pinned dependencies, and redis-server.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medkd-installed
+JOB ?= examples/quickstart.yaml
+
+.PHONY: demo test setup redis clean-runs help
+
+help:
+	@echo "make demo   - set up, then run $(JOB) end to end (teachers, cache, search, export, serve)"
+	@echo "make test   - set up, then run the test suite"
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 not found (need python3.11 or python3 >= 3.11)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: medkd needs Python >= 3.11, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP) redis
+
+redis:
+	@sh scripts/ensure_redis.sh
+
+demo: setup
+	$(BIN)/medkd run $(JOB)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs

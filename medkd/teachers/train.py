@@ -1,0 +1,250 @@
+"""Stage 1: train the teacher ensemble with Ray Train, one ``TorchTrainer`` per teacher.
+
+Teachers are launched from driver threads so they run side by side when the cluster has room
+and queue when it does not (Ray schedules the worker groups; nothing here waits on another
+teacher). A teacher whose fingerprint already has a finished artifact is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchTrainer
+
+from medkd.platform.fingerprint import fingerprint
+from medkd.platform.progress import Progress, send_event
+from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
+from medkd.teachers.registry import create_teacher, teacher_family
+
+ARTIFACT_FILE = "teacher.json"
+
+
+class TeacherArtifact(BaseModel):
+    """A trained teacher: its best checkpoint and how it got there."""
+
+    name: str
+    model: str
+    family: str
+    model_kwargs: dict[str, Any]
+    fingerprint: str
+    params: int
+    checkpoint: str
+    epochs_run: int
+    best_epoch: int
+    best_val: float
+    history: list[dict[str, Any]]
+    train_seconds: float
+
+
+def dataset_meta(dataset: Any) -> dict[str, Any]:
+    """The plain-dict description of a dataset that remote code needs to build models."""
+    return {
+        "task": dataset.task,
+        "multilabel": bool(dataset.multilabel),
+        "spatial_dims": int(dataset.spatial_dims),
+        "in_channels": int(dataset.in_channels),
+        "num_classes": int(dataset.num_classes),
+        "image_size": list(dataset.image_size),
+    }
+
+
+def teacher_fingerprint(teacher: Any, dataset_fp: str, seed: int, task: str) -> str:
+    """Hash of (teacher spec, dataset fingerprint, training config, seed) — DESIGN.md."""
+    return fingerprint("teacher", teacher.training_fingerprint_fields(), dataset_fp, seed, task)
+
+
+def artifact_dir(output_dir: Path, teacher_name: str, teacher_fp: str) -> Path:
+    return Path(output_dir) / "teachers" / f"{teacher_name}-{teacher_fp}"
+
+
+def load_teacher_model(artifact: TeacherArtifact, meta: dict[str, Any]) -> torch.nn.Module:
+    model = create_teacher(
+        artifact.model,
+        spatial_dims=meta["spatial_dims"],
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        image_size=meta["image_size"],
+        **artifact.model_kwargs,
+    )
+    model.load_state_dict(torch.load(artifact.checkpoint, weights_only=True, map_location="cpu"))
+    return model.eval()
+
+
+def find_artifact(output_dir: Path, teacher_name: str, teacher_fp: str) -> TeacherArtifact | None:
+    directory = artifact_dir(output_dir, teacher_name, teacher_fp)
+    path = directory / ARTIFACT_FILE
+    if not path.is_file() or not (directory / MODEL_FILE).is_file():
+        return None
+    artifact = TeacherArtifact.model_validate_json(path.read_text())
+    return artifact if artifact.fingerprint == teacher_fp else None
+
+
+class _ProgressCallback(UserCallback):
+    """Forwards each reported epoch from the Train controller to the driver's progress queue."""
+
+    def __init__(self, queue: Any, teacher: str, epochs: int) -> None:
+        self.queue, self.teacher, self.epochs = queue, teacher, epochs
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics:
+            first = metrics[0]
+            send_event(
+                self.queue,
+                {"kind": "teacher_epoch", "teacher": self.teacher, "epoch": first.get("epoch"),
+                 "epochs": self.epochs, "metrics": {k: v for k, v in first.items() if k.startswith(("val_", "train_loss"))}},
+            )
+
+
+def _use_gpu(setting: Any) -> bool:
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(setting)
+
+
+def train_one_teacher(
+    teacher: Any,
+    *,
+    teacher_fp: str,
+    seed: int,
+    meta: dict[str, Any],
+    data_ref: Any,
+    output_dir: Path,
+    storage_path: str,
+    events: Any = None,
+) -> TeacherArtifact:
+    """Fit one teacher with a ``TorchTrainer`` and publish its best checkpoint as an artifact."""
+    started = time.perf_counter()
+    metric = "val_dice" if meta["task"] == "segmentation" else "val_auc"
+    run_name = f"teacher-{teacher.name}-{teacher_fp}"
+    trainer = TorchTrainer(
+        train_teacher_loop,
+        train_loop_config={
+            "teacher": teacher.model_dump(mode="json"),
+            "dataset": meta,
+            "seed": seed,
+            "data_ref": data_ref,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=teacher.num_workers,
+            use_gpu=_use_gpu(teacher.use_gpu),
+            resources_per_worker={"CPU": teacher.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=teacher.max_failures),
+            callbacks=[_ProgressCallback(events, teacher.name, teacher.epochs)],
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"teacher {teacher.name!r} failed: {result.error}") from result.error
+    best_checkpoint, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1].get(metric, float("-inf")), default=(result.checkpoint, result.metrics))
+    if best_checkpoint is None:
+        raise RuntimeError(f"teacher {teacher.name!r} finished without a checkpoint")
+
+    directory = artifact_dir(output_dir, teacher.name, teacher_fp)
+    directory.mkdir(parents=True, exist_ok=True)
+    with best_checkpoint.as_directory() as checkpoint_dir:
+        shutil.copy2(Path(checkpoint_dir) / MODEL_FILE, directory / MODEL_FILE)
+        history = json.loads((Path(checkpoint_dir) / META_FILE).read_text())["state"]["history"]
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        full_history = json.loads((Path(checkpoint_dir) / META_FILE).read_text())["state"]["history"]
+    model = create_teacher(
+        teacher.model,
+        spatial_dims=meta["spatial_dims"],
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        image_size=meta["image_size"],
+        **teacher.model_kwargs,
+    )
+    artifact = TeacherArtifact(
+        name=teacher.name,
+        model=teacher.model,
+        family=teacher_family(teacher.model),
+        model_kwargs=teacher.model_kwargs,
+        fingerprint=teacher_fp,
+        params=sum(p.numel() for p in model.parameters()),
+        checkpoint=str((directory / MODEL_FILE).resolve()),
+        epochs_run=len(full_history),
+        best_epoch=int(history[-1]["epoch"]),
+        best_val=float(best_metrics.get(metric, float("nan"))),
+        history=full_history,
+        train_seconds=time.perf_counter() - started,
+    )
+    # Written last: its presence marks the artifact complete (a crash before this re-trains,
+    # and Ray Train resumes the run from its last checkpoint).
+    tmp = directory / (ARTIFACT_FILE + ".tmp")
+    tmp.write_text(artifact.model_dump_json(indent=2))
+    tmp.replace(directory / ARTIFACT_FILE)
+    return artifact
+
+
+def train_teachers(
+    spec: Any,
+    dataset: Any,
+    data_ref: Any,
+    *,
+    output_dir: Path,
+    storage_path: str,
+    progress: Progress,
+    events: Any = None,
+) -> tuple[list[TeacherArtifact], dict[str, str]]:
+    """Train (or find) every teacher of the spec; returns artifacts and ``{name: ran|skipped}``."""
+    meta = dataset_meta(dataset)
+    artifacts: dict[str, TeacherArtifact] = {}
+    status: dict[str, str] = {}
+    pending = []
+    for teacher in spec.teachers:
+        seed = spec.teacher_seed(teacher)
+        teacher_fp = teacher_fingerprint(teacher, dataset.fingerprint, seed, spec.task)
+        found = find_artifact(output_dir, teacher.name, teacher_fp)
+        if found is not None:
+            progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): skipped, checkpoint found")
+            artifacts[teacher.name] = found
+            status[teacher.name] = "skipped"
+        else:
+            progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): training {teacher.epochs} epochs")
+            pending.append((teacher, teacher_fp, seed))
+
+    if pending:
+        with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="medkd-teacher") as pool:
+            futures = {
+                teacher.name: pool.submit(
+                    train_one_teacher,
+                    teacher,
+                    teacher_fp=teacher_fp,
+                    seed=seed,
+                    meta=meta,
+                    data_ref=data_ref,
+                    output_dir=output_dir,
+                    storage_path=storage_path,
+                    events=events,
+                )
+                for teacher, teacher_fp, seed in pending
+            }
+            errors = []
+            for name, future in futures.items():
+                try:
+                    artifacts[name] = future.result()
+                    status[name] = "ran"
+                    a = artifacts[name]
+                    progress.line(f"  teacher {name}: done in {a.train_seconds:.0f}s, best epoch {a.best_epoch}, val={a.best_val:.4f}")
+                except Exception as error:  # keep the other teachers' results
+                    errors.append(f"{name}: {error}")
+            if errors:
+                raise RuntimeError("teacher training failed:\n  " + "\n  ".join(errors))
+    return [artifacts[t.name] for t in spec.teachers], status

@@ -1,0 +1,104 @@
+"""Job spec validation: bad specs fail with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medkd.platform.spec import SpecError, load_spec, parse_override, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def minimal(**changes):
+    raw = {
+        "name": "t",
+        "data": {"kind": "synthetic", "num_train": 32, "num_val": 16, "num_test": 16},
+        "teachers": [{"name": "a", "model": "resnet18", "epochs": 1}],
+    }
+    raw.update(changes)
+    return raw
+
+
+def write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_examples_validate():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.teachers and spec.name
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    raw = minimal()
+    raw["teachers"][0]["epoks"] = 3
+    with pytest.raises(SpecError) as error:
+        load_spec(write(tmp_path, raw))
+    assert "teachers[0].epoks: unknown field" in str(error.value)
+    assert str(tmp_path / "job.yaml") in str(error.value)
+
+
+def test_negative_epochs_names_the_field(tmp_path):
+    raw = minimal(teachers=[{"name": "a", "model": "resnet18"}, {"name": "b", "model": "vit", "epochs": -1}])
+    with pytest.raises(SpecError, match=r"teachers\[1\]\.epochs: must be > 0"):
+        load_spec(write(tmp_path, raw))
+
+
+def test_top_level_unknown_key(tmp_path):
+    with pytest.raises(SpecError, match=r"serch: unknown field"):
+        load_spec(write(tmp_path, minimal(serch={"num_trials": 2})))
+
+
+def test_missing_data_path_named(tmp_path):
+    from medkd.platform.data import load_dataset
+
+    raw = minimal(data={"kind": "medmnist", "path": "does/not/exist.npz"})
+    spec = load_spec(write(tmp_path, raw))
+    with pytest.raises(ValueError, match="exist.npz"):
+        load_dataset(spec.data)
+
+
+def test_duplicate_teacher_names_rejected():
+    raw = minimal(teachers=[{"name": "a", "model": "resnet18"}, {"name": "a", "model": "vit"}])
+    with pytest.raises(SpecError, match="duplicate names"):
+        parse_spec(raw)
+
+
+def test_bad_redis_url_and_ranges():
+    with pytest.raises(SpecError, match=r"cache.redis_url"):
+        parse_spec(minimal(cache={"redis_url": "http://x"}))
+    with pytest.raises(SpecError, match=r"search.space.temperature"):
+        parse_spec(minimal(search={"space": {"temperature": {"low": 5, "high": 1}}}))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_fingerprint_stable_and_sensitive():
+    a = parse_spec(minimal())
+    b = parse_spec(minimal())
+    assert a.fingerprint() == b.fingerprint()
+    changed = minimal()
+    changed["teachers"][0]["epochs"] = 2
+    assert parse_spec(changed).fingerprint() != a.fingerprint()
+    moved = parse_spec(minimal(output_dir="elsewhere"))
+    assert moved.fingerprint() == a.fingerprint()  # where results go does not change what they are
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, minimal())
+    spec = load_spec(path, overrides=dict([parse_override("search.num_trials=3")]))
+    assert spec.search.num_trials == 3
+    with pytest.raises(SpecError, match="KEY=VALUE"):
+        parse_override("search.num_trials")
