@@ -1,0 +1,84 @@
+"""End to end: `run_job` on a tiny synthetic spec against real Ray, Redis, ONNX Runtime and Serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medkd.platform.pipeline import run_job
+from medkd.platform.spec import parse_spec
+from tests.conftest import free_port
+
+
+def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"kind": "synthetic", "num_train": 96, "num_val": 48, "num_test": 48, "image_size": 28, "num_classes": 3},
+        "teachers": [
+            {"name": "cnn", "model": "resnet10", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
+            {"name": "vit", "model": "vit_tiny", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
+        ],
+        "cache": {"redis_url": redis_url, "namespace": f"test-{tmp_path.name}"},
+        "search": {
+            "num_trials": 2, "max_concurrent": 2, "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5,
+            "space": {"student": ["resnet_tiny"], "width": {"low": 0.25, "high": 0.5}, "quantize": ["int8_static"]},
+        },
+        "serve": {"port": free_port(), "cpus_per_replica": 0.25, "max_replicas": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.slow
+def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys):
+    spec = parse_spec(tiny_job(tmp_path, redis_url))
+    run_job(spec)
+    results = json.loads((spec.output_dir / "results.json").read_text())
+
+    assert results["dataset"]["fingerprint"]
+    assert {t["name"] for t in results["teachers"]} == {"cnn", "vit"}
+    for teacher in results["teachers"]:
+        assert 0.0 <= teacher["test_metrics"]["auc"] <= 1.0
+        assert teacher["params"] > 100_000
+    assert results["soft_labels"]["misses"] == 6 and results["soft_labels"]["bytes"] > 0
+    assert len(results["trials"]) == 2 and all(t["config"]["student"] == "resnet_tiny" for t in results["trials"])
+    best = results["best"]
+    assert Path(best["onnx_path"]).is_file() and best["size_bytes"] == Path(best["onnx_path"]).stat().st_size
+    assert best["latency_ms"] > 0 and best["parity"]["max_abs_diff"] < 1e-3
+    assert 0.0 <= best["test_metrics"]["auc"] <= 1.0
+    metadata = json.loads((Path(best["onnx_path"]).parent / "metadata.json").read_text())
+    assert [t["fingerprint"] for t in metadata["teachers"]] == [t["fingerprint"] for t in results["teachers"]]
+    assert all(key.startswith(f"test-{tmp_path.name}:") for t in metadata["teachers"] for key in t["cache_keys"].values())
+    demo = results["serve"]["demo"]["answer"]
+    assert len(demo["probabilities"]) == 3 and abs(sum(demo["probabilities"]) - 1) < 1e-4
+    assert {name: s["status"] for name, s in results["stages"].items()} == {
+        "teachers": "ran", "soft_labels": "ran", "search": "ran", "export": "ran", "serve": "ran", "report": "ran"}
+    report = (spec.output_dir / "report.html").read_text()
+    assert "Teachers vs student" in report and "data:image/png;base64" in report
+
+    # Same job again: every stage with persisted output is skipped, nothing is retrained.
+    capsys.readouterr()
+    run_job(spec, serve=False)
+    again = json.loads((spec.output_dir / "results.json").read_text())
+    assert again["stages"]["teachers"]["status"] == "skipped"
+    assert again["stages"]["soft_labels"]["status"] == "skipped"
+    assert again["stages"]["search"]["status"] == "skipped"
+    assert again["soft_labels"]["hits"] == 6 and again["soft_labels"]["misses"] == 0
+    assert again["best"]["model_id"] == best["model_id"]
+    out = capsys.readouterr().out
+    assert "skipped, checkpoint found" in out and "skipped, all splits found in cache" in out
+
+
+def test_bad_data_fails_before_training(ray_session, redis_url, tmp_path):
+    from medkd.platform.data import DataValidationError
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    spec = parse_spec(tiny_job(tmp_path, redis_url, data={"kind": "medmnist", "path": str(bad)}))
+    with pytest.raises(DataValidationError, match="bad.npz"):
+        run_job(spec)
+    assert not (spec.output_dir / "teachers").exists()
