@@ -43,12 +43,6 @@ def ray_session():
             configure_logging=False,
         )
     yield ray
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    except Exception:
-        pass
     ray.shutdown()
 
 

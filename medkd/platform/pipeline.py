@@ -155,6 +155,7 @@ class Pipeline:
             self._stage(4, "export", self._export)
             self._stage(5, "serve", self._serve)
             self._stage(6, "report", self._report)
+            self._write_results()
             if self.keep_serving and self.serve_enabled:
                 self._serve_until_interrupted()
         return self.results
