@@ -1,0 +1,59 @@
+"""Data layer: typed data specs, adapters (synthetic, MedMNIST, image folder, Decathlon),
+in-memory normalised datasets with content fingerprints, and augmentation.
+
+Examples:
+    >>> from medkd.platform.data import SyntheticDataSpec, load_dataset
+    >>> dataset = load_dataset(SyntheticDataSpec(num_train=64, num_val=16, num_test=16))
+    >>> dataset.summary()["splits"]["train"]["size"]
+    64
+"""
+
+from medkd.platform.data.augment import (
+    Augmentation,
+    apply_view,
+    apply_view_to_masks,
+    build_augmentation,
+    sample_view_params,
+)
+from medkd.platform.data.dataset import SPLITS, Dataset, RawData, Split, apply_preprocessing, build_dataset
+from medkd.platform.data.errors import DataFileNotFoundError, DataValidationError
+from medkd.platform.data.loader import load_dataset
+from medkd.platform.data.registry import available_adapters, get_adapter, register_adapter
+from medkd.platform.data.spec import (
+    AffineAugmentSpec,
+    AugmentSpec,
+    DataSpec,
+    DecathlonDataSpec,
+    FolderDataSpec,
+    IntensityAugmentSpec,
+    MedMNISTDataSpec,
+    SyntheticDataSpec,
+)
+
+__all__ = [
+    "SPLITS",
+    "AffineAugmentSpec",
+    "Augmentation",
+    "AugmentSpec",
+    "DataFileNotFoundError",
+    "DataSpec",
+    "DataValidationError",
+    "Dataset",
+    "DecathlonDataSpec",
+    "FolderDataSpec",
+    "IntensityAugmentSpec",
+    "MedMNISTDataSpec",
+    "RawData",
+    "Split",
+    "SyntheticDataSpec",
+    "apply_preprocessing",
+    "apply_view",
+    "apply_view_to_masks",
+    "available_adapters",
+    "build_augmentation",
+    "build_dataset",
+    "get_adapter",
+    "load_dataset",
+    "register_adapter",
+    "sample_view_params",
+]
