@@ -24,6 +24,7 @@ def _spec_from_args(args: argparse.Namespace):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
+    spec.data.check_paths()  # a missing data file is reported now, not after Ray starts
     print(f"{args.spec}: valid job spec {spec.name!r} (fingerprint {spec.fingerprint()}), "
           f"task {spec.task}, data {spec.data.kind}, {len(spec.teachers)} teacher(s), "
           f"{spec.search.num_trials} search trial(s)")
@@ -135,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _known_error(error: Exception) -> str | None:
     """User-facing errors are printed as one message, not a traceback."""
-    names = {"DataValidationError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
-             "ExportError", "CacheIntegrityError", "RequestError", "ServeRequestError"}
+    names = {"DataValidationError", "DataFileNotFoundError", "ModelDirError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
+             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError"}
     if type(error).__name__ in names or any(c.__name__ in names for c in type(error).__mro__):
         return str(error)
     return None

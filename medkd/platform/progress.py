@@ -23,6 +23,14 @@ class Progress:
         self._lock = threading.Lock()
         self._start = time.perf_counter()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; streams and locks don't pickle.
+        return {"quiet": self._quiet, "start": self._start}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(quiet=state["quiet"])
+        self._start = state["start"]
+
     def line(self, message: str) -> None:
         if self._quiet:
             return

@@ -214,11 +214,16 @@ def _location(loc: tuple) -> str:
     return out or "<root>"
 
 
+_DATA_KINDS = {"synthetic", "medmnist", "folder", "decathlon"}
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid job spec ({error.error_count()} problem(s))"]
     for item in error.errors():
         # pydantic puts the discriminated-union tag (e.g. 'synthetic') into the location.
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        if len(loc) > 2 and loc[0] == "data" and loc[1] in _DATA_KINDS:
+            loc = loc[:1] + loc[2:]  # drop pydantic's discriminated-union tag
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown field"

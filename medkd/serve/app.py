@@ -419,6 +419,35 @@ def build_app(model_dir: Path | str, config: ServeConfig | None = None) -> serve
     return deployment.bind(model_bytes, metadata, config.model_dump(mode="json"))
 
 
+def resolve_model_dir(path: Path | str) -> Path:
+    """An export directory, or a run's ``output_dir`` whose ``models/SELECTED`` names one."""
+    path = Path(path)
+    if (path / "model.onnx").is_file():
+        return path
+    selected = path / "models" / "SELECTED"
+    if selected.is_file():
+        return path / "models" / selected.read_text().strip()
+    raise ModelDirError(f"{path}: neither an export directory (model.onnx) nor a run directory (models/SELECTED)")
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder for ``serve run`` / RayService configs.
+
+    ``args``: ``model_dir`` (export directory or run output_dir) and optional ``serve``
+    (ServeConfig fields, as in a job spec's ``serve:`` section).
+
+    Examples:
+        serve run medkd.serve.app:app_builder model_dir=runs/quickstart
+    """
+    if "model_dir" not in args:
+        raise ModelDirError("app_builder: args.model_dir is required (an export directory or a run's output_dir)")
+    unknown = set(args) - {"model_dir", "serve"}
+    if unknown:
+        raise ModelDirError(f"app_builder: unknown args {sorted(unknown)} (expected model_dir, serve)")
+    config = ServeConfig.model_validate(args.get("serve") or {})
+    return build_app(resolve_model_dir(args["model_dir"]), config)
+
+
 def _serve_http_address(config: ServeConfig) -> tuple[str, int]:
     """Host and port of the running Serve HTTP proxy (which may predate this config)."""
     try:

@@ -466,9 +466,15 @@ def preprocess(image: np.ndarray, input_meta: InputMeta | dict[str, Any]) -> np.
         raise RequestError(f"image is empty (shape {tuple(image.shape)})")
 
     image = _adapt_channels(image, meta.in_channels)
-    if image.dtype.kind == "f":
-        if not np.isfinite(image).all():
-            raise RequestError("image contains NaN or infinite values")
+    raw_intensities = meta.clip is not None or meta.offset != 0.0
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise RequestError("image contains NaN or infinite values")
+    if raw_intensities:
+        pixels = image.astype(np.float32)
+        if meta.clip is not None:
+            np.clip(pixels, np.float32(meta.clip[0]), np.float32(meta.clip[1]), out=pixels)
+        pixels = (pixels - np.float32(meta.offset)) * np.float32(meta.scale)
+    elif image.dtype.kind == "f":
         pixels = image.astype(np.float32, copy=False)
     else:
         pixels = image.astype(np.float32) * np.float32(meta.scale)

@@ -132,7 +132,9 @@ class InputMeta(BaseModel):
     """How raw images become the model's input (must match training).
 
     Raw pixels (integers) are multiplied by ``scale``; then every channel is normalised as
-    ``(x - mean[c]) / std[c]``. Float images are taken to be in [0, 1] already.
+    ``(x - mean[c]) / std[c]``. Float images are taken to be in [0, 1] already — unless the
+    model was trained on raw intensities (``clip``/``offset`` set, e.g. CT in Hounsfield
+    units), in which case every input is ``(clip(x) - offset) * scale`` first.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -141,6 +143,8 @@ class InputMeta(BaseModel):
     spatial_dims: Literal[2, 3]
     image_size: list[int] = Field(min_length=2, max_length=3)
     scale: float = Field(1.0 / 255.0, gt=0)
+    offset: float = 0.0
+    clip: list[float] | None = Field(None, min_length=2, max_length=2)
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
 

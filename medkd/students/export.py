@@ -132,7 +132,7 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
             "in_channels": meta["in_channels"],
             "spatial_dims": meta["spatial_dims"],
             "image_size": list(meta["image_size"]),
-            **{k: v for k, v in dataset.preprocessing.items() if k in ("scale", "mean", "std")},
+            **{k: v for k, v in dataset.preprocessing.items() if k in ("scale", "offset", "clip", "mean", "std")},
         },
         "dataset": {"fingerprint": dataset.fingerprint, "name": dataset.name},
         "teachers": [

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ from medkd.students.distill import DistillConfig, array_teacher_logits, build_st
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
 FINETUNE_AFTER_CHANNEL_PRUNING = 0.2  # fraction of the training epochs
+CALIBRATION_SAMPLES = 128  # training images that calibrate INT8 activation ranges
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped before all its trials finished (Ctrl-C, lost driver); resumable."""
 
 
 class TrialRecord(BaseModel):
@@ -135,6 +142,23 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
 # --------------------------------------------------------------------------- the trial
 
 
+def trial_augmentation(context: dict[str, Any], seed: int) -> Any:
+    """The student's training augmentation (``search.augment``), or ``None`` when it is off.
+
+    Teacher logits are cached for the un-augmented training images, so the KD target of an
+    augmented view is its source image's; mild, label-preserving views (flips, small affine)
+    keep that target valid.
+    """
+    if not context.get("augment"):
+        return None
+    from medkd.platform.data import AugmentSpec, build_augmentation
+
+    spec = AugmentSpec.model_validate(context["augment"])
+    if not spec.enabled:
+        return None
+    return build_augmentation(spec, context["meta"]["spatial_dims"], context["meta"]["task"], seed=seed)
+
+
 def _teacher_logits_source(context: dict[str, Any]):
     cache = SoftLabelCache(context["cache_url"], namespace=context["cache_namespace"], password_env=context["password_env"])
     fps, dataset_fp = context["teacher_fps"], context["dataset_fp"]
@@ -143,17 +167,55 @@ def _teacher_logits_source(context: dict[str, Any]):
     return array_teacher_logits(np.stack([cache.fetch(fp, dataset_fp, "train") for fp in fps]))
 
 
+def calibration_samples(train_images: np.ndarray, seed: int, size: int = CALIBRATION_SAMPLES) -> np.ndarray:
+    """A seeded random subset of the training images for INT8 calibration (and export examples)."""
+    rng = np.random.default_rng(seed)
+    return train_images[rng.choice(len(train_images), size=min(len(train_images), size), replace=False)]
+
+
+def train_candidate(
+    model: torch.nn.Module,
+    config: DistillConfig,
+    *,
+    meta: dict[str, Any],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    teacher_logits: Any,
+    augment: Any,
+    directory: Path,
+    latency_runs: int,
+    on_epoch: Any = None,
+) -> dict[str, Any]:
+    """Distill ``model``, prune (and fine-tune) and export the compressed candidate to ``directory``.
+
+    The one recipe behind every search trial; benchmarks call it too (e.g. with
+    ``teacher_logits=None`` and ``alpha=1`` for the no-KD baseline), so what they compare is
+    trained and compressed exactly as the served model. Returns :func:`export_candidate`'s metrics
+    (quality of the compressed model on ``val``).
+    """
+    train_x, train_y = train
+    val_x, val_y = val
+    calibration = calibration_samples(train_x, config.seed)
+    distill(model, config, train_images=train_x, train_labels=train_y, teacher_logits=teacher_logits,
+            meta=meta, val_images=val_x, val_labels=val_y, augment=augment, on_epoch=on_epoch)
+    model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
+    if config.prune == "channels" and config.prune_amount > 0:
+        finetune = max(1, round(config.epochs * FINETUNE_AFTER_CHANNEL_PRUNING))
+        distill(model, config.model_copy(update={"lr": config.lr / 3}), train_images=train_x, train_labels=train_y,
+                teacher_logits=teacher_logits, meta=meta, epochs=finetune, augment=augment)
+    return export_candidate(model, config, meta=meta, calibration=calibration, val_images=val_x,
+                            val_labels=val_y, directory=directory, latency_runs=latency_runs)
+
+
 def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     """Tune function trainable: distill, compress, export and report one student."""
     torch.set_num_threads(max(1, int(math.floor(context["cpus_per_trial"]))))
     config = trial_distill_config(params, context)
     meta = context["meta"]
     data = ray.get(context["data_refs"][0])
-    train_x, train_y = data["train"]
-    val_x, val_y = data["val"]
+    train_x, _ = data["train"]
     teacher_logits = _teacher_logits_source(context)
-    rng = np.random.default_rng(config.seed)
-    calibration = train_x[rng.choice(len(train_x), size=min(len(train_x), 128), replace=False)]
+    probe_input = torch.from_numpy(calibration_samples(train_x, config.seed, 2))
     quality_key = f"val_{quality_metric(meta)}"
     trial_name = tune.get_context().get_trial_name()
     model = build_student(meta, config)
@@ -163,8 +225,8 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         # ASHA may stop this trial before it is exported: give Optuna cost estimates of the
         # architecture now so an early-stopped trial still tells it something.
         with tempfile.TemporaryDirectory() as directory:
-            probe = apply_pruning(copy.deepcopy(model), config, torch.from_numpy(calibration[:2]))
-            path = export_onnx(probe.eval(), torch.from_numpy(calibration[:2]), Path(directory) / "probe.onnx")
+            probe = apply_pruning(copy.deepcopy(model), config, probe_input)
+            path = export_onnx(probe.eval(), probe_input, Path(directory) / "probe.onnx")
             bytes_per_param = {"int8_static": 1, "int8_dynamic": 1, "fp16": 2}.get(config.quantize, 4)
             params_count = int(count_nonzero_parameters(probe))
             estimates = {
@@ -179,21 +241,35 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
                                        "epochs": config.epochs, "metric": quality_key, "value": value})
         tune.report({**estimates, **record, quality_key: value if math.isfinite(value) else 0.0, "final": False})
 
-    distill(model, config, train_images=train_x, train_labels=train_y, teacher_logits=teacher_logits,
-            meta=meta, val_images=val_x, val_labels=val_y, on_epoch=on_epoch)
-    model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
-    if config.prune == "channels" and config.prune_amount > 0:
-        finetune = max(1, round(config.epochs * FINETUNE_AFTER_CHANNEL_PRUNING))
-        distill(model, config.model_copy(update={"lr": config.lr / 3}), train_images=train_x, train_labels=train_y,
-                teacher_logits=teacher_logits, meta=meta, epochs=finetune)
-
     with tempfile.TemporaryDirectory() as directory:
-        metrics = export_candidate(model, config, meta=meta, calibration=calibration, val_images=val_x,
-                                   val_labels=val_y, directory=Path(directory), latency_runs=context["latency_runs"])
+        metrics = train_candidate(model, config, meta=meta, train=data["train"], val=data["val"],
+                                  teacher_logits=teacher_logits, augment=trial_augmentation(context, config.seed),
+                                  directory=Path(directory), latency_runs=context["latency_runs"], on_epoch=on_epoch)
         if not math.isfinite(metrics.get(quality_key, float("nan"))):
             metrics[quality_key] = 0.0
         tune.report({**metrics, "epoch": config.epochs, "final": True},
                     checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class TrialProgress(tune.Callback):
+    """Prints one line per finished trial with the running count (runs in the driver)."""
+
+    def __init__(self, progress: Progress, total: int, metrics: list[str]) -> None:
+        self.progress, self.total, self.metrics, self.done = progress, total, metrics, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        result = trial.last_result or {}
+        shown = ", ".join(f"{m}={result[m]:.4g}" for m in self.metrics if isinstance(result.get(m), (int, float)))
+        how = "finished" if result.get("final") else "stopped early"
+        self.progress.line(f"  trial {self.done}/{self.total} {how} ({trial.trial_id}): {shown}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        self.progress.line(f"  trial {self.done}/{self.total} FAILED ({trial.trial_id}): see {trial.local_path}")
 
 
 # --------------------------------------------------------------------------- Pareto front
@@ -255,16 +331,23 @@ def run_search(
         "num_teachers": len(teacher_fps),
         "needs_estimates": use_asha and len(metrics) > 1,
         "latency_runs": spec.export.latency_runs,
+        "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
         "events": events,
     }
     trainable = tune.with_resources(
         tune.with_parameters(distill_trial, context=context),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial},
     )
-    if resume and tune.Tuner.can_restore(experiment_path):
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # medkd prints its own trial lines
+    restorable = "://" not in experiment_path and tune.Tuner.can_restore(experiment_path)
+    if resume and restorable:
         progress.line(f"  resuming search {name} from {experiment_path}")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        if restorable:
+            aside = f"{experiment_path}.interrupted-{int(time.time())}"
+            progress.line(f"  an interrupted search exists (use --resume to continue it); starting over, old one kept at {aside}")
+            os.rename(experiment_path, aside)
         searcher = OptunaSearch(
             space=define_space(search.space, len(teacher_fps)),
             metric=metrics if len(metrics) > 1 else metrics[0],
@@ -285,6 +368,7 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=0,
+                callbacks=[TrialProgress(progress, search.num_trials, metrics)],
                 failure_config=tune.FailureConfig(max_failures=1),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
@@ -295,6 +379,12 @@ def run_search(
         + (", ASHA early stopping" if use_asha else "")
     )
     grid = tuner.fit()
+    done = grid.num_terminated + grid.num_errors
+    if done < search.num_trials:
+        raise SearchInterrupted(
+            f"search {name} interrupted after {done}/{search.num_trials} trials; its state is saved in "
+            f"{experiment_path} — run the same command with --resume to continue it"
+        )
     return collect_outcome(grid, search_fp=search_fp, experiment_path=experiment_path, metrics=metrics, modes=modes, progress=progress)
 
 
