@@ -5,6 +5,7 @@
     medkd submit JOB.yaml --address http://HEAD:8265 | status | logs [--follow] | stop | jobs
     medkd cache ls | stats | verify | purge
     medkd serve MODEL_DIR [--port N]
+    medkd models RUN_DIR [--select RANK]
 """
 
 from __future__ import annotations
@@ -52,11 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from medkd.serve.app import deploy, undeploy
     from medkd.serve.config import ServeConfig
 
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "model.onnx").is_file():
-        from medkd.students.export import selected_model_dir
+    from medkd.serve.app import resolve_model_dir
 
-        model_dir = selected_model_dir(model_dir)  # accept a run's output_dir too
+    model_dir = resolve_model_dir(args.model_dir)  # an export directory or a run's output_dir
     config = ServeConfig(host=args.host, port=args.port, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True, dashboard_host="127.0.0.1")
@@ -69,6 +68,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         undeploy()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List a run's exported (Pareto) models, or select which one `medkd serve RUN_DIR` serves."""
+    import json
+
+    from medkd.students.export import SELECTED_FILE, ExportError, registry_dir
+
+    registry = registry_dir(Path(args.run_dir))
+    entries = sorted(p for p in registry.glob("*/metadata.json")) if registry.is_dir() else []
+    if not entries:
+        raise ExportError(f"{registry}: no exported models (run the job first)")
+    models = [json.loads(p.read_text()) for p in entries]
+    models.sort(key=lambda m: m["search"]["pareto_rank"])
+    selected = (registry / SELECTED_FILE).read_text().strip() if (registry / SELECTED_FILE).is_file() else None
+    if args.select is not None:
+        matches = [m for m in models if m["model_id"] == args.select or str(m["search"]["pareto_rank"]) == args.select]
+        if not matches:
+            raise ExportError(f"--select {args.select}: no model with that id or Pareto rank in {registry}")
+        selected = matches[0]["model_id"]
+        (registry / SELECTED_FILE).write_text(selected + "\n")
+        print(f"selected {selected}")
+    for model in models:
+        metrics = model["metrics"]
+        quality = {k: v for k, v in metrics["test"].items() if k in ("auc", "acc", "dice")}
+        mark = "*" if model["model_id"] == selected else " "
+        print(f"{mark} rank {model['search']['pareto_rank']}  {model['model_id']}  {model['config']['student']} "
+              f"w={model['config']['width']:.2f} {model['config']['quantize']}  params={metrics['params']:,}  "
+              f"bytes={metrics['model_bytes']:,}  latency={metrics['latency_ms']:.3f}ms  "
+              + "  ".join(f"test_{k}={v:.4f}" for k, v in quality.items() if v is not None))
     return 0
 
 
@@ -99,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--min-replicas", type=int, default=1)
     serve.add_argument("--max-replicas", type=int, default=2)
     serve.set_defaults(handler=cmd_serve)
+
+    models = commands.add_parser("models", help="list a run's exported Pareto models; --select one to serve")
+    models.add_argument("run_dir", help="a run's output_dir")
+    models.add_argument("--select", metavar="ID_OR_RANK", help="make this model the one `medkd serve RUN_DIR` serves")
+    models.set_defaults(handler=cmd_models)
 
     try:
         from medkd.platform.jobs import add_jobs_parsers
