@@ -198,6 +198,15 @@ class Pipeline:
         hits_before, misses_before = self._cache_counters()
         report = cache_teacher_logits(self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta,
                                       data_ref=self.data_ref, cache_options=options, progress=self.progress)
+        views = None
+        if spec.cache.views:
+            from medkd.teachers.inference import cache_view_logits
+
+            views = cache_view_logits(
+                self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta, data_ref=self.data_ref,
+                num_train=len(self.dataset.splits["train"].images), views=spec.cache.views, augment=spec.search.augment,
+                seed=spec.seed, cache_options=options, progress=self.progress,
+            )
         # Teacher quality on val and test comes from the cached logits: no teacher re-runs.
         from medkd.students.distill import evaluate_logits
 
@@ -227,8 +236,10 @@ class Pipeline:
             "hits": sum(1 for r in report.values() for info in r["splits"].values() if info["hit"]),
             "misses": sum(1 for r in report.values() for info in r["splits"].values() if not info["hit"]),
             "cache_reads": {"hits": hits_after - hits_before, "misses": misses_after - misses_before},
+            "views": views,
         }
-        return "ran" if any(r["status"] == "ran" for r in report.values()) else "skipped"
+        ran = any(r["status"] == "ran" for r in report.values()) or bool(views and views["computed"])
+        return "ran" if ran else "skipped"
 
     def _cache_counters(self) -> tuple[int, int]:
         stats = self.cache.stats()

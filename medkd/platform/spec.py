@@ -72,6 +72,10 @@ class CacheSpec(_Strict):
     encoding: Literal["float16", "float32"] = "float16"
     compression: Literal["zlib", "lzma"] | None = None
     topk: int | None = Field(None, gt=0, description="segmentation: keep the top-k class logits")
+    views: int = Field(
+        0, ge=0, le=64,
+        description="FKD-style: also cache logits for this many augmented views of train (search.augment)",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -190,6 +194,8 @@ class JobSpec(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"teachers: duplicate names {duplicates}")
+        if self.cache.views and self.search.augment is None:
+            raise ValueError("cache.views needs search.augment (the augmentation whose views are cached)")
         data_task = getattr(self.data, "task", None)
         if data_task is not None and data_task != self.task and not (
             self.task == "classification" and data_task == "multilabel"

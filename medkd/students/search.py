@@ -222,8 +222,8 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
     estimates: dict[str, Any] = {}
     if context["needs_estimates"]:
-        # ASHA may stop this trial before it is exported: give Optuna cost estimates of the
-        # architecture now so an early-stopped trial still tells it something.
+        # Until the compressed model exists, report cost estimates of the architecture: Tune
+        # requires every objective in every report, and ASHA may stop the trial before export.
         with tempfile.TemporaryDirectory() as directory:
             probe = apply_pruning(copy.deepcopy(model), config, probe_input)
             path = export_onnx(probe.eval(), probe_input, Path(directory) / "probe.onnx")
@@ -329,7 +329,9 @@ def run_search(
         "cpus_per_trial": search.cpus_per_trial,
         "constants": constant_params(search.space, len(teacher_fps)),
         "num_teachers": len(teacher_fps),
-        "needs_estimates": use_asha and len(metrics) > 1,
+        # Tune checks every report carries every objective: cost objectives need estimates
+        # until the compressed model exists.
+        "needs_estimates": any(m not in QUALITY_METRICS for m in metrics),
         "latency_runs": spec.export.latency_runs,
         "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
         "events": events,
@@ -385,16 +387,18 @@ def run_search(
             f"search {name} interrupted after {done}/{search.num_trials} trials; its state is saved in "
             f"{experiment_path} — run the same command with --resume to continue it"
         )
-    return collect_outcome(grid, search_fp=search_fp, experiment_path=experiment_path, metrics=metrics, modes=modes, progress=progress)
+    return collect_outcome(grid, search_fp=search_fp, experiment_path=experiment_path, metrics=metrics, modes=modes,
+                           progress=progress, context=context)
 
 
-def collect_outcome(grid: Any, *, search_fp: str, experiment_path: str, metrics: list[str], modes: list[str], progress: Progress) -> SearchOutcome:
+def collect_outcome(grid: Any, *, search_fp: str, experiment_path: str, metrics: list[str], modes: list[str],
+                    progress: Progress, context: dict[str, Any]) -> SearchOutcome:
     records: list[TrialRecord] = []
     for result in grid:
         trial_metrics = dict(result.metrics or {})
         trial_id = str(trial_metrics.get("trial_id", result.path.rsplit("/", 1)[-1] if result.path else "?"))
         final = bool(trial_metrics.get("final")) and result.checkpoint is not None
-        candidate_config: dict[str, Any] = dict(result.config or {})
+        candidate_config = trial_distill_config(dict(result.config or {}), context).model_dump()
         if final:
             with result.checkpoint.as_directory() as directory:
                 candidate = json.loads((Path(directory) / CANDIDATE_FILE).read_text())

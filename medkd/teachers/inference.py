@@ -103,3 +103,80 @@ def cache_teacher_logits(
         verb = "computed and cached" if ran else "skipped, all splits found in cache"
         progress.line(f"  soft labels {artifact.name}: {verb}")
     return report
+
+
+# --------------------------------------------------------------------------- augmented views (FKD)
+
+
+def views_dataset_fingerprint(dataset_fp: str, augment: Any, seed: int) -> str:
+    """Augmented views are a derived dataset: their cache entries are keyed by this."""
+    from medkd.platform.fingerprint import fingerprint
+
+    return fingerprint("views", dataset_fp, augment.model_dump(mode="json"), seed)
+
+
+def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The augmentation parameters of view ``view`` for every training sample.
+
+    Derived from (seed, view) only, so every teacher sees exactly the same augmented images
+    and a student can replay them from the manifest.
+    """
+    from medkd.platform.data import sample_view_params
+
+    rng = np.random.default_rng([seed, view])
+    return sample_view_params(augment, num_samples, rng, meta["spatial_dims"], spatial_shape=meta["image_size"])
+
+
+@ray.remote(num_cpus=1)
+def _teacher_view_logits(artifact_json: str, meta: dict[str, Any], data_ref_list: list, params: list[list[dict]]) -> list[np.ndarray]:
+    from medkd.platform.data import apply_view
+
+    artifact = TeacherArtifact.model_validate_json(artifact_json)
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_teacher_model(artifact, meta).to(device)
+    images = ray.get(data_ref_list[0])["train"][0]
+    return [predict(model, apply_view(images, view), 128, device) for view in params]
+
+
+def cache_view_logits(
+    cache: Any,
+    artifacts: list[TeacherArtifact],
+    *,
+    dataset_fp: str,
+    meta: dict[str, Any],
+    data_ref: Any,
+    num_train: int,
+    views: int,
+    augment: Any,
+    seed: int,
+    cache_options: dict[str, Any],
+    progress: Progress,
+) -> dict[str, Any]:
+    """Cache every teacher's logits on ``views`` augmented copies of the training split (FKD).
+
+    Students then train with augmentation and still never run a teacher: view ``k`` of the
+    images is rebuilt from the parameters stored in the manifest.
+    """
+    dataset_fp = views_dataset_fingerprint(dataset_fp, augment, seed)
+    all_params = [view_params(augment, num_train, seed=seed, view=k, meta=meta) for k in range(views)]
+    launched = {}
+    for artifact in artifacts:
+        missing = [k for k in range(views) if not cache.exists(artifact.fingerprint, dataset_fp, "train", view=k)]
+        if missing:
+            task = _teacher_view_logits.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
+            launched[artifact.name] = (missing, task.remote(artifact.model_dump_json(), meta, [data_ref], [all_params[k] for k in missing]))
+    if launched:
+        progress.line(f"  soft labels: computing {views} augmented view(s) of train for {', '.join(launched)}")
+    computed = 0
+    for artifact in artifacts:
+        if artifact.name not in launched:
+            continue
+        missing, ref = launched[artifact.name]
+        for k, logits in zip(missing, ray.get(ref)):
+            cache.publish(artifact.fingerprint, dataset_fp, "train", logits, view=k, view_params=all_params[k],
+                          teacher_spec={"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs},
+                          **cache_options)
+            computed += 1
+    return {"views": views, "views_dataset_fp": dataset_fp, "computed": computed,
+            "cached": views * len(artifacts) - computed}

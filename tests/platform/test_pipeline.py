@@ -24,6 +24,7 @@ def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
         "cache": {"redis_url": redis_url, "namespace": f"test-{tmp_path.name}"},
         "search": {
             "num_trials": 2, "max_concurrent": 2, "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5,
+            "scheduler": "none",
             "space": {"student": ["resnet_tiny"], "width": {"low": 0.25, "high": 0.5}, "quantize": ["int8_static"]},
         },
         "serve": {"port": free_port(), "cpus_per_replica": 0.25, "max_replicas": 1},
@@ -46,6 +47,7 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
         assert teacher["params"] > 100_000
     assert results["soft_labels"]["misses"] == 6 and results["soft_labels"]["bytes"] > 0
     assert len(results["trials"]) == 2 and all(t["config"]["student"] == "resnet_tiny" for t in results["trials"])
+    assert all(t["final"] and 0.25 <= t["config"]["width"] <= 0.5 for t in results["trials"])
     best = results["best"]
     assert Path(best["onnx_path"]).is_file() and best["size_bytes"] == Path(best["onnx_path"]).stat().st_size
     assert best["latency_ms"] > 0 and best["parity"]["max_abs_diff"] < 1e-3
@@ -71,6 +73,12 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert again["best"]["model_id"] == best["model_id"]
     out = capsys.readouterr().out
     assert "skipped, checkpoint found" in out and "skipped, all splits found in cache" in out
+
+    from medkd.platform.cli import main
+
+    assert main(["models", str(spec.output_dir)]) == 0
+    listing = capsys.readouterr().out
+    assert f"* rank 0  {best['model_id']}" in listing
 
 
 def test_bad_data_fails_before_training(ray_session, redis_url, tmp_path):
