@@ -52,15 +52,22 @@ def loss_name(meta: dict[str, Any]) -> str:
 
 
 def build_student(meta: dict[str, Any], config: DistillConfig) -> nn.Module:
-    return create_student(
-        config.student,
-        spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        image_size=meta["image_size"],
-        width=config.width,
-        depth=config.depth,
-    )
+    """The student of ``config``, its initial weights drawn from ``config.seed``.
+
+    Seeding the initialisation (without touching the caller's global RNG) makes "same seed"
+    mean "same starting weights", so a KD run and its no-KD baseline differ only in the loss.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return create_student(
+            config.student,
+            spatial_dims=meta["spatial_dims"],
+            in_channels=meta["in_channels"],
+            num_classes=meta["num_classes"],
+            image_size=meta["image_size"],
+            width=config.width,
+            depth=config.depth,
+        )
 
 
 def build_distillation_loss(meta: dict[str, Any], config: DistillConfig) -> nn.Module:
@@ -129,12 +136,12 @@ def distill(
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    criterion = build_distillation_loss(meta, config) if teacher_logits is not None else None
-    hard_loss = None
-    if criterion is None:
-        from medkd.teachers.loop import build_loss
-
-        hard_loss = build_loss(meta["task"], meta["multilabel"], None, 0.0)
+    if teacher_logits is None:
+        # Hard labels only: the same loss class with alpha = 1 computes exactly its hard term,
+        # so a no-KD baseline uses the very CE (BCE, Dice+CE) of the KD runs.
+        criterion = create_loss(loss_name(meta), temperature=config.temperature, alpha=1.0)
+    else:
+        criterion = build_distillation_loss(meta, config)
     epochs = epochs or config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
@@ -158,20 +165,19 @@ def distill(
                 images, masks = augment(images, labels if segmentation else None)
                 labels = masks if segmentation else labels
             student_logits = model(images)
-            if criterion is not None:
+            teachers = None
+            if teacher_logits is not None:
                 teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
-                loss, parts = criterion(student_logits, teachers, _targets(labels, meta))
-            else:
-                target = labels.unsqueeze(1) if meta["task"] == "segmentation" else _targets(labels, meta)
-                loss = hard_loss(student_logits, target)
-                parts = {"ce": float(loss.detach())}
+            loss, parts = criterion(student_logits, teachers, _targets(labels, meta))
+            if teachers is None:
+                parts.pop("kd", None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             batch = len(indices)
             seen += batch
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * batch
+            parts.setdefault("loss", float(loss.detach()))
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * batch
         record: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - started}

@@ -31,7 +31,14 @@ from medkd.platform.progress import Progress, send_event
 from medkd.platform.softlabels import SoftLabelCache
 from medkd.students.candidate import CANDIDATE_FILE, apply_pruning, export_candidate
 from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
-from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill, quality_metric
+from medkd.students.distill import (
+    DistillConfig,
+    array_teacher_logits,
+    build_student,
+    distill,
+    evaluate_logits,
+    quality_metric,
+)
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
 FINETUNE_AFTER_CHANNEL_PRUNING = 0.2  # fraction of the training epochs
@@ -121,6 +128,8 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
     aggregation = params.get("aggregation", "mean")
     if aggregation == "weighted" and (not weights or sum(weights) <= 0):
         weights = [1.0] * context["num_teachers"]
+    if aggregation == "confidence" and context.get("teacher_prior"):
+        weights = list(context["teacher_prior"])
     return DistillConfig(
         student=params["student"],
         width=float(params.get("width", 1.0)),
@@ -128,7 +137,7 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
         temperature=float(params.get("temperature", 1.0)),
         alpha=float(params.get("alpha", 0.5)),
         aggregation=aggregation,
-        teacher_weights=weights if aggregation == "weighted" else None,
+        teacher_weights=weights if aggregation in ("weighted", "confidence") and weights else None,
         lr=float(params.get("lr", 3e-3)),
         epochs=context["epochs"],
         batch_size=context["batch_size"],
@@ -137,6 +146,28 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
         prune_amount=float(params.get("prune_amount", 0.0)) if params.get("prune", "none") != "none" else 0.0,
         quantize=params.get("quantize", "none"),
     )
+
+
+MIN_TEACHER_PRIOR = 0.05  # a teacher no better than chance on val keeps this share of trust
+
+
+def teacher_prior(val_logits: list[np.ndarray], val_labels: np.ndarray, meta: dict[str, Any]) -> list[float]:
+    """Per-teacher trust from held-out skill, the prior of the ``confidence`` aggregation.
+
+    Skill is the validation quality above chance — ``2 * AUC - 1`` (the Gini coefficient) for
+    classification, Dice for segmentation — floored at :data:`MIN_TEACHER_PRIOR`, normalised.
+    CA-MKD's per-sample weights (``softmax(-CE)``) only compare teachers sample by sample; a
+    teacher that is weak everywhere (near-uniform logits) still gets a large share there, and
+    its soft labels dilute the ensemble's. The prior discounts it by what val says of it.
+    """
+    name = quality_metric(meta)
+    skills = []
+    for logits in val_logits:
+        quality = float(evaluate_logits(logits, val_labels, meta)[name])
+        skill = 2 * quality - 1 if name == "auc" else quality
+        skills.append(max(skill, MIN_TEACHER_PRIOR) if math.isfinite(skill) else MIN_TEACHER_PRIOR)
+    total = sum(skills)
+    return [round(skill / total, 6) for skill in skills]
 
 
 # --------------------------------------------------------------------------- the trial
@@ -239,7 +270,11 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         value = float(record.get(quality_key, float("nan")))
         send_event(context["events"], {"kind": "trial_epoch", "trial": trial_name, "epoch": record["epoch"],
                                        "epochs": config.epochs, "metric": quality_key, "value": value})
-        tune.report({**estimates, **record, quality_key: value if math.isfinite(value) else 0.0, "final": False})
+        if record["epoch"] < config.epochs:
+            # The last epoch is reported once, by the final (compressed, exported) result: an
+            # intermediate report there would let ASHA stop a fully trained trial at its last rung
+            # before it is exported.
+            tune.report({**estimates, **record, quality_key: value if math.isfinite(value) else 0.0, "final": False})
 
     with tempfile.TemporaryDirectory() as directory:
         metrics = train_candidate(model, config, meta=meta, train=data["train"], val=data["val"],
@@ -336,6 +371,14 @@ def run_search(
         "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
         "events": events,
     }
+    if len(teacher_fps) > 1:
+        cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
+        val_labels = ray.get(data_ref)["val"][1]
+        context["teacher_prior"] = teacher_prior(
+            [cache.fetch(fp, dataset_fp, "val") for fp in teacher_fps], val_labels, meta
+        )
+        progress.line("  teacher prior (confidence aggregation, from val skill): "
+                      + ", ".join(f"{w:.2f}" for w in context["teacher_prior"]))
     trainable = tune.with_resources(
         tune.with_parameters(distill_trial, context=context),
         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial},
@@ -360,7 +403,7 @@ def run_search(
         if use_asha:
             scheduler = ASHAScheduler(
                 metric=quality.metric, mode=quality.mode, time_attr="training_iteration",
-                max_t=search.epochs + 1, grace_period=min(search.grace_period, search.epochs),
+                max_t=search.epochs, grace_period=min(search.grace_period, search.epochs),
             )
         tuner = tune.Tuner(
             trainable,

@@ -3,6 +3,15 @@
 Checkpoints every epoch (model, optimiser, scheduler, early-stopping state), so a worker lost
 mid-run resumes from its last epoch; Ray Train keeps the best checkpoints by the validation
 metric.
+
+The pieces that define *what* is trained — :func:`build_optimizer`, :func:`build_scheduler`,
+:func:`build_loss`, :func:`epoch_augmentation`, :func:`train_epoch`, :func:`validate` — are plain
+PyTorch and shared with anything that must train a teacher exactly the same way without Ray
+(``benchmarks/train_overhead.py`` measures Ray Train's cost against them).
+
+Randomness is derived from ``(seed, rank, epoch)`` at the start of every epoch (shuffle order and
+augmentation views), so a run resumed from epoch ``k`` sees the same batches from epoch ``k`` on
+as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,6 +38,45 @@ from medkd.teachers.registry import create_teacher
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+VAL_BATCH_SIZE = 256
+
+
+def worker_threads(cpus_per_worker: float) -> int:
+    """Intra-op threads for a worker holding ``cpus_per_worker`` CPUs (at least 1)."""
+    return max(1, int(math.floor(cpus_per_worker)))
+
+
+def build_teacher_model(teacher: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+    return create_teacher(
+        teacher["model"],
+        spatial_dims=meta["spatial_dims"],
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        image_size=meta["image_size"],
+        **teacher["model_kwargs"],
+    )
+
+
+def build_optimizer(model: nn.Module, teacher: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; biases and normalisation weights get no weight decay (as timm)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": teacher["weight_decay"]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if teacher["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=teacher["lr"])
+    return torch.optim.SGD(groups, lr=teacher["lr"], momentum=0.9, nesterov=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, teacher: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch: cosine decay over ``epochs`` (to 1% of ``lr``) or constant."""
+    if teacher["scheduler"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=teacher["epochs"], eta_min=teacher["lr"] * 0.01)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def build_loss(task: str, multilabel: bool, class_weights: list[float] | None, label_smoothing: float) -> nn.Module:
@@ -50,6 +98,63 @@ def loss_target(labels: torch.Tensor, task: str, multilabel: bool) -> torch.Tens
     return labels.long()
 
 
+def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
+    """Inverse-frequency weights ``N / (K * count_k)`` (sklearn's "balanced")."""
+    counts = np.bincount(labels.astype(np.int64).ravel(), minlength=num_classes).astype(np.float64)
+    counts = np.maximum(counts, 1.0)
+    weights = counts.sum() / (num_classes * counts)
+    return weights.tolist()
+
+
+def build_criterion(teacher: dict[str, Any], meta: dict[str, Any], train_labels: np.ndarray) -> nn.Module:
+    weighted = teacher["class_weighting"] and meta["task"] == "classification" and not meta["multilabel"]
+    weights = class_weights(train_labels, meta["num_classes"]) if weighted else None
+    return build_loss(meta["task"], meta["multilabel"], weights, teacher["label_smoothing"])
+
+
+def epoch_augmentation(teacher: dict[str, Any], meta: dict[str, Any], seed: int, rank: int, epoch: int) -> Any:
+    """The teacher's augmentation seeded for one epoch of one worker, or None."""
+    if not teacher.get("augment"):
+        return None
+    from medkd.platform.data import AugmentSpec, build_augmentation
+
+    spec = AugmentSpec.model_validate(teacher["augment"])
+    if not spec.enabled:
+        return None
+    return build_augmentation(spec, meta["spatial_dims"], meta["task"], seed=np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Any,
+    *,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    augment: Any,
+    meta: dict[str, Any],
+    device: torch.device,
+    use_amp: bool,
+) -> float:
+    """One pass over ``loader``; returns the mean training loss per sample."""
+    model.train()
+    segmentation = meta["task"] == "segmentation"
+    total, count = 0.0, 0
+    for images, labels in loader:
+        if augment is not None:
+            images, masks = augment(images, labels if segmentation else None)
+            labels = masks if segmentation else labels
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            loss = criterion(model(images), loss_target(labels, meta["task"], meta["multilabel"]))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach()) * len(images)
+        count += len(images)
+    return total / max(count, 1)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
     """Raw logits of ``model`` over ``images`` (N, C, *spatial), in float32."""
@@ -68,50 +173,51 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> di
     return classification_metrics(probs, labels, multilabel=meta["multilabel"])
 
 
-def _class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
-    counts = np.bincount(labels.astype(np.int64).ravel(), minlength=num_classes).astype(np.float64)
-    counts = np.maximum(counts, 1.0)
-    weights = counts.sum() / (num_classes * counts)
-    return weights.tolist()
+@torch.no_grad()
+def validate(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, criterion: nn.Module, meta: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """Validation metrics of ``model`` plus ``loss`` (the training criterion, mean per sample)."""
+    logits = predict(model, images, VAL_BATCH_SIZE, device)
+    metrics = evaluate(logits, labels, meta)
+    total = 0.0
+    for start in range(0, len(logits), VAL_BATCH_SIZE):
+        batch = torch.from_numpy(logits[start : start + VAL_BATCH_SIZE]).to(device)
+        target = loss_target(torch.from_numpy(labels[start : start + VAL_BATCH_SIZE]).to(device), meta["task"], meta["multilabel"])
+        total += float(criterion(batch, target)) * len(batch)
+    metrics["loss"] = total / max(len(logits), 1)
+    return metrics
+
+
+def primary_score(metrics: dict[str, Any], metric_name: str) -> float:
+    """The model-selection score: the metric, or minus the loss where it is undefined (nan)."""
+    score = float(metrics[metric_name])
+    return score if math.isfinite(score) else -float(metrics["loss"])
 
 
 def train_teacher_loop(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``; ``config`` is built by :mod:`medkd.teachers.train`."""
     teacher = config["teacher"]
     meta = config["dataset"]
-    torch.set_num_threads(max(1, int(math.floor(teacher["cpus_per_worker"]))))
+    seed = int(config["seed"])
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs; torch's own pool must match it too.
+    torch.set_num_threads(worker_threads(teacher["cpus_per_worker"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(seed)
 
     splits = ray.get(config["data_ref"])
     train_x, train_y = splits["train"]
     val_x, val_y = splits["val"]
 
-    model = create_teacher(
-        teacher["model"],
-        spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        image_size=meta["image_size"],
-        **teacher["model_kwargs"],
-    )
+    model = build_teacher_model(teacher, meta)
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda" and teacher["mixed_precision"]
-    optimizer = (
-        torch.optim.AdamW(model.parameters(), lr=teacher["lr"], weight_decay=teacher["weight_decay"])
-        if teacher["optimizer"] == "adamw"
-        else torch.optim.SGD(model.parameters(), lr=teacher["lr"], momentum=0.9, weight_decay=teacher["weight_decay"], nesterov=True)
-    )
-    epochs = teacher["epochs"]
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        if teacher["scheduler"] == "cosine"
-        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    )
+    optimizer = build_optimizer(model, teacher)
+    scheduler = build_scheduler(optimizer, teacher)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    state = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
+    state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -120,72 +226,71 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = json.loads((Path(directory) / META_FILE).read_text())["state"]
+        state.setdefault("resumed_from", []).append(state["epoch"])
+        if teacher["patience"] is not None and state["bad_epochs"] >= teacher["patience"]:
+            return  # lost after its early-stopping epoch was checkpointed: it is finished
 
     model = ray.train.torch.prepare_model(model)
     plain_model = model.module if hasattr(model, "module") else model
-    class_weights = (
-        _class_weights(train_y, meta["num_classes"])
-        if teacher["class_weighting"] and meta["task"] == "classification" and not meta["multilabel"]
-        else None
-    )
-    criterion = build_loss(meta["task"], meta["multilabel"], class_weights, teacher["label_smoothing"]).to(device)
-    augment = None
-    if teacher.get("augment"):
-        from medkd.platform.data import AugmentSpec, build_augmentation
-
-        augment = build_augmentation(AugmentSpec.model_validate(teacher["augment"]), meta["spatial_dims"], meta["task"])
+    criterion = build_criterion(teacher, meta, train_y).to(device)
 
     dataset = TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y))
-    generator = torch.Generator().manual_seed(config["seed"])
+    generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=teacher["batch_size"], shuffle=True, drop_last=len(dataset) > teacher["batch_size"], generator=generator)
     loader = ray.train.torch.prepare_data_loader(loader)
     metric_name = "dice" if meta["task"] == "segmentation" else "auc"
 
-    for epoch in range(state["epoch"], epochs):
+    for epoch in range(state["epoch"], teacher["epochs"]):
+        generator.manual_seed(seed * 100_003 + epoch)  # world 1: the RandomSampler's order
         if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        model.train()
         started = time.perf_counter()
-        total, count = 0.0, 0
-        for images, labels in loader:
-            if augment is not None:
-                segmentation = meta["task"] == "segmentation"
-                images, masks = augment(images, labels if segmentation else None)
-                labels = masks if segmentation else labels
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = criterion(model(images), loss_target(labels, meta["task"], meta["multilabel"]))
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(loss.detach()) * len(images)
-            count += len(images)
+        lr = float(optimizer.param_groups[0]["lr"])
+        train_loss = train_epoch(
+            model, loader, criterion=criterion, optimizer=optimizer, scaler=scaler,
+            augment=epoch_augmentation(teacher, meta, seed, rank, epoch), meta=meta, device=device, use_amp=use_amp,
+        )
         scheduler.step()
-        val_logits = predict(plain_model, val_x, 256, device)
-        val_metrics = evaluate(val_logits, val_y, meta)
-        score = float(val_metrics[metric_name])
-        if not math.isfinite(score):
-            score = -float(val_metrics.get("loss", 0.0))
+        train_seconds = time.perf_counter() - started
+        val_metrics = validate(plain_model, val_x, val_y, criterion=criterion, meta=meta, device=device)
+        score = primary_score(val_metrics, metric_name)
         improved = score > state["best"]
         state["best"] = max(state["best"], score)
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch + 1
         record = {
             "epoch": epoch + 1,
-            "train_loss": total / max(count, 1),
+            "train_loss": train_loss,
             f"val_{metric_name}": score,
-            "val_acc": float(val_metrics.get("acc", float("nan"))),
+            **({"val_acc": float(val_metrics["acc"])} if "acc" in val_metrics else {}),
+            "val_loss": float(val_metrics["loss"]),
+            "lr": lr,
+            "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - started,
         }
         state["history"].append(record)
         stop = teacher["patience"] is not None and state["bad_epochs"] >= teacher["patience"]
-        with tempfile.TemporaryDirectory() as directory:
-            reported = None
-            if rank == 0:
-                torch.save(plain_model.state_dict(), Path(directory) / MODEL_FILE)
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(directory) / STATE_FILE)
-                (Path(directory) / META_FILE).write_text(json.dumps({"state": state, "metrics": record}))
-                reported = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report({**record, "stopped_early": stop}, checkpoint=reported)
+        reported = save_checkpoint(plain_model, optimizer, scheduler, state, record) if rank == 0 else None
+        # SYNC upload (bounded: at most one report waits for the controller, which consumes one
+        # per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); ASYNC would let fast epochs pile up unbounded
+        # checkpoint copies on local disk. The local copy is deleted once it is in storage.
+        ray.train.report({**record, "stopped_early": stop}, checkpoint=reported,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC,
+                         delete_local_checkpoint_after_upload=True)
         if stop:
             break
+
+
+def save_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    record: dict[str, Any],
+) -> ray.train.Checkpoint:
+    """Everything a resumed run needs, in a fresh local directory (deleted by Ray after upload)."""
+    directory = Path(tempfile.mkdtemp(prefix="medkd-teacher-checkpoint-"))
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps({"state": state, "metrics": record}))
+    return ray.train.Checkpoint.from_directory(str(directory))

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from medkd.platform.fingerprint import fingerprint
 from medkd.platform.progress import Progress, send_event
 from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
-from medkd.teachers.registry import create_teacher, teacher_family
+from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
 
 ARTIFACT_FILE = "teacher.json"
 
@@ -44,6 +44,7 @@ class TeacherArtifact(BaseModel):
     best_val: float
     history: list[dict[str, Any]]
     train_seconds: float
+    resumed_from: list[int] = []  # epochs the run resumed from after a failure (empty: no restart)
 
 
 def dataset_meta(dataset: Any) -> dict[str, Any]:
@@ -162,7 +163,8 @@ def train_one_teacher(
         shutil.copy2(Path(checkpoint_dir) / MODEL_FILE, directory / MODEL_FILE)
         history = json.loads((Path(checkpoint_dir) / META_FILE).read_text())["state"]["history"]
     with result.checkpoint.as_directory() as checkpoint_dir:
-        full_history = json.loads((Path(checkpoint_dir) / META_FILE).read_text())["state"]["history"]
+        final_state = json.loads((Path(checkpoint_dir) / META_FILE).read_text())["state"]
+    full_history = final_state["history"]
     model = create_teacher(
         teacher.model,
         spatial_dims=meta["spatial_dims"],
@@ -184,6 +186,7 @@ def train_one_teacher(
         best_val=float(best_metrics.get(metric, float("nan"))),
         history=full_history,
         train_seconds=time.perf_counter() - started,
+        resumed_from=final_state.get("resumed_from", []),
     )
     # Written last: its presence marks the artifact complete (a crash before this re-trains,
     # and Ray Train resumes the run from its last checkpoint).
@@ -191,6 +194,39 @@ def train_one_teacher(
     tmp.write_text(artifact.model_dump_json(indent=2))
     tmp.replace(directory / ARTIFACT_FILE)
     return artifact
+
+
+def check_teachers(teachers: list[Any], meta: dict[str, Any]) -> None:
+    """Fail before any training starts if a teacher cannot be trained on this dataset.
+
+    Checks that each teacher's family matches the task (a U-Net on a classification set, or a
+    classifier on masks, would only fail inside a Ray worker) and builds each model once, so
+    bad ``model_kwargs`` or an image size the network cannot take are reported here.
+
+    Raises:
+        ValueError: naming ``teachers[i]`` and the problem.
+    """
+    for index, teacher in enumerate(teachers):
+        where = f"teachers[{index}] ({teacher.name!r})"
+        try:
+            task = teacher_task(teacher.model)
+        except ValueError as error:
+            raise ValueError(f"{where}.model: {error}") from None
+        if task != meta["task"]:
+            raise ValueError(
+                f"{where}.model: {teacher.model!r} is a {task} teacher but the dataset is {meta['task']}"
+            )
+        try:
+            create_teacher(
+                teacher.model,
+                spatial_dims=meta["spatial_dims"],
+                in_channels=meta["in_channels"],
+                num_classes=meta["num_classes"],
+                image_size=meta["image_size"],
+                **teacher.model_kwargs,
+            )
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
 
 def train_teachers(
@@ -205,6 +241,7 @@ def train_teachers(
 ) -> tuple[list[TeacherArtifact], dict[str, str]]:
     """Train (or find) every teacher of the spec; returns artifacts and ``{name: ran|skipped}``."""
     meta = dataset_meta(dataset)
+    check_teachers(list(spec.teachers), meta)
     artifacts: dict[str, TeacherArtifact] = {}
     status: dict[str, str] = {}
     pending = []

@@ -1,0 +1,435 @@
+"""Students end to end on one MedMNIST file: quality, KD gain and speed of the served INT8 student.
+
+    python -m benchmarks.students --data PATH.npz [--seeds 3] [--trials N] [--epochs E]
+        [--spec examples/breastmnist.yaml] [--output runs/bench-students-NAME] [--set KEY=VALUE ...]
+        [--threads 1] [--latency-runs 200] [--rounds 3] [--append-results benchmarks/RESULTS.md]
+
+One process, one local Ray cluster (2 CPUs here), one managed redis-server holding the soft-label
+cache (its data under the output folder, so a re-run finds the teachers and their logits):
+
+1. **Pipeline**: medkd's own ``run_job`` (serve disabled) on the spec template (default
+   ``examples/breastmnist.yaml``) pointed at ``--data``: teachers (Ray Train) -> soft labels
+   (Redis) -> search (Ray Tune + Optuna, multi-objective) -> compression -> export. The selected
+   INT8 student's **test** AUC/ACC, parameters and bytes come from its registry entry.
+2. **KD gain**: the selected student's configuration retrained with ``--seeds`` fresh seeds, once
+   with its searched KD settings and once with ``alpha = 1`` (cross-entropy only, no teacher),
+   same architecture, epochs, learning rate, augmentation and seeds; teacher logits come from
+   the soft-label cache (``SoftLabelCache.fetch``), never from a teacher. Both go through the
+   search's own recipe (:func:`medkd.students.search.train_candidate`: distill -> prune ->
+   ONNX -> INT8) and are scored on test after compression. Runs are Ray tasks, 1 CPU each.
+3. **Speed**: every teacher exported to FP32 ONNX; batch-1 CPU latency (ONNX Runtime, the
+   same ``--threads``, warm-up, median of ``--latency-runs``) of the INT8 student, its FP32
+   export and each teacher, measured alternately for ``--rounds`` rounds (median of the round
+   medians), so load from other processes hits all of them alike. The ensemble's latency is the
+   sum of its teachers' (they run one after another for one request).
+
+Ends with ``RESULT student_auc=... student_acc=... student_params=... student_bytes=...
+teacher_ensemble_auc=... kd_gain_auc=... speedup_vs_ensemble=...`` where ``kd_gain_auc`` is
+mean test AUC (KD) - mean test AUC (CE only) over the seeds and ``speedup_vs_ensemble`` is
+ensemble latency / INT8 student latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
+DEFAULT_DATA = Path(os.environ.get("MEDKD_DATA_DIR", REPO_ROOT.parent / "shared" / "data")) / "breastmnist.npz"
+PASSWORD_ENV = "MEDKD_BENCH_REDIS_PASSWORD"
+RESNET18_PARAMS = 11_200_000  # MedMNIST v2's ResNet-18 (28), the parameter budget is 1/10 of it
+STUDENT_SAMPLE_BUDGET = 24_000  # training samples per search trial: ~44 epochs of 546 images, 5 of 5,000
+MIN_STUDENT_EPOCHS = 6
+
+
+def log(message: str) -> None:
+    print(f"[students {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+def student_epochs(n_train: int, max_epochs: int) -> int:
+    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's]."""
+    return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / n_train))))
+
+
+def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = None) -> Any:
+    """The spec template pointed at ``--data``, with the benchmark's cache, budget and overrides.
+
+    With ``dataset`` given, ``--teachers recipe`` replaces the template's teachers by
+    ``benchmarks.teachers.teacher_recipe`` for this data (its epoch budget scales with the
+    training split), and ``--epochs auto`` scales the search's epochs the same way.
+    """
+    from medkd.platform.spec import load_spec, parse_override
+
+    data = Path(args.data).resolve()
+    if not data.is_file():
+        raise SystemExit(f"--data {data}: file not found (MedMNIST .npz expected)")
+    name = f"students-{data.stem}"
+    overrides: dict[str, Any] = {
+        "name": name,
+        "data.path": str(data),
+        "output_dir": str(Path(args.output or f"runs/bench-{name}").resolve()),
+        "cache.redis_url": f"redis://127.0.0.1:{redis_port}/0",
+        "cache.password_env": PASSWORD_ENV,
+        "serve.enabled": False,
+    }
+    if args.trials is not None:
+        overrides["search.num_trials"] = args.trials
+    if args.epochs not in (None, "auto"):
+        overrides["search.epochs"] = int(args.epochs)
+    if dataset is not None and args.teachers == "recipe":
+        import inspect
+
+        from benchmarks.teachers import teacher_recipe
+
+        facts = {"n_train": len(dataset.splits["train"].images), "class_names": list(dataset.class_names),
+                 "image_size": list(dataset.image_size)}
+        accepted = inspect.signature(teacher_recipe).parameters
+        overrides["teachers"] = teacher_recipe(**{k: v for k, v in facts.items() if k in accepted})
+    for text in args.set or []:
+        key, value = parse_override(text)
+        overrides[key] = value
+    spec = load_spec(args.spec, overrides)
+    augment = spec.search.augment
+    if dataset is not None and augment is not None and augment.flip > 0:
+        from benchmarks.teachers import laterality_specific
+
+        if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
+            spec = spec.model_copy(update={"search": spec.search.model_copy(update={"augment": augment.model_copy(update={"flip": 0.0})})})
+    if dataset is not None and args.epochs == "auto":
+        epochs = student_epochs(len(dataset.splits["train"].images), spec.search.epochs)
+        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": epochs})})
+    return spec
+
+
+# --------------------------------------------------------------------------- KD gain
+
+
+def kd_gain_run(config_json: str, meta: dict[str, Any], data_refs: list, cache: dict[str, Any], augment: dict | None,
+                latency_runs: int) -> dict[str, Any]:
+    """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
+    import torch
+
+    from medkd.platform.softlabels import SoftLabelCache
+    from medkd.students.compression import OnnxModel
+    from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, evaluate_logits
+    from medkd.students.search import train_candidate, trial_augmentation
+
+    torch.set_num_threads(1)
+    config = DistillConfig.model_validate_json(config_json)
+    data = ray_get(data_refs[0])
+    teacher_logits = None
+    if config.alpha < 1:
+        source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
+        teacher_logits = array_teacher_logits(
+            np.stack([source.fetch(fp, cache["dataset_fp"], "train") for fp in cache["teacher_fps"]])
+        )
+    augmentation = trial_augmentation({"augment": augment, "meta": meta}, config.seed)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as directory:
+        metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
+                                  teacher_logits=teacher_logits, augment=augmentation, directory=Path(directory),
+                                  latency_runs=latency_runs)
+        served = OnnxModel(Path(directory) / "model.onnx", threads=1)
+        test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta)
+    return {"seed": config.seed, "alpha": config.alpha, "test_auc": float(test["auc"]), "test_acc": float(test["acc"]),
+            "val_auc": float(metrics.get("val_auc", float("nan"))), "params": metrics["params"],
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
+
+
+def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    import ray
+
+    from medkd.students.distill import DistillConfig
+
+    best = DistillConfig.model_validate(results["best"]["config"])
+    if best.alpha >= 1:
+        log("  the selected student was trained without KD (alpha = 1): KD gain is 0 by construction")
+    data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
+    cache = {
+        "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
+        "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+    }
+    augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
+    task = ray.remote(num_cpus=1)(kd_gain_run)
+    configs = {("kd", seed): best.model_copy(update={"seed": seed}) for seed in seeds}
+    configs.update({("ce", seed): best.model_copy(update={"seed": seed, "alpha": 1.0}) for seed in seeds})
+    refs = {key: task.remote(cfg.model_dump_json(), meta, [data_ref], cache, augment, spec.export.latency_runs)
+            for key, cfg in configs.items()}
+    runs: dict[str, list[dict[str, Any]]] = {"kd": [], "ce": []}
+    for (kind, seed), ref in refs.items():
+        run = ray.get(ref)
+        runs[kind].append(run)
+        log(f"  {kind} seed {seed}: INT8 test AUC {run['test_auc']:.4f} ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)")
+    summary: dict[str, Any] = {"seeds": seeds, "config": best.model_dump(), "runs": runs}
+    for kind in ("kd", "ce"):
+        for metric in ("test_auc", "test_acc"):
+            values = [r[metric] for r in runs[kind]]
+            summary[f"{kind}_{metric}_mean"] = statistics.fmean(values)
+            summary[f"{kind}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    summary["gain_auc"] = summary["kd_test_auc_mean"] - summary["ce_test_auc_mean"]
+    summary["gain_acc"] = summary["kd_test_acc_mean"] - summary["ce_test_acc_mean"]
+    paired = [k["test_auc"] - c["test_auc"] for k, c in zip(runs["kd"], runs["ce"])]
+    summary["paired_gain_auc"] = paired
+    summary["seeds_kd_better"] = sum(g > 0 for g in paired)
+    return summary
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def export_teachers(results: dict[str, Any], output_dir: Path, meta: dict[str, Any], example: np.ndarray) -> dict[str, Path]:
+    import torch
+
+    from medkd.students.compression import export_onnx
+    from medkd.teachers.train import ARTIFACT_FILE, TeacherArtifact, artifact_dir, load_teacher_model
+
+    paths = {}
+    for entry in results["teachers"]:
+        directory = artifact_dir(output_dir, entry["name"], entry["fingerprint"])
+        artifact = TeacherArtifact.model_validate_json((directory / ARTIFACT_FILE).read_text())
+        target = output_dir / "benchmark" / f"teacher-{entry['name']}-fp32.onnx"
+        if not target.is_file():
+            export_onnx(load_teacher_model(artifact, meta), torch.from_numpy(example), target)
+        paths[entry["name"]] = target
+    return paths
+
+
+def measure_speed(models: dict[str, Path], input_shape: tuple[int, ...], *, threads: int, runs: int, rounds: int) -> dict[str, float]:
+    from medkd.students.compression import measure_latency
+
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, path in models.items():
+            medians[name].append(measure_latency(path, input_shape, threads=threads, runs=runs).median_ms)
+    return {name: statistics.median(values) for name, values in medians.items()}
+
+
+def speed(results: dict[str, Any], output_dir: Path, meta: dict[str, Any], dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from medkd.students.compression import model_size_bytes
+
+    example = dataset.splits["train"].images[:2]
+    teachers = export_teachers(results, output_dir, meta, example)
+    student_int8 = Path(results["best"]["onnx_path"])
+    student_fp32 = student_int8.with_name("model_fp32.onnx")
+    models = {"student_int8": student_int8, "student_fp32": student_fp32, **{f"teacher_{k}": v for k, v in teachers.items()}}
+    latency = measure_speed(models, (1, *example.shape[1:]), threads=args.threads, runs=args.latency_runs, rounds=args.rounds)
+    ensemble_ms = sum(latency[f"teacher_{name}"] for name in teachers)
+    sizes = {name: model_size_bytes(path) for name, path in models.items()}
+    return {
+        "threads": args.threads, "runs": args.latency_runs, "rounds": args.rounds,
+        "latency_ms": latency, "bytes": sizes, "ensemble_ms": ensemble_ms,
+        "ensemble_bytes": sum(sizes[f"teacher_{name}"] for name in teachers),
+        "speedup_vs_ensemble": ensemble_ms / latency["student_int8"],
+        "int8_vs_fp32_speedup": latency["student_fp32"] / latency["student_int8"],
+        "int8_vs_fp32_size": sizes["student_int8"] / sizes["student_fp32"],
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(mean: float, std: float) -> str:
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    r, kd, sp = report["results"], report["kd_gain"], report["speed"]
+    best, ens = r["best"], r["ensemble"]["test_metrics"]
+    cfg = best["config"]
+    n = len(kd["seeds"])
+    stages = ", ".join(f"{name} {stage['seconds']:.0f}s" for name, stage in r["stages"].items())
+    lines = [
+        f"## Students: {report['dataset']} ({report['date']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Wall time: {report['wall_seconds'] / 60:.1f} min on {report['machine']} "
+        f"(stages: {stages}; "
+        f"KD gain {report['kd_gain_seconds']:.0f}s, speed {report['speed_seconds']:.0f}s).  ",
+        f"Training split: {report['train_size']} images. Timings were taken while the machine was shared with other "
+        f"engineers' jobs (load average {report['load_average']}): they are pessimistic.",
+        "",
+        f"Selected student (INT8 static, served): `{cfg['student']}` width {cfg['width']:.3g}, depth {cfg['depth']:.3g}, "
+        f"T={cfg['temperature']:.3g}, alpha={cfg['alpha']:.3g} (CE weight), aggregation {cfg['aggregation']}, "
+        f"lr {cfg['lr']:.3g}, {cfg['epochs']} epochs, prune {cfg['prune']} {cfg['prune_amount']:.2g}.",
+        "",
+        "| model | test AUC | test ACC | params | bytes | batch-1 latency (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for teacher in r["teachers"]:
+        tm = teacher.get("test_metrics", {})
+        key = f"teacher_{teacher['name']}"
+        lines.append(f"| teacher {teacher['name']} ({teacher['model']}, FP32) | {tm.get('auc', float('nan')):.4f} | "
+                     f"{tm.get('acc', float('nan')):.4f} | {teacher['params']:,} | {sp['bytes'][key]:,} | {sp['latency_ms'][key]:.2f} |")
+    lines += [
+        f"| teacher ensemble (FP32, sum of latencies) | {ens['auc']:.4f} | {ens['acc']:.4f} | "
+        f"{sum(t['params'] for t in r['teachers']):,} | {sp['ensemble_bytes']:,} | {sp['ensemble_ms']:.2f} |",
+        f"| **selected student INT8** (search seed) | **{best['test_metrics']['auc']:.4f}** | **{best['test_metrics']['acc']:.4f}** | "
+        f"{best['params']:,} | {best['size_bytes']:,} | {sp['latency_ms']['student_int8']:.3f} |",
+        f"| selected student FP32 ONNX | | | {best['params']:,} | {sp['bytes']['student_fp32']:,} | {sp['latency_ms']['student_fp32']:.3f} |",
+        f"| same student INT8, KD, {n} fresh seeds | {fmt(kd['kd_test_auc_mean'], kd['kd_test_auc_std'])} | "
+        f"{fmt(kd['kd_test_acc_mean'], kd['kd_test_acc_std'])} | | | |",
+        f"| same student INT8, CE only (alpha=1), same {n} seeds | {fmt(kd['ce_test_auc_mean'], kd['ce_test_auc_std'])} | "
+        f"{fmt(kd['ce_test_acc_mean'], kd['ce_test_acc_std'])} | | | |",
+        "| MedMNIST v2 ResNet-18 (28), published | 0.901 (BreastMNIST) | 0.863 (BreastMNIST) | 11.2 M | | |",
+        "",
+        f"- KD gain (INT8, test AUC, seeds {kd['seeds']}): **{kd['gain_auc'] * 100:+.2f} points** "
+        f"(ACC {kd['gain_acc'] * 100:+.2f}); per seed {', '.join(f'{g * 100:+.2f}' for g in kd['paired_gain_auc'])}; "
+        f"KD better on {kd['seeds_kd_better']}/{n} seeds.",
+        f"- Speed ({sp['threads']} thread, median of {sp['runs']} runs x {sp['rounds']} alternating rounds): INT8 student "
+        f"**{sp['speedup_vs_ensemble']:.1f}x** faster than the FP32 ensemble; INT8 vs FP32 student: "
+        f"{sp['int8_vs_fp32_speedup']:.2f}x faster, size {sp['int8_vs_fp32_size']:.2f}x.",
+        f"- Student parameters: {best['params']:,} = {best['params'] / RESNET18_PARAMS:.3f} of ResNet-18's 11.2 M.",
+        "",
+        "```",
+        report["result_line"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def result_line(report: dict[str, Any]) -> str:
+    best = report["results"]["best"]
+    return (
+        f"RESULT student_auc={best['test_metrics']['auc']:.4f} student_acc={best['test_metrics']['acc']:.4f} "
+        f"student_params={best['params']} student_bytes={best['size_bytes']} "
+        f"teacher_ensemble_auc={report['results']['ensemble']['test_metrics']['auc']:.4f} "
+        f"kd_gain_auc={report['kd_gain']['gain_auc']:.4f} speedup_vs_ensemble={report['speed']['speedup_vs_ensemble']:.1f}"
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.students", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MedMNIST .npz (default: %(default)s)")
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec template (default: %(default)s)")
+    parser.add_argument("--output", help="output folder (default: runs/bench-students-<data name>)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the KD-gain comparison (>= 2)")
+    parser.add_argument("--trials", type=int, help="override search.num_trials")
+    parser.add_argument("--epochs", default="auto",
+                        help="search epochs: an int, or 'auto' (default): ~%d training samples per trial, "
+                             "at least %d epochs, at most the spec's search.epochs" % (STUDENT_SAMPLE_BUDGET, MIN_STUDENT_EPOCHS))
+    parser.add_argument("--teachers", choices=("recipe", "spec"), default="recipe",
+                        help="recipe (default): benchmarks.teachers.teacher_recipe for this data; spec: the template's")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other spec override")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every latency")
+    parser.add_argument("--latency-runs", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--append-results", type=Path, help="append the markdown section to this file")
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds must be >= 2 (a spread needs at least two seeds)")
+    if args.epochs != "auto" and not (args.epochs.isdigit() and int(args.epochs) > 0):
+        parser.error(f"--epochs must be a positive int or 'auto', got {args.epochs!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import secrets
+
+    import ray
+
+    from medkd.platform.data import load_dataset
+    from medkd.platform.pipeline import init_ray, run_job
+    from medkd.platform.redis_server import ManagedRedisServer
+    from medkd.teachers.train import dataset_meta
+
+    password = secrets.token_urlsafe(24)
+    os.environ[PASSWORD_ENV] = password  # Ray workers inherit it; the spec names only the variable
+    first = build_spec(args, redis_port=1)
+    output_dir = Path(first.output_dir)
+    dataset = load_dataset(first.data)
+    meta = dataset_meta(dataset)
+    redis = ManagedRedisServer(data_dir=output_dir / "redis", password=password).start()
+    if redis.password != password:  # attached to a server a previous run left alive
+        os.environ[PASSWORD_ENV] = redis.password or ""
+    try:
+        spec = build_spec(args, redis_port=redis.port, dataset=dataset)
+        log(f"teachers: {', '.join(f'{t.name}={t.model} x{t.epochs} epochs' for t in spec.teachers)}; "
+            f"search: {spec.search.num_trials} trials x {spec.search.epochs} epochs")
+        log(f"job {spec.name}: {args.data} -> {output_dir}; redis-server 127.0.0.1:{redis.port}")
+        started_ray = init_ray(spec)
+        try:
+            pipeline_started = time.perf_counter()
+            results = run_job(spec, serve=False)
+            pipeline_seconds = time.perf_counter() - pipeline_started
+            log(f"pipeline done in {pipeline_seconds:.0f}s; selected {results['best']['model_id']}: INT8 test "
+                f"AUC {results['best']['test_metrics']['auc']:.4f} ACC {results['best']['test_metrics']['acc']:.4f}")
+            seeds = [spec.seed + 1 + i for i in range(args.seeds)]
+            log(f"KD gain: {len(seeds)} seeds x (KD, CE only), Ray tasks of 1 CPU")
+            t0 = time.perf_counter()
+            gain = kd_gain(spec, results, dataset, meta, seeds)
+            kd_seconds = time.perf_counter() - t0
+        finally:
+            if started_ray:
+                ray.shutdown()
+        log("speed: exporting teachers to FP32 ONNX, measuring batch-1 latency")
+        t0 = time.perf_counter()
+        timing = speed(results, output_dir, meta, dataset, args)
+        speed_seconds = time.perf_counter() - t0
+    finally:
+        redis.stop()
+
+    report = {
+        "dataset": Path(args.data).name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m benchmarks.students " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{os.cpu_count()} CPUs",
+        "load_average": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "train_size": len(dataset.splits["train"].images),
+        "wall_seconds": time.perf_counter() - started,
+        "pipeline_seconds": pipeline_seconds,
+        "kd_gain_seconds": kd_seconds,
+        "speed_seconds": speed_seconds,
+        "results": {k: results[k] for k in ("best", "ensemble", "teachers", "stages", "search")},
+        "kd_gain": gain,
+        "speed": timing,
+    }
+    for teacher in report["results"]["teachers"]:
+        teacher.pop("history", None)
+    report["result_line"] = result_line(report)
+    text = markdown(report)
+    (output_dir / "benchmark").mkdir(parents=True, exist_ok=True)
+    (output_dir / "benchmark" / "students.json").write_text(json.dumps(report, indent=2, default=str))
+    (output_dir / "benchmark" / "students.md").write_text(text)
+    print(text)
+    if args.append_results:
+        with open(args.append_results, "a") as handle:
+            handle.write("\n" + text)
+        log(f"appended to {args.append_results}")
+    print(report["result_line"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

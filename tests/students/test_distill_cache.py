@@ -1,0 +1,155 @@
+"""Distillation fed from the real soft-label cache (real redis-server) trains the same student as
+distillation fed from the same logits in memory.
+
+Trials read teacher logits from :class:`SoftLabelCache`: per batch with ``fetch(indices=...)``
+(segmentation) or the whole split at once (classification). Stored in float16, the logits come
+back rounded, so a run from the cache must equal, step for step, a run from the in-memory logits
+rounded to float16 — any misaligned row, wrong teacher order or stale chunk would change it.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from medkd.platform.data import SyntheticDataSpec, load_dataset
+from medkd.platform.softlabels import SoftLabelCache
+from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
+from medkd.teachers.train import dataset_meta
+
+TEACHERS = ("cnn-a", "vit-b", "cnn-c")
+NUM_TRAIN = 40
+
+
+def tiny_dataset(task: str):
+    spec = SyntheticDataSpec(task=task, image_size=16, num_classes=3, num_train=NUM_TRAIN, num_val=8, num_test=8)
+    return load_dataset(spec)
+
+
+def teacher_logits_for(dataset, seed: int = 1) -> np.ndarray:
+    """(T, N, C[, H, W]) logits that carry the labels plus noise, with values that float16 rounds."""
+    rng = np.random.default_rng(seed)
+    labels = dataset.splits["train"].labels
+    shape = (len(labels), dataset.num_classes, *labels.shape[1:])
+    onehot = np.zeros(shape, np.float32)
+    np.put_along_axis(onehot, np.expand_dims(labels, 1), 1.0, axis=1)
+    return np.stack([3.0 * onehot + rng.normal(0.0, 1.3, shape) for _ in TEACHERS]).astype(np.float32)
+
+
+def config(dataset) -> DistillConfig:
+    student = "unet_small" if dataset.task == "segmentation" else "resnet_tiny"
+    return DistillConfig(student=student, width=0.25, depth=0.5, epochs=2, batch_size=16, alpha=0.3,
+                         temperature=2.0, lr=1e-2, seed=0)
+
+
+def run(dataset, cfg: DistillConfig, teacher_logits, initial: torch.nn.Module) -> tuple[torch.nn.Module, list[dict]]:
+    model = copy.deepcopy(initial)
+    train = dataset.splits["train"]
+    history = distill(model, cfg, train_images=train.images, train_labels=train.labels,
+                      teacher_logits=teacher_logits, meta=dataset_meta(dataset))
+    return model, history
+
+
+def assert_same_student(a: torch.nn.Module, b: torch.nn.Module, **tolerance) -> None:
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, msg=lambda m, name=name: f"{name}: {m}", **tolerance)
+
+
+def output_gap(a: torch.nn.Module, b: torch.nn.Module, images: np.ndarray) -> float:
+    """Mean absolute difference of two students' logits on ``images``."""
+    with torch.no_grad():
+        batch = torch.from_numpy(images)
+        return float((a.eval()(batch) - b.eval()(batch)).abs().mean())
+
+
+@pytest.fixture
+def publish(redis_url):
+    """Publish (T, N, ...) logits under a fresh namespace; yields (cache factory, fingerprints)."""
+    namespace = f"test-distill-cache-{uuid.uuid4().hex[:8]}"
+    caches: list[SoftLabelCache] = []
+
+    def make_cache(**kwargs) -> SoftLabelCache:
+        caches.append(SoftLabelCache(redis_url, namespace=namespace, **kwargs))
+        return caches[-1]
+
+    def _publish(logits: np.ndarray, dataset_fp: str, chunk_size: int = 16) -> list[str]:
+        writer = make_cache()
+        fps = [f"{name}-{uuid.uuid4().hex[:6]}" for name in TEACHERS]
+        for fp, teacher in zip(fps, logits):
+            writer.publish(fp, dataset_fp, "train", teacher, teacher_spec={"model": fp}, chunk_size=chunk_size)
+        return fps
+
+    yield make_cache, _publish
+    if caches:
+        caches[0].purge()
+    for cache in caches:
+        cache.close()
+
+
+@pytest.mark.parametrize(
+    "task, read",
+    [("classification", "batch"), ("classification", "split"), ("segmentation", "batch")],
+)
+def test_student_from_cached_logits_equals_student_from_in_memory_logits(publish, task, read):
+    make_cache, publish_logits = publish
+    dataset = tiny_dataset(task)
+    logits = teacher_logits_for(dataset)
+    fps = publish_logits(logits, dataset.fingerprint)  # 16 samples per chunk: a batch spans several chunks
+    cache = make_cache(lru_bytes=0)  # every batch is a real Redis read
+    requested: list[np.ndarray] = []
+
+    def from_cache(indices: np.ndarray) -> np.ndarray:
+        requested.append(indices.copy())
+        return np.stack([cache.fetch(fp, dataset.fingerprint, "train", indices=indices) for fp in fps])
+
+    if read == "batch":
+        cached_source = from_cache
+    else:
+        cached_source = array_teacher_logits(np.stack([cache.fetch(fp, dataset.fingerprint, "train") for fp in fps]))
+    cfg = config(dataset)
+    torch.manual_seed(0)
+    initial = build_student(dataset_meta(dataset), cfg)
+
+    cached_student, cached_history = run(dataset, cfg, cached_source, initial)
+    rounded = logits.astype(np.float16).astype(np.float32)
+    memory_student, memory_history = run(dataset, cfg, array_teacher_logits(rounded), initial)
+
+    assert cache.counters["chunk_reads"] > 0 and cache.counters["integrity_errors"] == 0
+    if read == "batch":
+        steps = NUM_TRAIN // cfg.batch_size
+        assert len(requested) == cfg.epochs * steps
+        assert all(len(np.unique(batch)) == cfg.batch_size for batch in requested)
+    assert_same_student(cached_student, memory_student, rtol=1e-6, atol=1e-6)
+    for cached_record, memory_record in zip(cached_history, memory_history, strict=True):
+        assert cached_record["train_kd"] == pytest.approx(memory_record["train_kd"], rel=1e-6)
+        assert cached_record["train_loss"] == pytest.approx(memory_record["train_loss"], rel=1e-6)
+
+    # float32 logits differ from the cached ones only by float16 rounding: a much smaller change
+    # to the student than feeding each sample another sample's logits (a misaligned read).
+    exact_student, _ = run(dataset, cfg, array_teacher_logits(logits), initial)
+    shuffled_student, _ = run(dataset, cfg, array_teacher_logits(np.roll(rounded, 1, axis=1)), initial)
+    images = dataset.splits["train"].images
+    rounding_gap = output_gap(cached_student, exact_student, images)
+    misaligned_gap = output_gap(cached_student, shuffled_student, images)
+    assert rounding_gap < 0.25 * misaligned_gap, (rounding_gap, misaligned_gap)
+
+
+def test_cache_entry_smaller_than_the_training_split_fails_loudly(publish):
+    """Logits published for a different (smaller) split must not train a student silently."""
+    make_cache, publish_logits = publish
+    dataset = tiny_dataset("classification")
+    logits = teacher_logits_for(dataset)[:, : NUM_TRAIN - 8]
+    fps = publish_logits(logits, dataset.fingerprint)
+    cache = make_cache()
+    cfg = config(dataset)
+    initial = build_student(dataset_meta(dataset), cfg)
+
+    def from_cache(indices: np.ndarray) -> np.ndarray:
+        return np.stack([cache.fetch(fp, dataset.fingerprint, "train", indices=indices) for fp in fps])
+
+    with pytest.raises(IndexError, match="out of range"):
+        run(dataset, cfg, from_cache, initial)

@@ -1,0 +1,45 @@
+"""Search helpers that need no Ray cluster: the trial's augmentation and calibration samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medkd.platform.data import Augmentation
+from medkd.students.search import calibration_samples, trial_augmentation
+
+META = {"task": "classification", "multilabel": False, "spatial_dims": 2, "in_channels": 1,
+        "num_classes": 2, "image_size": [16, 16]}
+
+
+def test_trial_augmentation_follows_search_augment():
+    assert trial_augmentation({"augment": None, "meta": META}, seed=0) is None
+    assert trial_augmentation({"augment": {"flip": 0.0}, "meta": META}, seed=0) is None  # all off
+    augment = trial_augmentation({"augment": {"flip": 1.0, "flip_axes": [1]}, "meta": META}, seed=0)
+    assert isinstance(augment, Augmentation)
+    images = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    flipped, masks = augment(images, None)
+    assert masks is None
+    assert torch.equal(flipped, images.flip(-1))
+
+
+def test_calibration_samples_are_a_seeded_subset():
+    images = np.arange(300, dtype=np.float32).reshape(300, 1, 1, 1)
+    first, again, other = (calibration_samples(images, seed) for seed in (0, 0, 1))
+    assert len(first) == 128 and len(np.unique(first)) == 128
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert len(calibration_samples(images[:10], 0)) == 10  # never more than there are
+
+
+def test_teacher_prior_trusts_teachers_by_validation_skill():
+    from medkd.students.search import MIN_TEACHER_PRIOR, teacher_prior
+
+    meta = {"task": "classification", "multilabel": False}
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    perfect = np.stack([-labels * 2.0 + 1, labels * 2.0 - 1], axis=1)
+    chance = np.zeros((6, 2))
+    inverted = perfect[:, ::-1].copy()
+    weights = teacher_prior([perfect, chance, inverted], labels, meta)
+    assert abs(sum(weights) - 1) < 1e-5
+    assert weights[0] > weights[1] == weights[2]  # chance and worse-than-chance get the floor
+    assert abs(weights[1] / weights[0] - MIN_TEACHER_PRIOR) < 1e-5
