@@ -14,7 +14,9 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
 2. **KD gain**: the selected student's configuration retrained with ``--seeds`` fresh seeds, once
    with its searched KD settings and once with ``alpha = 1`` (cross-entropy only, no teacher),
    same architecture, epochs, learning rate, augmentation and seeds; teacher logits come from
-   the soft-label cache (``SoftLabelCache.fetch``), never from a teacher. Both go through the
+   the soft-label cache (``SoftLabelCache.fetch``), never from a teacher; with ``cache.views`` in
+   the spec the KD runs train on the cached augmented views (FKD) as the search did, the CE runs
+   on online augmentation with the same ``search.augment``. Both go through the
    search's own recipe (:func:`medkd.students.search.train_candidate`: distill -> prune ->
    ONNX -> INT8) and are scored on test after compression. Runs are Ray tasks, 1 CPU each.
 3. **Speed**: every teacher exported to FP32 ONNX; batch-1 CPU latency (ONNX Runtime, the
@@ -131,24 +133,26 @@ def kd_gain_run(config_json: str, meta: dict[str, Any], data_refs: list, cache: 
 
     from medkd.platform.softlabels import SoftLabelCache
     from medkd.students.compression import OnnxModel
-    from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, evaluate_logits
-    from medkd.students.search import train_candidate, trial_augmentation
+    from medkd.students.distill import DistillConfig, build_student, evaluate_logits
+    from medkd.students.search import cached_teacher_logits, cached_views, train_candidate, trial_augmentation
 
     torch.set_num_threads(1)
     config = DistillConfig.model_validate_json(config_json)
     data = ray_get(data_refs[0])
-    teacher_logits = None
+    teacher_logits = views = None
     if config.alpha < 1:
+        # As in a search trial: the cached logits, and the cached FKD views when the job has them.
         source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
-        teacher_logits = array_teacher_logits(
-            np.stack([source.fetch(fp, cache["dataset_fp"], "train") for fp in cache["teacher_fps"]])
-        )
+        teacher_logits = cached_teacher_logits(source, cache["teacher_fps"], cache["dataset_fp"], segmentation=False)
+        if cache.get("views"):
+            views = cached_views(source, cache["teacher_fps"], cache["views"]["views_dataset_fp"],
+                                 cache["views"]["views"], segmentation=False)
     augmentation = trial_augmentation({"augment": augment, "meta": meta}, config.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
         metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
                                   teacher_logits=teacher_logits, augment=augmentation, directory=Path(directory),
-                                  latency_runs=latency_runs)
+                                  latency_runs=latency_runs, views=views)
         served = OnnxModel(Path(directory) / "model.onnx", threads=1)
         test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta)
     return {"seed": config.seed, "alpha": config.alpha, "test_auc": float(test["auc"]), "test_acc": float(test["acc"]),
@@ -174,6 +178,7 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: dict[str, An
     cache = {
         "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
         "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+        "views": results["soft_labels"].get("views"),
     }
     augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
     task = ray.remote(num_cpus=1)(kd_gain_run)

@@ -47,6 +47,11 @@ class TeacherSpec(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighting: bool = False
     patience: int | None = Field(None, gt=0, description="early stopping on the validation metric")
+    ema_epochs: float | None = Field(
+        None, gt=0,
+        description="keep an exponential moving average of the weights over about this many trailing epochs; "
+                    "validation, checkpoint selection and the teacher itself use the averaged weights",
+    )
     augment: AugmentSpec | None = None
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -57,10 +62,13 @@ class TeacherSpec(_Strict):
 
     def training_fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not resources)."""
-        return self.model_dump(
+        fields = self.model_dump(
             mode="json",
             exclude={"name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures"},
         )
+        if fields["ema_epochs"] is None:
+            del fields["ema_epochs"]  # added later: teachers trained without it keep their fingerprints
+        return fields
 
 
 class CacheSpec(_Strict):

@@ -3,6 +3,11 @@
 Teacher logits come from a callable ``teacher_logits(indices) -> (T, B, C[, *spatial])``, so the
 same loop serves whole-split arrays (classification, fetched from the cache in one go) and
 per-batch cache reads (segmentation, whose per-pixel logits are large).
+
+With :class:`CachedViews` (FKD-style) the student trains on augmented images *and* their own
+teacher logits: each sample of a batch shows either its original image or one of ``K`` cached
+augmented views, rebuilt exactly from the view's stored parameters, with the teachers' logits
+for that very view — augmentation without ever running a teacher.
 """
 
 from __future__ import annotations
@@ -16,11 +21,67 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from medkd.platform.data import apply_view, apply_view_to_masks, identity_view
 from medkd.platform.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.students.losses import create_loss
 from medkd.students.registry import create_student
 
 TeacherLogitsFn = Callable[[np.ndarray], np.ndarray]
+ViewLogitsFn = Callable[[int, np.ndarray], np.ndarray]
+
+
+class CachedViews:
+    """``K`` cached augmented views of the training split: their parameters and teacher logits.
+
+    Args:
+        params: ``params[k][i]`` is the view-parameter dict (see
+            :func:`medkd.platform.data.sample_view_params`) of view ``k`` of training sample ``i``.
+        logits: ``(k, indices) -> (T, B, ...)`` raw teacher logits of view ``k`` of those samples.
+
+    Examples:
+        >>> views = CachedViews(params, lambda k, idx: stacked_views[k][:, idx])
+        >>> distill(model, config, ..., teacher_logits=originals, views=views)
+    """
+
+    def __init__(self, params: list[list[dict[str, Any]]], logits: ViewLogitsFn) -> None:
+        if not params:
+            raise ValueError("params must hold at least one view")
+        sizes = {len(view) for view in params}
+        if len(sizes) != 1:
+            raise ValueError(f"every view needs parameters for every sample, got sizes {sorted(sizes)}")
+        self.params = params
+        self.logits = logits
+        self.num_samples = sizes.pop()
+
+    @property
+    def num_views(self) -> int:
+        return len(self.params)
+
+    def draw(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        """Per-sample choice for a batch: 0 = the original image, ``k >= 1`` = cached view ``k - 1``."""
+        return rng.integers(0, self.num_views + 1, size=batch)
+
+    def batch(
+        self,
+        indices: np.ndarray,
+        choice: np.ndarray,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_logits: TeacherLogitsFn,
+        segmentation: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The batch's images (and masks) with the chosen views applied, and the matching teacher logits."""
+        params = [identity_view() if k == 0 else self.params[k - 1][i] for i, k in zip(indices, choice)]
+        images = apply_view(images, params)
+        if segmentation:
+            labels = apply_view_to_masks(labels, params)
+        parts = {k: (teacher_logits(indices[choice == k]) if k == 0 else self.logits(k - 1, indices[choice == k]))
+                 for k in np.unique(choice)}
+        first = next(iter(parts.values()))
+        teachers = np.empty((first.shape[0], len(indices), *first.shape[2:]), dtype=np.float32)
+        for k, logits in parts.items():
+            teachers[:, choice == k] = logits
+        return images, labels, teachers
 
 
 class DistillConfig(BaseModel):
@@ -119,6 +180,7 @@ def distill(
     val_images: np.ndarray | None = None,
     val_labels: np.ndarray | None = None,
     augment: Callable | None = None,
+    views: CachedViews | None = None,
     on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with the multi-teacher KD loss of ``config``.
@@ -127,6 +189,10 @@ def distill(
         teacher_logits: ``indices -> (T, B, ...)`` raw teacher logits for those training
             samples; ``None`` trains on hard labels only (needs ``alpha == 1``).
         epochs: overrides ``config.epochs`` (e.g. a short fine-tune after pruning).
+        augment: online augmentation ``(images, masks) -> (images, masks)``; the KD target of an
+            augmented image is then its original's logits.
+        views: cached augmented views with their own teacher logits (FKD), in place of
+            ``augment``; needs ``teacher_logits``.
         on_epoch: called with each epoch's record; returning ``True`` stops training.
 
     Returns:
@@ -134,6 +200,13 @@ def distill(
     """
     if teacher_logits is None and config.alpha < 1:
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
+    if views is not None:
+        if teacher_logits is None:
+            raise ValueError("views need teacher_logits (the original images' logits, view 0)")
+        if augment is not None:
+            raise ValueError("pass either augment (online) or views (cached), not both")
+        if views.num_samples != len(train_images):
+            raise ValueError(f"views cover {views.num_samples} samples, train_images has {len(train_images)}")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if teacher_logits is None:
@@ -160,14 +233,19 @@ def distill(
             indices = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
             images = torch.from_numpy(train_images[indices])
             labels = torch.from_numpy(train_labels[indices])
-            if augment is not None:
-                segmentation = meta["task"] == "segmentation"
-                images, masks = augment(images, labels if segmentation else None)
-                labels = masks if segmentation else labels
-            student_logits = model(images)
+            segmentation = meta["task"] == "segmentation"
             teachers = None
-            if teacher_logits is not None:
-                teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
+            if views is not None:
+                images, labels, logits = views.batch(indices, views.draw(rng, len(indices)), images, labels,
+                                                     teacher_logits, segmentation)
+                teachers = torch.from_numpy(logits)
+            else:
+                if augment is not None:
+                    images, masks = augment(images, labels if segmentation else None)
+                    labels = masks if segmentation else labels
+                if teacher_logits is not None:
+                    teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
+            student_logits = model(images)
             loss, parts = criterion(student_logits, teachers, _targets(labels, meta))
             if teachers is None:
                 parts.pop("kd", None)

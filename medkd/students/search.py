@@ -28,11 +28,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medkd.platform.fingerprint import fingerprint
 from medkd.platform.progress import Progress, send_event
-from medkd.platform.softlabels import SoftLabelCache
+from medkd.platform.softlabels import CacheMissError, SoftLabelCache
 from medkd.students.candidate import CANDIDATE_FILE, apply_pruning, export_candidate
 from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
 from medkd.students.distill import (
+    CachedViews,
     DistillConfig,
+    TeacherLogitsFn,
     array_teacher_logits,
     build_student,
     distill,
@@ -190,12 +192,51 @@ def trial_augmentation(context: dict[str, Any], seed: int) -> Any:
     return build_augmentation(spec, context["meta"]["spatial_dims"], context["meta"]["task"], seed=seed)
 
 
-def _teacher_logits_source(context: dict[str, Any]):
+def cached_teacher_logits(cache: SoftLabelCache, teacher_fps: list[str], dataset_fp: str, *,
+                          segmentation: bool, view: int | None = None) -> TeacherLogitsFn:
+    """``indices -> (T, B, ...)`` teacher logits of the training split (or of one cached view) from Redis.
+
+    Classification logits are small: the whole split is fetched once. Per-pixel segmentation
+    logits are fetched per batch.
+    """
+    if segmentation:
+        return lambda indices: np.stack([cache.fetch(fp, dataset_fp, "train", indices=indices, view=view)
+                                         for fp in teacher_fps])
+    return array_teacher_logits(np.stack([cache.fetch(fp, dataset_fp, "train", view=view) for fp in teacher_fps]))
+
+
+def cached_views(cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp: str, num_views: int, *,
+                 segmentation: bool) -> CachedViews:
+    """The FKD views of the soft-label stage (``cache.views``): parameters from the manifests, logits from Redis.
+
+    Raises:
+        CacheMissError: a view is missing for a teacher.
+        ValueError: the teachers' manifests disagree on a view's parameters (they must have seen
+            the same augmented images).
+    """
+    params = []
+    for k in range(num_views):
+        manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
+        missing = [fp for fp, manifest in zip(teacher_fps, manifests) if manifest is None or manifest.view_params is None]
+        if missing:
+            raise CacheMissError(f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) {missing}")
+        if any(manifest.view_params != manifests[0].view_params for manifest in manifests[1:]):
+            raise ValueError(f"teachers disagree on the parameters of augmented view {k} of {views_dataset_fp}")
+        params.append(manifests[0].view_params)
+    per_view = [cached_teacher_logits(cache, teacher_fps, views_dataset_fp, segmentation=segmentation, view=k)
+                for k in range(num_views)]
+    return CachedViews(params, lambda k, indices: per_view[k](indices))
+
+
+def _teacher_logits_source(context: dict[str, Any]) -> tuple[TeacherLogitsFn, CachedViews | None]:
     cache = SoftLabelCache(context["cache_url"], namespace=context["cache_namespace"], password_env=context["password_env"])
     fps, dataset_fp = context["teacher_fps"], context["dataset_fp"]
-    if context["meta"]["task"] == "segmentation":
-        return lambda indices: np.stack([cache.fetch(fp, dataset_fp, "train", indices=indices) for fp in fps])
-    return array_teacher_logits(np.stack([cache.fetch(fp, dataset_fp, "train") for fp in fps]))
+    segmentation = context["meta"]["task"] == "segmentation"
+    originals = cached_teacher_logits(cache, fps, dataset_fp, segmentation=segmentation)
+    views = context.get("views")
+    if not views:
+        return originals, None
+    return originals, cached_views(cache, fps, views["views_dataset_fp"], views["views"], segmentation=segmentation)
 
 
 def calibration_samples(train_images: np.ndarray, seed: int, size: int = CALIBRATION_SAMPLES) -> np.ndarray:
@@ -216,24 +257,28 @@ def train_candidate(
     directory: Path,
     latency_runs: int,
     on_epoch: Any = None,
+    views: CachedViews | None = None,
 ) -> dict[str, Any]:
     """Distill ``model``, prune (and fine-tune) and export the compressed candidate to ``directory``.
 
     The one recipe behind every search trial; benchmarks call it too (e.g. with
     ``teacher_logits=None`` and ``alpha=1`` for the no-KD baseline), so what they compare is
-    trained and compressed exactly as the served model. Returns :func:`export_candidate`'s metrics
+    trained and compressed exactly as the served model. With ``views`` (cached FKD views) the
+    student trains on those instead of ``augment``. Returns :func:`export_candidate`'s metrics
     (quality of the compressed model on ``val``).
     """
     train_x, train_y = train
     val_x, val_y = val
     calibration = calibration_samples(train_x, config.seed)
+    if views is not None:
+        augment = None
     distill(model, config, train_images=train_x, train_labels=train_y, teacher_logits=teacher_logits,
-            meta=meta, val_images=val_x, val_labels=val_y, augment=augment, on_epoch=on_epoch)
+            meta=meta, val_images=val_x, val_labels=val_y, augment=augment, views=views, on_epoch=on_epoch)
     model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
     if config.prune == "channels" and config.prune_amount > 0:
         finetune = max(1, round(config.epochs * FINETUNE_AFTER_CHANNEL_PRUNING))
         distill(model, config.model_copy(update={"lr": config.lr / 3}), train_images=train_x, train_labels=train_y,
-                teacher_logits=teacher_logits, meta=meta, epochs=finetune, augment=augment)
+                teacher_logits=teacher_logits, meta=meta, epochs=finetune, augment=augment, views=views)
     return export_candidate(model, config, meta=meta, calibration=calibration, val_images=val_x,
                             val_labels=val_y, directory=directory, latency_runs=latency_runs)
 
@@ -245,7 +290,7 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     meta = context["meta"]
     data = ray.get(context["data_refs"][0])
     train_x, _ = data["train"]
-    teacher_logits = _teacher_logits_source(context)
+    teacher_logits, views = _teacher_logits_source(context)
     probe_input = torch.from_numpy(calibration_samples(train_x, config.seed, 2))
     quality_key = f"val_{quality_metric(meta)}"
     trial_name = tune.get_context().get_trial_name()
@@ -279,7 +324,8 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         metrics = train_candidate(model, config, meta=meta, train=data["train"], val=data["val"],
                                   teacher_logits=teacher_logits, augment=trial_augmentation(context, config.seed),
-                                  directory=Path(directory), latency_runs=context["latency_runs"], on_epoch=on_epoch)
+                                  directory=Path(directory), latency_runs=context["latency_runs"], on_epoch=on_epoch,
+                                  views=views)
         if not math.isfinite(metrics.get(quality_key, float("nan"))):
             metrics[quality_key] = 0.0
         tune.report({**metrics, "epoch": config.epochs, "final": True},
@@ -326,7 +372,12 @@ def pareto_front(points: list[list[float]], modes: list[str]) -> list[int]:
 
 
 def search_fingerprint(spec: Any, teacher_fps: list[str], dataset_fp: str) -> str:
-    return fingerprint("search", spec.search.model_dump(mode="json"), teacher_fps, dataset_fp, spec.seed, spec.export.latency_runs)
+    parts = ["search", spec.search.model_dump(mode="json"), teacher_fps, dataset_fp, spec.seed, spec.export.latency_runs]
+    if spec.cache.views:
+        # Students train on the cached views: another search. Appended only when on, so the
+        # fingerprints of existing view-less searches do not change.
+        parts.append({"views": spec.cache.views})
+    return fingerprint(*parts)
 
 
 def run_search(
@@ -341,6 +392,7 @@ def run_search(
     progress: Progress,
     events: Any = None,
     resume: bool = False,
+    views: dict[str, Any] | None = None,
 ) -> SearchOutcome:
     search = spec.search
     search_fp = search_fingerprint(spec, teacher_fps, dataset_fp)
@@ -370,6 +422,8 @@ def run_search(
         "latency_runs": spec.export.latency_runs,
         "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
         "events": events,
+        # FKD: {"views": K, "views_dataset_fp": ...} from the soft-label stage, or None.
+        "views": views or None,
     }
     if len(teacher_fps) > 1:
         cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)

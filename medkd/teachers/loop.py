@@ -33,6 +33,7 @@ import ray.train
 import ray.train.torch
 
 from medkd.platform.metrics import classification_metrics, probabilities, segmentation_metrics
+from medkd.teachers.ema import WeightAverage, ema_decay
 from medkd.teachers.registry import create_teacher
 
 MODEL_FILE = "model.pt"
@@ -135,8 +136,12 @@ def train_epoch(
     meta: dict[str, Any],
     device: torch.device,
     use_amp: bool,
+    average: Any = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss per sample."""
+    """One pass over ``loader``; returns the mean training loss per sample.
+
+    ``average`` (a :class:`~medkd.teachers.ema.WeightAverage`) is updated after every step.
+    """
     model.train()
     segmentation = meta["task"] == "segmentation"
     total, count = 0.0, 0
@@ -150,6 +155,8 @@ def train_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if average is not None:
+            average.update(model.module if hasattr(model, "module") else model)
         total += float(loss.detach()) * len(images)
         count += len(images)
     return total / max(count, 1)
@@ -218,11 +225,18 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumed_from": []}
+    batches = len(train_x) // teacher["batch_size"] if len(train_x) > teacher["batch_size"] else 1
+    steps_per_epoch = max(1, math.ceil(batches / world))
+    average = WeightAverage(model, ema_decay(teacher["ema_epochs"], steps_per_epoch)) if teacher.get("ema_epochs") else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, weights_only=True, map_location="cpu"))
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
+            # With EMA, MODEL_FILE holds the averaged weights (the teacher); the trained ones are in the state.
+            model.load_state_dict(saved["model"] if average is not None else
+                                  torch.load(Path(directory) / MODEL_FILE, weights_only=True, map_location="cpu"))
+            if average is not None:
+                average.load_state_dict(saved["average"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = json.loads((Path(directory) / META_FILE).read_text())["state"]
@@ -249,10 +263,12 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         train_loss = train_epoch(
             model, loader, criterion=criterion, optimizer=optimizer, scaler=scaler,
             augment=epoch_augmentation(teacher, meta, seed, rank, epoch), meta=meta, device=device, use_amp=use_amp,
+            average=average,
         )
         scheduler.step()
         train_seconds = time.perf_counter() - started
-        val_metrics = validate(plain_model, val_x, val_y, criterion=criterion, meta=meta, device=device)
+        evaluated = average.model if average is not None else plain_model
+        val_metrics = validate(evaluated, val_x, val_y, criterion=criterion, meta=meta, device=device)
         score = primary_score(val_metrics, metric_name)
         improved = score > state["best"]
         state["best"] = max(state["best"], score)
@@ -270,7 +286,7 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         }
         state["history"].append(record)
         stop = teacher["patience"] is not None and state["bad_epochs"] >= teacher["patience"]
-        reported = save_checkpoint(plain_model, optimizer, scheduler, state, record) if rank == 0 else None
+        reported = save_checkpoint(plain_model, optimizer, scheduler, state, record, average) if rank == 0 else None
         # SYNC upload (bounded: at most one report waits for the controller, which consumes one
         # per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); ASYNC would let fast epochs pile up unbounded
         # checkpoint copies on local disk. The local copy is deleted once it is in storage.
@@ -287,10 +303,18 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     record: dict[str, Any],
+    average: WeightAverage | None = None,
 ) -> ray.train.Checkpoint:
-    """Everything a resumed run needs, in a fresh local directory (deleted by Ray after upload)."""
+    """Everything a resumed run needs, in a fresh local directory (deleted by Ray after upload).
+
+    ``MODEL_FILE`` is the teacher: the averaged weights when EMA is on (the trained weights are
+    then kept in ``STATE_FILE`` for resuming), else the trained weights.
+    """
     directory = Path(tempfile.mkdtemp(prefix="medkd-teacher-checkpoint-"))
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / STATE_FILE)
+    torch.save((average.model if average is not None else model).state_dict(), directory / MODEL_FILE)
+    training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if average is not None:
+        training_state.update(model=model.state_dict(), average=average.state_dict())
+    torch.save(training_state, directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps({"state": state, "metrics": record}))
     return ray.train.Checkpoint.from_directory(str(directory))

@@ -21,10 +21,11 @@ def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
             {"name": "cnn", "model": "resnet10", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
             {"name": "vit", "model": "vit_tiny", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
         ],
-        "cache": {"redis_url": redis_url, "namespace": f"test-{tmp_path.name}"},
+        # One FKD view of train per teacher: trials train on it with its own cached logits.
+        "cache": {"redis_url": redis_url, "namespace": f"test-{tmp_path.name}", "views": 1},
         "search": {
             "num_trials": 2, "max_concurrent": 2, "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5,
-            "scheduler": "none",
+            "scheduler": "none", "augment": {"flip": 0.5},
             "space": {"student": ["resnet_tiny"], "width": {"low": 0.25, "high": 0.5}, "quantize": ["int8_static"]},
         },
         "serve": {"port": free_port(), "cpus_per_replica": 0.25, "max_replicas": 1},
@@ -46,6 +47,7 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
         assert 0.0 <= teacher["test_metrics"]["auc"] <= 1.0
         assert teacher["params"] > 100_000
     assert results["soft_labels"]["misses"] == 6 and results["soft_labels"]["bytes"] > 0
+    assert results["soft_labels"]["views"]["computed"] == 2 and results["soft_labels"]["views"]["cached"] == 0
     assert len(results["trials"]) == 2 and all(t["config"]["student"] == "resnet_tiny" for t in results["trials"])
     assert all(t["final"] and 0.25 <= t["config"]["width"] <= 0.5 for t in results["trials"])
     best = results["best"]
@@ -70,6 +72,7 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert again["stages"]["soft_labels"]["status"] == "skipped"
     assert again["stages"]["search"]["status"] == "skipped"
     assert again["soft_labels"]["hits"] == 6 and again["soft_labels"]["misses"] == 0
+    assert again["soft_labels"]["views"]["computed"] == 0 and again["soft_labels"]["views"]["cached"] == 2
     assert again["best"]["model_id"] == best["model_id"]
     out = capsys.readouterr().out
     assert "skipped, checkpoint found" in out and "skipped, all splits found in cache" in out

@@ -91,3 +91,87 @@ def test_augment_callable_sees_every_training_batch_and_on_epoch_can_stop():
                       on_epoch=lambda record: record["epoch"] == 2)
     assert len(history) == 2
     assert sum(calls) == 2 * (N // cfg.batch_size) * cfg.batch_size
+
+
+# --------------------------------------------------------------------------- cached views (FKD)
+
+
+def two_views(n: int) -> list[list[dict]]:
+    """View 0 flips every sample left-right; view 1 turns every sample a quarter."""
+    flip = {"flip": [1], "rot90": 0, "affine": None, "gamma": None, "noise": None}
+    turn = {"flip": [], "rot90": 1, "affine": None, "gamma": None, "noise": None}
+    return [[dict(flip) for _ in range(n)], [dict(turn) for _ in range(n)]]
+
+
+def test_cached_views_batch_applies_the_chosen_view_and_its_own_teacher_logits():
+    from medkd.platform.data import apply_view
+    from medkd.students.distill import CachedViews
+
+    images, labels, teachers = tiny_data()
+    view_logits = [teachers + 10.0, teachers + 20.0]  # each view's logits are recognisable
+    views = CachedViews(two_views(N), lambda k, idx: view_logits[k][:, idx])
+    indices = np.array([0, 3, 5, 8, 13, 21])
+    choice = np.array([0, 1, 2, 2, 1, 0])
+    batch = torch.from_numpy(images[indices])
+    out_images, out_labels, out_teachers = views.batch(indices, choice, batch, torch.from_numpy(labels[indices]),
+                                                       array_teacher_logits(teachers), segmentation=False)
+
+    for row, (i, k) in enumerate(zip(indices, choice)):
+        expected_image = images[i] if k == 0 else apply_view(images[i : i + 1], [views.params[k - 1][i]])[0]
+        np.testing.assert_array_equal(out_images[row].numpy(), expected_image)
+        expected_logits = teachers[:, i] if k == 0 else view_logits[k - 1][:, i]
+        np.testing.assert_array_equal(out_teachers[:, row], expected_logits)
+    assert torch.equal(out_labels, torch.from_numpy(labels[indices]))  # class labels do not move
+
+
+def test_cached_views_move_segmentation_masks_with_the_images():
+    from medkd.students.distill import CachedViews
+
+    masks = np.zeros((4, 8, 8), dtype=np.int64)
+    masks[:, 0, :] = 1  # top row
+    images = masks[:, None].astype(np.float32)
+    logits = np.zeros((1, 4, 2, 8, 8), np.float32)
+    views = CachedViews(two_views(4), lambda k, idx: logits[:, idx])
+    choice = np.array([0, 1, 2, 2])
+    out_images, out_masks, _ = views.batch(np.arange(4), choice, torch.from_numpy(images), torch.from_numpy(masks),
+                                           array_teacher_logits(logits), segmentation=True)
+    # Wherever the image went, the mask went too; a quarter turn moves the top row.
+    assert torch.equal(out_images[:, 0].long(), out_masks)
+    assert torch.equal(out_masks[0], torch.from_numpy(masks[0])) and not torch.equal(out_masks[2], torch.from_numpy(masks[2]))
+
+
+def test_distill_with_cached_views_trains_on_every_view():
+    from medkd.students.distill import CachedViews
+
+    images, labels, teachers = tiny_data()
+    seen: list[int] = []
+
+    def view_logits(k: int, idx: np.ndarray) -> np.ndarray:
+        seen.append(k)
+        return teachers[:, idx]
+
+    views = CachedViews(two_views(N), view_logits)
+    cfg = config(alpha=0.3, epochs=4)
+    history = distill(build_student(META, cfg), cfg, train_images=images, train_labels=labels,
+                      teacher_logits=array_teacher_logits(teachers), views=views, meta=META)
+    assert set(seen) == {0, 1}
+    assert history[-1]["train_kd"] < history[0]["train_kd"]
+
+
+def test_cached_views_bad_use_is_an_error():
+    from medkd.students.distill import CachedViews
+
+    images, labels, teachers = tiny_data()
+    cfg = config(alpha=0.5, epochs=1)
+    views = CachedViews(two_views(N), lambda k, idx: teachers[:, idx])
+    kwargs = {"train_images": images, "train_labels": labels, "meta": META}
+    with pytest.raises(ValueError, match="views need teacher_logits"):
+        distill(build_student(META, config(alpha=1.0)), config(alpha=1.0), teacher_logits=None, views=views, **kwargs)
+    with pytest.raises(ValueError, match="either augment"):
+        distill(build_student(META, cfg), cfg, teacher_logits=array_teacher_logits(teachers), views=views,
+                augment=lambda x, m: (x, m), **kwargs)
+    short = CachedViews(two_views(N - 1), lambda k, idx: teachers[:, idx])
+    with pytest.raises(ValueError, match="cover 47 samples"):
+        distill(build_student(META, cfg), cfg, teacher_logits=array_teacher_logits(teachers), views=short, **kwargs)
+    with pytest.raises(ValueError, match="every sample"):
+        CachedViews([two_views(N)[0], two_views(N - 1)[1]], lambda k, idx: teachers[:, idx])

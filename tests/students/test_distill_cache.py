@@ -153,3 +153,37 @@ def test_cache_entry_smaller_than_the_training_split_fails_loudly(publish):
 
     with pytest.raises(IndexError, match="out of range"):
         run(dataset, cfg, from_cache, initial)
+
+
+def test_cached_views_read_back_the_published_views(publish):
+    """FKD views published by the soft-label stage come back with their parameters and logits."""
+    from medkd.platform.data import AugmentSpec, sample_view_params
+    from medkd.platform.softlabels import CacheMissError
+    from medkd.students.search import cached_views
+
+    make_cache, _ = publish
+    dataset = tiny_dataset("classification")
+    logits = teacher_logits_for(dataset)
+    writer = make_cache()
+    fps = [f"{name}-{uuid.uuid4().hex[:6]}" for name in TEACHERS]
+    views_fp = f"views-{uuid.uuid4().hex[:8]}"
+    augment = AugmentSpec(flip=0.5, affine={"rotate_degrees": 10})
+    params = [sample_view_params(augment, NUM_TRAIN, rng=k) for k in range(2)]
+    for k in range(2):
+        for t, fp in enumerate(fps):
+            writer.publish(fp, views_fp, "train", logits[t] + k + 1, view=k, view_params=params[k],
+                           teacher_spec={"model": fp})
+
+    views = cached_views(make_cache(), fps, views_fp, 2, segmentation=False)
+    assert views.num_views == 2 and views.params == params
+    indices = np.array([1, 4, 9])
+    expected = (logits[:, indices] + 2).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(views.logits(1, indices), expected)
+
+    with pytest.raises(CacheMissError, match="view 2"):
+        cached_views(make_cache(), fps, views_fp, 3, segmentation=False)
+    other = [{**p, "rot90": 1} for p in params[0]]  # a teacher that saw other images
+    writer.publish(fps[2], views_fp, "train", logits[2], view=0, view_params=other, teacher_spec={"model": fps[2]},
+                   overwrite=True)
+    with pytest.raises(ValueError, match="disagree"):
+        cached_views(make_cache(), fps, views_fp, 2, segmentation=False)

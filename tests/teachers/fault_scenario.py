@@ -77,6 +77,7 @@ def run(output: Path, timeout_s: float) -> dict[str, Any]:
         cpus_per_worker=1,
         use_gpu=False,
         max_failures=3,
+        ema_epochs=1.0,  # the resumed run must also restore the weight average
     )
     teacher_fp = "faultscenario"
     storage = output / "ray"

@@ -15,7 +15,7 @@ def tiny_spec(tmp_path):
         "name": "tiny",
         "data": {"kind": "synthetic", "num_train": 64, "num_val": 32, "num_test": 32, "image_size": 28},
         "teachers": [
-            {"name": "cnn", "model": "resnet18", "epochs": 2, "batch_size": 32, "cpus_per_worker": 0.5},
+            {"name": "cnn", "model": "resnet18", "epochs": 2, "batch_size": 32, "cpus_per_worker": 0.5, "ema_epochs": 0.5},
             {"name": "vit", "model": "vit_tiny", "epochs": 2, "batch_size": 32, "cpus_per_worker": 0.5, "patience": 1},
         ],
         "output_dir": str(tmp_path / "out"),

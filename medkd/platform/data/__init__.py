@@ -13,6 +13,7 @@ from medkd.platform.data.augment import (
     apply_view,
     apply_view_to_masks,
     build_augmentation,
+    identity_view,
     sample_view_params,
 )
 from medkd.platform.data.dataset import SPLITS, Dataset, RawData, Split, apply_preprocessing, build_dataset
@@ -53,6 +54,7 @@ __all__ = [
     "build_augmentation",
     "build_dataset",
     "get_adapter",
+    "identity_view",
     "load_dataset",
     "register_adapter",
     "sample_view_params",
