@@ -29,11 +29,8 @@ redis:
 demo: setup
 	$(BIN)/medkd run $(JOB)
 
-# The Ray Jobs tests drive Ray's auth-token loader inside the pytest process (missing and
-# wrong tokens); they run in their own process so that state cannot reach the session cluster.
 test: setup
-	$(BIN)/python -m pytest -q --ignore=tests/platform/test_jobs.py
-	$(BIN)/python -m pytest -q tests/platform/test_jobs.py
+	$(BIN)/python -m pytest -q
 
 clean-runs:
 	rm -rf runs

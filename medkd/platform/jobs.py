@@ -186,6 +186,10 @@ def find_auth_token() -> str | None:
         if os.environ.get(TOKEN_PATH_ENV_VAR):
             raise JobsAuthError(_token_path_error()) from None
         raise JobsAuthError(f"cannot load the Ray authentication token: {_first_line(error)}") from None
+    finally:
+        # The loader is process-wide: a token cached here (e.g. for a remote head) would be sent
+        # by this process's own Ray clients later, e.g. to a local cluster without auth.
+        loader.reset_cache()
 
 
 def _find_auth_token_python() -> str | None:
