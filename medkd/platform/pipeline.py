@@ -260,7 +260,7 @@ class Pipeline:
                 self.spec, meta=self.meta, data_ref=self.data_ref, teacher_fps=teacher_fps,
                 dataset_fp=self.dataset.fingerprint, cache_url=self.cache_url, storage_path=self.storage_path,
                 progress=self.progress, events=self.events, resume=self.resume,
-                views=self.results["soft_labels"].get("views"),
+                views=self.results["soft_labels"].get("views"), teachers=self.teachers,
             )
             if any(t.final for t in self.outcome.trials):
                 outcome_path.parent.mkdir(parents=True, exist_ok=True)

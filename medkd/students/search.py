@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medkd.platform.fingerprint import fingerprint
 from medkd.platform.progress import Progress, send_event
-from medkd.platform.softlabels import CacheMissError, SoftLabelCache
+from medkd.platform.softlabels import CacheIntegrityError, CacheMissError, SoftLabelCache
 from medkd.students.candidate import CANDIDATE_FILE, apply_pruning, export_candidate
 from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
 from medkd.students.distill import (
@@ -192,51 +192,102 @@ def trial_augmentation(context: dict[str, Any], seed: int) -> Any:
     return build_augmentation(spec, context["meta"]["spatial_dims"], context["meta"]["task"], seed=seed)
 
 
+RecoverFn = Callable[[int, "int | None"], None]  # (teacher index, view) -> entry restored in the cache
+
+
 def cached_teacher_logits(cache: SoftLabelCache, teacher_fps: list[str], dataset_fp: str, *,
-                          segmentation: bool, view: int | None = None) -> TeacherLogitsFn:
+                          segmentation: bool, view: int | None = None, recover: RecoverFn | None = None) -> TeacherLogitsFn:
     """``indices -> (T, B, ...)`` teacher logits of the training split (or of one cached view) from Redis.
 
     Classification logits are small: the whole split is fetched once. Per-pixel segmentation
-    logits are fetched per batch.
+    logits are fetched per batch. An entry lost or corrupted meanwhile is restored by
+    ``recover(teacher_index, view)`` (from the teacher checkpoint) and read again; without
+    ``recover`` the cache's error is raised.
     """
+    def fetch(t: int, indices: np.ndarray | None) -> np.ndarray:
+        try:
+            return cache.fetch(teacher_fps[t], dataset_fp, "train", indices=indices, view=view)
+        except (CacheMissError, CacheIntegrityError):
+            if recover is None:
+                raise
+            recover(t, view)
+            return cache.fetch(teacher_fps[t], dataset_fp, "train", indices=indices, view=view)
+
     if segmentation:
-        return lambda indices: np.stack([cache.fetch(fp, dataset_fp, "train", indices=indices, view=view)
-                                         for fp in teacher_fps])
-    return array_teacher_logits(np.stack([cache.fetch(fp, dataset_fp, "train", view=view) for fp in teacher_fps]))
+        return lambda indices: np.stack([fetch(t, indices) for t in range(len(teacher_fps))])
+    return array_teacher_logits(np.stack([fetch(t, None) for t in range(len(teacher_fps))]))
 
 
 def cached_views(cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp: str, num_views: int, *,
-                 segmentation: bool) -> CachedViews:
+                 segmentation: bool, recover: RecoverFn | None = None) -> CachedViews:
     """The FKD views of the soft-label stage (``cache.views``): parameters from the manifests, logits from Redis.
 
     Raises:
-        CacheMissError: a view is missing for a teacher.
+        CacheMissError: a view is missing for a teacher (and ``recover`` is None).
         ValueError: the teachers' manifests disagree on a view's parameters (they must have seen
             the same augmented images).
     """
     params = []
     for k in range(num_views):
         manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
-        missing = [fp for fp, manifest in zip(teacher_fps, manifests) if manifest is None or manifest.view_params is None]
+        missing = [t for t, manifest in enumerate(manifests) if manifest is None or manifest.view_params is None]
+        if missing and recover is not None:
+            for t in missing:
+                recover(t, k)
+            manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
+            missing = [t for t, manifest in enumerate(manifests) if manifest is None or manifest.view_params is None]
         if missing:
-            raise CacheMissError(f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) {missing}")
+            raise CacheMissError(f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) "
+                                 f"{[teacher_fps[t] for t in missing]}")
         if any(manifest.view_params != manifests[0].view_params for manifest in manifests[1:]):
             raise ValueError(f"teachers disagree on the parameters of augmented view {k} of {views_dataset_fp}")
         params.append(manifests[0].view_params)
-    per_view = [cached_teacher_logits(cache, teacher_fps, views_dataset_fp, segmentation=segmentation, view=k)
+    per_view = [cached_teacher_logits(cache, teacher_fps, views_dataset_fp, segmentation=segmentation, view=k,
+                                      recover=recover)
                 for k in range(num_views)]
     return CachedViews(params, lambda k, indices: per_view[k](indices))
 
 
-def _teacher_logits_source(context: dict[str, Any]) -> tuple[TeacherLogitsFn, CachedViews | None]:
+def cache_recovery(cache: SoftLabelCache, context: dict[str, Any], train_images: np.ndarray) -> RecoverFn | None:
+    """``recover(teacher_index, view)``: restore a lost train entry from the teacher's checkpoint (see
+    :func:`medkd.teachers.inference.recover_train_logits`); None when the context has no teacher artifacts."""
+    artifacts = context.get("teacher_artifacts")
+    if not artifacts:
+        return None
+    from medkd.teachers.inference import recover_train_logits, view_params
+    from medkd.teachers.train import TeacherArtifact
+
+    meta, views = context["meta"], context.get("views") or {}
+
+    def recover(t: int, view: int | None) -> None:
+        artifact = TeacherArtifact.model_validate_json(artifacts[t])
+        send_event(context["events"], {"kind": "message", "message": f"  soft labels of teacher {artifact.name} "
+                                       f"(train{'' if view is None else f', view {view}'}) lost from the cache: recomputing"})
+        if view is None:
+            recover_train_logits(cache, artifact, dataset_fp=context["dataset_fp"], meta=meta, images=train_images,
+                                 cache_options=context["cache_options"])
+            return
+        from medkd.platform.data import AugmentSpec
+
+        params = view_params(AugmentSpec.model_validate(context["augment"]), len(train_images), seed=views["seed"],
+                             view=view, meta=meta)
+        recover_train_logits(cache, artifact, dataset_fp=views["views_dataset_fp"], meta=meta, images=train_images,
+                             cache_options=context["cache_options"], view=view, view_params=params)
+
+    return recover
+
+
+def _teacher_logits_source(context: dict[str, Any], train_images: np.ndarray) -> tuple[TeacherLogitsFn, CachedViews | None]:
     cache = SoftLabelCache(context["cache_url"], namespace=context["cache_namespace"], password_env=context["password_env"])
     fps, dataset_fp = context["teacher_fps"], context["dataset_fp"]
     segmentation = context["meta"]["task"] == "segmentation"
-    originals = cached_teacher_logits(cache, fps, dataset_fp, segmentation=segmentation)
+    recover = cache_recovery(cache, context, train_images)
+    originals = cached_teacher_logits(cache, fps, dataset_fp, segmentation=segmentation, recover=recover)
     views = context.get("views")
     if not views:
         return originals, None
-    return originals, cached_views(cache, fps, views["views_dataset_fp"], views["views"], segmentation=segmentation)
+    return originals, cached_views(cache, fps, views["views_dataset_fp"], views["views"], segmentation=segmentation,
+                                   recover=recover)
 
 
 def calibration_samples(train_images: np.ndarray, seed: int, size: int = CALIBRATION_SAMPLES) -> np.ndarray:
@@ -290,7 +341,7 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     meta = context["meta"]
     data = ray.get(context["data_refs"][0])
     train_x, _ = data["train"]
-    teacher_logits, views = _teacher_logits_source(context)
+    teacher_logits, views = _teacher_logits_source(context, train_x)
     probe_input = torch.from_numpy(calibration_samples(train_x, config.seed, 2))
     quality_key = f"val_{quality_metric(meta)}"
     trial_name = tune.get_context().get_trial_name()
@@ -393,6 +444,7 @@ def run_search(
     events: Any = None,
     resume: bool = False,
     views: dict[str, Any] | None = None,
+    teachers: list[Any] | None = None,
 ) -> SearchOutcome:
     search = spec.search
     search_fp = search_fingerprint(spec, teacher_fps, dataset_fp)
@@ -422,8 +474,11 @@ def run_search(
         "latency_runs": spec.export.latency_runs,
         "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
         "events": events,
-        # FKD: {"views": K, "views_dataset_fp": ...} from the soft-label stage, or None.
+        # FKD: {"views": K, "views_dataset_fp": ..., "seed": ...} from the soft-label stage, or None.
         "views": views or None,
+        # Lets a trial restore soft labels lost from the cache mid-search from the teacher checkpoints.
+        "teacher_artifacts": [a.model_dump_json() for a in teachers or []],
+        "cache_options": {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk},
     }
     if len(teacher_fps) > 1:
         cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)

@@ -105,6 +105,38 @@ def cache_teacher_logits(
     return report
 
 
+def recover_train_logits(
+    cache: Any,
+    artifact: TeacherArtifact,
+    *,
+    dataset_fp: str,
+    meta: dict[str, Any],
+    images: np.ndarray,
+    cache_options: dict[str, Any],
+    view: int | None = None,
+    view_params: list[dict[str, Any]] | None = None,
+) -> None:
+    """Recompute a lost or corrupt train entry (or one view's) from the teacher checkpoint and republish it.
+
+    The soft-label stage checks every entry before the search; this covers entries lost while
+    it runs (Redis restarted without persistence, keys evicted, corruption). ``fetch_or_compute``
+    lets one caller per entry compute while the others wait for its manifest, and returns the
+    cached entry without computing when someone already restored it.
+    """
+    def compute() -> np.ndarray:
+        from medkd.platform.data import apply_view
+
+        model = load_teacher_model(artifact, meta)
+        inputs = images if view_params is None else apply_view(images, view_params)
+        return predict(model, inputs, 128, torch.device("cpu"))
+
+    cache.fetch_or_compute(
+        artifact.fingerprint, dataset_fp, "train", compute,
+        teacher_spec={"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs},
+        view=view, view_params=view_params, **cache_options,
+    )
+
+
 # --------------------------------------------------------------------------- augmented views (FKD)
 
 
@@ -178,5 +210,5 @@ def cache_view_logits(
                           teacher_spec={"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs},
                           **cache_options)
             computed += 1
-    return {"views": views, "views_dataset_fp": dataset_fp, "computed": computed,
+    return {"views": views, "views_dataset_fp": dataset_fp, "seed": seed, "computed": computed,
             "cached": views * len(artifacts) - computed}

@@ -187,3 +187,79 @@ def test_cached_views_read_back_the_published_views(publish):
                    overwrite=True)
     with pytest.raises(ValueError, match="disagree"):
         cached_views(make_cache(), fps, views_fp, 2, segmentation=False)
+
+
+# --------------------------------------------------------------------------- recovery mid-search
+
+
+def fake_teacher(tmp_path, dataset, name: str, seed: int):
+    """A real (untrained) teacher checkpoint with its artifact, as the teacher stage leaves them."""
+    from medkd.teachers.registry import create_teacher
+    from medkd.teachers.train import TeacherArtifact, load_teacher_model
+
+    meta = dataset_meta(dataset)
+    torch.manual_seed(seed)
+    model = create_teacher("resnet10", spatial_dims=2, in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+                           image_size=meta["image_size"])
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    artifact = TeacherArtifact(name=name, model="resnet10", family="cnn", model_kwargs={},
+                               fingerprint=f"{name}-{uuid.uuid4().hex[:6]}", params=1, checkpoint=str(path),
+                               epochs_run=1, best_epoch=1, best_val=0.5, history=[], train_seconds=0.0)
+    return artifact, load_teacher_model(artifact, meta)
+
+
+def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints(publish, tmp_path):
+    """Entries deleted (a Redis restart without persistence) or corrupted after the soft-label stage
+    are recomputed from the teacher checkpoints, republished, and the trial reads the right logits."""
+    from medkd.platform.data import AugmentSpec, apply_view
+    from medkd.platform.softlabels import CacheMissError
+    from medkd.students.search import _teacher_logits_source, cached_teacher_logits
+    from medkd.teachers.inference import view_params
+    from medkd.teachers.loop import predict
+
+    make_cache, _ = publish
+    dataset = tiny_dataset("classification")
+    meta = dataset_meta(dataset)
+    images = dataset.splits["train"].images
+    teachers = [fake_teacher(tmp_path, dataset, name, seed) for seed, name in enumerate(("cnn-a", "cnn-b"))]
+    expected = [predict(model, images, 64, torch.device("cpu")) for _, model in teachers]
+    augment = AugmentSpec(flip=0.5)
+    views_fp = f"views-{uuid.uuid4().hex[:6]}"
+    params = view_params(augment, len(images), seed=3, view=0, meta=meta)
+    expected_view = [predict(model, apply_view(images, params), 64, torch.device("cpu")) for _, model in teachers]
+    writer = make_cache()
+    for (artifact, _), logits, view_logits in zip(teachers, expected, expected_view):
+        writer.publish(artifact.fingerprint, dataset.fingerprint, "train", logits, teacher_spec={"model": "resnet10"})
+        writer.publish(artifact.fingerprint, views_fp, "train", view_logits, view=0, view_params=params,
+                       teacher_spec={"model": "resnet10"})
+    fps = [artifact.fingerprint for artifact, _ in teachers]
+
+    # Damage after the soft-label stage: teacher 0's train entry gone, teacher 1's view 0 corrupted.
+    writer.purge(teacher_fp=fps[0])
+    writer.publish(fps[0], views_fp, "train", expected_view[0], view=0, view_params=params, teacher_spec={"model": "resnet10"})
+    manifest = writer.manifest(fps[1], views_fp, "train", view=0)
+    prefix = writer.key_prefix(fps[1], views_fp, "train", view=0)
+    writer.client.set(f"{prefix}:g{manifest.generation}:c0", b"garbage")
+
+    reader = make_cache(lru_bytes=0)
+    with pytest.raises(CacheMissError):
+        cached_teacher_logits(reader, fps, dataset.fingerprint, segmentation=False)  # no recovery: the error
+    context = {
+        "cache_url": reader.url, "cache_namespace": reader.namespace, "password_env": None, "teacher_fps": fps,
+        "dataset_fp": dataset.fingerprint, "meta": meta, "events": None, "augment": augment.model_dump(mode="json"),
+        "views": {"views": 1, "views_dataset_fp": views_fp, "seed": 3},
+        "teacher_artifacts": [artifact.model_dump_json() for artifact, _ in teachers],
+        "cache_options": {"encoding": "float16", "compression": None, "topk": None},
+    }
+    originals, views = _teacher_logits_source(context, images)
+    indices = np.arange(len(images))
+    rounded = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731
+    np.testing.assert_allclose(originals(indices), rounded(np.stack(expected)), atol=2e-3)
+    np.testing.assert_allclose(views.logits(0, indices), rounded(np.stack(expected_view)), atol=2e-3)
+    assert views.params == [params]
+    # Restored for everyone: every entry reads back intact, nothing corrupt or orphaned is left.
+    fresh = make_cache(lru_bytes=0)
+    np.testing.assert_allclose(fresh.fetch(fps[0], dataset.fingerprint, "train"), rounded(expected[0]), atol=2e-3)
+    np.testing.assert_allclose(fresh.fetch(fps[1], views_fp, "train", view=0), rounded(expected_view[1]), atol=2e-3)
+    assert fresh.verify() == []
