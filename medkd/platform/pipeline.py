@@ -307,7 +307,8 @@ class Pipeline:
         self.progress.line(f"  serving {self.results['best']['model_id']} at {url}")
         try:
             answer = demo_request(url, self.dataset, self.output_dir)
-            self.progress.line(f"  demo request (test image 0, true label {answer['true_label']}): {answer['answer']}")
+            truth = "" if answer["true_label"] is None else f", true label {answer['true_label']}"
+            self.progress.line(f"  demo request (test image 0{truth}): {answer['answer']}")
             self.results["serve"] = {"url": url, "replicas": {"min": self.spec.serve.min_replicas,
                                                               "max": self.spec.serve.max_replicas},
                                      "demo": answer, "kept_running": self.keep_serving}

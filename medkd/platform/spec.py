@@ -305,16 +305,36 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        _set_dotted(raw, dotted, value, source=str(path))
     return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "<spec>") -> None:
+    """Set ``search.num_trials`` or ``teachers.0.epochs`` (list items by index) in ``raw``."""
+    node: Any = raw
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    if not all(parts):
+        raise SpecError(f"{source}: override {dotted!r}: empty key part")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(f"{source}: override {dotted!r}: {where} is not an item of the "
+                                f"{len(node)}-item list {'.'.join(parts[:depth])}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:  # absent, or a null section such as `serve:`
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise SpecError(f"{source}: override {dotted!r}: {'.'.join(parts[:depth])} is a value, not a section")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -102,3 +102,17 @@ def test_overrides(tmp_path):
     assert spec.search.num_trials == 3
     with pytest.raises(SpecError, match="KEY=VALUE"):
         parse_override("search.num_trials")
+
+
+def test_overrides_reach_list_items_and_bad_paths_name_the_override(tmp_path):
+    raw = minimal()
+    raw["teachers"].append({**raw["teachers"][0], "name": "second"})
+    path = write(tmp_path, raw)
+    spec = load_spec(path, {"teachers.1.epochs": 7, "search.num_trials": 3})
+    assert [t.epochs for t in spec.teachers][1] == 7 and spec.search.num_trials == 3
+    with pytest.raises(SpecError, match=r"override 'teachers\.5\.epochs': teachers\.5 is not an item of the 2-item list teachers"):
+        load_spec(path, {"teachers.5.epochs": 1})
+    with pytest.raises(SpecError, match=r"override 'teachers\.x\.epochs'"):
+        load_spec(path, {"teachers.x.epochs": 1})
+    with pytest.raises(SpecError, match=r"override 'name\.deeper': name is a value, not a section"):
+        load_spec(path, {"name.deeper": 1})
