@@ -204,6 +204,13 @@ class JobSpec(_Strict):
             raise ValueError(f"teachers: duplicate names {duplicates}")
         if self.cache.views and self.search.augment is None:
             raise ValueError("cache.views needs search.augment (the augmentation whose views are cached)")
+        if (self.task == "segmentation" and self.search.augment is not None and self.search.augment.enabled
+                and not self.cache.views):
+            raise ValueError(
+                "search.augment: for segmentation, online augmentation would move the images away from the "
+                "teachers' cached per-pixel logits; set cache.views (K > 0) to train on cached augmented views "
+                "whose logits match them"
+            )
         data_task = getattr(self.data, "task", None)
         if data_task is not None and data_task != self.task and not (
             self.task == "classification" and data_task == "multilabel"

@@ -200,6 +200,9 @@ def distill(
     """
     if teacher_logits is None and config.alpha < 1:
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
+    if augment is not None and teacher_logits is not None and meta["task"] == "segmentation":
+        raise ValueError("augment with teacher_logits misaligns per-pixel KD targets (the cached logits are of the "
+                         "un-augmented images): pass cached views (views=) instead")
     if views is not None:
         if teacher_logits is None:
             raise ValueError("views need teacher_logits (the original images' logits, view 0)")

@@ -88,6 +88,9 @@ class PadToMultiple(nn.Module):
         return logits[(slice(None), slice(None), *(slice(0, s) for s in size))]
 
 
+UNET_NORMS = ("instance", "batch")
+
+
 @register_teacher("unet")
 def unet(
     *,
@@ -99,15 +102,20 @@ def unet(
     strides: Sequence[int] = (2, 2, 2, 2),
     num_res_units: int = 2,
     dropout: float = 0.0,
+    norm: str = "instance",
 ) -> nn.Module:
-    """MONAI ``UNet`` (residual units, instance norm, PReLU).
+    """MONAI ``UNet`` (residual units, PReLU).
 
     Args:
         channels: feature channels per level, at least 2 levels.
         strides: downsampling stride between consecutive levels (``len(channels) - 1`` ints).
         num_res_units: residual units per level (0: plain convolutions).
         dropout: dropout in every convolution block.
+        norm: ``instance`` (per image: robust to scanner intensity shifts) or ``batch`` (keeps
+            absolute intensity, which carries the class in e.g. CT Hounsfield units).
     """
+    if norm not in UNET_NORMS:
+        raise ValueError(f"norm must be one of {list(UNET_NORMS)}, got {norm!r}")
     channels = check_int_sequence(channels, "channels", min_length=2)
     strides = check_int_sequence(strides, "strides")
     if len(strides) != len(channels) - 1:
@@ -122,6 +130,7 @@ def unet(
         strides=strides,
         num_res_units=num_res_units,
         dropout=check_fraction(dropout, "dropout"),
+        norm=norm,
     )
     return PadToMultiple(net, math.prod(strides), min_bottleneck_voxels=2)
 

@@ -116,3 +116,15 @@ def test_overrides_reach_list_items_and_bad_paths_name_the_override(tmp_path):
         load_spec(path, {"teachers.x.epochs": 1})
     with pytest.raises(SpecError, match=r"override 'name\.deeper': name is a value, not a section"):
         load_spec(path, {"name.deeper": 1})
+
+
+def test_online_augmentation_of_segmentation_students_needs_cached_views(tmp_path):
+    raw = minimal()
+    raw["task"] = "segmentation"
+    raw["data"] = {"kind": "synthetic", "task": "segmentation"}
+    raw["teachers"][0]["model"] = "unet"
+    raw["search"] = {"augment": {"flip": 0.5}}
+    with pytest.raises(SpecError, match="search.augment: for segmentation.*set cache.views"):
+        load_spec(write(tmp_path, raw))
+    raw["cache"] = {"views": 2}
+    assert load_spec(write(tmp_path, raw)).cache.views == 2

@@ -175,3 +175,14 @@ def test_cached_views_bad_use_is_an_error():
         distill(build_student(META, cfg), cfg, teacher_logits=array_teacher_logits(teachers), views=short, **kwargs)
     with pytest.raises(ValueError, match="every sample"):
         CachedViews([two_views(N)[0], two_views(N - 1)[1]], lambda k, idx: teachers[:, idx])
+
+
+def test_online_augmentation_with_segmentation_kd_is_an_error():
+    meta = {**META, "task": "segmentation", "num_classes": 2}
+    images = np.zeros((8, 1, 16, 16), np.float32)
+    masks = np.zeros((8, 16, 16), np.int64)
+    logits = np.zeros((1, 8, 2, 16, 16), np.float32)
+    cfg = config(student="unet_small", alpha=0.5, epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="misaligns per-pixel KD targets"):
+        distill(build_student(meta, cfg), cfg, train_images=images, train_labels=masks, meta=meta,
+                teacher_logits=array_teacher_logits(logits), augment=lambda x, m: (x, m))

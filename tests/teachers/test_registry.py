@@ -163,6 +163,10 @@ def test_vit_head_is_linear_and_options_reach_monai():
 def test_unet_options_reach_monai():
     model = _build("unet", 2, 32, channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
     assert model.divisor == 4
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules())
+    batch_normed = _build("unet", 2, 32, channels=[8, 16, 32], strides=[2, 2], norm="batch")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in batch_normed.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in batch_normed.modules())
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, NUM_CLASSES, 32, 32)
 
@@ -221,6 +225,7 @@ def test_segmentation_needs_a_background_class():
         ("vit", {"pos_embed_type": "rope"}, "pos_embed_type must be one of"),
         ("unet", {"channels": [8, 16, 32], "strides": [2]}, r"strides needs len\(channels\) - 1 = 2 entries"),
         ("unet", {"channels": "abc"}, "channels must be a sequence"),
+        ("unet", {"norm": "group"}, r"norm must be one of \['instance', 'batch'\]"),
         ("basicunet", {"features": [8, 8, 16]}, "features must be a sequence of at least 6"),
         ("segresnet", {"init_filters": 12}, "init_filters must be a multiple of 8"),
         ("unetr", {"hidden_size": 96, "num_heads": 5}, r"hidden_size \(96\) must be divisible by num_heads \(5\)"),
