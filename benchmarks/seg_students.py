@@ -1,7 +1,7 @@
 """Pixel-wise KD for segmentation: a small U-Net student vs its U-Net teacher, with and without KD.
 
     python -m benchmarks.seg_students [--image-size 64] [--num-train 512] [--num-test 512] [--seeds 2]
-        [--teacher-epochs 60] [--student-epochs 60] [--width 0.5] [--alpha 0.5] [--temperature 2]
+        [--teacher-epochs 60] [--student-epochs 60] [--width 0.5] [--depth 1] [--alpha 0.5] [--temperature 2]
         [--lr 3e-3] [--quantize int8_static] [--spec examples/segmentation.yaml]
         [--output runs/bench-seg-students] [--set KEY=VALUE ...]
 
@@ -47,15 +47,12 @@ import secrets
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", category=FutureWarning)
+from benchmarks._env import configure_local_ray  # noqa: E402
+
+configure_local_ray()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO_ROOT / "examples" / "segmentation.yaml"
@@ -149,7 +146,7 @@ def student_config(args: argparse.Namespace, spec: Any, seed: int, kd: bool) -> 
     from medkd.students.distill import DistillConfig
 
     return DistillConfig(
-        student=STUDENT, width=args.width, depth=1.0, temperature=args.temperature,
+        student=STUDENT, width=args.width, depth=args.depth, temperature=args.temperature,
         alpha=args.alpha if kd else 1.0, aggregation="mean", lr=args.lr, epochs=args.student_epochs,
         batch_size=spec.search.batch_size, seed=seed, prune="none", quantize=args.quantize,
     )
@@ -252,7 +249,7 @@ def table(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]], summar
     ]
     for kind, label in (("kd", f"KD (alpha {args.alpha}, T {args.temperature})"), ("ce", "no KD (alpha 1, Dice+CE)")):
         lines.append(
-            f"| **{STUDENT} w{args.width:g} {label}**, {n} seed(s) | {summary['student_params']:,} | "
+            f"| **{STUDENT} w{args.width:g} d{args.depth:g} {label}**, {n} seed(s) | {summary['student_params']:,} | "
             f"{summary['param_ratio']:.3f} | **{fmt(summary[f'{kind}_test_dice'], n)}** | "
             f"{fmt(summary[f'{kind}_test_dice_fp32'], n)} | {fmt(summary[f'{kind}_val_dice'], n)} | |"
         )
@@ -296,6 +293,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=60, help="teacher epochs (early stopping per the spec)")
     parser.add_argument("--student-epochs", type=int, default=60, help="epochs of every student")
     parser.add_argument("--width", type=float, default=0.5, help=f"{STUDENT} width multiplier")
+    parser.add_argument("--depth", type=float, default=1.0, help=f"{STUDENT} depth multiplier (levels = round(4 * depth))")
     parser.add_argument("--alpha", type=float, default=0.5, help="KD students' hard-loss (Dice+CE) weight, in [0, 1)")
     parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     parser.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate (one-cycle)")
@@ -311,6 +309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--image-size must be an even integer >= 16 (a U-Net halves it), got {args.image_size}")
     if not 0 < args.width <= 4:
         parser.error(f"--width must be in (0, 4], got {args.width}")
+    if not 0 < args.depth <= 2:
+        parser.error(f"--depth must be in (0, 2], got {args.depth}")
     if not 0 <= args.alpha < 1:
         parser.error(f"--alpha must be in [0, 1) (1 would make the KD student the no-KD baseline), got {args.alpha}")
     if not args.temperature > 0:
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dataset_meta(dataset)
     sizes = {name: len(split.images) for name, split in dataset.splits.items()}
     log(f"data {dataset.name} ({dataset.fingerprint}): {sizes}, {meta['image_size']} px, {meta['num_classes']} classes")
-    probe = build_student(meta, DistillConfig(student=STUDENT, width=args.width))
+    probe = build_student(meta, DistillConfig(student=STUDENT, width=args.width, depth=args.depth))
     probe_params = sum(p.numel() for p in probe.parameters())
     load_before = os.getloadavg()
 
