@@ -238,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", default="auto", help="'auto' (sample budget, see module docs) or an int")
     parser.add_argument("--cnn", default="resnet18", help="CNN teacher registry name")
     parser.add_argument("--vit", default="vit", help="ViT teacher registry name")
+    parser.add_argument("--no-class-weighting", dest="class_weighting", action="store_false",
+                        help="ablation: no inverse-frequency class weights in the loss")
     parser.add_argument("--max-train", type=int, default=DEFAULT_MAX_TRAIN, help="stratified cap of the train split (0: all)")
     parser.add_argument("--max-val", type=int, default=DEFAULT_MAX_VAL, help="stratified cap of the val split (0: all)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {name: len(split) for name, split in dataset.splits.items()}
     teachers = teacher_recipe(n_train=sizes["train"], class_names=dataset.class_names, image_size=dataset.image_size,
                               epochs=args.epochs, cnn=args.cnn, vit=args.vit)
+    if not args.class_weighting:  # ablation: plain cross-entropy, as the MedMNIST v2 baselines
+        teachers = [{**teacher, "class_weighting": False} for teacher in teachers]
     progress.line(
         f"{dataset.name}: {sizes} ({'subsampled ' + str(caps) if caps else 'full splits'}), {dataset.num_classes} classes, "
         f"{'multi-label' if dataset.multilabel else 'single-label'}, image {list(dataset.image_size)}x{dataset.in_channels}ch; "
