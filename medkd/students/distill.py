@@ -226,6 +226,7 @@ def distill(
     )
     history: list[dict[str, Any]] = []
     n = len(train_images)
+    segmentation = meta["task"] == "segmentation"
     for epoch in range(epochs):
         model.train()
         started = time.perf_counter()
@@ -236,7 +237,6 @@ def distill(
             indices = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
             images = torch.from_numpy(train_images[indices])
             labels = torch.from_numpy(train_labels[indices])
-            segmentation = meta["task"] == "segmentation"
             teachers = None
             if views is not None:
                 images, labels, logits = views.batch(indices, views.draw(rng, len(indices)), images, labels,

@@ -227,15 +227,17 @@ def cached_views(cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp
         ValueError: the teachers' manifests disagree on a view's parameters (they must have seen
             the same augmented images).
     """
+    def read(k: int) -> tuple[list[Any], list[int]]:
+        manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
+        return manifests, [t for t, m in enumerate(manifests) if m is None or m.view_params is None]
+
     params = []
     for k in range(num_views):
-        manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
-        missing = [t for t, manifest in enumerate(manifests) if manifest is None or manifest.view_params is None]
+        manifests, missing = read(k)
         if missing and recover is not None:
             for t in missing:
                 recover(t, k)
-            manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
-            missing = [t for t, manifest in enumerate(manifests) if manifest is None or manifest.view_params is None]
+            manifests, missing = read(k)
         if missing:
             raise CacheMissError(f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) "
                                  f"{[teacher_fps[t] for t in missing]}")

@@ -53,6 +53,7 @@ class WeightAverage:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
+        self._paired: tuple | None = None
         self.model = copy.deepcopy(model).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -60,16 +61,29 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for averaged, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
-            if averaged.dtype.is_floating_point:
-                averaged.lerp_(current.detach(), 1.0 - decay)
-            else:
-                averaged.copy_(current)
+        floats, others = self._pairs(model)
+        if floats[0]:
+            torch._foreach_lerp_(floats[0], floats[1], 1.0 - decay)
+        for averaged, current in zip(*others):
+            averaged.copy_(current)
         self.updates += 1
+
+    def _pairs(self, model: nn.Module) -> tuple[tuple[list, list], tuple[list, list]]:
+        """(averaged, current) tensor lists, floating point and other, paired once per trained model:
+        ``update`` runs after every optimiser step and must not rebuild two state dicts each time."""
+        if self._paired is None or self._paired[0] is not model:
+            floats: tuple[list, list] = ([], [])
+            others: tuple[list, list] = ([], [])
+            for averaged, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+                target = floats if averaged.dtype.is_floating_point else others
+                target[0].append(averaged)
+                target[1].append(current.detach())
+            self._paired = (model, floats, others)
+        return self._paired[1], self._paired[2]
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])  # copies in place: the paired tensors stay valid
         self.updates = int(state["updates"])

@@ -22,6 +22,11 @@ from medkd.teachers.train import TeacherArtifact, load_teacher_model
 SPLITS = ("train", "val", "test")
 
 
+def cache_teacher_spec(artifact: TeacherArtifact) -> dict[str, Any]:
+    """What a cache manifest records of the teacher that produced the logits."""
+    return {"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs}
+
+
 @ray.remote(num_cpus=1)
 def _teacher_logits(artifact_json: str, meta: dict[str, Any], data_ref_list: list, splits: list[str]) -> dict[str, np.ndarray]:
     artifact = TeacherArtifact.model_validate_json(artifact_json)
@@ -83,7 +88,7 @@ def cache_teacher_logits(
                 dataset_fp,
                 split,
                 compute,
-                teacher_spec={"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs},
+                teacher_spec=cache_teacher_spec(artifact),
                 **cache_options,
             )
             manifest = cache.manifest(artifact.fingerprint, dataset_fp, split)
@@ -132,7 +137,7 @@ def recover_train_logits(
 
     cache.fetch_or_compute(
         artifact.fingerprint, dataset_fp, "train", compute,
-        teacher_spec={"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs},
+        teacher_spec=cache_teacher_spec(artifact),
         view=view, view_params=view_params, **cache_options,
     )
 
@@ -207,7 +212,7 @@ def cache_view_logits(
         missing, ref = launched[artifact.name]
         for k, logits in zip(missing, ray.get(ref)):
             cache.publish(artifact.fingerprint, dataset_fp, "train", logits, view=k, view_params=all_params[k],
-                          teacher_spec={"name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs},
+                          teacher_spec=cache_teacher_spec(artifact),
                           **cache_options)
             computed += 1
     return {"views": views, "views_dataset_fp": dataset_fp, "seed": seed, "computed": computed,

@@ -225,18 +225,15 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumed_from": []}
-    batches = len(train_x) // teacher["batch_size"] if len(train_x) > teacher["batch_size"] else 1
-    steps_per_epoch = max(1, math.ceil(batches / world))
-    average = WeightAverage(model, ema_decay(teacher["ema_epochs"], steps_per_epoch)) if teacher.get("ema_epochs") else None
+    saved_average = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
             # With EMA, MODEL_FILE holds the averaged weights (the teacher); the trained ones are in the state.
-            model.load_state_dict(saved["model"] if average is not None else
+            model.load_state_dict(saved["model"] if "model" in saved else
                                   torch.load(Path(directory) / MODEL_FILE, weights_only=True, map_location="cpu"))
-            if average is not None:
-                average.load_state_dict(saved["average"])
+            saved_average = saved.get("average")
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = json.loads((Path(directory) / META_FILE).read_text())["state"]
@@ -252,6 +249,12 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=teacher["batch_size"], shuffle=True, drop_last=len(dataset) > teacher["batch_size"], generator=generator)
     loader = ray.train.torch.prepare_data_loader(loader)
+    average = None
+    if teacher.get("ema_epochs"):
+        # Built from the prepared model (on its device), with this worker's real steps per epoch.
+        average = WeightAverage(plain_model, ema_decay(teacher["ema_epochs"], max(1, len(loader))))
+        if saved_average is not None:
+            average.load_state_dict(saved_average)
     metric_name = "dice" if meta["task"] == "segmentation" else "auc"
 
     for epoch in range(state["epoch"], teacher["epochs"]):
