@@ -128,3 +128,10 @@ def test_online_augmentation_of_segmentation_students_needs_cached_views(tmp_pat
         load_spec(write(tmp_path, raw))
     raw["cache"] = {"views": 2}
     assert load_spec(write(tmp_path, raw)).cache.views == 2
+
+
+def test_non_positive_ema_epochs_names_the_field(tmp_path):
+    raw = minimal()
+    raw["teachers"][0]["ema_epochs"] = 0
+    with pytest.raises(SpecError, match=r"teachers\[0\]\.ema_epochs"):
+        load_spec(write(tmp_path, raw))
