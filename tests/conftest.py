@@ -27,6 +27,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are picked (separate
+    :func:`free_port` calls may hand out the same just-released port twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray cluster (2 CPUs, dashboard on) shared by the whole test session."""

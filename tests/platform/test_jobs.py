@@ -44,7 +44,7 @@ from medkd.platform.jobs import (
     submit_job,
     wait_for_job,
 )
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,11 @@ def head():
     # Short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="medkd-jobs-", dir="/tmp"))
     token = secrets.token_hex(16)
-    dashboard_port = free_port()
+    flags = ["--port", "--node-manager-port", "--object-manager-port", "--dashboard-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--ray-client-server-port", "--runtime-env-agent-port"]
+    ports = dict(zip(flags, free_ports(len(flags))))  # all explicit and distinct, outside 10002-19999 (RAY-NOTES 7)
+    dashboard_port = ports["--dashboard-port"]
     env = {
         key: value
         for key, value in os.environ.items()
@@ -144,17 +148,6 @@ def head():
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs' `python` is the venv's
         PYTHONWARNINGS="ignore::DeprecationWarning,ignore::FutureWarning",
     )
-    ports = {  # all explicit, all outside the worker port range 10002-19999 (RAY-NOTES 7)
-        "--port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--dashboard-port": dashboard_port,
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--ray-client-server-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-    }
     assert all(not 10002 <= port <= 19999 for port in ports.values())
     command = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
