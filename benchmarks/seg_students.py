@@ -1,7 +1,7 @@
 """Pixel-wise KD for segmentation: a small U-Net student vs its U-Net teacher, with and without KD.
 
-    python -m benchmarks.seg_students [--image-size 64] [--num-train 512] [--num-test 512] [--seeds 2]
-        [--teacher-epochs 60] [--student-epochs 60] [--width 0.5] [--depth 1] [--alpha 0.5] [--temperature 2]
+    python -m benchmarks.seg_students [--image-size 64] [--num-train 512] [--num-test 512] [--seeds 3]
+        [--teacher-epochs 60] [--student-epochs 120] [--width 0.5] [--depth 1] [--alpha 0.5] [--temperature 2]
         [--lr 3e-3] [--quantize int8_static] [--spec examples/segmentation.yaml]
         [--output runs/bench-seg-students] [--set KEY=VALUE ...]
 
@@ -12,19 +12,23 @@ cache (its data under ``--output``, so a re-run finds the teacher and its logits
    background + 3 object classes, difficulty 0.5), loaded with ``load_dataset`` from the spec's
    ``data`` section (``--image-size`` / ``--num-*`` override it; the test split defaults to 512
    images, not the spec's 128, whose test Dice is too noisy to compare students 1 point apart).
-2. **Teacher**: the spec's ``unet`` teacher (MONAI UNet, residual units, Dice+CE, flips and
-   rotations, best-val-Dice checkpoint) trained through medkd's real teacher stage
+2. **Teacher**: the spec's ``unet`` teacher (MONAI UNet, residual units, batch norm, Dice+CE,
+   a small affine augmentation, best-val-Dice checkpoint) trained through medkd's real teacher stage
    (:func:`medkd.teachers.train.train_teachers`: a Ray Train ``TorchTrainer``, 1 worker, 1 CPU);
    its per-pixel logits for every split are cached by
    :func:`medkd.teachers.inference.cache_teacher_logits` in the :class:`SoftLabelCache`
    (float16, as the spec says). The teacher's test Dice is scored from its cached test logits.
+   With ``cache.views: K`` in the spec (the example has 16), its logits on K augmented views of
+   train (``search.augment``) are cached too (FKD).
 3. **Students**: ``unet_small`` at ``--width`` (parameters at most 1/5 of the teacher's at the
    default) distilled with the ``pixel_kd`` loss through the search's own recipe
    (:func:`medkd.students.search.train_candidate`: distill -> prune (none) -> ONNX -> INT8 static
    QDQ), for each seed once **with KD** (``--alpha`` hard-loss weight, ``--temperature``,
    ``mean`` aggregation; teacher logits read per batch from Redis, never from a teacher) and once
    **without KD** (``alpha = 1``: Dice+CE only, ``teacher_logits=None``), same seed = same initial
-   weights and batches. Each is scored on test as exported and compressed (what the search and the
+   weights. With cached views, the KD student trains on them (each view's own pixel logits, the
+   mask moved with the image) as a search trial does, and the no-KD student on online
+   augmentation with the same ``search.augment``, so both see augmented data. Each is scored on test as exported and compressed (what the search and the
    server use); the FP32 ONNX export is scored too, to show the quantization cost.
    Students run in the driver, one after the other, 1 torch thread.
 
@@ -111,7 +115,7 @@ def teacher_stage(spec: Any, dataset: Any, meta: dict[str, Any], cache: Any, pro
     import ray
 
     from medkd.students.distill import evaluate_logits
-    from medkd.teachers.inference import cache_teacher_logits
+    from medkd.teachers.inference import cache_teacher_logits, cache_view_logits
     from medkd.teachers.train import train_teachers
 
     output_dir = Path(spec.output_dir)
@@ -124,6 +128,14 @@ def teacher_stage(spec: Any, dataset: Any, meta: dict[str, Any], cache: Any, pro
     started = time.perf_counter()
     report = cache_teacher_logits(cache, artifacts, dataset_fp=dataset.fingerprint, meta=meta, data_ref=data_ref,
                                   cache_options=options, progress=progress)
+    views = None
+    if spec.cache.views:
+        # FKD for segmentation: the teacher's pixel logits on augmented views of train, so the
+        # KD student trains on augmented images with targets that moved with them.
+        views = cache_view_logits(cache, artifacts, dataset_fp=dataset.fingerprint, meta=meta, data_ref=data_ref,
+                                  num_train=len(dataset.splits["train"].images), views=spec.cache.views,
+                                  augment=spec.search.augment, seed=spec.seed, cache_options=options,
+                                  progress=progress)
     cache_seconds = time.perf_counter() - started
     artifact = artifacts[0]
     scores = {split: evaluate_logits(cache.fetch(artifact.fingerprint, dataset.fingerprint, split),
@@ -136,6 +148,7 @@ def teacher_stage(spec: Any, dataset: Any, meta: dict[str, Any], cache: Any, pro
         "soft_label_bytes": sum(s["bytes"] for s in report[artifact.name]["splits"].values()),
         "val_dice": float(scores["val"]["dice"]), "test_dice": float(scores["test"]["dice"]),
         "test_dice_per_class": [float(v) for v in scores["test"]["dice_per_class"]],
+        "views": views,
     }
 
 
@@ -153,16 +166,20 @@ def student_config(args: argparse.Namespace, spec: Any, seed: int, kd: bool) -> 
 
 
 def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: dict[str, Any], cache: Any,
-                  teacher_fp: str, directory: Path) -> dict[str, Any]:
+                  teacher_fp: str, directory: Path, views: dict[str, Any] | None = None) -> dict[str, Any]:
     """One student through the search's recipe; test Dice of its compressed and FP32 exports."""
     from benchmarks.cache_speedup import cached_batch_logits
     from medkd.students.candidate import FP32_FILE, MODEL_FILE
     from medkd.students.compression import OnnxModel
     from medkd.students.distill import build_student, evaluate_logits
-    from medkd.students.search import train_candidate, trial_augmentation
+    from medkd.students.search import cached_views, train_candidate, trial_augmentation
 
     splits = dataset.splits
-    teacher_logits = cached_batch_logits(cache, [teacher_fp], dataset.fingerprint) if config.alpha < 1 else None
+    kd = config.alpha < 1
+    teacher_logits = cached_batch_logits(cache, [teacher_fp], dataset.fingerprint) if kd else None
+    fkd_views = None
+    if kd and views:  # as a search trial: the cached views with their own pixel logits
+        fkd_views = cached_views(cache, [teacher_fp], views["views_dataset_fp"], views["views"], segmentation=True)
     augment_spec = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
     augment = trial_augmentation({"augment": augment_spec, "meta": meta}, config.seed)
     history: list[dict[str, Any]] = []
@@ -178,7 +195,7 @@ def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: dict
                               train=(splits["train"].images, splits["train"].labels),
                               val=(splits["val"].images, splits["val"].labels),
                               teacher_logits=teacher_logits, augment=augment, directory=directory,
-                              latency_runs=spec.export.latency_runs, on_epoch=on_epoch)
+                              latency_runs=spec.export.latency_runs, on_epoch=on_epoch, views=fkd_views)
     seconds = time.perf_counter() - started
     test_x, test_y = splits["test"].images, splits["test"].labels
     served = evaluate_logits(OnnxModel(directory / MODEL_FILE, threads=1).predict(test_x), test_y, meta)
@@ -194,7 +211,7 @@ def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: dict
 
 
 def student_stage(args: argparse.Namespace, spec: Any, dataset: Any, meta: dict[str, Any], cache: Any,
-                  teacher_fp: str, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
+                  teacher_fp: str, seeds: list[int], views: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {"kd": [], "ce": []}
     root = Path(spec.output_dir) / "students"
     for seed in seeds:  # KD and no-KD alternate, so load from other processes hits both alike
@@ -203,7 +220,7 @@ def student_stage(args: argparse.Namespace, spec: Any, dataset: Any, meta: dict[
             log(f"  student {kind} seed {seed}: {STUDENT} width {config.width}, alpha {config.alpha}, "
                 f"T {config.temperature}, {config.epochs} epochs, lr {config.lr}, quantize {config.quantize}")
             run = train_student(config, kind=kind, spec=spec, dataset=dataset, meta=meta, cache=cache,
-                                teacher_fp=teacher_fp, directory=root / f"{kind}-seed{seed}")
+                                teacher_fp=teacher_fp, directory=root / f"{kind}-seed{seed}", views=views)
             runs[kind].append(run)
             log(f"  student {kind} seed {seed}: test Dice {run['test_dice']:.4f} ({config.quantize}), "
                 f"{run['test_dice_fp32']:.4f} (FP32 ONNX), val {run['val_dice']:.4f}, {run['seconds']:.0f}s")
@@ -289,9 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=512, help="training images")
     parser.add_argument("--num-val", type=int, default=128, help="validation images (model selection)")
     parser.add_argument("--num-test", type=int, default=512, help="test images (reported; more than the spec's 128 to cut test noise)")
-    parser.add_argument("--seeds", type=int, default=2, help="student seeds (each trains a KD and a no-KD student)")
+    parser.add_argument("--seeds", type=int, default=3, help="student seeds (each trains a KD and a no-KD student)")
     parser.add_argument("--teacher-epochs", type=int, default=60, help="teacher epochs (early stopping per the spec)")
-    parser.add_argument("--student-epochs", type=int, default=60, help="epochs of every student")
+    parser.add_argument("--student-epochs", type=int, default=120, help="epochs of every student")
     parser.add_argument("--width", type=float, default=0.5, help=f"{STUDENT} width multiplier")
     parser.add_argument("--depth", type=float, default=1.0, help=f"{STUDENT} depth multiplier (levels = round(4 * depth))")
     parser.add_argument("--alpha", type=float, default=0.5, help="KD students' hard-loss (Dice+CE) weight, in [0, 1)")
@@ -384,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [spec.seed + 1 + i for i in range(args.seeds)]
         log(f"students: seeds {seeds} x (KD, no KD), in this process, 1 torch thread")
         students_started = time.perf_counter()
-        runs = student_stage(args, spec, dataset, meta, cache, teacher["fingerprint"], seeds)
+        runs = student_stage(args, spec, dataset, meta, cache, teacher["fingerprint"], seeds, views=teacher["views"])
         students_seconds = time.perf_counter() - students_started
         cache.close()
     finally:
