@@ -11,6 +11,11 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    ``examples/breastmnist.yaml``) pointed at ``--data``: teachers (Ray Train) -> soft labels
    (Redis) -> search (Ray Tune + Optuna, multi-objective) -> compression -> export. The selected
    INT8 student's **test** AUC/ACC, parameters and bytes come from its registry entry.
+   Budgets scale with the training split (a small split keeps the template's search): search
+   epochs ~24k samples per trial (``--epochs auto``, ASHA's grace period scaled alike), trials
+   ~270k student samples in all (at least 6), FKD views ~10k teacher passes per teacher; on 546
+   images that is the template's 12 trials x 40 epochs and 8 views, on 5,000 images 9 trials x
+   6 epochs (ASHA rung at 2) and 2 views.
 2. **KD gain**: the selected student's configuration retrained with ``--seeds`` fresh seeds, once
    with its searched KD settings and once with ``alpha = 1`` (cross-entropy only, no teacher),
    same architecture, epochs, learning rate, augmentation and seeds; teacher logits come from
@@ -56,6 +61,12 @@ PASSWORD_ENV = "MEDKD_BENCH_REDIS_PASSWORD"
 RESNET18_PARAMS = 11_200_000  # MedMNIST v2's ResNet-18 (28), the parameter budget is 1/10 of it
 STUDENT_SAMPLE_BUDGET = 24_000  # training samples per search trial: ~44 epochs of 546 images, 5 of 5,000
 MIN_STUDENT_EPOCHS = 6
+# Per-split budgets, so the whole run fits the issue's 45 min on 5,000 images (2 cores) while a
+# small split keeps the template's full search: student training samples over the whole search
+# (12 trials x 40 epochs x 546 images = 262k), and teacher passes per teacher for the FKD views.
+SEARCH_SAMPLE_BUDGET = 270_000
+MIN_TRIALS = 6
+VIEW_PASS_BUDGET = 10_000
 
 
 def log(message: str) -> None:
@@ -68,6 +79,16 @@ def log(message: str) -> None:
 def student_epochs(n_train: int, max_epochs: int) -> int:
     """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's]."""
     return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / n_train))))
+
+
+def search_trials(n_train: int, epochs: int, max_trials: int) -> int:
+    """Trials within SEARCH_SAMPLE_BUDGET student samples, at least MIN_TRIALS, at most the spec's."""
+    return int(min(max_trials, max(MIN_TRIALS, SEARCH_SAMPLE_BUDGET // (epochs * n_train))))
+
+
+def view_count(n_train: int, max_views: int) -> int:
+    """FKD views within VIEW_PASS_BUDGET teacher passes per teacher (at least 1), at most the spec's."""
+    return int(min(max_views, max(1, VIEW_PASS_BUDGET // n_train)))
 
 
 def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = None) -> Any:
@@ -114,14 +135,23 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
 
         if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
             spec = spec.model_copy(update={"search": spec.search.model_copy(update={"augment": augment.model_copy(update={"flip": 0.0})})})
-    if dataset is not None and args.epochs == "auto":
-        epochs = student_epochs(len(dataset.splits["train"].images), spec.search.epochs)
-        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": epochs})})
-    if dataset is not None and spec.cache.views > spec.search.epochs:
+    if dataset is None:
+        return spec
+    n_train = len(dataset.splits["train"].images)
+    if args.epochs == "auto":
+        epochs = student_epochs(n_train, spec.search.epochs)
+        # ASHA's first rung keeps its share of the trial's budget (10 of 40 epochs -> 2 of 6).
+        grace = max(1, round(spec.search.grace_period * epochs / spec.search.epochs))
+        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": epochs, "grace_period": grace})})
+    if args.trials is None:
+        trials = search_trials(n_train, spec.search.epochs, spec.search.num_trials)
+        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_trials": trials})})
+    if spec.cache.views:
         # A student sees each sample once per epoch, as the original or one view: views beyond
-        # the epoch count would mostly go unseen yet cost a teacher pass each (on 5,000 images
-        # at 28 px, ~1 min per view and teacher here).
-        spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": spec.search.epochs})})
+        # the epoch count would mostly go unseen, and each costs a teacher pass per image (on
+        # 5,000 images at 28 px, ~1 min per view and teacher here).
+        views = min(spec.search.epochs, view_count(n_train, spec.cache.views))
+        spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": views})})
     return spec
 
 
@@ -340,7 +370,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec template (default: %(default)s)")
     parser.add_argument("--output", help="output folder (default: runs/bench-students-<data name>)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the KD-gain comparison (>= 2)")
-    parser.add_argument("--trials", type=int, help="override search.num_trials")
+    parser.add_argument("--trials", type=int,
+                        help="override search.num_trials (default: the spec's, cut to ~%d student samples over the "
+                             "search, at least %d trials)" % (SEARCH_SAMPLE_BUDGET, MIN_TRIALS))
     parser.add_argument("--epochs", default="auto",
                         help="search epochs: an int, or 'auto' (default): ~%d training samples per trial, "
                              "at least %d epochs, at most the spec's search.epochs" % (STUDENT_SAMPLE_BUDGET, MIN_STUDENT_EPOCHS))
