@@ -161,9 +161,21 @@ class SearchSpec(_Strict):
     )
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(2, gt=0)
+    ema_epochs: float | None = Field(
+        None, gt=0,
+        description="students keep an exponential moving average of their weights over about this many trailing "
+                    "epochs; validation, compression and export use the averaged weights",
+    )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None
     seed: int | None = None
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The search's settings for its fingerprint."""
+        fields = self.model_dump(mode="json")
+        if fields["ema_epochs"] is None:
+            del fields["ema_epochs"]  # added later: searches without it keep their fingerprints
+        return fields
 
 
 class ExportSpec(_Strict):

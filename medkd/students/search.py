@@ -143,6 +143,7 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
         lr=float(params.get("lr", 3e-3)),
         epochs=context["epochs"],
         batch_size=context["batch_size"],
+        ema_epochs=context.get("ema_epochs"),
         seed=context["seed"],
         prune=params.get("prune", "none"),
         prune_amount=float(params.get("prune_amount", 0.0)) if params.get("prune", "none") != "none" else 0.0,
@@ -330,7 +331,9 @@ def train_candidate(
     model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
     if config.prune == "channels" and config.prune_amount > 0:
         finetune = max(1, round(config.epochs * FINETUNE_AFTER_CHANNEL_PRUNING))
-        distill(model, config.model_copy(update={"lr": config.lr / 3}), train_images=train_x, train_labels=train_y,
+        # A short, low-rate fine-tune: no weight average (its horizon would span most of it).
+        distill(model, config.model_copy(update={"lr": config.lr / 3, "ema_epochs": None}),
+                train_images=train_x, train_labels=train_y,
                 teacher_logits=teacher_logits, meta=meta, epochs=finetune, augment=augment, views=views)
     return export_candidate(model, config, meta=meta, calibration=calibration, val_images=val_x,
                             val_labels=val_y, directory=directory, latency_runs=latency_runs)
@@ -425,7 +428,7 @@ def pareto_front(points: list[list[float]], modes: list[str]) -> list[int]:
 
 
 def search_fingerprint(spec: Any, teacher_fps: list[str], dataset_fp: str) -> str:
-    parts = ["search", spec.search.model_dump(mode="json"), teacher_fps, dataset_fp, spec.seed, spec.export.latency_runs]
+    parts = ["search", spec.search.fingerprint_fields(), teacher_fps, dataset_fp, spec.seed, spec.export.latency_runs]
     if spec.cache.views:
         # Students train on the cached views: another search. Appended only when on, so the
         # fingerprints of existing view-less searches do not change.
@@ -466,6 +469,7 @@ def run_search(
         "dataset_fp": dataset_fp,
         "epochs": search.epochs,
         "batch_size": search.batch_size,
+        "ema_epochs": search.ema_epochs,
         "seed": spec.seed if search.seed is None else search.seed,
         "cpus_per_trial": search.cpus_per_trial,
         "constants": constant_params(search.space, len(teacher_fps)),

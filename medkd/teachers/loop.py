@@ -33,7 +33,7 @@ import ray.train
 import ray.train.torch
 
 from medkd.platform.metrics import classification_metrics, probabilities, segmentation_metrics
-from medkd.teachers.ema import WeightAverage, ema_decay
+from medkd.platform.ema import WeightAverage, ema_decay
 from medkd.teachers.registry import create_teacher
 
 MODEL_FILE = "model.pt"
@@ -140,7 +140,7 @@ def train_epoch(
 ) -> float:
     """One pass over ``loader``; returns the mean training loss per sample.
 
-    ``average`` (a :class:`~medkd.teachers.ema.WeightAverage`) is updated after every step.
+    ``average`` (a :class:`~medkd.platform.ema.WeightAverage`) is updated after every step.
     """
     model.train()
     segmentation = meta["task"] == "segmentation"

@@ -135,3 +135,15 @@ def test_non_positive_ema_epochs_names_the_field(tmp_path):
     raw["teachers"][0]["ema_epochs"] = 0
     with pytest.raises(SpecError, match=r"teachers\[0\]\.ema_epochs"):
         load_spec(write(tmp_path, raw))
+
+
+def test_search_ema_epochs_validated_and_kept_out_of_old_fingerprints(tmp_path):
+    raw = minimal()
+    raw["search"] = {"ema_epochs": -1}
+    with pytest.raises(SpecError, match=r"search\.ema_epochs"):
+        load_spec(write(tmp_path, raw))
+    raw["search"] = {"ema_epochs": 4}
+    averaged = load_spec(write(tmp_path, raw)).search
+    plain = load_spec(write(tmp_path, minimal())).search
+    assert "ema_epochs" not in plain.fingerprint_fields()  # searches from before the field keep their fingerprints
+    assert averaged.fingerprint_fields()["ema_epochs"] == 4

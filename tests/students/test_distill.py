@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
 
@@ -74,6 +75,36 @@ def test_same_seed_gives_the_same_student():
         distill(model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers), meta=META)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
+
+
+def test_weight_averaging_validates_and_returns_the_averaged_weights():
+    images, labels, teachers = tiny_data()
+    runs = {}
+    for ema_epochs in (None, 0.01, 2.0):  # off; a horizon under one step (decay 0); two epochs
+        cfg = config(alpha=0.5, epochs=3, ema_epochs=ema_epochs)
+        model = build_student(META, cfg)
+        history = distill(model, cfg, train_images=images, train_labels=labels,
+                          teacher_logits=array_teacher_logits(teachers), meta=META,
+                          val_images=images[:16], val_labels=labels[:16])
+        runs[ema_epochs] = (model, history)
+    plain, averaged = runs[None][0], runs[2.0][0]
+    # Decay 0 keeps only the last step: exactly the plain run (weights and BatchNorm statistics).
+    torch.testing.assert_close(_flat(runs[0.01][0]), _flat(plain))
+    # A real horizon returns other weights than the last step's, in eval mode ...
+    assert not torch.allclose(_flat(averaged), _flat(plain))
+    assert not averaged.training
+    # ... and the last epoch's val score is the returned (averaged) model's.
+    probs = torch.softmax(averaged(torch.from_numpy(images[:16])), dim=1)[:, 1].detach().numpy()
+    assert runs[2.0][1][-1]["val_auc"] == pytest.approx(roc_auc_score(labels[:16, 0], probs), abs=1e-6)
+
+
+def test_non_positive_student_ema_epochs_is_an_error():
+    with pytest.raises(ValueError, match="ema_epochs"):
+        config(ema_epochs=0)
 
 
 def test_augment_callable_sees_every_training_batch_and_on_epoch_can_stop():

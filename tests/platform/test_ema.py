@@ -1,16 +1,12 @@
-"""Weight averaging (EMA) of teachers: the average, its decay, and what a checkpoint holds."""
+"""Weight averaging (EMA): the average and its decay (teachers and students use it)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from medkd.teachers.ema import WeightAverage, ema_decay
-from medkd.teachers.loop import MODEL_FILE, STATE_FILE, save_checkpoint
+from medkd.platform.ema import WeightAverage, ema_decay
 
 
 def small_model() -> nn.Module:
@@ -66,22 +62,3 @@ def test_average_state_round_trip_and_bad_decay():
     torch.testing.assert_close(restored.model[0].weight, average.model[0].weight)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(model, decay=1.0)
-
-
-def test_checkpoint_with_average_holds_the_average_as_the_teacher_and_the_trained_weights_for_resuming():
-    model = build()
-    average = WeightAverage(model, decay=0.5)
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-    average.update(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    checkpoint = save_checkpoint(model, optimizer, scheduler, {"epoch": 1}, {"epoch": 1}, average)
-    directory = Path(checkpoint.path)
-    teacher = torch.load(directory / MODEL_FILE, weights_only=True)
-    state = torch.load(directory / STATE_FILE, weights_only=True)
-    torch.testing.assert_close(teacher["0.weight"], average.model[0].weight)
-    torch.testing.assert_close(state["model"]["0.weight"], model[0].weight)
-    assert not torch.equal(teacher["0.weight"], state["model"]["0.weight"])
-    assert state["average"]["updates"] == 1
-    assert json.loads((directory / "meta.json").read_text())["state"] == {"epoch": 1}

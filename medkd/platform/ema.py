@@ -2,8 +2,8 @@
 
 On small medical datasets the weights of the last few epochs scatter around a good solution and
 a validation split of a few dozen images picks among them mostly by noise; their average is a
-better and steadier model. The averaged copy is what is validated, checkpointed as the teacher
-and cached as soft labels.
+better and steadier model. For teachers the averaged copy is what is validated, checkpointed and
+cached as soft labels; for students (``search.ema_epochs``) what is validated, compressed and served.
 """
 
 from __future__ import annotations
