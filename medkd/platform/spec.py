@@ -32,6 +32,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+def _fingerprint_dump(model: BaseModel, *, exclude: set[str] | None = None,
+                      added_later: tuple[str, ...] = ("ema_epochs",)) -> dict[str, Any]:
+    """``model``'s fields for a fingerprint. Fields ``added_later`` are left out while unset (None),
+    so what was fingerprinted before they existed keeps its fingerprint (and its cached results)."""
+    fields = model.model_dump(mode="json", exclude=exclude)
+    for name in added_later:
+        if name in fields and fields[name] is None:
+            del fields[name]
+    return fields
+
+
 class TeacherSpec(_Strict):
     """One teacher of the ensemble, trained by its own Ray Train ``TorchTrainer``."""
 
@@ -62,13 +73,7 @@ class TeacherSpec(_Strict):
 
     def training_fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not resources)."""
-        fields = self.model_dump(
-            mode="json",
-            exclude={"name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures"},
-        )
-        if fields["ema_epochs"] is None:
-            del fields["ema_epochs"]  # added later: teachers trained without it keep their fingerprints
-        return fields
+        return _fingerprint_dump(self, exclude={"name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures"})
 
 
 class CacheSpec(_Strict):
@@ -172,10 +177,7 @@ class SearchSpec(_Strict):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The search's settings for its fingerprint."""
-        fields = self.model_dump(mode="json")
-        if fields["ema_epochs"] is None:
-            del fields["ema_epochs"]  # added later: searches without it keep their fingerprints
-        return fields
+        return _fingerprint_dump(self)
 
 
 class ExportSpec(_Strict):
