@@ -29,8 +29,9 @@ same for every MedMNIST set and only reads properties of the data:
   specific ("left"/"right", e.g. OrganMNIST's kidney-left), where a flip would change the
   label — plus a small random affine (±10°, zoom 0.9–1.1, shift ≤ 5 %);
 - models: ``resnet18`` (small stem at 28 px, as the MedMNIST v2 baseline) and a small ``vit``
-  (4 blocks, width 128, 4 heads, fixed sin-cos position embedding) on fine patches: the
-  smallest patch giving at most 256 tokens (:func:`vit_patch_size`: 2 at 28 px, 14x14 tokens).
+  (4 blocks, width 128 — 132 in 3D, see :func:`vit_hidden_size` —, 4 heads, fixed sin-cos
+  position embedding) on fine patches: the smallest patch giving at most 256 tokens
+  (:func:`vit_patch_size`: 2 at 28 px, 14x14 tokens).
 
 Splits larger than ``--max-train`` (default 5,000) / ``--max-val`` (2,000) are stratified
 subsamples, so the command stays within the 30-minute budget on any MedMNIST set; the test split
@@ -92,6 +93,19 @@ def vit_patch_size(image_size: tuple[int, ...] | list[int]) -> int:
     raise ValueError(f"no patch size in (2, 4, 8, 16, 32) fits image_size {list(image_size)}")
 
 
+VIT_HEADS = 4
+VIT_WIDTH = 128
+
+
+def vit_hidden_size(spatial_dims: int, width: int = VIT_WIDTH, heads: int = VIT_HEADS) -> int:
+    """The recipe ViT's token width: ``width`` rounded up to a multiple of the heads and of the
+    sin-cos position embedding's ``2 * spatial_dims`` (a sin and a cos per axis): 128 in 2D,
+    132 in 3D (MONAI's 3D sin-cos embedding needs a width divisible by 6).
+    """
+    step = math.lcm(heads, 2 * spatial_dims)
+    return -(-width // step) * step
+
+
 def teacher_recipe(
     *,
     n_train: int,
@@ -135,7 +149,8 @@ def teacher_recipe(
     }
     vit_kwargs: dict[str, Any] = {"patch_size": vit_patch_size(image_size), "pos_embed_type": "sincos"}
     if vit == "vit":  # a small, fine-grained ViT: many tokens, few layers (CPU-sized)
-        vit_kwargs.update({"hidden_size": 128, "mlp_dim": 256, "num_layers": 4, "num_heads": 4})
+        vit_kwargs.update({"hidden_size": vit_hidden_size(len(image_size)), "mlp_dim": 256, "num_layers": 4,
+                           "num_heads": VIT_HEADS})
     return [
         {"name": "cnn", "model": cnn, "lr": 1e-3, **common},
         {"name": "vit", "model": vit, "model_kwargs": vit_kwargs, "lr": 5e-4, **common},
