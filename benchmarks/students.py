@@ -129,14 +129,12 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         key, value = parse_override(text)
         overrides[key] = value
     spec = load_spec(args.spec, overrides)
-    augment = spec.search.augment
-    if dataset is not None and augment is not None and augment.flip > 0:
-        from benchmarks.teachers import laterality_specific
-
-        if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
-            spec = spec.model_copy(update={"search": spec.search.model_copy(update={"augment": augment.model_copy(update={"flip": 0.0})})})
     if dataset is None:
         return spec
+    from benchmarks.teachers import laterality_specific
+
+    if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
+        spec = without_flips(spec)
     n_train = len(dataset.splits["train"].images)
     if args.epochs == "auto":
         epochs = student_epochs(n_train, spec.search.epochs)
@@ -153,6 +151,21 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         views = min(spec.search.epochs, view_count(n_train, spec.cache.views))
         spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": views})})
     return spec
+
+
+def without_flips(spec: Any) -> Any:
+    """``spec`` with flips off in ``search.augment`` and in every teacher's ``augment``.
+
+    For data whose class names are left/right specific (OrganMNIST's kidney-left): a mirrored
+    image would carry the wrong label, for the template's teachers (``--teachers spec``) as for
+    the students and their cached views (the recipe's teachers already have no flips).
+    """
+    def off(augment: Any) -> Any:
+        return augment.model_copy(update={"flip": 0.0}) if augment is not None and augment.flip > 0 else augment
+
+    teachers = [t.model_copy(update={"augment": off(t.augment)}) for t in spec.teachers]
+    search = spec.search.model_copy(update={"augment": off(spec.search.augment)})
+    return spec.model_copy(update={"teachers": teachers, "search": search})
 
 
 # --------------------------------------------------------------------------- KD gain

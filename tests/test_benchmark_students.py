@@ -1,0 +1,50 @@
+"""benchmarks.students.build_spec on MedMNIST files other than BreastMNIST (the spec the benchmark runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.students import build_spec, parse_args
+from medkd.platform.data import load_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO_ROOT / "examples" / "breastmnist.yaml"
+
+
+def _write_npz(path: Path, image_shape: tuple[int, ...], num_classes: int) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 2 * num_classes), ("val", num_classes), ("test", num_classes)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % num_classes).astype(np.uint8)[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def _spec(data: Path, tmp_path: Path, *extra: str):
+    args = parse_args(["--data", str(data), "--output", str(tmp_path / "run"), "--spec", str(TEMPLATE), *extra])
+    dataset = load_dataset(build_spec(args, redis_port=1).data)
+    return build_spec(args, redis_port=1, dataset=dataset)
+
+
+def _flips(spec) -> list[float]:
+    return [t.augment.flip for t in spec.teachers if t.augment is not None] + [spec.search.augment.flip]
+
+
+@pytest.mark.parametrize("teachers", ["spec", "recipe"])
+def test_no_flips_anywhere_when_class_names_are_left_right_specific(tmp_path, teachers):
+    # OrganMNIST3D's class names (kidney-left, femur-right, ...) come from the file name.
+    data = _write_npz(tmp_path / "organmnist3d.npz", (8, 8, 8), num_classes=11)
+    spec = _spec(data, tmp_path, "--teachers", teachers)
+    assert len(spec.teachers) == 2
+    assert _flips(spec) == [0.0, 0.0, 0.0]
+    assert spec.teachers[0].augment.affine is not None  # only the flips are off
+
+
+def test_flips_are_kept_without_laterality(tmp_path):
+    data = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
+    spec = _spec(data, tmp_path, "--teachers", "spec")
+    assert _flips(spec) == [0.5, 0.5, 0.5]
