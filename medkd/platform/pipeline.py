@@ -1,6 +1,6 @@
-"""The pipeline runner: one job spec, six stages, each skipped when its output already exists.
+"""The pipeline runner: one job spec, seven stages, each skipped when its output already exists.
 
-    teachers -> soft labels -> search -> export -> serve -> report
+    teachers -> soft labels -> search -> final training -> export -> serve -> report
 
 Every stage's output is persisted under ``output_dir`` (or in the soft-label cache) and keyed
 by fingerprints, so a re-run or a crashed run resumes where it stopped.
@@ -20,7 +20,7 @@ import numpy as np
 from medkd.platform.progress import Progress, RemoteEvents
 from medkd.platform.spec import JobSpec
 
-STAGES = ("teachers", "soft_labels", "search", "export", "serve", "report")
+STAGES = ("teachers", "soft_labels", "search", "final", "export", "serve", "report")
 RESULTS_FILE = "results.json"
 
 
@@ -152,9 +152,10 @@ class Pipeline:
             self._stage(1, "teachers", self._teachers)
             self._stage(2, "soft_labels", self._soft_labels)
             self._stage(3, "search", self._search)
-            self._stage(4, "export", self._export)
-            self._stage(5, "serve", self._serve)
-            self._stage(6, "report", self._report)
+            self._stage(4, "final", self._final)
+            self._stage(5, "export", self._export)
+            self._stage(6, "serve", self._serve)
+            self._stage(7, "report", self._report)
             self._write_results()
             if self.keep_serving and self.serve_enabled:
                 self._serve_until_interrupted()
@@ -271,12 +272,29 @@ class Pipeline:
         self.results["trials"] = [t.model_dump() for t in self.outcome.trials]
         return status
 
+    def _final(self) -> str:
+        from medkd.students.export import choose
+        from medkd.students.final import train_final
+        from medkd.students.search import search_context
+
+        self.final = None
+        if self.spec.search.final_epochs is None:
+            return "skipped"
+        context = search_context(self.spec, meta=self.meta, data_ref=self.data_ref,
+                                 teacher_fps=[t.fingerprint for t in self.teachers], dataset_fp=self.dataset.fingerprint,
+                                 cache_url=self.cache_url, events=self.events,
+                                 views=self.results["soft_labels"].get("views"), teachers=self.teachers)
+        self.final, status = train_final(self.spec, self.outcome, choose(self.outcome, self.spec.export.select),
+                                         context=context, output_dir=self.output_dir, progress=self.progress)
+        self.results["final"] = self.final.model_dump()
+        return status
+
     def _export(self) -> str:
         from medkd.students.export import export_models
 
         exported = export_models(self.spec, self.outcome, dataset=self.dataset, meta=self.meta, teachers=self.teachers,
                                  soft_labels=self.results["soft_labels"]["teachers"], output_dir=self.output_dir,
-                                 progress=self.progress)
+                                 progress=self.progress, final=self.final)
         selected = exported["selected"]
         metadata = json.loads((Path(selected["path"]) / "metadata.json").read_text())
         self.model_dir = Path(selected["path"])
@@ -292,6 +310,7 @@ class Pipeline:
             "val_metrics": metadata["metrics"]["val"],
             "test_metrics": metadata["metrics"]["test"],
             "parity": metadata["parity"],
+            "final_training": metadata.get("final_training"),
         }
         self.results["pareto_models"] = exported["pareto"]
         return "ran"

@@ -208,6 +208,12 @@ def write_report(results: dict[str, Any], output_dir: Path) -> Path:
                                                             "parity max|diff|": best.get("parity", {}).get("max_abs_diff"),
                                                             "size_bytes": best.get("size_bytes"), "fp32_bytes": best.get("fp32_bytes"),
                                                             "latency_ms": best.get("latency_ms")}]))
+        final = best.get("final_training")
+        if final:
+            sections.append(
+                f"<p>trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']}); "
+                "val " + html.escape(", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
+                                               for k, v in best.get("val_metrics", {}).items())) + "</p>")
     serve = results.get("serve", {})
     if serve.get("url"):
         sections.append(f"<p>endpoint {html.escape(serve['url'])}; demo answer: <code>{html.escape(str(serve.get('demo', {}).get('answer')))}</code></p>")

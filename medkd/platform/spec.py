@@ -171,13 +171,19 @@ class SearchSpec(_Strict):
         description="students keep an exponential moving average of their weights over about this many trailing "
                     "epochs; validation, compression and export use the averaged weights",
     )
+    final_epochs: int | None = Field(
+        None, gt=0,
+        description="after the search, the selected student is trained again from scratch for this many epochs "
+                    "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
+                    "and that model is exported and served; None: export the search trial as it is",
+    )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None
     seed: int | None = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The search's settings for its fingerprint."""
-        return _fingerprint_dump(self)
+        """The search's settings for its fingerprint (not ``final_epochs``: it trains after the trials)."""
+        return _fingerprint_dump(self, exclude={"final_epochs"})
 
 
 class ExportSpec(_Strict):

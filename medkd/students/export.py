@@ -1,4 +1,4 @@
-"""Stage 4: export every Pareto-optimal student to the model registry, with its lineage.
+"""Stage 5: export every Pareto-optimal student to the model registry, with its lineage.
 
 A registry entry is a folder ``output_dir/models/<model_id>/`` holding ``model.onnx`` (the
 compressed model that is served), ``model_fp32.onnx``, ``student.pt`` and ``metadata.json``
@@ -64,20 +64,33 @@ def export_models(
     soft_labels: dict[str, dict[str, Any]],
     output_dir: Path,
     progress: Progress,
+    final: Any = None,
 ) -> dict[str, Any]:
-    """Copy every Pareto candidate into the registry, score it on test, select one to serve."""
+    """Copy every Pareto candidate into the registry, score it on test, select one to serve.
+
+    With ``final`` (a :class:`medkd.students.final.FinalModel` of the selected trial), the
+    selected entry holds that longer-trained model instead of the trial's, under its own id.
+    """
     chosen = choose(outcome, spec.export.select)
+    if final is not None and final.trial_id != chosen.trial_id:
+        raise ExportError(f"the final training is of trial {final.trial_id}, but export.select picks {chosen.trial_id}")
     test_x, test_y = dataset.splits["test"].images, dataset.splits["test"].labels
     registry = registry_dir(output_dir)
     registry.mkdir(parents=True, exist_ok=True)
     exported = []
     for rank, trial in enumerate(outcome.pareto_trials()):
-        model_id = f"{spec.name}-{fingerprint(outcome.fingerprint, trial.trial_id, trial.config)}"
+        trained_again = final if final is not None and trial.trial_id == chosen.trial_id else None
+        parts = [outcome.fingerprint, trial.trial_id, trial.config] + ([trained_again.fingerprint] if trained_again else [])
+        model_id = f"{spec.name}-{fingerprint(*parts)}"
         target = registry / model_id
         if not (target / METADATA_FILE).is_file():
-            _copy_checkpoint(trial, target)
+            if trained_again is not None:
+                _copy_files(Path(trained_again.path), target)
+            else:
+                _copy_checkpoint(trial, target)
             _write_metadata(spec, trial, target, model_id=model_id, rank=rank, dataset=dataset, meta=meta,
-                            teachers=teachers, soft_labels=soft_labels, outcome=outcome, test=(test_x, test_y))
+                            teachers=teachers, soft_labels=soft_labels, outcome=outcome, test=(test_x, test_y),
+                            final=trained_again)
         metadata = json.loads((target / METADATA_FILE).read_text())
         exported.append({"model_id": model_id, "pareto_rank": rank, "trial_id": trial.trial_id,
                          "path": str(target), "metrics": metadata["metrics"]})
@@ -103,17 +116,23 @@ def _copy_checkpoint(trial: TrialRecord, target: Path) -> None:
         raise ExportError(f"trial {trial.trial_id} has no checkpoint")
     import ray.train
 
+    with ray.train.Checkpoint(trial.checkpoint).as_directory() as directory:
+        _copy_files(Path(directory), target)
+
+
+def _copy_files(source: Path, target: Path) -> None:
+    """The candidate's files from ``source`` into a new registry entry (complete or absent)."""
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with ray.train.Checkpoint(trial.checkpoint).as_directory() as directory:
-        for name in (MODEL_FILE, FP32_FILE, STATE_FILE, CANDIDATE_FILE):
-            shutil.copy2(Path(directory) / name, staging / name)
+    for name in (MODEL_FILE, FP32_FILE, STATE_FILE, CANDIDATE_FILE):
+        shutil.copy2(source / name, staging / name)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 
 
-def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teachers, soft_labels, outcome, test) -> None:
+def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teachers, soft_labels, outcome, test,
+                    final=None) -> None:
     started = time.perf_counter()
     logits = OnnxModel(target / MODEL_FILE, threads=1).predict(test[0])
     test_metrics = evaluate_logits(logits, test[1], meta)
@@ -148,6 +167,10 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
         ],
         "search": {"fingerprint": outcome.fingerprint, "trial_id": trial.trial_id, "pareto_rank": rank,
                    "objectives": outcome.objectives},
+        # Trained again after the search for more epochs (search.final_epochs); None: the trial's model.
+        "final_training": None if final is None else {
+            "fingerprint": final.fingerprint, "epochs": final.epochs, "search_epochs": final.search_epochs,
+            "search_val": final.search_val},
         "config": candidate["config"],
         "metrics": {
             "val": {k: v for k, v in val_metrics.items() if k.startswith("val_")},

@@ -436,6 +436,40 @@ def search_fingerprint(spec: Any, teacher_fps: list[str], dataset_fp: str) -> st
     return fingerprint(*parts)
 
 
+def search_context(spec: Any, *, meta: dict[str, Any], data_ref: Any, teacher_fps: list[str], dataset_fp: str,
+                   cache_url: str, events: Any = None, views: dict[str, Any] | None = None,
+                   teachers: list[Any] | None = None) -> dict[str, Any]:
+    """What a student's training needs besides its config: data, cache access, the search's budget and views."""
+    search = spec.search
+    return {
+        "meta": meta,
+        "data_refs": [data_ref],
+        "cache_url": cache_url,
+        "cache_namespace": spec.cache.namespace,
+        "password_env": spec.cache.password_env,
+        "teacher_fps": teacher_fps,
+        "dataset_fp": dataset_fp,
+        "epochs": search.epochs,
+        "batch_size": search.batch_size,
+        "ema_epochs": search.ema_epochs,
+        "seed": spec.seed if search.seed is None else search.seed,
+        "cpus_per_trial": search.cpus_per_trial,
+        "constants": constant_params(search.space, len(teacher_fps)),
+        "num_teachers": len(teacher_fps),
+        # Tune checks every report carries every objective: cost objectives need estimates
+        # until the compressed model exists (set by the search).
+        "needs_estimates": False,
+        "latency_runs": spec.export.latency_runs,
+        "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
+        "events": events,
+        # FKD: {"views": K, "views_dataset_fp": ..., "seed": ...} from the soft-label stage, or None.
+        "views": views or None,
+        # Lets a trial restore soft labels lost from the cache mid-search from the teacher checkpoints.
+        "teacher_artifacts": [a.model_dump_json() for a in teachers or []],
+        "cache_options": {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk},
+    }
+
+
 def run_search(
     spec: Any,
     *,
@@ -459,33 +493,9 @@ def run_search(
     modes = [o.mode for o in search.objectives]
     quality = next((o for o in search.objectives if o.metric in QUALITY_METRICS), None)
     use_asha = search.scheduler == "asha" and quality is not None
-    context = {
-        "meta": meta,
-        "data_refs": [data_ref],
-        "cache_url": cache_url,
-        "cache_namespace": spec.cache.namespace,
-        "password_env": spec.cache.password_env,
-        "teacher_fps": teacher_fps,
-        "dataset_fp": dataset_fp,
-        "epochs": search.epochs,
-        "batch_size": search.batch_size,
-        "ema_epochs": search.ema_epochs,
-        "seed": spec.seed if search.seed is None else search.seed,
-        "cpus_per_trial": search.cpus_per_trial,
-        "constants": constant_params(search.space, len(teacher_fps)),
-        "num_teachers": len(teacher_fps),
-        # Tune checks every report carries every objective: cost objectives need estimates
-        # until the compressed model exists.
-        "needs_estimates": any(m not in QUALITY_METRICS for m in metrics),
-        "latency_runs": spec.export.latency_runs,
-        "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
-        "events": events,
-        # FKD: {"views": K, "views_dataset_fp": ..., "seed": ...} from the soft-label stage, or None.
-        "views": views or None,
-        # Lets a trial restore soft labels lost from the cache mid-search from the teacher checkpoints.
-        "teacher_artifacts": [a.model_dump_json() for a in teachers or []],
-        "cache_options": {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk},
-    }
+    context = search_context(spec, meta=meta, data_ref=data_ref, teacher_fps=teacher_fps, dataset_fp=dataset_fp,
+                             cache_url=cache_url, events=events, views=views, teachers=teachers)
+    context["needs_estimates"] = any(m not in QUALITY_METRICS for m in metrics)
     if len(teacher_fps) > 1:
         cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
         val_labels = ray.get(data_ref)["val"][1]

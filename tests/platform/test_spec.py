@@ -147,3 +147,17 @@ def test_search_ema_epochs_validated_and_kept_out_of_old_fingerprints(tmp_path):
     plain = load_spec(write(tmp_path, minimal())).search
     assert "ema_epochs" not in plain.fingerprint_fields()  # searches from before the field keep their fingerprints
     assert averaged.fingerprint_fields()["ema_epochs"] == 4
+
+
+def test_final_epochs_validated_and_not_part_of_the_search_fingerprint(tmp_path):
+    raw = minimal()
+    raw["search"] = {"final_epochs": 0}
+    with pytest.raises(SpecError, match=r"search\.final_epochs"):
+        load_spec(write(tmp_path, raw))
+    raw["search"] = {"final_epochs": 120}
+    longer = load_spec(write(tmp_path, raw))
+    plain = load_spec(write(tmp_path, minimal()))
+    assert longer.search.final_epochs == 120
+    # The trials do not depend on it: adding it reuses a finished search.
+    assert longer.search.fingerprint_fields() == plain.search.fingerprint_fields()
+    assert longer.fingerprint() != plain.fingerprint()

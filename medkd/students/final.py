@@ -1,0 +1,163 @@
+"""Stage 4: the final training of the selected student (``search.final_epochs``).
+
+A search trial is a proxy that ranks configurations on a short budget (``search.epochs``, and
+ASHA stops most trials sooner). With ``search.final_epochs`` set, the configuration the export
+will select is trained once more from scratch for ``final_epochs`` epochs — same seed, same
+cached soft labels and FKD views, never a teacher — then pruned, exported and quantized, and
+validated, exactly as in a trial (:func:`medkd.students.search.train_candidate`). The export
+serves that model in place of the trial's; the other Pareto points are exported as searched.
+
+The result is kept under ``output_dir/final/<fingerprint>/`` (search, trial, configuration and
+epochs), so a re-run or ``--resume`` finds it instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from medkd.platform.fingerprint import fingerprint
+from medkd.platform.progress import Progress, send_event
+from medkd.students.candidate import CANDIDATE_FILE, FP32_FILE, MODEL_FILE, STATE_FILE
+from medkd.students.distill import DistillConfig, quality_metric
+from medkd.students.search import SearchOutcome, TrialRecord
+
+FINAL_DIR = "final"
+RECORD_FILE = "final.json"
+CANDIDATE_FILES = (MODEL_FILE, FP32_FILE, STATE_FILE, CANDIDATE_FILE)
+
+
+class FinalModel(BaseModel):
+    """A selected student trained for ``epochs`` after the search; its files are in ``path``."""
+
+    fingerprint: str
+    trial_id: str
+    path: str
+    epochs: int
+    search_epochs: int
+    val: dict[str, float]
+    search_val: dict[str, float]
+    seconds: float
+
+
+def final_fingerprint(outcome: SearchOutcome, trial: TrialRecord, epochs: int) -> str:
+    return fingerprint("final", outcome.fingerprint, trial.trial_id, trial.config, epochs)
+
+
+def final_cpus(cpus_per_trial: float, max_concurrent: int) -> float:
+    """The search's whole allotment (it runs alone), within the largest alive node's CPUs."""
+    import ray
+
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return max(cpus_per_trial, min(cpus_per_trial * max_concurrent, max(node_cpus, default=cpus_per_trial)))
+
+
+def _val_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))}
+
+
+def train_final(
+    spec: Any,
+    outcome: SearchOutcome,
+    trial: TrialRecord,
+    *,
+    context: dict[str, Any],
+    output_dir: Path,
+    progress: Progress,
+) -> tuple[FinalModel | None, str]:
+    """Train ``trial``'s configuration for ``spec.search.final_epochs``.
+
+    Returns the model and ``"ran"``, ``"skipped"`` when an earlier run's result was found, or
+    ``(None, "skipped")`` when ``final_epochs`` is unset.
+
+    Args:
+        spec: the job spec.
+        outcome: the finished search.
+        trial: the trial the export selects (``medkd.students.export.choose``).
+        context: :func:`medkd.students.search.search_context` of this job.
+        output_dir: the job's output folder; the model goes to ``final/<fingerprint>/``.
+        progress: where the stage reports epochs and the result.
+
+    Raises:
+        ValueError: ``trial`` did not finish (it has no trained configuration to repeat).
+    """
+    epochs = spec.search.final_epochs
+    if epochs is None:
+        return None, "skipped"
+    if not trial.final:
+        raise ValueError(f"trial {trial.trial_id} did not finish ({trial.status}): nothing to train again")
+    import ray
+
+    final_fp = final_fingerprint(outcome, trial, epochs)
+    target = Path(output_dir) / FINAL_DIR / final_fp
+    record_path = target / RECORD_FILE
+    if record_path.is_file():
+        record = FinalModel.model_validate_json(record_path.read_text())
+        progress.line(f"  final training {final_fp}: found ({record.epochs} epochs, "
+                      + ", ".join(f"{k}={v:.4f}" for k, v in record.val.items()) + ")")
+        return record, "skipped"
+
+    config = DistillConfig.model_validate(trial.config).model_copy(update={"epochs": epochs})
+    cpus = final_cpus(spec.search.cpus_per_trial, spec.search.max_concurrent)
+    progress.line(f"  final training of trial {trial.trial_id} ({config.student}, width {config.width:.2f}): "
+                  f"{epochs} epochs (search: {trial.config.get('epochs')}), {cpus:g} CPU")
+    started = time.perf_counter()
+    task = ray.remote(num_cpus=cpus, num_gpus=spec.search.gpus_per_trial, max_retries=1)(final_candidate)
+    files, metrics = ray.get(task.remote(config.model_dump_json(), context, cpus))
+    seconds = time.perf_counter() - started
+
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, content in files.items():
+        (staging / name).write_bytes(content)
+    record = FinalModel(fingerprint=final_fp, trial_id=trial.trial_id, path=str(target), epochs=epochs,
+                        search_epochs=int(trial.config.get("epochs", spec.search.epochs)), val=_val_metrics(metrics),
+                        search_val=_val_metrics(trial.metrics), seconds=round(seconds, 1))
+    (staging / RECORD_FILE).write_text(record.model_dump_json(indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    progress.line(f"  final training done in {seconds:.0f}s: "
+                  + ", ".join(f"{k}={v:.4f} (search {record.search_val.get(k, float('nan')):.4f})"
+                              for k, v in record.val.items()))
+    return record, "ran"
+
+
+def final_candidate(config_json: str, context: dict[str, Any], cpus: float) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Ray task: train, compress and export one student; returns its files (bytes) and metrics.
+
+    Files travel back through the object store, so the driver's output folder need not be
+    shared with the node that trained.
+    """
+    import ray
+    import torch
+
+    from medkd.students.distill import build_student
+    from medkd.students.search import _teacher_logits_source, train_candidate, trial_augmentation
+
+    torch.set_num_threads(max(1, int(math.floor(cpus))))
+    config = DistillConfig.model_validate_json(config_json)
+    meta = context["meta"]
+    data = ray.get(context["data_refs"][0])
+    teacher_logits, views = _teacher_logits_source(context, data["train"][0])
+    quality_key = f"val_{quality_metric(meta)}"
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        send_event(context["events"], {"kind": "trial_epoch", "trial": "final", "epoch": record["epoch"],
+                                       "epochs": config.epochs, "metric": quality_key,
+                                       "value": float(record.get(quality_key, float("nan")))})
+
+    with tempfile.TemporaryDirectory() as directory:
+        metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
+                                  teacher_logits=teacher_logits,
+                                  augment=trial_augmentation(context, config.seed), directory=Path(directory),
+                                  latency_runs=context["latency_runs"], on_epoch=on_epoch, views=views)
+        files = {name: (Path(directory) / name).read_bytes() for name in CANDIDATE_FILES}
+    return files, json.loads(json.dumps(metrics, default=float))
