@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.students import build_spec, parse_args
+from benchmarks.students import build_spec, parse_args, published_rows
 from medkd.platform.data import load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +48,10 @@ def test_flips_are_kept_without_laterality(tmp_path):
     data = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
     spec = _spec(data, tmp_path, "--teachers", "spec")
     assert _flips(spec) == [0.5, 0.5, 0.5]
+
+
+def test_published_baseline_row_only_for_its_own_data():
+    assert published_rows("breastmnist.npz") == [
+        "| MedMNIST v2 ResNet-18 (28), published | 0.901 (BreastMNIST) | 0.863 (BreastMNIST) | 11.2 M | | |"]
+    assert published_rows("dermamnist.npz") == []
+    assert published_rows("breastmnist_224.npz") == []  # the published numbers are of the 28 px file
