@@ -19,6 +19,7 @@ from medkd.students.compression import (
     OnnxModel,
     check_parity,
     count_nonzero_parameters,
+    decision_agreement,
     export_onnx,
     measure_latency,
     model_size_bytes,
@@ -83,7 +84,7 @@ def export_candidate(
     example = torch.from_numpy(calibration[:2])
     fp32_path = strip_debug_metadata(export_onnx(model, example, directory / FP32_FILE))
     parity_inputs = val_images[:64] if val_images is not None else calibration[:64]
-    parity = check_parity(model, fp32_path, parity_inputs)
+    parity = check_parity(model, fp32_path, parity_inputs, multilabel=bool(meta.get("multilabel")))
     model_path = quantize(fp32_path, directory / MODEL_FILE, mode=config.quantize, calibration=calibration)
     torch.save(model.state_dict(), directory / STATE_FILE)
     latency = measure_latency(model_path, (1, *calibration.shape[1:]), threads=1, runs=latency_runs)
@@ -106,8 +107,7 @@ def export_candidate(
         if "acc" in quality:
             metrics["val_acc"] = float(quality["acc"])
         fp32_logits = OnnxModel(fp32_path, threads=1).predict(val_images)
-        metrics["compressed_argmax_agreement"] = float(
-            np.mean(np.argmax(fp32_logits, axis=1) == np.argmax(compressed_logits, axis=1))
-        )
+        metrics["compressed_argmax_agreement"] = decision_agreement(fp32_logits, compressed_logits,
+                                                                    multilabel=bool(meta.get("multilabel")))
     (directory / CANDIDATE_FILE).write_text(json.dumps({"config": config.model_dump(), "metrics": metrics}, indent=2))
     return metrics

@@ -99,7 +99,7 @@ def export_models(
             parity = metadata["parity"]
             progress.line(
                 f"  selected {model_id}: parity ONNX vs PyTorch max|diff|={parity['max_abs_diff']:.2e} "
-                f"(bound {spec.export.parity_atol:g}), argmax agreement {parity['argmax_agreement']:.3f}"
+                f"(bound {spec.export.parity_atol:g}), decision agreement {parity['argmax_agreement']:.3f}"
             )
             if parity["max_abs_diff"] > spec.export.parity_atol:
                 raise ExportError(

@@ -164,3 +164,25 @@ def test_export_bad_inputs(tmp_path: Path) -> None:
         export_onnx(nn.Linear(4, 2), torch.ones(4), tmp_path / "m.onnx")
     with pytest.raises(TypeError, match="nn.Module"):
         export_onnx(lambda x: x, torch.ones(2, 4), tmp_path / "m.onnx")  # type: ignore[arg-type]
+
+
+def test_decision_agreement_of_multilabel_logits_compares_each_labels_sign() -> None:
+    from medkd.students.compression import decision_agreement
+
+    a = np.array([[2.0, -1.0, 0.5], [-3.0, 1.0, -0.2]])
+    b = np.array([[1.0, -2.0, -0.5], [-1.0, 2.0, -0.1]])  # same argmax per row, one label flips
+    assert decision_agreement(a, b) == 1.0
+    assert decision_agreement(a, b, multilabel=True) == pytest.approx(5 / 6)
+    assert decision_agreement(a[:, :1], b[:, :1]) == 1.0  # one logit: its sign
+
+
+def test_check_parity_multilabel_counts_label_decisions(tmp_path: Path) -> None:
+    model = small_cnn(classes=4).eval()
+    path = export_onnx(model, torch.from_numpy(images(2)), tmp_path / "multilabel.onnx")
+    other = small_cnn(classes=4, seed=3).eval()
+    inputs = images(32, seed=4)
+    with torch.no_grad():
+        ours, theirs = model(torch.from_numpy(inputs)).numpy(), other(torch.from_numpy(inputs)).numpy()
+    report = check_parity(other, path, inputs, multilabel=True)
+    assert report.argmax_agreement == pytest.approx(np.mean((ours > 0) == (theirs > 0)), abs=1e-6)
+    assert check_parity(model, path, inputs, multilabel=True).argmax_agreement == 1.0

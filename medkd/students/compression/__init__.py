@@ -16,6 +16,7 @@ from medkd.students.compression.export import (
     ParityError,
     ParityReport,
     check_parity,
+    decision_agreement,
     export_onnx,
 )
 from medkd.students.compression.prune import (
@@ -55,6 +56,7 @@ __all__ = [
     "convert_fp16",
     "count_nonzero_parameters",
     "count_parameters",
+    "decision_agreement",
     "export_onnx",
     "list_quantization_modes",
     "measure_latency",

@@ -200,6 +200,18 @@ def _torch_logits(model: nn.Module, inputs: np.ndarray, batch_size: int) -> np.n
     return np.concatenate(outputs, axis=0)
 
 
+def decision_agreement(a: np.ndarray, b: np.ndarray, *, multilabel: bool = False) -> float:
+    """Share of the decisions two sets of logits ``(n, C, ...)`` agree on.
+
+    Argmax over axis 1 (classes, or classes per pixel for segmentation), averaged over samples
+    (and pixels); for ``multilabel`` logits (one sigmoid per label) and single-logit outputs,
+    each label's present/absent decision (logit > 0), averaged over samples and labels.
+    """
+    if multilabel or a.ndim < 2 or a.shape[1] == 1:
+        return float(np.mean((a > 0) == (b > 0)))
+    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
 def check_parity(
     model: nn.Module,
     onnx_path: Path,
@@ -208,11 +220,12 @@ def check_parity(
     atol: float | None = None,
     min_argmax_agreement: float | None = None,
     batch_size: int = 64,
+    multilabel: bool = False,
 ) -> ParityReport:
     """Compare the ONNX model's outputs with the PyTorch model's on the same inputs (CPU, eval).
 
-    Argmax agreement is taken over axis 1 (classes, or classes per pixel for segmentation) and
-    averaged over samples (and pixels).
+    Agreement of decisions is :func:`decision_agreement`: argmax over axis 1 (classes, or classes
+    per pixel for segmentation), or each label's logit sign for ``multilabel`` models.
 
     Args:
         model: the PyTorch model that was exported.
@@ -224,6 +237,7 @@ def check_parity(
             When neither limit is given nothing raises and ``passed`` is judged against
             ``atol=1e-4``.
         batch_size: inference batch size.
+        multilabel: one sigmoid per label: decisions are logit signs, not an argmax.
 
     Returns:
         A ``ParityReport``.
@@ -253,10 +267,7 @@ def check_parity(
         )
 
     diff = np.abs(onnx_logits - torch_logits)
-    if torch_logits.ndim >= 2 and torch_logits.shape[1] > 1:
-        agreement = float(np.mean(np.argmax(onnx_logits, axis=1) == np.argmax(torch_logits, axis=1)))
-    else:  # a single logit per sample (binary): agreement of the sign
-        agreement = float(np.mean((onnx_logits > 0) == (torch_logits > 0)))
+    agreement = decision_agreement(onnx_logits, torch_logits, multilabel=multilabel)
     # The limits in force: those given, or the default logit tolerance when none is given.
     enforce = atol is not None or min_argmax_agreement is not None
     limit = atol if enforce else DEFAULT_PARITY_ATOL
