@@ -15,7 +15,9 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    epochs ~24k samples per trial (``--epochs auto``, ASHA's grace period scaled alike), trials
    ~270k student samples in all (at least 6), FKD views ~10k teacher passes per teacher; on 546
    images that is the template's 12 trials x 40 epochs and 8 views, on 5,000 images 9 trials x
-   6 epochs (ASHA rung at 2) and 2 views.
+   6 epochs (ASHA rung at 2) and 2 views. Samples are counted in 28x28 images
+   (``benchmarks.teachers.image_cost``: a 64x64 image counts 5.2, a 28^3 volume 28), so larger
+   images and 3D sets get budgets of about the same compute.
 2. **KD gain**: the selected student's configuration retrained with ``--seeds`` fresh seeds, once
    with its searched KD settings and once with ``alpha = 1`` (cross-entropy only, no teacher),
    same architecture, epochs, learning rate, augmentation and seeds; teacher logits come from
@@ -76,19 +78,22 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- spec
 
 
-def student_epochs(n_train: int, max_epochs: int) -> int:
-    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's]."""
-    return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / n_train))))
+def student_epochs(train_size: float, max_epochs: int) -> int:
+    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's].
+
+    ``train_size`` (here and below): the training split counted in 28x28 images.
+    """
+    return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / train_size))))
 
 
-def search_trials(n_train: int, epochs: int, max_trials: int) -> int:
+def search_trials(train_size: float, epochs: int, max_trials: int) -> int:
     """Trials within SEARCH_SAMPLE_BUDGET student samples, at least MIN_TRIALS, at most the spec's."""
-    return int(min(max_trials, max(MIN_TRIALS, SEARCH_SAMPLE_BUDGET // (epochs * n_train))))
+    return int(min(max_trials, max(MIN_TRIALS, SEARCH_SAMPLE_BUDGET // (epochs * train_size))))
 
 
-def view_count(n_train: int, max_views: int) -> int:
+def view_count(train_size: float, max_views: int) -> int:
     """FKD views within VIEW_PASS_BUDGET teacher passes per teacher (at least 1), at most the spec's."""
-    return int(min(max_views, max(1, VIEW_PASS_BUDGET // n_train)))
+    return int(min(max_views, max(1, VIEW_PASS_BUDGET // train_size)))
 
 
 def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = None) -> Any:
@@ -135,20 +140,23 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
 
     if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
         spec = without_flips(spec)
-    n_train = len(dataset.splits["train"].images)
+    from benchmarks.teachers import image_cost
+
+    # In 28x28 images: the budgets below were set at 28x28, and compute grows with the pixels.
+    train_size = len(dataset.splits["train"].images) * image_cost(list(dataset.image_size))
     if args.epochs == "auto":
-        epochs = student_epochs(n_train, spec.search.epochs)
+        epochs = student_epochs(train_size, spec.search.epochs)
         # ASHA's first rung keeps its share of the trial's budget (10 of 40 epochs -> 2 of 6).
         grace = max(1, round(spec.search.grace_period * epochs / spec.search.epochs))
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": epochs, "grace_period": grace})})
     if args.trials is None:
-        trials = search_trials(n_train, spec.search.epochs, spec.search.num_trials)
+        trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_trials": trials})})
     if spec.cache.views:
         # A student sees each sample once per epoch, as the original or one view: views beyond
         # the epoch count would mostly go unseen, and each costs a teacher pass per image (on
         # 5,000 images at 28 px, ~1 min per view and teacher here).
-        views = min(spec.search.epochs, view_count(n_train, spec.cache.views))
+        views = min(spec.search.epochs, view_count(train_size, spec.cache.views))
         spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": views})})
     return spec
 

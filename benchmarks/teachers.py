@@ -14,9 +14,10 @@ test split is never used to choose), so its test numbers are what a user would g
 The recipe (:func:`teacher_recipe`) is the method, not numbers tuned to one file; it is the
 same for every MedMNIST set and only reads properties of the data:
 
-- budget: ``epochs = clamp(SAMPLE_BUDGET / n_train, MIN_EPOCHS, MAX_EPOCHS)`` — about the same
-  number of optimiser steps for every set (a 5,000-image split gets 8 epochs, BreastMNIST's 546
-  images 40), early stopping after ``patience = max(5, epochs // 4)`` epochs without a better
+- budget: ``epochs = clamp(SAMPLE_BUDGET / (n_train * image_cost), MIN_EPOCHS, MAX_EPOCHS)`` —
+  about the same compute for every set (a 5,000-image split at 28x28 gets 8 epochs, BreastMNIST's
+  546 images 40), where :func:`image_cost` counts an image in 28x28 images (1 at 28x28, 5.2 at
+  64x64, 28 for a 28^3 volume: convolutions cost per pixel), early stopping after ``patience = max(5, epochs // 4)`` epochs without a better
   validation AUC, and the best-validation-AUC checkpoint is the teacher;
 - weight averaging: an exponential moving average of the weights over the last
   ``max(1, epochs / 10)`` epochs is what is validated, selected and used as the teacher (on a
@@ -67,11 +68,23 @@ PAPER_BASELINES = {  # MedMNIST v2, ResNet-18 (28), test AUC / ACC (../shared/da
 }
 
 
-def auto_epochs(n_train: int) -> int:
-    """Epochs for a training split of ``n_train`` samples (see the module docstring)."""
+REFERENCE_PIXELS = 28 * 28  # budgets are counted in 28x28 images
+
+
+def image_cost(image_size: tuple[int, ...] | list[int] | None) -> float:
+    """What one image costs to train on, in 28x28 images: 1 at 28x28, 5.2 at 64x64, 28 for 28^3."""
+    if image_size is None:
+        return 1.0
+    if not image_size or any(int(side) <= 0 for side in image_size):
+        raise ValueError(f"image_size must be positive sides, got {list(image_size)}")
+    return math.prod(int(side) for side in image_size) / REFERENCE_PIXELS
+
+
+def auto_epochs(n_train: int, image_size: tuple[int, ...] | list[int] | None = None) -> int:
+    """Epochs for a training split of ``n_train`` images of ``image_size`` (see the module docstring)."""
     if n_train <= 0:
         raise ValueError(f"n_train must be > 0, got {n_train}")
-    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(SAMPLE_BUDGET / n_train))))
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(SAMPLE_BUDGET / (n_train * image_cost(image_size))))))
 
 
 def laterality_specific(class_names: list[str]) -> bool:
@@ -123,13 +136,14 @@ def teacher_recipe(
     Args:
         n_train: size of the training split (sets the epoch budget when ``epochs`` is None).
         class_names: the dataset's class names (laterality-specific names disable flips).
-        image_size: the images' spatial size (sets the ViT's patch size).
+        image_size: the images' spatial size (sets the ViT's patch size and, with ``n_train``,
+            the epoch budget).
         epochs: fixed epochs instead of :func:`auto_epochs`.
         cnn: registry name of the CNN teacher.
         vit: registry name of the ViT teacher (its size is set here when it is ``vit``).
         cpus_per_worker: CPUs of each teacher's single Ray Train worker.
     """
-    epochs = auto_epochs(n_train) if epochs is None else epochs
+    epochs = auto_epochs(n_train, image_size) if epochs is None else epochs
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
     augment: dict[str, Any] = {

@@ -55,3 +55,16 @@ def test_published_baseline_row_only_for_its_own_data():
         "| MedMNIST v2 ResNet-18 (28), published | 0.901 (BreastMNIST) | 0.863 (BreastMNIST) | 11.2 M | | |"]
     assert published_rows("dermamnist.npz") == []
     assert published_rows("breastmnist_224.npz") == []  # the published numbers are of the 28 px file
+
+
+def test_search_budgets_count_samples_in_28px_images():
+    from benchmarks.students import search_trials, student_epochs, view_count
+    from benchmarks.teachers import image_cost
+
+    # BreastMNIST (546 images at 28x28): the template's whole search, as before.
+    assert (student_epochs(546 * image_cost([28, 28]), 40), search_trials(546, 40, 12), view_count(546, 8)) == (40, 12, 8)
+    # 5,000 images at 28x28: the 45-minute budget's 6 epochs, 9 trials, 2 views.
+    assert (student_epochs(5000, 40), search_trials(5000, 6, 12), view_count(5000, 8)) == (6, 9, 2)
+    # ~1,000 volumes of 28^3 cost as much as 28,000 images: the floors, not 40 epochs x 12 trials.
+    volumes = 1000 * image_cost([28, 28, 28])
+    assert (student_epochs(volumes, 40), search_trials(volumes, 6, 12), view_count(volumes, 8)) == (6, 6, 1)

@@ -29,3 +29,16 @@ def test_vit_width_is_unchanged_in_2d_and_fits_the_3d_sincos_embedding():
     vit = teacher_recipe(n_train=240, class_names=["a", "b"], image_size=[28, 28, 28])[1]
     assert vit["model_kwargs"]["hidden_size"] == width
     assert vit["model_kwargs"]["patch_size"] == 4  # 7x7x7 tokens
+
+
+def test_epoch_budget_counts_images_in_28px_images():
+    from benchmarks.teachers import auto_epochs, image_cost
+
+    assert image_cost([28, 28]) == 1.0 and image_cost([28, 28, 28]) == 28.0
+    assert auto_epochs(546, [28, 28]) == auto_epochs(546) == 40  # BreastMNIST: unchanged
+    assert auto_epochs(5000, [28, 28]) == 8
+    assert auto_epochs(546, [64, 64]) == 14  # 5.2x the pixels per image
+    assert auto_epochs(972, [28, 28, 28]) == 8  # OrganMNIST3D: the floor, not 40 epochs of volumes
+    assert teacher_recipe(n_train=972, class_names=["a", "b"], image_size=[28, 28, 28])[0]["epochs"] == 8
+    with pytest.raises(ValueError, match="image_size"):
+        image_cost([28, 0])
