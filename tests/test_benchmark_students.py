@@ -68,3 +68,20 @@ def test_search_budgets_count_samples_in_28px_images():
     # ~1,000 volumes of 28^3 cost as much as 28,000 images: the floors, not 40 epochs x 12 trials.
     volumes = 1000 * image_cost([28, 28, 28])
     assert (student_epochs(volumes, 40), search_trials(volumes, 6, 12), view_count(volumes, 8)) == (6, 6, 1)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seeds", "1"], "--seeds must be >= 2"),
+    (["--epochs", "ten"], "--epochs must be a positive int or 'auto', got 'ten'"),
+    (["--epochs", "0"], "--epochs must be a positive int or 'auto'"),
+])
+def test_bad_arguments_name_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    args = parse_args(["--data", str(tmp_path / "nope.npz"), "--output", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=r"--data .*nope\.npz: file not found"):
+        build_spec(args, redis_port=1)
