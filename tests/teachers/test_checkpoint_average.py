@@ -6,17 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from medkd.platform.ema import WeightAverage
 from medkd.teachers.loop import MODEL_FILE, STATE_FILE, save_checkpoint
-
-
-def build() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).eval()
-    model(torch.zeros(1, 1, 6, 6))  # materialise the lazy layer
-    return model
+from tests.platform.test_ema import build
 
 
 def test_checkpoint_with_average_holds_the_average_as_the_teacher_and_the_trained_weights_for_resuming():
