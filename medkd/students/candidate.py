@@ -33,6 +33,7 @@ FP32_FILE = "model_fp32.onnx"
 MODEL_FILE = "model.onnx"
 STATE_FILE = "student.pt"
 CANDIDATE_FILE = "candidate.json"
+CANDIDATE_FILES = (MODEL_FILE, FP32_FILE, STATE_FILE, CANDIDATE_FILE)  # what a trained candidate consists of
 
 
 def strip_debug_metadata(path: Path) -> Path:

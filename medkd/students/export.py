@@ -18,7 +18,8 @@ import numpy as np
 
 from medkd.platform.fingerprint import fingerprint
 from medkd.platform.progress import Progress
-from medkd.students.candidate import CANDIDATE_FILE, FP32_FILE, MODEL_FILE, STATE_FILE
+from medkd.platform.files import staged_directory
+from medkd.students.candidate import CANDIDATE_FILE, CANDIDATE_FILES, FP32_FILE, MODEL_FILE, STATE_FILE
 from medkd.students.compression import OnnxModel
 from medkd.students.distill import evaluate_logits
 from medkd.students.search import SearchOutcome, TrialRecord
@@ -122,13 +123,9 @@ def _copy_checkpoint(trial: TrialRecord, target: Path) -> None:
 
 def _copy_files(source: Path, target: Path) -> None:
     """The candidate's files from ``source`` into a new registry entry (complete or absent)."""
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in (MODEL_FILE, FP32_FILE, STATE_FILE, CANDIDATE_FILE):
-        shutil.copy2(source / name, staging / name)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with staged_directory(target) as staging:
+        for name in CANDIDATE_FILES:
+            shutil.copy2(source / name, staging / name)
 
 
 def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teachers, soft_labels, outcome, test,

@@ -13,9 +13,7 @@ epochs), so a re-run or ``--resume`` finds it instead of training again.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +21,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from medkd.platform.files import staged_directory
 from medkd.platform.fingerprint import fingerprint
 from medkd.platform.progress import Progress, send_event
-from medkd.students.candidate import CANDIDATE_FILE, FP32_FILE, MODEL_FILE, STATE_FILE
+from medkd.students.candidate import CANDIDATE_FILES
 from medkd.students.distill import DistillConfig, quality_metric
 from medkd.students.search import SearchOutcome, TrialRecord
 
 FINAL_DIR = "final"
 RECORD_FILE = "final.json"
-CANDIDATE_FILES = (MODEL_FILE, FP32_FILE, STATE_FILE, CANDIDATE_FILE)
 
 
 class FinalModel(BaseModel):
@@ -113,17 +111,13 @@ def train_final(
     files, metrics = ray.get(task.remote(config.model_dump_json(), context, cpus))
     seconds = time.perf_counter() - started
 
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name, content in files.items():
-        (staging / name).write_bytes(content)
     record = FinalModel(fingerprint=final_fp, trial_id=trial.trial_id, path=str(target), epochs=epochs,
                         search_epochs=int(trial.config.get("epochs", spec.search.epochs)), val=_val_metrics(metrics),
                         search_val=_val_metrics(trial.metrics), seconds=round(seconds, 1))
-    (staging / RECORD_FILE).write_text(record.model_dump_json(indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with staged_directory(target) as staging:
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
+        (staging / RECORD_FILE).write_text(record.model_dump_json(indent=2))
     progress.line(f"  final training done in {seconds:.0f}s: "
                   + ", ".join(f"{k}={v:.4f} (search {record.search_val.get(k, float('nan')):.4f})"
                               for k, v in record.val.items()))
@@ -140,13 +134,13 @@ def final_candidate(config_json: str, context: dict[str, Any], cpus: float) -> t
     import torch
 
     from medkd.students.distill import build_student
-    from medkd.students.search import _teacher_logits_source, train_candidate, trial_augmentation
+    from medkd.students.search import teacher_logits_source, train_candidate, trial_augmentation
 
     torch.set_num_threads(max(1, int(math.floor(cpus))))
     config = DistillConfig.model_validate_json(config_json)
     meta = context["meta"]
     data = ray.get(context["data_refs"][0])
-    teacher_logits, views = _teacher_logits_source(context, data["train"][0])
+    teacher_logits, views = teacher_logits_source(context, data["train"][0])
     quality_key = f"val_{quality_metric(meta)}"
 
     def on_epoch(record: dict[str, Any]) -> None:
@@ -160,4 +154,4 @@ def final_candidate(config_json: str, context: dict[str, Any], cpus: float) -> t
                                   augment=trial_augmentation(context, config.seed), directory=Path(directory),
                                   latency_runs=context["latency_runs"], on_epoch=on_epoch, views=views)
         files = {name: (Path(directory) / name).read_bytes() for name in CANDIDATE_FILES}
-    return files, json.loads(json.dumps(metrics, default=float))
+    return files, metrics

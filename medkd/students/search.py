@@ -280,7 +280,8 @@ def cache_recovery(cache: SoftLabelCache, context: dict[str, Any], train_images:
     return recover
 
 
-def _teacher_logits_source(context: dict[str, Any], train_images: np.ndarray) -> tuple[TeacherLogitsFn, CachedViews | None]:
+def teacher_logits_source(context: dict[str, Any], train_images: np.ndarray) -> tuple[TeacherLogitsFn, CachedViews | None]:
+    """The cached teacher logits of train and, with FKD views, of the views (a trial's and the final training's)."""
     cache = SoftLabelCache(context["cache_url"], namespace=context["cache_namespace"], password_env=context["password_env"])
     fps, dataset_fp = context["teacher_fps"], context["dataset_fp"]
     segmentation = context["meta"]["task"] == "segmentation"
@@ -346,7 +347,7 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     meta = context["meta"]
     data = ray.get(context["data_refs"][0])
     train_x, _ = data["train"]
-    teacher_logits, views = _teacher_logits_source(context, train_x)
+    teacher_logits, views = teacher_logits_source(context, train_x)
     probe_input = torch.from_numpy(calibration_samples(train_x, config.seed, 2))
     quality_key = f"val_{quality_metric(meta)}"
     trial_name = tune.get_context().get_trial_name()

@@ -214,7 +214,7 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     are recomputed from the teacher checkpoints, republished, and the trial reads the right logits."""
     from medkd.platform.data import AugmentSpec, apply_view
     from medkd.platform.softlabels import CacheMissError
-    from medkd.students.search import _teacher_logits_source, cached_teacher_logits
+    from medkd.students.search import teacher_logits_source, cached_teacher_logits
     from medkd.teachers.inference import view_params
     from medkd.teachers.loop import predict
 
@@ -252,7 +252,7 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
         "teacher_artifacts": [artifact.model_dump_json() for artifact, _ in teachers],
         "cache_options": {"encoding": "float16", "compression": None, "topk": None},
     }
-    originals, views = _teacher_logits_source(context, images)
+    originals, views = teacher_logits_source(context, images)
     indices = np.arange(len(images))
     rounded = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731
     np.testing.assert_allclose(originals(indices), rounded(np.stack(expected)), atol=2e-3)
