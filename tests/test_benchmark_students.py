@@ -14,10 +14,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO_ROOT / "examples" / "breastmnist.yaml"
 
 
-def _write_npz(path: Path, image_shape: tuple[int, ...], num_classes: int) -> Path:
+def _write_npz(path: Path, image_shape: tuple[int, ...], num_classes: int, train: int | None = None) -> Path:
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n in (("train", 2 * num_classes), ("val", num_classes), ("test", num_classes)):
+    for split, n in (("train", train or 2 * num_classes), ("val", num_classes), ("test", num_classes)):
         arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % num_classes).astype(np.uint8)[:, None]
     np.savez(path, **arrays)
@@ -85,3 +85,14 @@ def test_missing_data_file_names_the_path(tmp_path):
     args = parse_args(["--data", str(tmp_path / "nope.npz"), "--output", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match=r"--data .*nope\.npz: file not found"):
         build_spec(args, redis_port=1)
+
+
+def test_final_weight_soup_only_for_small_training_splits(tmp_path):
+    small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
+    assert _spec(small, tmp_path, "--teachers", "spec").search.final_branches == 4  # the template's
+    # 400 images of 64x64 count as ~2,080 of 28x28: over SOUP_MAX_TRAIN_SIZE, the soup is dropped ...
+    large = _write_npz(tmp_path / "pneumoniamnist_64.npz", (64, 64), num_classes=2, train=400)
+    assert _spec(large, tmp_path, "--teachers", "spec").search.final_branches is None
+    # ... unless asked for by name.
+    forced = _spec(large, tmp_path, "--teachers", "spec", "--set", "search.final_branches=2")
+    assert forced.search.final_branches == 2

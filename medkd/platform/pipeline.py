@@ -278,7 +278,7 @@ class Pipeline:
         from medkd.students.search import search_context
 
         self.final = None
-        if self.spec.search.final_epochs is None:
+        if not self.spec.search.final_training:
             return "skipped"
         context = search_context(self.spec, meta=self.meta, data_ref=self.data_ref,
                                  teacher_fps=[t.fingerprint for t in self.teachers], dataset_fp=self.dataset.fingerprint,

@@ -211,7 +211,8 @@ def write_report(results: dict[str, Any], output_dir: Path) -> Path:
         final = best.get("final_training")
         if final:
             sections.append(
-                f"<p>trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']}); "
+                f"<p>trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']})"
+                + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "") + "; "
                 "val " + html.escape(", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
                                                for k, v in best.get("val_metrics", {}).items())) + "</p>")
     serve = results.get("serve", {})

@@ -177,13 +177,24 @@ class SearchSpec(_Strict):
                     "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
                     "and that model is exported and served; None: export the search trial as it is",
     )
+    final_branches: int | None = Field(
+        None, ge=2,
+        description="after the search, the selected student is trained again as a weight soup: one run to a "
+                    "quarter of its epochs, then this many copies finish it, each with its own data order, and "
+                    "their weights are averaged (BatchNorm statistics recomputed); (1 + 3 * branches) / 4 times a "
+                    "trial's training. Combines with final_epochs; None: no soup",
+    )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None
     seed: int | None = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The search's settings for its fingerprint (not ``final_epochs``: it trains after the trials)."""
-        return _fingerprint_dump(self, exclude={"final_epochs"})
+        """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
+        return _fingerprint_dump(self, exclude={"final_epochs", "final_branches"})
+
+    @property
+    def final_training(self) -> bool:
+        return self.final_epochs is not None or self.final_branches is not None
 
 
 class ExportSpec(_Strict):

@@ -12,6 +12,7 @@ for that very view — augmentation without ever running a teacher.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Callable
@@ -102,6 +103,10 @@ class DistillConfig(BaseModel):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(64, gt=0)
     ema_epochs: float | None = Field(None, gt=0, description="weight averaging horizon in epochs; None = off")
+    branches: int = Field(1, ge=1, description="weight soup: copies forked from the shared run at fork_fraction of "
+                                               "the epochs, each finishing with its own data order; their weights "
+                                               "are averaged (1 = one run)")
+    fork_fraction: float = Field(0.25, gt=0, lt=1, description="share of the epochs trained once before the fork")
     seed: int = 0
     prune: str = "none"
     prune_amount: float = Field(0.0, ge=0, lt=1)
@@ -187,6 +192,13 @@ def distill(
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with the multi-teacher KD loss of ``config``.
 
+    With ``config.branches > 1`` the run is a weight soup: it trains alone for
+    ``fork_fraction`` of the epochs, then that many copies (model, optimiser state, schedule)
+    finish it, each with its own data order, and ``model`` gets their averaged weights with
+    BatchNorm statistics recomputed on ``train_images``. The copies start in one basin, so their
+    average is a good model (a one-model ensemble); one trained instance's quality varies less
+    between seeds than a single run's.
+
     Args:
         teacher_logits: ``indices -> (T, B, ...)`` raw teacher logits for those training
             samples; ``None`` trains on hard labels only (needs ``alpha == 1``).
@@ -198,7 +210,8 @@ def distill(
         on_epoch: called with each epoch's record; returning ``True`` stops training.
 
     Returns:
-        One record per epoch (loss parts, seconds, validation quality when val data is given).
+        One record per epoch (loss parts, seconds, validation quality when val data is given);
+        a soup's branch epochs carry ``branch`` and a last record (``branches``) scores the soup.
     """
     if teacher_logits is None and config.alpha < 1:
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
@@ -213,7 +226,6 @@ def distill(
         if views.num_samples != len(train_images):
             raise ValueError(f"views cover {views.num_samples} samples, train_images has {len(train_images)}")
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     if teacher_logits is None:
         # Hard labels only: the same loss class with alpha = 1 computes exactly its hard term,
         # so a no-KD baseline uses the very CE (BCE, Dice+CE) of the KD runs.
@@ -221,69 +233,153 @@ def distill(
     else:
         criterion = build_distillation_loss(meta, config)
     epochs = epochs or config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
-    )
-    # As for the teachers: on a small val split, the average of the last epochs' weights is a
-    # steadier model than any one of them (what is validated, compressed and served).
-    average = WeightAverage(model, ema_decay(config.ema_epochs, steps_per_epoch)) if config.ema_epochs else None
-    history: list[dict[str, Any]] = []
-    n = len(train_images)
     segmentation = meta["task"] == "segmentation"
-    for epoch in range(epochs):
-        model.train()
-        started = time.perf_counter()
-        order = rng.permutation(n)
-        sums: dict[str, float] = {}
-        seen = 0
-        for step in range(steps_per_epoch):
-            indices = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
-            images = torch.from_numpy(train_images[indices])
-            labels = torch.from_numpy(train_labels[indices])
-            teachers = None
-            if views is not None:
-                images, labels, logits = views.batch(indices, views.draw(rng, len(indices)), images, labels,
-                                                     teacher_logits, segmentation)
-                teachers = torch.from_numpy(logits)
-            else:
-                if augment is not None:
-                    images, masks = augment(images, labels if segmentation else None)
-                    labels = masks if segmentation else labels
-                if teacher_logits is not None:
-                    teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
-            student_logits = model(images)
-            loss, parts = criterion(student_logits, teachers, _targets(labels, meta))
-            if teachers is None:
-                parts.pop("kd", None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if average is not None:
-                average.update(model)
-            batch = len(indices)
-            seen += batch
-            parts.setdefault("loss", float(loss.detach()))
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * batch
-        record: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - started}
-        record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
-        if val_images is not None and val_labels is not None:
-            metrics = evaluate_logits(predict_logits(model if average is None else average.model, val_images),
-                                      val_labels, meta)
-            name = quality_metric(meta)
-            record[f"val_{name}"] = float(metrics[name])
-            if "acc" in metrics:
-                record["val_acc"] = float(metrics["acc"])
+    n = len(train_images)
+
+    def run_epochs(run: TrainingRun, first: int, last: int, branch: int | None) -> tuple[list[dict[str, Any]], bool]:
+        records: list[dict[str, Any]] = []
+        for epoch in range(first, last):
+            run.model.train()
+            started = time.perf_counter()
+            order = run.rng.permutation(n)
+            sums: dict[str, float] = {}
+            seen = 0
+            for step in range(steps_per_epoch):
+                indices = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size])
+                images = torch.from_numpy(train_images[indices])
+                labels = torch.from_numpy(train_labels[indices])
+                teachers = None
+                if views is not None:
+                    images, labels, logits = views.batch(indices, views.draw(run.rng, len(indices)), images, labels,
+                                                         teacher_logits, segmentation)
+                    teachers = torch.from_numpy(logits)
+                else:
+                    if augment is not None:
+                        images, masks = augment(images, labels if segmentation else None)
+                        labels = masks if segmentation else labels
+                    if teacher_logits is not None:
+                        teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
+                loss, parts = criterion(run.model(images), teachers, _targets(labels, meta))
+                if teachers is None:
+                    parts.pop("kd", None)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.scheduler.step()
+                if run.average is not None:
+                    run.average.update(run.model)
+                seen += len(indices)
+                parts.setdefault("loss", float(loss.detach()))
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(indices)
+            record: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": time.perf_counter() - started}
+            if branch is not None:
+                record["branch"] = branch
+            record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
+            record.update(_validation(run.result_model(), val_images, val_labels, meta))
+            records.append(record)
+            if on_epoch is not None and on_epoch(record):
+                return records, True
+        return records, False
+
+    trunk = TrainingRun.start(model, config, total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    fork_at = epochs if config.branches == 1 else min(epochs - 1, max(1, round(epochs * config.fork_fraction)))
+    history, stopped = run_epochs(trunk, 0, fork_at, None)
+    if config.branches > 1 and not stopped and fork_at < epochs:
+        finished = []
+        for branch in range(1, config.branches + 1):
+            run = trunk.fork(branch, config.seed)
+            records, _ = run_epochs(run, fork_at, epochs, branch)
+            history.extend(records)
+            finished.append(run.result_model())
+        soup = average_state_dicts([m.state_dict() for m in finished])
+        model.load_state_dict(soup)
+        recalibrate_batchnorm(model, train_images, config.batch_size)
+        record = {"epoch": epochs, "branches": config.branches, **_validation(model, val_images, val_labels, meta)}
         history.append(record)
-        if on_epoch is not None and on_epoch(record):
-            break
-    if average is not None:
-        model.load_state_dict(average.model.state_dict())
+        if on_epoch is not None:
+            on_epoch(record)
+    elif trunk.average is not None:
+        model.load_state_dict(trunk.average.model.state_dict())
     model.eval()
     return history
+
+
+class TrainingRun:
+    """A model in training with its optimiser, schedule, weight average and data-order RNG."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 average: WeightAverage | None, rng: np.random.Generator, config: DistillConfig, total_steps: int) -> None:
+        self.model, self.optimizer, self.scheduler, self.average, self.rng = model, optimizer, scheduler, average, rng
+        self.config, self.total_steps = config, total_steps
+
+    @staticmethod
+    def _optimizer(model: nn.Module, config: DistillConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                        pct_start=0.15)
+        return optimizer, scheduler
+
+    @classmethod
+    def start(cls, model: nn.Module, config: DistillConfig, *, total_steps: int, steps_per_epoch: int) -> "TrainingRun":
+        optimizer, scheduler = cls._optimizer(model, config, total_steps)
+        # As for the teachers: on a small val split, the average of the last epochs' weights is a
+        # steadier model than any one of them (what is validated, compressed and served).
+        average = WeightAverage(model, ema_decay(config.ema_epochs, steps_per_epoch)) if config.ema_epochs else None
+        return cls(model, optimizer, scheduler, average, np.random.default_rng(config.seed), config, total_steps)
+
+    def fork(self, branch: int, seed: int) -> "TrainingRun":
+        """An independent copy that continues the same schedule with its own data order (and dropout)."""
+        model = copy.deepcopy(self.model)
+        optimizer, scheduler = self._optimizer(model, self.config, self.total_steps)
+        # Deep-copied: load_state_dict keeps the tensors it is given, and Adam's moments are updated in place.
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        scheduler.load_state_dict(self.scheduler.state_dict())
+        average = None if self.average is None else self.average.copy()
+        torch.manual_seed(seed * 1_000 + branch)
+        return TrainingRun(model, optimizer, scheduler, average, np.random.default_rng([seed, branch]), self.config,
+                    self.total_steps)
+
+    def result_model(self) -> nn.Module:
+        return self.model if self.average is None else self.average.model
+
+
+def _validation(model: nn.Module, val_images: np.ndarray | None, val_labels: np.ndarray | None,
+                meta: dict[str, Any]) -> dict[str, float]:
+    if val_images is None or val_labels is None:
+        return {}
+    metrics = evaluate_logits(predict_logits(model, val_images), val_labels, meta)
+    name = quality_metric(meta)
+    record = {f"val_{name}": float(metrics[name])}
+    if "acc" in metrics:
+        record["val_acc"] = float(metrics["acc"])
+    return record
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point tensors; other tensors (counters) from the first state.
+
+    Examples:
+        >>> soup = average_state_dicts([a.state_dict(), b.state_dict()])
+    """
+    if not states:
+        raise ValueError("states must hold at least one state dict")
+    keys = set(states[0])
+    for state in states[1:]:
+        if set(state) != keys:
+            raise ValueError(f"state dicts differ in keys: {sorted(keys ^ set(state))}")
+    return {key: (torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+                  if value.is_floating_point() else value.clone())
+            for key, value in states[0].items()}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, batch_size: int) -> None:
+    """Recompute BatchNorm statistics of ``model`` over ``images`` (averaged weights need their own)."""
+    batches = [torch.from_numpy(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    torch.optim.swa_utils.update_bn(batches, model)
+    model.eval()
 
 
 def array_teacher_logits(stacked: np.ndarray) -> TeacherLogitsFn:

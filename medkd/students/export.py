@@ -164,10 +164,10 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
         ],
         "search": {"fingerprint": outcome.fingerprint, "trial_id": trial.trial_id, "pareto_rank": rank,
                    "objectives": outcome.objectives},
-        # Trained again after the search for more epochs (search.final_epochs); None: the trial's model.
+        # Trained again after the search (search.final_epochs / final_branches); None: the trial's model.
         "final_training": None if final is None else {
             "fingerprint": final.fingerprint, "epochs": final.epochs, "search_epochs": final.search_epochs,
-            "search_val": final.search_val},
+            "branches": final.branches, "search_val": final.search_val},
         "config": candidate["config"],
         "metrics": {
             "val": {k: v for k, v in val_metrics.items() if k.startswith("val_")},

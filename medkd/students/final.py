@@ -1,11 +1,21 @@
-"""Stage 4: the final training of the selected student (``search.final_epochs``).
+"""Stage 4: the final training of the selected student (``search.final_epochs``, ``search.final_branches``).
 
 A search trial is a proxy that ranks configurations on a short budget (``search.epochs``, and
-ASHA stops most trials sooner). With ``search.final_epochs`` set, the configuration the export
-will select is trained once more from scratch for ``final_epochs`` epochs — same seed, same
-cached soft labels and FKD views, never a teacher — then pruned, exported and quantized, and
-validated, exactly as in a trial (:func:`medkd.students.search.train_candidate`). The export
-serves that model in place of the trial's; the other Pareto points are exported as searched.
+ASHA stops most trials sooner), and one trained instance of a configuration is one draw: on a
+few hundred images, test AUC moves by points from seed to seed while a small val split cannot
+tell the draws apart. The final training trains the configuration the export will select once
+more from scratch — same seed, same cached soft labels and FKD views, never a teacher:
+
+- ``final_epochs``: for that many epochs instead of the search's;
+- ``final_branches``: as a weight soup (:func:`medkd.students.distill.distill` with
+  ``branches``): one run to a quarter of the epochs, then that many copies finish it with their
+  own data order, and the served weights are their average (BatchNorm statistics recomputed) —
+  one model of the same size and latency whose quality varies less between seeds than a single
+  run's.
+
+It is then pruned, exported and quantized, and validated, exactly as in a trial
+(:func:`medkd.students.search.train_candidate`). The export serves that model in place of the
+trial's; the other Pareto points are exported as searched.
 
 The result is kept under ``output_dir/final/<fingerprint>/`` (search, trial, configuration and
 epochs), so a re-run or ``--resume`` finds it instead of training again.
@@ -40,13 +50,15 @@ class FinalModel(BaseModel):
     path: str
     epochs: int
     search_epochs: int
+    branches: int = 1
     val: dict[str, float]
     search_val: dict[str, float]
     seconds: float
 
 
-def final_fingerprint(outcome: SearchOutcome, trial: TrialRecord, epochs: int) -> str:
-    return fingerprint("final", outcome.fingerprint, trial.trial_id, trial.config, epochs)
+def final_fingerprint(outcome: SearchOutcome, trial: TrialRecord, epochs: int, branches: int = 1) -> str:
+    parts = [outcome.fingerprint, trial.trial_id, trial.config, epochs] + ([branches] if branches > 1 else [])
+    return fingerprint("final", *parts)
 
 
 def final_cpus(cpus_per_trial: float, max_concurrent: int) -> float:
@@ -70,10 +82,11 @@ def train_final(
     output_dir: Path,
     progress: Progress,
 ) -> tuple[FinalModel | None, str]:
-    """Train ``trial``'s configuration for ``spec.search.final_epochs``.
+    """Train ``trial``'s configuration again: for ``spec.search.final_epochs`` (default: the trial's
+    epochs), as a soup of ``spec.search.final_branches`` branches (default: one run).
 
     Returns the model and ``"ran"``, ``"skipped"`` when an earlier run's result was found, or
-    ``(None, "skipped")`` when ``final_epochs`` is unset.
+    ``(None, "skipped")`` when neither setting is given.
 
     Args:
         spec: the job spec.
@@ -86,33 +99,36 @@ def train_final(
     Raises:
         ValueError: ``trial`` did not finish (it has no trained configuration to repeat).
     """
-    epochs = spec.search.final_epochs
-    if epochs is None:
+    if not spec.search.final_training:
         return None, "skipped"
     if not trial.final:
         raise ValueError(f"trial {trial.trial_id} did not finish ({trial.status}): nothing to train again")
     import ray
 
-    final_fp = final_fingerprint(outcome, trial, epochs)
+    search_epochs = int(trial.config.get("epochs", spec.search.epochs))
+    epochs = spec.search.final_epochs or search_epochs
+    branches = spec.search.final_branches or 1
+    final_fp = final_fingerprint(outcome, trial, epochs, branches)
     target = Path(output_dir) / FINAL_DIR / final_fp
     record_path = target / RECORD_FILE
     if record_path.is_file():
         record = FinalModel.model_validate_json(record_path.read_text())
-        progress.line(f"  final training {final_fp}: found ({record.epochs} epochs, "
+        progress.line(f"  final training {final_fp}: found ({record.epochs} epochs, {record.branches} branch(es), "
                       + ", ".join(f"{k}={v:.4f}" for k, v in record.val.items()) + ")")
         return record, "skipped"
 
-    config = DistillConfig.model_validate(trial.config).model_copy(update={"epochs": epochs})
+    config = DistillConfig.model_validate(trial.config).model_copy(update={"epochs": epochs, "branches": branches})
     cpus = final_cpus(spec.search.cpus_per_trial, spec.search.max_concurrent)
+    soup = f", a soup of {branches} branches forked at epoch {round(epochs * config.fork_fraction)}" if branches > 1 else ""
     progress.line(f"  final training of trial {trial.trial_id} ({config.student}, width {config.width:.2f}): "
-                  f"{epochs} epochs (search: {trial.config.get('epochs')}), {cpus:g} CPU")
+                  f"{epochs} epochs (search: {search_epochs}){soup}, {cpus:g} CPU")
     started = time.perf_counter()
     task = ray.remote(num_cpus=cpus, num_gpus=spec.search.gpus_per_trial, max_retries=1)(final_candidate)
     files, metrics = ray.get(task.remote(config.model_dump_json(), context, cpus))
     seconds = time.perf_counter() - started
 
     record = FinalModel(fingerprint=final_fp, trial_id=trial.trial_id, path=str(target), epochs=epochs,
-                        search_epochs=int(trial.config.get("epochs", spec.search.epochs)), val=_val_metrics(metrics),
+                        search_epochs=search_epochs, branches=branches, val=_val_metrics(metrics),
                         search_val=_val_metrics(trial.metrics), seconds=round(seconds, 1))
     with staged_directory(target) as staging:
         for name, content in files.items():
@@ -144,7 +160,8 @@ def final_candidate(config_json: str, context: dict[str, Any], cpus: float) -> t
     quality_key = f"val_{quality_metric(meta)}"
 
     def on_epoch(record: dict[str, Any]) -> None:
-        send_event(context["events"], {"kind": "trial_epoch", "trial": "final", "epoch": record["epoch"],
+        trial = "final" if "branch" not in record else f"final branch {record['branch']}/{config.branches}"
+        send_event(context["events"], {"kind": "trial_epoch", "trial": trial, "epoch": record["epoch"],
                                        "epochs": config.epochs, "metric": quality_key,
                                        "value": float(record.get(quality_key, float("nan")))})
 

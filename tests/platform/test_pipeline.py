@@ -85,23 +85,25 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     listing = capsys.readouterr().out
     assert f"* rank 0  {best['model_id']}" in listing
 
-    # search.final_epochs: the same search (not re-run), its selected configuration trained again
-    # for longer, and that model exported and selected under its own id.
-    longer = parse_spec(tiny_job(tmp_path, redis_url, search={**tiny_job(tmp_path, redis_url)["search"], "final_epochs": 2}))
+    # search.final_epochs and final_branches: the same search (not re-run), its selected configuration
+    # trained again for longer as a weight soup, and that model exported and selected under its own id.
+    longer = parse_spec(tiny_job(tmp_path, redis_url, search={**tiny_job(tmp_path, redis_url)["search"],
+                                                              "final_epochs": 2, "final_branches": 2}))
     run_job(longer, serve=False)
     final = json.loads((spec.output_dir / "results.json").read_text())
     assert final["stages"]["search"]["status"] == "skipped" and final["stages"]["final"]["status"] == "ran"
     assert final["final"]["trial_id"] == best["trial_id"] and final["final"]["epochs"] == 2
     assert final["final"]["search_epochs"] == 1 and set(final["final"]["val"]) >= {"val_auc", "val_acc"}
     assert final["best"]["model_id"] != best["model_id"] and final["best"]["config"]["epochs"] == 2
-    assert {k: v for k, v in final["best"]["config"].items() if k != "epochs"} == {
-        k: v for k, v in best["config"].items() if k != "epochs"}
-    assert final["best"]["final_training"]["epochs"] == 2
+    assert final["best"]["config"]["branches"] == 2 and final["final"]["branches"] == 2
+    assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches")} == {
+        k: v for k, v in best["config"].items() if k not in ("epochs", "branches")}
+    assert final["best"]["final_training"]["epochs"] == 2 and final["best"]["final_training"]["branches"] == 2
     assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
     assert Path(final["best"]["onnx_path"]).is_file() and final["best"]["parity"]["max_abs_diff"] < 1e-3
     assert (spec.output_dir / "models" / "SELECTED").read_text().strip() == final["best"]["model_id"]
     assert "final training of trial" in capsys.readouterr().out
-    assert "trained again after the search for 2 epochs (search: 1)" in (spec.output_dir / "report.html").read_text()
+    assert "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches" in (spec.output_dir / "report.html").read_text()
     run_job(longer, serve=False)
     assert json.loads((spec.output_dir / "results.json").read_text())["stages"]["final"]["status"] == "skipped"
     assert "final training" in capsys.readouterr().out

@@ -149,15 +149,16 @@ def test_search_ema_epochs_validated_and_kept_out_of_old_fingerprints(tmp_path):
     assert averaged.fingerprint_fields()["ema_epochs"] == 4
 
 
-def test_final_epochs_validated_and_not_part_of_the_search_fingerprint(tmp_path):
+@pytest.mark.parametrize(("field", "bad", "good"), [("final_epochs", 0, 120), ("final_branches", 1, 4)])
+def test_final_training_settings_validated_and_not_part_of_the_search_fingerprint(tmp_path, field, bad, good):
     raw = minimal()
-    raw["search"] = {"final_epochs": 0}
-    with pytest.raises(SpecError, match=r"search\.final_epochs"):
+    raw["search"] = {field: bad}
+    with pytest.raises(SpecError, match=rf"search\.{field}"):
         load_spec(write(tmp_path, raw))
-    raw["search"] = {"final_epochs": 120}
-    longer = load_spec(write(tmp_path, raw))
+    raw["search"] = {field: good}
+    final = load_spec(write(tmp_path, raw))
     plain = load_spec(write(tmp_path, minimal()))
-    assert longer.search.final_epochs == 120
+    assert getattr(final.search, field) == good and final.search.final_training and not plain.search.final_training
     # The trials do not depend on it: adding it reuses a finished search.
-    assert longer.search.fingerprint_fields() == plain.search.fingerprint_fields()
-    assert longer.fingerprint() != plain.fingerprint()
+    assert final.search.fingerprint_fields() == plain.search.fingerprint_fields()
+    assert final.fingerprint() != plain.fingerprint()

@@ -7,7 +7,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
+from medkd.students.distill import (
+    DistillConfig,
+    TrainingRun,
+    array_teacher_logits,
+    average_state_dicts,
+    build_student,
+    distill,
+    recalibrate_batchnorm,
+)
 
 META = {"task": "classification", "multilabel": False, "spatial_dims": 2, "in_channels": 1,
         "num_classes": 2, "image_size": [16, 16]}
@@ -217,3 +225,92 @@ def test_online_augmentation_with_segmentation_kd_is_an_error():
     with pytest.raises(ValueError, match="misaligns per-pixel KD targets"):
         distill(build_student(meta, cfg), cfg, train_images=images, train_labels=masks, meta=meta,
                 teacher_logits=array_teacher_logits(logits), augment=lambda x, m: (x, m))
+
+
+def soup_run(branches: int, **overrides):
+    images, labels, teachers = tiny_data()
+    cfg = config(alpha=0.5, epochs=4, branches=branches, **{"fork_fraction": 0.5, **overrides})
+    model = build_student(META, cfg)
+    seen: list[dict] = []
+    history = distill(model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers),
+                      meta=META, val_images=images[:16], val_labels=labels[:16], on_epoch=seen.append)
+    return model, history, seen
+
+
+def test_weight_soup_forks_branches_and_serves_their_average():
+    single, _, _ = soup_run(1)
+    soup, history, seen = soup_run(3)
+    # Two shared epochs (fork at half), then three branches finish epochs 3-4, then the soup's record.
+    assert [(r["epoch"], r.get("branch")) for r in history[:-1]] == [(1, None), (2, None)] + [
+        (epoch, branch) for branch in (1, 2, 3) for epoch in (3, 4)]
+    assert history[-1]["epoch"] == 4 and history[-1]["branches"] == 3 and seen == history
+    # Each branch draws its own data order: the same epoch trains differently in each.
+    losses = {r["branch"]: r["train_loss"] for r in history if r.get("epoch") == 4 and "branch" in r}
+    assert len(set(losses.values())) == 3
+    assert not torch.allclose(_flat(soup), _flat(single))
+    assert not soup.training
+    # The soup's record scores the returned model, and the same seed gives the same soup.
+    probs = torch.softmax(soup(torch.from_numpy(tiny_data()[0][:16])), dim=1)[:, 1].detach().numpy()
+    assert history[-1]["val_auc"] == pytest.approx(roc_auc_score(tiny_data()[1][:16, 0], probs), abs=1e-6)
+    again, _, _ = soup_run(3)
+    assert torch.equal(_flat(again), _flat(soup))
+
+
+def test_weight_soup_with_weight_averaged_branches_and_a_stop_before_the_fork():
+    _, history, _ = soup_run(2, ema_epochs=1.0)
+    assert history[-1]["branches"] == 2 and 0.0 <= history[-1]["val_auc"] <= 1.0
+    images, labels, teachers = tiny_data()
+    cfg = config(alpha=0.5, epochs=4, branches=2)
+    history = distill(build_student(META, cfg), cfg, train_images=images, train_labels=labels,
+                      teacher_logits=array_teacher_logits(teachers), meta=META, on_epoch=lambda record: True)
+    assert history == [history[0]] and "branch" not in history[0]  # stopped (e.g. by ASHA): no branches
+
+
+def test_a_forked_run_does_not_share_optimizer_state_with_its_trunk():
+    images, labels, _ = tiny_data()
+    cfg = config(alpha=1.0, epochs=2)
+    trunk = TrainingRun.start(build_student(META, cfg), cfg, total_steps=10, steps_per_epoch=5)
+    step(trunk, images, labels)
+    moments = {k: v["exp_avg"].clone() for k, v in trunk.optimizer.state_dict()["state"].items()}
+    branch = trunk.fork(1, cfg.seed)
+    step(branch, images, labels)
+    assert all(torch.equal(trunk.optimizer.state_dict()["state"][k]["exp_avg"], v) for k, v in moments.items())
+    assert branch.scheduler.last_epoch == 2 and trunk.scheduler.last_epoch == 1
+    assert any(not torch.equal(a, b) for a, b in zip(trunk.model.parameters(), branch.model.parameters()))
+
+
+def step(run: "TrainingRun", images: np.ndarray, labels: np.ndarray) -> None:
+    run.model.train()
+    loss = torch.nn.functional.cross_entropy(run.model(torch.from_numpy(images[:16])), torch.from_numpy(labels[:16, 0]))
+    run.optimizer.zero_grad()
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+
+
+def test_average_state_dicts_means_floats_and_keeps_counters():
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
+    soup = average_state_dicts([a, b])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0])) and soup["n"].item() == 5
+    with pytest.raises(ValueError, match="differ in keys.*'v'"):
+        average_state_dicts([a, {"w": a["w"], "v": a["n"]}])
+    with pytest.raises(ValueError, match="at least one"):
+        average_state_dicts([])
+
+
+def test_recalibrate_batchnorm_recomputes_statistics_over_the_images():
+    images = np.random.default_rng(0).normal(2.0, 3.0, (40, 2, 4, 4)).astype(np.float32)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    model[0].running_mean.fill_(-9.0)
+    recalibrate_batchnorm(model, images, batch_size=40)
+    torch.testing.assert_close(model[0].running_mean, torch.from_numpy(images.mean(axis=(0, 2, 3))), atol=1e-4, rtol=0)
+    torch.testing.assert_close(model[0].running_var, torch.from_numpy(images.var(axis=(0, 2, 3), ddof=1)), atol=1e-3, rtol=0)
+    assert not model.training
+
+
+def test_bad_soup_settings_are_errors():
+    with pytest.raises(ValueError, match="branches"):
+        config(branches=0)
+    with pytest.raises(ValueError, match="fork_fraction"):
+        config(fork_fraction=1.0)

@@ -11,10 +11,11 @@ from medkd.students.final import FinalModel, final_fingerprint, train_final
 from medkd.students.search import SearchOutcome, TrialRecord
 
 
-def spec(final_epochs: int | None):
+def spec(final_epochs: int | None, final_branches: int | None = None):
+    final = {k: v for k, v in {"final_epochs": final_epochs, "final_branches": final_branches}.items() if v}
     return parse_spec({
         "name": "final", "data": {"kind": "synthetic"}, "teachers": [{"name": "t", "model": "resnet10"}],
-        "search": {"epochs": 3, **({"final_epochs": final_epochs} if final_epochs else {})},
+        "search": {"epochs": 3, **final},
     })
 
 
@@ -36,18 +37,20 @@ def test_without_final_epochs_nothing_is_trained(tmp_path):
     assert not (tmp_path / "final").exists()
 
 
-def test_an_unfinished_trial_cannot_be_trained_again(tmp_path):
+@pytest.mark.parametrize("final", [spec(10), spec(None, final_branches=4)], ids=["epochs", "branches"])
+def test_an_unfinished_trial_cannot_be_trained_again(tmp_path, final):
     stopped = trial("b", finished=False)
     with pytest.raises(ValueError, match="trial b did not finish"):
-        train_final(spec(10), outcome(trial("a"), stopped), stopped, context={}, output_dir=tmp_path,
+        train_final(final, outcome(trial("a"), stopped), stopped, context={}, output_dir=tmp_path,
                     progress=Progress(quiet=True))
 
 
-def test_fingerprint_depends_on_trial_config_and_epochs():
+def test_fingerprint_depends_on_trial_config_epochs_and_branches():
     done = outcome(trial("a"), trial("b"))
-    assert final_fingerprint(done, trial("a"), 10) == final_fingerprint(done, trial("a"), 10)
+    assert final_fingerprint(done, trial("a"), 10) == final_fingerprint(done, trial("a"), 10, branches=1)
     assert final_fingerprint(done, trial("a"), 10) != final_fingerprint(done, trial("a"), 20)
     assert final_fingerprint(done, trial("a"), 10) != final_fingerprint(done, trial("b"), 10)
+    assert final_fingerprint(done, trial("a"), 10) != final_fingerprint(done, trial("a"), 10, branches=4)
 
 
 def test_export_refuses_a_final_model_of_another_trial(tmp_path):
