@@ -62,3 +62,22 @@ def test_average_state_round_trip_and_bad_decay():
     torch.testing.assert_close(restored.model[0].weight, average.model[0].weight)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(model, decay=1.0)
+
+
+def test_a_copied_average_follows_its_own_model_only():
+    import copy
+
+    model = build()
+    average = WeightAverage(model, decay=0.5)
+    average.update(model)
+    fork = copy.deepcopy(model)
+    twin = average.copy()
+    assert (twin.decay, twin.updates) == (average.decay, average.updates)
+    before = {k: v.clone() for k, v in average.model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in fork.parameters():
+            parameter.add_(1.0)
+    twin.update(fork)
+    assert all(torch.equal(v, average.model.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    assert not torch.equal(twin.model[0].weight, average.model[0].weight)
+    assert twin.updates == average.updates + 1

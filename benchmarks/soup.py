@@ -1,0 +1,182 @@
+"""Weight soup vs one run: the served student's configuration trained both ways on the same seeds.
+
+    python -m benchmarks.soup --run runs/bench-students-breastmnist-v6 [--data PATH.npz]
+        [--seeds 0 1 2 3] [--branches 4] [--forks 0.25 0.5]
+
+Needs the output folder of a finished ``python -m benchmarks.students`` run on the same data:
+its soft-label cache (the managed redis-server's data under ``RUN/redis``) and its selected
+student (``RUN/results.json``). Nothing re-runs a teacher.
+
+For each seed, the selected configuration is trained as one run (``branches = 1``) and as a
+soup of ``--branches`` branches forked at each of ``--forks`` (share of the epochs trained once
+before the fork), each through the search's own recipe
+(:func:`benchmarks.students.kd_gain_run`: distill on the cached views -> compress -> INT8 ONNX)
+and scored on val and test after compression. Runs are Ray tasks of 1 CPU, two at a time here.
+
+Ends with ``RESULT single_val_auc=... single_test_auc=... single_test_auc_std=...
+single_min_test_auc=... soup_val_auc=... soup_test_auc=... soup_test_auc_std=...
+soup_min_test_auc=... soup_test_acc=... single_test_acc=...`` for the first fork of ``--forks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._env import configure_local_ray  # noqa: E402
+
+configure_local_ray()
+
+
+def log(message: str) -> None:
+    print(f"[soup {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def variants(branches: int, forks: list[float]) -> dict[str, dict[str, Any]]:
+    """Config updates per variant name: one run, then one soup per fork point."""
+    out: dict[str, dict[str, Any]] = {"single": {"branches": 1}}
+    for fork in forks:
+        out[f"soup{branches}@{fork:g}"] = {"branches": branches, "fork_fraction": fork}
+    return out
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for metric in ("val_auc", "test_auc", "test_acc"):
+        values = [r[metric] for r in runs]
+        out[metric] = statistics.fmean(values)
+        out[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["min_test_auc"] = min(r["test_auc"] for r in runs)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    seeds = report["seeds"]
+    lines = [
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
+        f"- Configuration: {report['config']}",
+        "",
+        "| variant | val AUC | test AUC | test ACC | min test AUC | " + " | ".join(f"seed {s} test AUC / ACC" for s in seeds) + " |",
+        "|---|---|---|---|---|" + "---|" * len(seeds),
+    ]
+    for name, runs in report["runs"].items():
+        s = report["summary"][name]
+        per_seed = " | ".join(f"{r['test_auc']:.4f} / {r['test_acc']:.4f}" for r in runs)
+        lines.append(f"| {name} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± {s['test_auc_std']:.4f} "
+                     f"| {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {s['min_test_auc']:.4f} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def result_line(summary: dict[str, dict[str, float]], soup: str) -> str:
+    single, chosen = summary["single"], summary[soup]
+    parts = {
+        "single_val_auc": single["val_auc"], "single_test_auc": single["test_auc"],
+        "single_test_auc_std": single["test_auc_std"], "single_min_test_auc": single["min_test_auc"],
+        "single_test_acc": single["test_acc"],
+        "soup_val_auc": chosen["val_auc"], "soup_test_auc": chosen["test_auc"],
+        "soup_test_auc_std": chosen["test_auc_std"], "soup_min_test_auc": chosen["min_test_auc"],
+        "soup_test_acc": chosen["test_acc"],
+    }
+    return "RESULT " + " ".join(f"{k}={v:.4f}" for k, v in parts.items())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from benchmarks.students import DEFAULT_DATA, DEFAULT_SPEC
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)")
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--branches", type=int, default=4)
+    parser.add_argument("--forks", type=float, nargs="+", default=[0.25, 0.5])
+    args = parser.parse_args(argv)
+    if args.branches < 2:
+        parser.error(f"--branches must be >= 2, got {args.branches}")
+    if any(not 0 < fork < 1 for fork in args.forks):
+        parser.error(f"--forks must be in (0, 1), got {args.forks}")
+    if len(args.seeds) < 2:
+        parser.error("--seeds needs at least two seeds (a spread needs two)")
+    if not (args.run / "results.json").is_file() or not (args.run / "redis").is_dir():
+        parser.error(f"--run {args.run}: no results.json and redis/ (the output folder of a benchmarks.students run)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import ray
+
+    from benchmarks.students import PASSWORD_ENV, build_spec, kd_gain_run
+    from benchmarks.students import parse_args as students_args
+    from medkd.platform.data import load_dataset
+    from medkd.platform.pipeline import init_ray
+    from medkd.platform.redis_server import ManagedRedisServer
+    from medkd.students.distill import DistillConfig
+    from medkd.teachers.train import dataset_meta
+
+    results = json.loads((args.run / "results.json").read_text())
+    config = DistillConfig.model_validate(results["best"]["config"])
+    students = students_args(["--data", str(args.data), "--spec", str(args.spec), "--output", str(args.run)])
+    dataset = load_dataset(build_spec(students, redis_port=1).data)
+    if dataset.fingerprint != results["dataset"]["fingerprint"]:
+        raise SystemExit(f"--data {args.data} is not the data of --run {args.run} (dataset fingerprints differ)")
+    meta = dataset_meta(dataset)
+    os.environ[PASSWORD_ENV] = secrets.token_urlsafe(24)
+    redis = ManagedRedisServer(data_dir=args.run / "redis", password=os.environ[PASSWORD_ENV]).start()
+    os.environ[PASSWORD_ENV] = redis.password or ""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        spec = build_spec(students, redis_port=redis.port, dataset=dataset)
+        started_ray = init_ray(spec)
+        try:
+            data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
+            cache = {"url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": PASSWORD_ENV,
+                     "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+                     "views": results["soft_labels"].get("views")}
+            augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
+            task = ray.remote(num_cpus=1)(kd_gain_run)
+            refs = {(name, seed): task.remote(config.model_copy(update={**update, "seed": seed}).model_dump_json(), meta,
+                                              [data_ref], cache, augment, spec.export.latency_runs)
+                    for name, update in variants(args.branches, args.forks).items() for seed in args.seeds}
+            log(f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
+                f"{', '.join(variants(args.branches, args.forks))} x seeds {args.seeds}")
+            for (name, seed), ref in refs.items():
+                run = ray.get(ref)
+                runs.setdefault(name, []).append(run)
+                log(f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
+                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)")
+        finally:
+            if started_ray:
+                ray.shutdown()
+    finally:
+        redis.stop()
+    summary = {name: summarise(r) for name, r in runs.items()}
+    report = {
+        "command": "python -m benchmarks.soup " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "wall_seconds": time.perf_counter() - started,
+        "seeds": args.seeds,
+        "config": {k: v for k, v in config.model_dump().items() if k not in ("branches", "fork_fraction", "seed")},
+        "runs": runs,
+        "summary": summary,
+    }
+    report["result_line"] = result_line(summary, next(name for name in runs if name != "single"))
+    (args.run / "benchmark").mkdir(parents=True, exist_ok=True)
+    (args.run / "benchmark" / "soup.json").write_text(json.dumps(report, indent=2, default=str))
+    print(markdown(report))
+    print(report["result_line"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
