@@ -185,7 +185,8 @@ class ManagedRedisServer:
             raise ValueError("password must be a non-empty string without whitespace")
         if not executable:
             raise ValueError("executable must name the redis-server binary")
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else default_home() / "redis"
+        # Absolute: redis-server changes into --dir before it opens the log file named in its config.
+        self.data_dir = (Path(data_dir).expanduser() if data_dir is not None else default_home() / "redis").resolve()
         self._requested_port = int(port) if port is not None else None
         self._requested_password = password
         self.executable = executable

@@ -70,6 +70,14 @@ def test_data_survives_stop_and_start(tmp_path: Path) -> None:
         assert connect(server.url).get("kept") == b"across restarts"
 
 
+def test_a_relative_data_dir_starts_and_keeps_its_files_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with ManagedRedisServer(data_dir=Path("run") / "redis") as server:
+        assert server.data_dir == tmp_path / "run" / "redis"
+        connect(server.url).set("k", b"v")
+        assert (tmp_path / "run" / "redis" / "redis.log").is_file()
+
+
 def test_second_instance_attaches_and_only_the_owner_stops(tmp_path: Path) -> None:
     owner = ManagedRedisServer(data_dir=tmp_path).start()
     try:
