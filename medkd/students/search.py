@@ -332,8 +332,9 @@ def train_candidate(
     model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
     if config.prune == "channels" and config.prune_amount > 0:
         finetune = max(1, round(config.epochs * FINETUNE_AFTER_CHANNEL_PRUNING))
-        # A short, low-rate fine-tune: no weight average (its horizon would span most of it).
-        distill(model, config.model_copy(update={"lr": config.lr / 3, "ema_epochs": None}),
+        # A short, low-rate fine-tune of the one pruned model: no weight average (its horizon
+        # would span most of it), no soup.
+        distill(model, config.model_copy(update={"lr": config.lr / 3, "ema_epochs": None, "branches": 1}),
                 train_images=train_x, train_labels=train_y,
                 teacher_logits=teacher_logits, meta=meta, epochs=finetune, augment=augment, views=views)
     return export_candidate(model, config, meta=meta, calibration=calibration, val_images=val_x,
