@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     import ray
 
-    from benchmarks.students import PASSWORD_ENV, build_spec, kd_gain_run
+    from benchmarks.students import PASSWORD_ENV, build_spec, kd_gain_run, retraining_inputs
     from benchmarks.students import parse_args as students_args
     from medkd.platform.data import load_dataset
     from medkd.platform.pipeline import init_ray
@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = build_spec(students, redis_port=redis.port, dataset=dataset)
         started_ray = init_ray(spec)
         try:
-            data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
-            cache = {"url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": PASSWORD_ENV,
-                     "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
-                     "views": results["soft_labels"].get("views")}
-            augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
+            data_ref, cache, augment = retraining_inputs(spec, results, dataset)
             task = ray.remote(num_cpus=1)(kd_gain_run)
             refs = {(name, seed): task.remote(config.model_copy(update={**update, "seed": seed}).model_dump_json(), meta,
                                               [data_ref], cache, augment, spec.export.latency_runs)

@@ -157,13 +157,13 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         epochs = student_epochs(train_size, spec.search.epochs)
         # ASHA's first rung keeps its share of the trial's budget (10 of 40 epochs -> 2 of 6).
         grace = max(1, round(spec.search.grace_period * epochs / spec.search.epochs))
-        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"epochs": epochs, "grace_period": grace})})
+        spec = with_search(spec, epochs=epochs, grace_period=grace)
     if args.trials is None:
         trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
-        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_trials": trials})})
+        spec = with_search(spec, num_trials=trials)
     explicit = {parse_override(text)[0] for text in args.set or []}
     if spec.search.final_branches and train_size > SOUP_MAX_TRAIN_SIZE and "search.final_branches" not in explicit:
-        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"final_branches": None})})
+        spec = with_search(spec, final_branches=None)
     if spec.cache.views:
         # A student sees each sample once per epoch, as the original or one view: views beyond
         # the epoch count would mostly go unseen, and each costs a teacher pass per image (on
@@ -171,6 +171,10 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         views = min(spec.search.epochs, view_count(train_size, spec.cache.views))
         spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": views})})
     return spec
+
+
+def with_search(spec: Any, **changes: Any) -> Any:
+    return spec.model_copy(update={"search": spec.search.model_copy(update=changes)})
 
 
 def without_flips(spec: Any) -> Any:
@@ -231,6 +235,21 @@ def ray_get(ref: Any) -> Any:
     return ray.get(ref)
 
 
+def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple[Any, dict[str, Any], dict | None]:
+    """What :func:`kd_gain_run` needs besides a config: the data (in the object store), the job's
+    soft-label cache (teachers, views) and its ``search.augment``."""
+    import ray
+
+    data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
+    cache = {
+        "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
+        "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+        "views": results["soft_labels"].get("views"),
+    }
+    augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
+    return data_ref, cache, augment
+
+
 def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     import ray
 
@@ -239,13 +258,7 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: dict[str, An
     best = DistillConfig.model_validate(results["best"]["config"])
     if best.alpha >= 1:
         log("  the selected student was trained without KD (alpha = 1): KD gain is 0 by construction")
-    data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
-    cache = {
-        "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
-        "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
-        "views": results["soft_labels"].get("views"),
-    }
-    augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
+    data_ref, cache, augment = retraining_inputs(spec, results, dataset)
     task = ray.remote(num_cpus=1)(kd_gain_run)
     configs = {("kd", seed): best.model_copy(update={"seed": seed}) for seed in seeds}
     configs.update({("ce", seed): best.model_copy(update={"seed": seed, "alpha": 1.0}) for seed in seeds})

@@ -289,7 +289,7 @@ def distill(
     if config.branches > 1 and not stopped and fork_at < epochs:
         finished = []
         for branch in range(1, config.branches + 1):
-            run = trunk.fork(branch, config.seed)
+            run = trunk.fork(branch)
             records, _ = run_epochs(run, fork_at, epochs, branch)
             history.extend(records)
             finished.append(run.result_model())
@@ -329,7 +329,7 @@ class TrainingRun:
         average = WeightAverage(model, ema_decay(config.ema_epochs, steps_per_epoch)) if config.ema_epochs else None
         return cls(model, optimizer, scheduler, average, np.random.default_rng(config.seed), config, total_steps)
 
-    def fork(self, branch: int, seed: int) -> "TrainingRun":
+    def fork(self, branch: int) -> "TrainingRun":
         """An independent copy that continues the same schedule with its own data order (and dropout)."""
         model = copy.deepcopy(self.model)
         optimizer, scheduler = self._optimizer(model, self.config, self.total_steps)
@@ -337,9 +337,10 @@ class TrainingRun:
         optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
         scheduler.load_state_dict(self.scheduler.state_dict())
         average = None if self.average is None else self.average.copy()
+        seed = self.config.seed
         torch.manual_seed(seed * 1_000 + branch)
         return TrainingRun(model, optimizer, scheduler, average, np.random.default_rng([seed, branch]), self.config,
-                    self.total_steps)
+                           self.total_steps)
 
     def result_model(self) -> nn.Module:
         return self.model if self.average is None else self.average.model

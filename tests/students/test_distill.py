@@ -272,7 +272,7 @@ def test_a_forked_run_does_not_share_optimizer_state_with_its_trunk():
     trunk = TrainingRun.start(build_student(META, cfg), cfg, total_steps=10, steps_per_epoch=5)
     step(trunk, images, labels)
     moments = {k: v["exp_avg"].clone() for k, v in trunk.optimizer.state_dict()["state"].items()}
-    branch = trunk.fork(1, cfg.seed)
+    branch = trunk.fork(1)
     step(branch, images, labels)
     assert all(torch.equal(trunk.optimizer.state_dict()["state"][k]["exp_avg"], v) for k, v in moments.items())
     assert branch.scheduler.last_epoch == 2 and trunk.scheduler.last_epoch == 1
