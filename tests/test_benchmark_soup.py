@@ -44,3 +44,24 @@ def test_a_folder_that_is_not_a_benchmark_run_names_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--run", str(tmp_path)])
     assert f"--run {tmp_path}: no results.json and redis/" in capsys.readouterr().err
+
+
+def test_data_of_another_run_is_refused_before_anything_starts(tmp_path):
+    import json
+
+    import numpy as np
+
+    from benchmarks.soup import main
+
+    arrays = {}
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        arrays[f"{split}_images"] = np.zeros((n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    run = tmp_path / "run"
+    (run / "redis").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"best": {"config": {"student": "resnet_tiny"}},
+                                                  "dataset": {"fingerprint": "another"}}))
+    with pytest.raises(SystemExit, match=r"--data .*breastmnist.npz is not the data of --run .*run"):
+        main(["--run", str(run), "--data", str(tmp_path / "breastmnist.npz")])
+    assert not (run / "redis" / "medkd-redis.conf").exists()  # no redis-server was started
