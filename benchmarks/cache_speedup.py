@@ -51,10 +51,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from medkd.platform.data import Dataset, MedMNISTDataSpec, SyntheticDataSpec, load_dataset
-from medkd.platform.fingerprint import fingerprint
-from medkd.platform.redis_server import ManagedRedisServer
-from medkd.platform.softlabels import SoftLabelCache
+from medkd.data import Dataset, MedMNISTDataSpec, SyntheticDataSpec, load_dataset
+from medkd.core.fingerprint import fingerprint
+from medkd.softlabels.redis_server import ManagedRedisServer
+from medkd.softlabels.store import SoftLabelCache
 from medkd.students.distill import (
     DistillConfig,
     TeacherLogitsFn,
@@ -228,7 +228,7 @@ def online_teacher_logits(teachers: list[nn.Module], images: np.ndarray) -> Teac
 
 
 def cached_batch_logits(cache: SoftLabelCache, fps: list[str], dataset_fp: str) -> TeacherLogitsFn:
-    """Per batch from Redis, as ``medkd.students.search`` reads segmentation logits."""
+    """Per batch from Redis, as ``medkd.search.run`` reads segmentation logits."""
     return lambda indices: np.stack([cache.fetch(fp, dataset_fp, SPLIT, indices=indices) for fp in fps])
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medkd.platform.redis_server import ManagedRedisServer, connect
-from medkd.platform.softlabels import SoftLabelCache
+from medkd.softlabels.redis_server import ManagedRedisServer, connect
+from medkd.softlabels.store import SoftLabelCache
 
 TEACHERS = ("cnnA", "vitB", "cnnC")
 DATASET = "bench"

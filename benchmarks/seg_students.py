@@ -16,13 +16,13 @@ cache (its data under ``--output``, so a re-run finds the teacher and its logits
    a small affine augmentation, best-val-Dice checkpoint) trained through medkd's real teacher stage
    (:func:`medkd.teachers.train.train_teachers`: a Ray Train ``TorchTrainer``, 1 worker, 1 CPU);
    its per-pixel logits for every split are cached by
-   :func:`medkd.teachers.inference.cache_teacher_logits` in the :class:`SoftLabelCache`
+   :func:`medkd.softlabels.compute.cache_teacher_logits` in the :class:`SoftLabelCache`
    (float16, as the spec says). The teacher's test Dice is scored from its cached test logits.
    With ``cache.views: K`` in the spec (the example has 16), its logits on K augmented views of
    train (``search.augment``) are cached too (FKD).
 3. **Students**: ``unet_small`` at ``--width`` (parameters at most 1/5 of the teacher's at the
    default) distilled with the ``pixel_kd`` loss through the search's own recipe
-   (:func:`medkd.students.search.train_candidate`: distill -> prune (none) -> ONNX -> INT8 static
+   (:func:`medkd.search.run.train_candidate`: distill -> prune (none) -> ONNX -> INT8 static
    QDQ), for each seed once **with KD** (``--alpha`` hard-loss weight, ``--temperature``,
    ``mean`` aggregation; teacher logits read per batch from Redis, never from a teacher) and once
    **without KD** (``alpha = 1``: Dice+CE only, ``teacher_logits=None``), same seed = same initial
@@ -32,7 +32,7 @@ cache (its data under ``--output``, so a re-run finds the teacher and its logits
    server use); the FP32 ONNX export is scored too, to show the quantization cost.
    Students run in the driver, one after the other, 1 torch thread.
 
-Dice everywhere is :func:`medkd.platform.metrics.segmentation_metrics`' ``dice``: argmax masks,
+Dice everywhere is :func:`medkd.core.metrics.segmentation_metrics`' ``dice``: argmax masks,
 per-class Dice averaged over images (images where a class is absent from both prediction and
 truth are skipped), then averaged over the 3 foreground classes.
 
@@ -77,7 +77,7 @@ def log(message: str) -> None:
 
 def build_spec(args: argparse.Namespace, redis_port: int) -> Any:
     """``--spec`` with this benchmark's data sizes, its one teacher, a 1-CPU Ray and its cache."""
-    from medkd.platform.spec import JobSpec, SpecError, load_spec, parse_override
+    from medkd.spec.job import JobSpec, SpecError, load_spec, parse_override
     from benchmarks.students import PASSWORD_ENV
 
     overrides: dict[str, Any] = {
@@ -115,7 +115,7 @@ def teacher_stage(spec: Any, dataset: Any, meta: dict[str, Any], cache: Any, pro
     import ray
 
     from medkd.students.distill import evaluate_logits
-    from medkd.teachers.inference import cache_teacher_logits, cache_view_logits
+    from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits
     from medkd.teachers.train import train_teachers
 
     output_dir = Path(spec.output_dir)
@@ -172,7 +172,7 @@ def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: dict
     from medkd.students.candidate import FP32_FILE, MODEL_FILE
     from medkd.students.compression import OnnxModel
     from medkd.students.distill import build_student, evaluate_logits
-    from medkd.students.search import cached_views, train_candidate, trial_augmentation
+    from medkd.search.run import cached_views, train_candidate, trial_augmentation
 
     splits = dataset.splits
     kd = config.alpha < 1
@@ -348,12 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.students import PASSWORD_ENV
-    from medkd.platform.data import load_dataset
-    from medkd.platform.pipeline import init_ray
-    from medkd.platform.progress import Progress
-    from medkd.platform.redis_server import ManagedRedisServer
-    from medkd.platform.softlabels import SoftLabelCache
-    from medkd.platform.spec import SpecError
+    from medkd.data import load_dataset
+    from medkd.pipeline.runner import init_ray
+    from medkd.core.progress import Progress
+    from medkd.softlabels.redis_server import ManagedRedisServer
+    from medkd.softlabels.store import SoftLabelCache
+    from medkd.spec.job import SpecError
     from medkd.students.distill import build_student, DistillConfig
     from medkd.teachers.train import dataset_meta
 

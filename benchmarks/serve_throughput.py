@@ -146,7 +146,7 @@ def main() -> None:
     from medkd.serve.app import deploy, undeploy
     from medkd.serve.client import MedkdClient
     from medkd.serve.codecs import encode_npy
-    from medkd.serve.config import ServeConfig
+    from medkd.spec.serve import ServeConfig
 
     workdir = Path(tempfile.mkdtemp(prefix="medkd-serve-bench-"))
     model_dir = export_tiny_cnn(workdir / "model", args.image_size)

@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.students import PASSWORD_ENV, build_spec, kd_gain_run, retraining_inputs
     from benchmarks.students import parse_args as students_args
-    from medkd.platform.data import load_dataset
-    from medkd.platform.pipeline import init_ray
-    from medkd.platform.redis_server import ManagedRedisServer
+    from medkd.data import load_dataset
+    from medkd.pipeline.runner import init_ray
+    from medkd.softlabels.redis_server import ManagedRedisServer
     from medkd.students.distill import DistillConfig
     from medkd.teachers.train import dataset_meta
 

@@ -26,7 +26,7 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    the soft-label cache (``SoftLabelCache.fetch``), never from a teacher; with ``cache.views`` in
    the spec the KD runs train on the cached augmented views (FKD) as the search did, the CE runs
    on online augmentation with the same ``search.augment``. Both go through the
-   search's own recipe (:func:`medkd.students.search.train_candidate`: distill -> prune ->
+   search's own recipe (:func:`medkd.search.run.train_candidate`: distill -> prune ->
    ONNX -> INT8) and are scored on test after compression. Runs are Ray tasks, 1 CPU each.
 3. **Speed**: every teacher exported to FP32 ONNX; batch-1 CPU latency (ONNX Runtime, the
    same ``--threads``, warm-up, median of ``--latency-runs``) of the INT8 student, its FP32
@@ -112,7 +112,7 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
     ``benchmarks.teachers.teacher_recipe`` for this data (its epoch budget scales with the
     training split), and ``--epochs auto`` scales the search's epochs the same way.
     """
-    from medkd.platform.spec import load_spec, parse_override
+    from medkd.spec.job import load_spec, parse_override
 
     data = Path(args.data).resolve()
     if not data.is_file():
@@ -200,10 +200,10 @@ def kd_gain_run(config_json: str, meta: dict[str, Any], data_refs: list, cache: 
     """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
     import torch
 
-    from medkd.platform.softlabels import SoftLabelCache
+    from medkd.softlabels.store import SoftLabelCache
     from medkd.students.compression import OnnxModel
     from medkd.students.distill import DistillConfig, build_student, evaluate_logits
-    from medkd.students.search import cached_teacher_logits, cached_views, train_candidate, trial_augmentation
+    from medkd.search.run import cached_teacher_logits, cached_views, train_candidate, trial_augmentation
 
     torch.set_num_threads(1)
     config = DistillConfig.model_validate_json(config_json)
@@ -457,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from medkd.platform.data import load_dataset
-    from medkd.platform.pipeline import init_ray, run_job
-    from medkd.platform.redis_server import ManagedRedisServer
+    from medkd.data import load_dataset
+    from medkd.pipeline.runner import init_ray, run_job
+    from medkd.softlabels.redis_server import ManagedRedisServer
     from medkd.teachers.train import dataset_meta
 
     password = secrets.token_urlsafe(24)

@@ -20,8 +20,8 @@ import numpy as np
 
 def write_npz(output: Path, *, num_train: int, num_val: int, num_test: int, difficulty: float,
               num_classes: int, seed: int) -> dict[str, tuple[int, ...]]:
-    from medkd.platform.data.spec import SyntheticDataSpec
-    from medkd.platform.data.synthetic import generate_split
+    from medkd.spec.data import SyntheticDataSpec
+    from medkd.data.synthetic import generate_split
 
     spec = SyntheticDataSpec(num_train=num_train, num_val=num_val, num_test=num_test, difficulty=difficulty,
                              num_classes=num_classes, seed=seed, image_size=28, in_channels=1)

@@ -3,7 +3,7 @@
 Loads the ``.npz`` through medkd's data layer, trains both teachers through medkd's real teacher
 stage (:func:`medkd.teachers.train.train_teachers`: one Ray Train ``TorchTrainer`` per teacher,
 side by side on a local 2-CPU Ray cluster started here), and scores every teacher and the
-ensemble (mean of the teachers' softmax) on the test split with :mod:`medkd.platform.metrics`::
+ensemble (mean of the teachers' softmax) on the test split with :mod:`medkd.core.metrics`::
 
     python -m benchmarks.teachers --data ../shared/data/breastmnist.npz [--seeds 2] [--epochs auto]
 
@@ -185,8 +185,8 @@ def run_seed(
     """Train both teachers for one seed; returns per-teacher and ensemble metrics."""
     import torch
 
-    from medkd.platform.metrics import classification_metrics, ensemble_probabilities, probabilities
-    from medkd.platform.spec import parse_spec
+    from medkd.core.metrics import classification_metrics, ensemble_probabilities, probabilities
+    from medkd.spec.job import parse_spec
     from medkd.teachers.loop import predict
     from medkd.teachers.train import dataset_meta, load_teacher_model, train_teachers
 
@@ -299,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from medkd.platform.data import MedMNISTDataSpec, load_dataset
-    from medkd.platform.data.medmnist import medmnist_flag
-    from medkd.platform.progress import Progress
+    from medkd.data import MedMNISTDataSpec, load_dataset
+    from medkd.data.medmnist import medmnist_flag
+    from medkd.core.progress import Progress
 
     progress = Progress()
     dataset = load_dataset(MedMNISTDataSpec(path=args.data.resolve()))  # every data problem is reported here, before Ray starts

@@ -42,7 +42,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def teacher_spec(args: argparse.Namespace) -> Any:
-    from medkd.platform.spec import TeacherSpec
+    from medkd.spec.job import TeacherSpec
 
     return TeacherSpec(
         name="overhead",
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from medkd.platform.data import SyntheticDataSpec, load_dataset
+    from medkd.data import SyntheticDataSpec, load_dataset
     from medkd.teachers.train import dataset_meta
 
     dataset = load_dataset(SyntheticDataSpec(num_train=args.num_train, num_val=args.num_val, num_test=16,

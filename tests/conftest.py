@@ -62,7 +62,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server started and owned by medkd, on 127.0.0.1 with a password."""
-    from medkd.platform.redis_server import ManagedRedisServer
+    from medkd.softlabels.redis_server import ManagedRedisServer
 
     server = ManagedRedisServer(data_dir=tmp_path_factory.mktemp("redis"))
     server.start()

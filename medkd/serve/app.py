@@ -55,7 +55,8 @@ from medkd.serve.codecs import (
     encode_npy,
     preprocess,
 )
-from medkd.serve.config import ModelMetadata, ServeConfig
+from medkd.registry.metadata import ModelMetadata
+from medkd.spec.serve import ServeConfig
 
 logger = logging.getLogger(__name__)
 

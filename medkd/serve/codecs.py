@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from medkd.serve.config import DEFAULT_MAX_BODY_BYTES, InputMeta
+from medkd.registry.metadata import InputMeta
+from medkd.spec.serve import DEFAULT_MAX_BODY_BYTES
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Largest decoded image (pixels x channels x frames) accepted, against decompression bombs."""

@@ -4,7 +4,7 @@ Importing this package registers every built-in student (``resnet_tiny``, ``mobi
 ``vit_micro``, ``unet_small``) and every loss and aggregation strategy.
 
 Other parts of the students stage live in their own modules and are imported explicitly
-(``medkd.students.distill``, ``medkd.students.search``, ``medkd.students.compression``), so
+(``medkd.students.distill``, ``medkd.search.run``, ``medkd.students.compression``), so
 this package stays light to import in Ray workers.
 """
 

@@ -22,9 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from medkd.platform.data import apply_view, apply_view_to_masks, identity_view
-from medkd.platform.metrics import classification_metrics, probabilities, segmentation_metrics
-from medkd.platform.ema import WeightAverage, ema_decay
+from medkd.data import apply_view, apply_view_to_masks, identity_view
+from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
+from medkd.core.ema import WeightAverage, ema_decay
 from medkd.students.losses import create_loss
 from medkd.students.registry import create_student
 
@@ -37,7 +37,7 @@ class CachedViews:
 
     Args:
         params: ``params[k][i]`` is the view-parameter dict (see
-            :func:`medkd.platform.data.sample_view_params`) of view ``k`` of training sample ``i``.
+            :func:`medkd.data.sample_view_params`) of view ``k`` of training sample ``i``.
         logits: ``(k, indices) -> (T, B, ...)`` raw teacher logits of view ``k`` of those samples.
 
     Examples:

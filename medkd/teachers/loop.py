@@ -32,8 +32,8 @@ import ray
 import ray.train
 import ray.train.torch
 
-from medkd.platform.metrics import classification_metrics, probabilities, segmentation_metrics
-from medkd.platform.ema import WeightAverage, ema_decay
+from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
+from medkd.core.ema import WeightAverage, ema_decay
 from medkd.teachers.registry import create_teacher
 
 MODEL_FILE = "model.pt"
@@ -117,7 +117,7 @@ def epoch_augmentation(teacher: dict[str, Any], meta: dict[str, Any], seed: int,
     """The teacher's augmentation seeded for one epoch of one worker, or None."""
     if not teacher.get("augment"):
         return None
-    from medkd.platform.data import AugmentSpec, build_augmentation
+    from medkd.data import AugmentSpec, build_augmentation
 
     spec = AugmentSpec.model_validate(teacher["augment"])
     if not spec.enabled:
@@ -140,7 +140,7 @@ def train_epoch(
 ) -> float:
     """One pass over ``loader``; returns the mean training loss per sample.
 
-    ``average`` (a :class:`~medkd.platform.ema.WeightAverage`) is updated after every step.
+    ``average`` (a :class:`~medkd.core.ema.WeightAverage`) is updated after every step.
     """
     model.train()
     segmentation = meta["task"] == "segmentation"

@@ -22,8 +22,8 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from medkd.platform.fingerprint import fingerprint
-from medkd.platform.progress import Progress, send_event
+from medkd.core.fingerprint import fingerprint
+from medkd.core.progress import Progress, send_event
 from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
 from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
 

@@ -19,7 +19,7 @@ from PIL import Image
 from medkd.serve.app import ModelDirError, ModelServer, deploy, load_model_dir, undeploy
 from medkd.serve.client import MedkdClient, ServeRequestError
 from medkd.serve.codecs import encode_npy
-from medkd.serve.config import ServeConfig
+from medkd.spec.serve import ServeConfig
 from tests.conftest import free_port
 from tests.serve.test_codecs import make_dicom, png_bytes
 

@@ -143,7 +143,7 @@ def two_views(n: int) -> list[list[dict]]:
 
 
 def test_cached_views_batch_applies_the_chosen_view_and_its_own_teacher_logits():
-    from medkd.platform.data import apply_view
+    from medkd.data import apply_view
     from medkd.students.distill import CachedViews
 
     images, labels, teachers = tiny_data()

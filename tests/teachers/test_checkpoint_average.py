@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from medkd.platform.ema import WeightAverage
+from medkd.core.ema import WeightAverage
 from medkd.teachers.loop import MODEL_FILE, STATE_FILE, save_checkpoint
-from tests.platform.test_ema import build
+from tests.core.test_ema import build
 
 
 def test_checkpoint_with_average_holds_the_average_as_the_teacher_and_the_trained_weights_for_resuming():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from medkd.platform.data import load_dataset
-from medkd.platform.progress import Progress
-from medkd.platform.spec import parse_spec
+from medkd.data import load_dataset
+from medkd.core.progress import Progress
+from medkd.spec.job import parse_spec
 from medkd.teachers.train import dataset_meta, find_artifact, load_teacher_model, train_teachers
 
 

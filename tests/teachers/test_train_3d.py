@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from medkd.platform.data import load_dataset
-from medkd.platform.metrics import segmentation_metrics
-from medkd.platform.progress import Progress
-from medkd.platform.spec import parse_spec
+from medkd.data import load_dataset
+from medkd.core.metrics import segmentation_metrics
+from medkd.core.progress import Progress
+from medkd.spec.job import parse_spec
 from medkd.teachers.loop import predict
 from medkd.teachers.train import dataset_meta, find_artifact, load_teacher_model, train_teachers
 

@@ -1,0 +1,359 @@
+"""The pipeline runner: one job spec, seven stages, each skipped when its output already exists.
+
+    teachers -> soft labels -> search -> final training -> export -> serve -> report
+
+Every stage's output is persisted under ``output_dir`` (or in the soft-label cache) and keyed
+by fingerprints, so a re-run or a crashed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medkd.core.progress import Progress, RemoteEvents
+from medkd.spec.job import JobSpec
+
+STAGES = ("teachers", "soft_labels", "search", "final", "export", "serve", "report")
+RESULTS_FILE = "results.json"
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; everything computed before it is kept."""
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def init_ray(spec: JobSpec) -> bool:
+    """Connect to the configured cluster or start a local one; returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=spec.ray.address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=spec.ray.num_cpus,
+            num_gpus=spec.ray.num_gpus,
+            include_dashboard=True,  # Train's cleanup needs the state API (RAY-NOTES 2)
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=False,
+        )
+    return True
+
+
+class Pipeline:
+    """Runs a job spec end to end."""
+
+    def __init__(self, spec: JobSpec, *, progress: Progress | None = None, resume: bool = False,
+                 keep_serving: bool = False, serve: bool = True) -> None:
+        self.spec = spec
+        self.progress = progress or Progress()
+        self.resume = resume
+        self.keep_serving = keep_serving
+        self.serve_enabled = serve and spec.serve.enabled
+        self.output_dir = Path(spec.output_dir).resolve()
+        self.results: dict[str, Any] = {"job": spec.name, "job_fingerprint": spec.fingerprint(), "stages": {}}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _stage(self, index: int, name: str, fn: Callable[[], str]) -> None:
+        with self.progress.stage(index, len(STAGES), name):
+            started = time.perf_counter()
+            try:
+                status = fn()
+            except Exception as error:
+                self.results["stages"][name] = {"status": "failed", "seconds": time.perf_counter() - started,
+                                                "error": f"{type(error).__name__}: {error}"}
+                self._write_results()
+                raise
+            seconds = time.perf_counter() - started
+            self.results["stages"][name] = {"status": status, "seconds": round(seconds, 2)}
+            self.progress.line(f"   {name}: {status} ({seconds:.1f}s)")
+
+    def _write_results(self) -> Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / RESULTS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_json_safe(self.results), indent=2))
+        tmp.replace(path)
+        return path
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        from medkd.data import load_dataset
+        from medkd.softlabels.redis_server import ManagedRedisServer
+        from medkd.softlabels.store import SoftLabelCache
+        from medkd.teachers.train import dataset_meta
+
+        spec = self.spec
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "job.json").write_text(spec.model_dump_json(indent=2))
+        self.progress.line(f"job {spec.name} ({spec.fingerprint()}) -> {self.output_dir}")
+
+        dataset = load_dataset(spec.data)  # validated before any training starts
+        self.dataset, self.meta = dataset, dataset_meta(dataset)
+        summary = dataset.summary()
+        self.results["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint, "task": dataset.task,
+                                   "multilabel": dataset.multilabel, "image_size": list(dataset.image_size),
+                                   "class_names": list(dataset.class_names), **summary}
+        sizes = {k: len(v.images) for k, v in dataset.splits.items()}
+        self.progress.line(f"dataset {dataset.name} ({dataset.fingerprint}): {sizes}, {dataset.num_classes} classes")
+
+        with ExitStack() as stack:
+            if spec.cache.redis_url is None:
+                server = ManagedRedisServer().start()
+                stack.callback(server.stop)
+                cache_url = server.url
+                self.progress.line(f"soft-label cache: managed redis-server on 127.0.0.1:{server.port}")
+            else:
+                cache_url = spec.cache.redis_url
+                self.progress.line("soft-label cache: " + cache_url.split("@")[-1])
+            self.cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
+            self.cache_url = cache_url
+
+            if init_ray(spec):
+                stack.callback(ray.shutdown)
+            self.storage_path = spec.ray.storage_path or str(self.output_dir / "ray")
+            resources = ray.cluster_resources()
+            self.progress.line(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
+            events = RemoteEvents(self.progress)
+            stack.callback(events.close)
+            self.events = events.queue
+            self.data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
+
+            self._stage(1, "teachers", self._teachers)
+            self._stage(2, "soft_labels", self._soft_labels)
+            self._stage(3, "search", self._search)
+            self._stage(4, "final", self._final)
+            self._stage(5, "export", self._export)
+            self._stage(6, "serve", self._serve)
+            self._stage(7, "report", self._report)
+            self._write_results()
+            if self.keep_serving and self.serve_enabled:
+                self._serve_until_interrupted()
+        return self.results
+
+    def _serve_until_interrupted(self) -> None:
+        from medkd.serve.app import undeploy
+
+        self.progress.line(f"serving at {self.results['serve']['url']} — press Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            self.progress.line("stopping the endpoint")
+        finally:
+            undeploy()
+
+    # ------------------------------------------------------------------ stages
+
+    def _teachers(self) -> str:
+        from medkd.teachers.train import train_teachers
+
+        self.teachers, status = train_teachers(
+            self.spec, self.dataset, self.data_ref, output_dir=self.output_dir,
+            storage_path=self.storage_path, progress=self.progress, events=self.events,
+        )
+        self.results["teachers"] = [
+            {"name": t.name, "model": t.model, "family": t.family, "params": t.params, "fingerprint": t.fingerprint,
+             "checkpoint": t.checkpoint, "epochs_run": t.epochs_run, "best_epoch": t.best_epoch,
+             "train_seconds": round(t.train_seconds, 1), "status": status[t.name], "history": t.history}
+            for t in self.teachers
+        ]
+        return "ran" if any(s == "ran" for s in status.values()) else "skipped"
+
+    def _soft_labels(self) -> str:
+        from medkd.core.metrics import ensemble_probabilities
+        from medkd.softlabels.compute import cache_teacher_logits
+
+        spec = self.spec
+        options = {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk}
+        hits_before, misses_before = self._cache_counters()
+        report = cache_teacher_logits(self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta,
+                                      data_ref=self.data_ref, cache_options=options, progress=self.progress)
+        views = None
+        if spec.cache.views:
+            from medkd.softlabels.compute import cache_view_logits
+
+            views = cache_view_logits(
+                self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta, data_ref=self.data_ref,
+                num_train=len(self.dataset.splits["train"].images), views=spec.cache.views, augment=spec.search.augment,
+                seed=spec.seed, cache_options=options, progress=self.progress,
+            )
+        # Teacher quality on val and test comes from the cached logits: no teacher re-runs.
+        from medkd.students.distill import evaluate_logits
+
+        logits = {t.name: {s: self.cache.fetch(t.fingerprint, self.dataset.fingerprint, s) for s in ("val", "test")}
+                  for t in self.teachers}
+        for entry in self.results["teachers"]:
+            for split in ("val", "test"):
+                entry[f"{split}_metrics"] = evaluate_logits(logits[entry["name"]][split], self.dataset.splits[split].labels, self.meta)
+        ensemble = {}
+        for split in ("val", "test"):
+            stacked = [logits[t.name][split] for t in self.teachers]
+            if self.meta["task"] == "segmentation":
+                probs = np.mean([_softmax(l) for l in stacked], axis=0)
+                ensemble[split] = evaluate_logits(np.log(np.clip(probs, 1e-8, 1.0)), self.dataset.splits[split].labels, self.meta)
+            else:
+                probs = ensemble_probabilities(stacked, multilabel=self.meta["multilabel"])
+                from medkd.core.metrics import classification_metrics
+
+                ensemble[split] = classification_metrics(probs, self.dataset.splits[split].labels, multilabel=self.meta["multilabel"])
+        self.results["ensemble"] = {f"{s}_metrics": m for s, m in ensemble.items()}
+        hits_after, misses_after = self._cache_counters()
+        self.results["soft_labels"] = {
+            "namespace": spec.cache.namespace,
+            "encoding": spec.cache.encoding,
+            "teachers": report,
+            "bytes": sum(info["bytes"] for r in report.values() for info in r["splits"].values()),
+            "hits": sum(1 for r in report.values() for info in r["splits"].values() if info["hit"]),
+            "misses": sum(1 for r in report.values() for info in r["splits"].values() if not info["hit"]),
+            "cache_reads": {"hits": hits_after - hits_before, "misses": misses_after - misses_before},
+            "views": views,
+        }
+        ran = any(r["status"] == "ran" for r in report.values()) or bool(views and views["computed"])
+        return "ran" if ran else "skipped"
+
+    def _cache_counters(self) -> tuple[int, int]:
+        stats = self.cache.stats()
+        return int(stats.get("hits", 0)), int(stats.get("misses", 0))
+
+    def _search(self) -> str:
+        from medkd.search.run import SearchOutcome, run_search, search_fingerprint
+
+        teacher_fps = [t.fingerprint for t in self.teachers]
+        search_fp = search_fingerprint(self.spec, teacher_fps, self.dataset.fingerprint)
+        outcome_path = self.output_dir / "search" / f"{search_fp}.json"
+        status = "skipped"
+        if outcome_path.is_file():
+            self.outcome = SearchOutcome.model_validate_json(outcome_path.read_text())
+            self.progress.line(f"  search {search_fp}: skipped, {len(self.outcome.trials)} trials found")
+        else:
+            self.outcome = run_search(
+                self.spec, meta=self.meta, data_ref=self.data_ref, teacher_fps=teacher_fps,
+                dataset_fp=self.dataset.fingerprint, cache_url=self.cache_url, storage_path=self.storage_path,
+                progress=self.progress, events=self.events, resume=self.resume,
+                views=self.results["soft_labels"].get("views"), teachers=self.teachers,
+            )
+            if any(t.final for t in self.outcome.trials):
+                outcome_path.parent.mkdir(parents=True, exist_ok=True)
+                outcome_path.write_text(self.outcome.model_dump_json(indent=2))
+            status = "ran"
+        self.results["search"] = {"fingerprint": self.outcome.fingerprint, "experiment_path": self.outcome.experiment_path,
+                                  "objectives": self.outcome.objectives, "pareto": self.outcome.pareto}
+        self.results["trials"] = [t.model_dump() for t in self.outcome.trials]
+        return status
+
+    def _final(self) -> str:
+        from medkd.registry.export import choose
+        from medkd.search.final import train_final
+        from medkd.search.run import search_context
+
+        self.final = None
+        if not self.spec.search.final_training:
+            return "skipped"
+        context = search_context(self.spec, meta=self.meta, data_ref=self.data_ref,
+                                 teacher_fps=[t.fingerprint for t in self.teachers], dataset_fp=self.dataset.fingerprint,
+                                 cache_url=self.cache_url, events=self.events,
+                                 views=self.results["soft_labels"].get("views"), teachers=self.teachers)
+        self.final, status = train_final(self.spec, self.outcome, choose(self.outcome, self.spec.export.select),
+                                         context=context, output_dir=self.output_dir, progress=self.progress)
+        self.results["final"] = self.final.model_dump()
+        return status
+
+    def _export(self) -> str:
+        from medkd.registry.export import export_models
+
+        exported = export_models(self.spec, self.outcome, dataset=self.dataset, meta=self.meta, teachers=self.teachers,
+                                 soft_labels=self.results["soft_labels"]["teachers"], output_dir=self.output_dir,
+                                 progress=self.progress, final=self.final)
+        selected = exported["selected"]
+        metadata = json.loads((Path(selected["path"]) / "metadata.json").read_text())
+        self.model_dir = Path(selected["path"])
+        self.results["best"] = {
+            "model_id": selected["model_id"],
+            "trial_id": selected["trial_id"],
+            "config": metadata["config"],
+            "params": metadata["metrics"]["params"],
+            "onnx_path": str(self.model_dir / "model.onnx"),
+            "size_bytes": metadata["metrics"]["model_bytes"],
+            "fp32_bytes": metadata["metrics"]["fp32_bytes"],
+            "latency_ms": metadata["metrics"]["latency_ms"],
+            "val_metrics": metadata["metrics"]["val"],
+            "test_metrics": metadata["metrics"]["test"],
+            "parity": metadata["parity"],
+            "final_training": metadata.get("final_training"),
+        }
+        self.results["pareto_models"] = exported["pareto"]
+        return "ran"
+
+    def _serve(self) -> str:
+        if not self.serve_enabled:
+            self.results["serve"] = {"enabled": False}
+            return "skipped"
+        from medkd.pipeline.demo import demo_request
+        from medkd.serve.app import deploy, undeploy
+
+        url = deploy(self.model_dir, self.spec.serve)
+        self.progress.line(f"  serving {self.results['best']['model_id']} at {url}")
+        try:
+            answer = demo_request(url, self.dataset, self.output_dir)
+            truth = "" if answer["true_label"] is None else f", true label {answer['true_label']}"
+            self.progress.line(f"  demo request (test image 0{truth}): {answer['answer']}")
+            self.results["serve"] = {"url": url, "replicas": {"min": self.spec.serve.min_replicas,
+                                                              "max": self.spec.serve.max_replicas},
+                                     "demo": answer, "kept_running": self.keep_serving}
+        finally:
+            if not self.keep_serving:
+                undeploy()
+        return "ran"
+
+    def _report(self) -> str:
+        from medkd.pipeline.report import print_results_table, write_report
+
+        self._write_results()
+        path = write_report(self.results, self.output_dir)
+        self.results["report"] = str(path)
+        self._write_results()
+        print_results_table(self.results, self.progress)
+        self.progress.line(f"results: {self.output_dir / RESULTS_FILE}")
+        self.progress.line(f"report:  {path}")
+        return "ran"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def run_job(spec: JobSpec, **kwargs: Any) -> dict[str, Any]:
+    return Pipeline(spec, **kwargs).run()

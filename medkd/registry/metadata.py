@@ -1,0 +1,84 @@
+"""The typed ``metadata.json`` that the export stage writes beside ``model.onnx`` and that the
+server reads: one model for the writer and the reader.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from medkd.core.errors import field_error as _field_error
+
+
+class InputMeta(BaseModel):
+    """How raw images become the model's input (must match training).
+
+    Raw pixels (integers) are multiplied by ``scale``; then every channel is normalised as
+    ``(x - mean[c]) / std[c]``. Float images are taken to be in [0, 1] already — unless the
+    model was trained on raw intensities (``clip``/``offset`` set, e.g. CT in Hounsfield
+    units), in which case every input is ``(clip(x) - offset) * scale`` first.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    in_channels: int = Field(ge=1)
+    spatial_dims: Literal[2, 3]
+    image_size: list[int] = Field(min_length=2, max_length=3)
+    scale: float = Field(1.0 / 255.0, gt=0)
+    offset: float = 0.0
+    clip: list[float] | None = Field(None, min_length=2, max_length=2)
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        if any(size <= 0 for size in value):
+            raise _field_error(f"every size must be > 0, got {value}")
+        spatial_dims = info.data.get("spatial_dims")
+        if spatial_dims is not None and len(value) != spatial_dims:
+            raise _field_error(f"has {len(value)} sizes but spatial_dims is {spatial_dims}")
+        return value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        if not value or not all(math.isfinite(v) for v in value):
+            raise _field_error(f"needs finite numbers, got {value}")
+        if info.field_name == "std" and any(v <= 0 for v in value):
+            raise _field_error(f"every std must be > 0, got {value}")
+        in_channels = info.data.get("in_channels")
+        if in_channels is not None and len(value) not in (1, in_channels):
+            raise _field_error(f"needs 1 or in_channels ({in_channels}) values, got {len(value)}")
+        return value
+
+
+class ModelMetadata(BaseModel):
+    """The ``metadata.json`` the export stage writes beside ``model.onnx``.
+
+    Only the fields serving needs are typed; lineage (teachers, trial, metrics, ...) is kept
+    as given and returned by ``GET /metadata``.
+    """
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model_id: str = Field(min_length=1)
+    task: Literal["classification", "segmentation"]
+    multilabel: bool = False
+    num_classes: int = Field(ge=1)
+    class_names: list[str] | None = None
+    input: InputMeta
+
+    @field_validator("class_names")
+    @classmethod
+    def _class_names(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        num_classes = info.data.get("num_classes")
+        if value is not None and num_classes is not None and len(value) != num_classes:
+            raise _field_error(f"has {len(value)} names but num_classes is {num_classes}")
+        return value
+
+    def label(self, index: int) -> str:
+        """Name of class ``index`` (its number when the export gave no names)."""
+        return self.class_names[index] if self.class_names else str(index)

@@ -1,0 +1,98 @@
+"""benchmarks.students.build_spec on MedMNIST files other than BreastMNIST (the spec the benchmark runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.students import build_spec, parse_args, published_rows
+from medkd.data import load_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO_ROOT / "examples" / "breastmnist.yaml"
+
+
+def _write_npz(path: Path, image_shape: tuple[int, ...], num_classes: int, train: int | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", train or 2 * num_classes), ("val", num_classes), ("test", num_classes)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % num_classes).astype(np.uint8)[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def _spec(data: Path, tmp_path: Path, *extra: str):
+    args = parse_args(["--data", str(data), "--output", str(tmp_path / "run"), "--spec", str(TEMPLATE), *extra])
+    dataset = load_dataset(build_spec(args, redis_port=1).data)
+    return build_spec(args, redis_port=1, dataset=dataset)
+
+
+def _flips(spec) -> list[float]:
+    return [t.augment.flip for t in spec.teachers if t.augment is not None] + [spec.search.augment.flip]
+
+
+@pytest.mark.parametrize("teachers", ["spec", "recipe"])
+def test_no_flips_anywhere_when_class_names_are_left_right_specific(tmp_path, teachers):
+    # OrganMNIST3D's class names (kidney-left, femur-right, ...) come from the file name.
+    data = _write_npz(tmp_path / "organmnist3d.npz", (8, 8, 8), num_classes=11)
+    spec = _spec(data, tmp_path, "--teachers", teachers)
+    assert len(spec.teachers) == 2
+    assert _flips(spec) == [0.0, 0.0, 0.0]
+    assert spec.teachers[0].augment.affine is not None  # only the flips are off
+
+
+def test_flips_are_kept_without_laterality(tmp_path):
+    data = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
+    spec = _spec(data, tmp_path, "--teachers", "spec")
+    assert _flips(spec) == [0.5, 0.5, 0.5]
+
+
+def test_published_baseline_row_only_for_its_own_data():
+    assert published_rows("breastmnist.npz") == [
+        "| MedMNIST v2 ResNet-18 (28), published | 0.901 (BreastMNIST) | 0.863 (BreastMNIST) | 11.2 M | | |"]
+    assert published_rows("dermamnist.npz") == []
+    assert published_rows("breastmnist_224.npz") == []  # the published numbers are of the 28 px file
+
+
+def test_search_budgets_count_samples_in_28px_images():
+    from benchmarks.students import search_trials, student_epochs, view_count
+    from benchmarks.teachers import image_cost
+
+    # BreastMNIST (546 images at 28x28): the template's whole search, as before.
+    assert (student_epochs(546 * image_cost([28, 28]), 40), search_trials(546, 40, 12), view_count(546, 8)) == (40, 12, 8)
+    # 5,000 images at 28x28: the 45-minute budget's 6 epochs, 9 trials, 2 views.
+    assert (student_epochs(5000, 40), search_trials(5000, 6, 12), view_count(5000, 8)) == (6, 9, 2)
+    # ~1,000 volumes of 28^3 cost as much as 28,000 images: the floors, not 40 epochs x 12 trials.
+    volumes = 1000 * image_cost([28, 28, 28])
+    assert (student_epochs(volumes, 40), search_trials(volumes, 6, 12), view_count(volumes, 8)) == (6, 6, 1)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seeds", "1"], "--seeds must be >= 2"),
+    (["--epochs", "ten"], "--epochs must be a positive int or 'auto', got 'ten'"),
+    (["--epochs", "0"], "--epochs must be a positive int or 'auto'"),
+])
+def test_bad_arguments_name_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    args = parse_args(["--data", str(tmp_path / "nope.npz"), "--output", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=r"--data .*nope\.npz: file not found"):
+        build_spec(args, redis_port=1)
+
+
+def test_final_weight_soup_only_for_small_training_splits(tmp_path):
+    small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
+    assert _spec(small, tmp_path, "--teachers", "spec").search.final_branches == 4  # the template's
+    # 400 images of 64x64 count as ~2,080 of 28x28: over SOUP_MAX_TRAIN_SIZE, the soup is dropped ...
+    large = _write_npz(tmp_path / "pneumoniamnist_64.npz", (64, 64), num_classes=2, train=400)
+    assert _spec(large, tmp_path, "--teachers", "spec").search.final_branches is None
+    # ... unless asked for by name.
+    forced = _spec(large, tmp_path, "--teachers", "spec", "--set", "search.final_branches=2")
+    assert forced.search.final_branches == 2

@@ -1,0 +1,150 @@
+"""End to end: `run_job` on a tiny synthetic spec against real Ray, Redis, ONNX Runtime and Serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medkd.pipeline.runner import run_job
+from medkd.spec.job import parse_spec
+from tests.conftest import free_port
+
+
+def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"kind": "synthetic", "num_train": 96, "num_val": 48, "num_test": 48, "image_size": 28, "num_classes": 3},
+        "teachers": [
+            {"name": "cnn", "model": "resnet10", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
+            {"name": "vit", "model": "vit_tiny", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
+        ],
+        # One FKD view of train per teacher: trials train on it with its own cached logits.
+        "cache": {"redis_url": redis_url, "namespace": f"test-{tmp_path.name}", "views": 1},
+        "search": {
+            "num_trials": 2, "max_concurrent": 2, "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5,
+            "scheduler": "none", "augment": {"flip": 0.5},
+            "space": {"student": ["resnet_tiny"], "width": {"low": 0.25, "high": 0.5}, "quantize": ["int8_static"]},
+        },
+        "serve": {"port": free_port(), "cpus_per_replica": 0.25, "max_replicas": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.slow
+def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys):
+    spec = parse_spec(tiny_job(tmp_path, redis_url))
+    run_job(spec)
+    results = json.loads((spec.output_dir / "results.json").read_text())
+
+    assert results["dataset"]["fingerprint"]
+    assert {t["name"] for t in results["teachers"]} == {"cnn", "vit"}
+    for teacher in results["teachers"]:
+        assert 0.0 <= teacher["test_metrics"]["auc"] <= 1.0
+        assert teacher["params"] > 100_000
+    assert results["soft_labels"]["misses"] == 6 and results["soft_labels"]["bytes"] > 0
+    assert results["soft_labels"]["views"]["computed"] == 2 and results["soft_labels"]["views"]["cached"] == 0
+    assert len(results["trials"]) == 2 and all(t["config"]["student"] == "resnet_tiny" for t in results["trials"])
+    assert all(t["final"] and 0.25 <= t["config"]["width"] <= 0.5 for t in results["trials"])
+    best = results["best"]
+    assert Path(best["onnx_path"]).is_file() and best["size_bytes"] == Path(best["onnx_path"]).stat().st_size
+    assert best["latency_ms"] > 0 and best["parity"]["max_abs_diff"] < 1e-3
+    assert 0.0 <= best["test_metrics"]["auc"] <= 1.0
+    metadata = json.loads((Path(best["onnx_path"]).parent / "metadata.json").read_text())
+    assert [t["fingerprint"] for t in metadata["teachers"]] == [t["fingerprint"] for t in results["teachers"]]
+    assert all(key.startswith(f"test-{tmp_path.name}:") for t in metadata["teachers"] for key in t["cache_keys"].values())
+    demo = results["serve"]["demo"]["answer"]
+    assert len(demo["probabilities"]) == 3 and abs(sum(demo["probabilities"]) - 1) < 1e-4
+    assert {name: s["status"] for name, s in results["stages"].items()} == {
+        "teachers": "ran", "soft_labels": "ran", "search": "ran", "final": "skipped", "export": "ran", "serve": "ran",
+        "report": "ran"}
+    assert best["final_training"] is None and "final" not in results
+    report = (spec.output_dir / "report.html").read_text()
+    assert "Teachers vs student" in report and "data:image/png;base64" in report
+
+    # Same job again: every stage with persisted output is skipped, nothing is retrained.
+    capsys.readouterr()
+    run_job(spec, serve=False)
+    again = json.loads((spec.output_dir / "results.json").read_text())
+    assert again["stages"]["teachers"]["status"] == "skipped"
+    assert again["stages"]["soft_labels"]["status"] == "skipped"
+    assert again["stages"]["search"]["status"] == "skipped"
+    assert again["soft_labels"]["hits"] == 6 and again["soft_labels"]["misses"] == 0
+    assert again["soft_labels"]["views"]["computed"] == 0 and again["soft_labels"]["views"]["cached"] == 2
+    assert again["best"]["model_id"] == best["model_id"]
+    out = capsys.readouterr().out
+    assert "skipped, checkpoint found" in out and "skipped, all splits found in cache" in out
+
+    from medkd.cli.main import main
+
+    assert main(["models", str(spec.output_dir)]) == 0
+    listing = capsys.readouterr().out
+    assert f"* rank 0  {best['model_id']}" in listing
+
+    # search.final_epochs and final_branches: the same search (not re-run), its selected configuration
+    # trained again for longer as a weight soup, and that model exported and selected under its own id.
+    longer = parse_spec(tiny_job(tmp_path, redis_url, search={**tiny_job(tmp_path, redis_url)["search"],
+                                                              "final_epochs": 2, "final_branches": 2}))
+    run_job(longer, serve=False)
+    final = json.loads((spec.output_dir / "results.json").read_text())
+    assert final["stages"]["search"]["status"] == "skipped" and final["stages"]["final"]["status"] == "ran"
+    assert final["final"]["trial_id"] == best["trial_id"] and final["final"]["epochs"] == 2
+    assert final["final"]["search_epochs"] == 1 and set(final["final"]["val"]) >= {"val_auc", "val_acc"}
+    assert final["best"]["model_id"] != best["model_id"] and final["best"]["config"]["epochs"] == 2
+    assert final["best"]["config"]["branches"] == 2 and final["final"]["branches"] == 2
+    assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches")} == {
+        k: v for k, v in best["config"].items() if k not in ("epochs", "branches")}
+    assert final["best"]["final_training"]["epochs"] == 2 and final["best"]["final_training"]["branches"] == 2
+    assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
+    assert Path(final["best"]["onnx_path"]).is_file() and final["best"]["parity"]["max_abs_diff"] < 1e-3
+    assert (spec.output_dir / "models" / "SELECTED").read_text().strip() == final["best"]["model_id"]
+    assert "final training of trial" in capsys.readouterr().out
+    assert "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches" in (spec.output_dir / "report.html").read_text()
+    run_job(longer, serve=False)
+    assert json.loads((spec.output_dir / "results.json").read_text())["stages"]["final"]["status"] == "skipped"
+    assert "final training" in capsys.readouterr().out
+
+
+def test_bad_data_fails_before_training(ray_session, redis_url, tmp_path):
+    from medkd.data import DataValidationError
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    spec = parse_spec(tiny_job(tmp_path, redis_url, data={"kind": "medmnist", "path": str(bad)}))
+    with pytest.raises(DataValidationError, match="bad.npz"):
+        run_job(spec)
+    assert not (spec.output_dir / "teachers").exists()
+
+
+@pytest.mark.slow
+def test_3d_segmentation_example_runs_end_to_end(ray_session, redis_url, tmp_path):
+    """examples/segmentation3d.yaml with small volumes and budgets: 3D teachers, voxel logits in
+    Redis, a voxel-wise distilled 3D student, ONNX export and a served NPY request."""
+    from medkd.spec.job import load_spec
+
+    repo = Path(__file__).resolve().parents[2]
+    overrides = {
+        "data.image_size": 16, "data.num_train": 16, "data.num_val": 8, "data.num_test": 8,
+        "teachers.0.epochs": 1, "teachers.1.epochs": 1, "teachers.0.cpus_per_worker": 0.5,
+        "teachers.1.cpus_per_worker": 0.5, "search.num_trials": 1, "search.epochs": 1, "search.cpus_per_trial": 0.5,
+        "cache.redis_url": redis_url, "cache.namespace": f"test-{tmp_path.name}",
+        "serve.port": free_port(), "output_dir": str(tmp_path / "run"),
+    }
+    spec = load_spec(repo / "examples" / "segmentation3d.yaml", overrides)
+    run_job(spec)
+    results = json.loads((spec.output_dir / "results.json").read_text())
+
+    assert {t["name"] for t in results["teachers"]} == {"unet", "segresnet"}
+    for teacher in results["teachers"]:
+        assert 0.0 <= teacher["test_metrics"]["dice"] <= 1.0
+    manifest_shapes = {entry["splits"]["train"]["num_samples"] for entry in results["soft_labels"]["teachers"].values()}
+    assert manifest_shapes == {16}
+    best = results["best"]
+    assert results["trials"][0]["config"]["student"] == "unet_small"
+    assert 0.0 <= best["test_metrics"]["dice"] <= 1.0 and best["parity"]["max_abs_diff"] < 1e-3
+    answer = results["serve"]["demo"]["answer"]
+    assert answer["shape"] == [16, 16, 16] and sum(answer["class_pixel_counts"]) == 16**3
