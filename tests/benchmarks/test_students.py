@@ -10,7 +10,7 @@ import pytest
 from benchmarks.students import build_spec, parse_args, published_rows
 from medkd.data import load_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "examples" / "breastmnist.yaml"
 
 
