@@ -42,7 +42,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def teacher_spec(args: argparse.Namespace) -> Any:
-    from medkd.spec.job import TeacherSpec
+    from medkd.spec.teachers import TeacherSpec
 
     return TeacherSpec(
         name="overhead",

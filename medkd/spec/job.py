@@ -14,205 +14,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from medkd.spec.data import AugmentSpec, DataSpec
 from medkd.core.fingerprint import fingerprint
+from medkd.spec.base import SpecError, StrictModel
+from medkd.spec.cache import CacheSpec
+from medkd.spec.cluster import RaySpec
+from medkd.spec.data import DataSpec
+from medkd.spec.export import ExportSpec
+from medkd.spec.search import SearchSpec
 from medkd.spec.serve import ServeConfig
+from medkd.spec.teachers import TeacherSpec
 
 
-class SpecError(ValueError):
-    """A job spec that cannot be used; the message names the file and every bad field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-def _fingerprint_dump(model: BaseModel, *, exclude: set[str] | None = None,
-                      added_later: tuple[str, ...] = ("ema_epochs",)) -> dict[str, Any]:
-    """``model``'s fields for a fingerprint. Fields ``added_later`` are left out while unset (None),
-    so what was fingerprinted before they existed keeps its fingerprint (and its cached results)."""
-    fields = model.model_dump(mode="json", exclude=exclude)
-    for name in added_later:
-        if name in fields and fields[name] is None:
-            del fields[name]
-    return fields
-
-
-class TeacherSpec(_Strict):
-    """One teacher of the ensemble, trained by its own Ray Train ``TorchTrainer``."""
-
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str = Field(description="registry name, e.g. resnet18, densenet121, vit, unet, unetr")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    scheduler: Literal["cosine", "none"] = "cosine"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weighting: bool = False
-    patience: int | None = Field(None, gt=0, description="early stopping on the validation metric")
-    ema_epochs: float | None = Field(
-        None, gt=0,
-        description="keep an exponential moving average of the weights over about this many trailing epochs; "
-                    "validation, checkpoint selection and the teacher itself use the averaged weights",
-    )
-    augment: AugmentSpec | None = None
-    num_workers: int = Field(1, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: Literal["auto"] | bool = "auto"
-    mixed_precision: bool = True
-    max_failures: int = Field(2, ge=0)
-    seed: int | None = None
-
-    def training_fingerprint_fields(self) -> dict[str, Any]:
-        """The fields that change the trained weights (not resources)."""
-        return _fingerprint_dump(self, exclude={"name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures"})
-
-
-class CacheSpec(_Strict):
-    """Where teacher soft labels (raw logits) live."""
-
-    redis_url: str | None = Field(None, description="null: medkd starts and owns a local redis-server")
-    password_env: str | None = Field(None, description="env var holding the Redis password")
-    namespace: str = "medkd"
-    encoding: Literal["float16", "float32"] = "float16"
-    compression: Literal["zlib", "lzma"] | None = None
-    topk: int | None = Field(None, gt=0, description="segmentation: keep the top-k class logits")
-    views: int = Field(
-        0, ge=0, le=64,
-        description="FKD-style: also cache logits for this many augmented views of train (search.augment)",
-    )
-
-    @field_validator("redis_url")
-    @classmethod
-    def _scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
-
-
-class Range(_Strict):
-    """A numeric search range."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "Range":
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("log ranges need low > 0")
-        return self
-
-
-Dimension = Union[Range, list[Any]]
-
-
-class SearchSpace(_Strict):
-    """Each dimension is a list (categorical) or a ``{low, high, log}`` range."""
-
-    student: list[str] = Field(default_factory=lambda: ["resnet_tiny"], min_length=1)
-    width: Dimension = Field(default_factory=lambda: Range(low=0.25, high=1.0))
-    depth: Dimension = Field(default_factory=lambda: [1.0])
-    temperature: Dimension = Field(default_factory=lambda: Range(low=1.0, high=8.0))
-    alpha: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.9))
-    aggregation: list[Literal["mean", "weighted", "confidence"]] = Field(
-        default_factory=lambda: ["mean", "confidence"], min_length=1
-    )
-    teacher_weight: Dimension = Field(
-        default_factory=lambda: Range(low=0.0, high=1.0),
-        description="for 'weighted' aggregation: one weight per teacher drawn from this range",
-    )
-    lr: Dimension = Field(default_factory=lambda: Range(low=1e-3, high=1e-2, log=True))
-    prune: list[Literal["none", "unstructured", "channels"]] = Field(default_factory=lambda: ["none"])
-    prune_amount: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.5))
-    quantize: list[Literal["none", "int8_static", "int8_dynamic", "fp16"]] = Field(
-        default_factory=lambda: ["int8_static"], min_length=1
-    )
-
-
-ObjectiveMetric = Literal["val_auc", "val_acc", "val_dice", "latency_ms", "params", "model_bytes"]
-
-
-class Objective(_Strict):
-    metric: ObjectiveMetric
-    mode: Literal["max", "min"]
-
-
-class SearchSpec(_Strict):
-    """Ray Tune + Optuna search over students, distillation and compression settings."""
-
-    num_trials: int = Field(8, gt=0)
-    max_concurrent: int = Field(2, gt=0)
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    objectives: list[Objective] = Field(
-        default_factory=lambda: [
-            Objective(metric="val_auc", mode="max"),
-            Objective(metric="latency_ms", mode="min"),
-        ],
-        min_length=1,
-    )
-    scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(2, gt=0)
-    ema_epochs: float | None = Field(
-        None, gt=0,
-        description="students keep an exponential moving average of their weights over about this many trailing "
-                    "epochs; validation, compression and export use the averaged weights",
-    )
-    final_epochs: int | None = Field(
-        None, gt=0,
-        description="after the search, the selected student is trained again from scratch for this many epochs "
-                    "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
-                    "and that model is exported and served; None: export the search trial as it is",
-    )
-    final_branches: int | None = Field(
-        None, ge=2,
-        description="after the search, the selected student is trained again as a weight soup: one run to a "
-                    "quarter of its epochs, then this many copies finish it, each with its own data order, and "
-                    "their weights are averaged (BatchNorm statistics recomputed); (1 + 3 * branches) / 4 times a "
-                    "trial's training. Combines with final_epochs; None: no soup",
-    )
-    space: SearchSpace = Field(default_factory=SearchSpace)
-    augment: AugmentSpec | None = None
-    seed: int | None = None
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
-        return _fingerprint_dump(self, exclude={"final_epochs", "final_branches"})
-
-    @property
-    def final_training(self) -> bool:
-        return self.final_epochs is not None or self.final_branches is not None
-
-
-class ExportSpec(_Strict):
-    select: Literal["best"] | int = Field(
-        "best", description="'best' by the first objective on the Pareto front, or a Pareto index"
-    )
-    parity_atol: float = Field(1e-3, gt=0, description="max |logit difference| ONNX vs PyTorch (fp32)")
-    latency_runs: int = Field(50, gt=0)
-
-
-class RaySpec(_Strict):
-    address: str | None = Field(None, description="null: start a local Ray cluster")
-    num_cpus: int | None = Field(None, gt=0)
-    num_gpus: int | None = Field(None, ge=0)
-    storage_path: str | None = Field(None, description="Ray Train/Tune storage; default output_dir/ray")
-
-
-class JobSpec(_Strict):
+class JobSpec(StrictModel):
     """A whole medkd job."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")

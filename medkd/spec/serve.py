@@ -12,8 +12,7 @@ Examples:
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.teachers import teacher_recipe, vit_hidden_size
-from medkd.spec.job import TeacherSpec
+from medkd.spec.teachers import TeacherSpec
 from medkd.teachers.train import check_teachers
 
 

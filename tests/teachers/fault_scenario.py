@@ -61,7 +61,7 @@ def run(output: Path, timeout_s: float) -> dict[str, Any]:
     from ray.util.state import list_actors
 
     from medkd.data import SyntheticDataSpec, load_dataset
-    from medkd.spec.job import TeacherSpec
+    from medkd.spec.teachers import TeacherSpec
     from medkd.teachers.loop import predict
     from medkd.teachers.train import dataset_meta, find_artifact, load_teacher_model, train_one_teacher
 

@@ -1,0 +1,109 @@
+"""The ``search:`` section: the Ray Tune + Optuna search space, objectives and budgets."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import Field, model_validator
+
+from medkd.spec.base import StrictModel, fingerprint_dump
+from medkd.spec.data import AugmentSpec
+
+
+class Range(StrictModel):
+    """A numeric search range."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log ranges need low > 0")
+        return self
+
+
+Dimension = Union[Range, list[Any]]
+
+
+class SearchSpace(StrictModel):
+    """Each dimension is a list (categorical) or a ``{low, high, log}`` range."""
+
+    student: list[str] = Field(default_factory=lambda: ["resnet_tiny"], min_length=1)
+    width: Dimension = Field(default_factory=lambda: Range(low=0.25, high=1.0))
+    depth: Dimension = Field(default_factory=lambda: [1.0])
+    temperature: Dimension = Field(default_factory=lambda: Range(low=1.0, high=8.0))
+    alpha: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.9))
+    aggregation: list[Literal["mean", "weighted", "confidence"]] = Field(
+        default_factory=lambda: ["mean", "confidence"], min_length=1
+    )
+    teacher_weight: Dimension = Field(
+        default_factory=lambda: Range(low=0.0, high=1.0),
+        description="for 'weighted' aggregation: one weight per teacher drawn from this range",
+    )
+    lr: Dimension = Field(default_factory=lambda: Range(low=1e-3, high=1e-2, log=True))
+    prune: list[Literal["none", "unstructured", "channels"]] = Field(default_factory=lambda: ["none"])
+    prune_amount: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.5))
+    quantize: list[Literal["none", "int8_static", "int8_dynamic", "fp16"]] = Field(
+        default_factory=lambda: ["int8_static"], min_length=1
+    )
+
+
+ObjectiveMetric = Literal["val_auc", "val_acc", "val_dice", "latency_ms", "params", "model_bytes"]
+
+
+class Objective(StrictModel):
+    metric: ObjectiveMetric
+    mode: Literal["max", "min"]
+
+
+class SearchSpec(StrictModel):
+    """Ray Tune + Optuna search over students, distillation and compression settings."""
+
+    num_trials: int = Field(8, gt=0)
+    max_concurrent: int = Field(2, gt=0)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [
+            Objective(metric="val_auc", mode="max"),
+            Objective(metric="latency_ms", mode="min"),
+        ],
+        min_length=1,
+    )
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, gt=0)
+    ema_epochs: float | None = Field(
+        None, gt=0,
+        description="students keep an exponential moving average of their weights over about this many trailing "
+                    "epochs; validation, compression and export use the averaged weights",
+    )
+    final_epochs: int | None = Field(
+        None, gt=0,
+        description="after the search, the selected student is trained again from scratch for this many epochs "
+                    "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
+                    "and that model is exported and served; None: export the search trial as it is",
+    )
+    final_branches: int | None = Field(
+        None, ge=2,
+        description="after the search, the selected student is trained again as a weight soup: one run to a "
+                    "quarter of its epochs, then this many copies finish it, each with its own data order, and "
+                    "their weights are averaged (BatchNorm statistics recomputed); (1 + 3 * branches) / 4 times a "
+                    "trial's training. Combines with final_epochs; None: no soup",
+    )
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    augment: AugmentSpec | None = None
+    seed: int | None = None
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
+        return fingerprint_dump(self, exclude={"final_epochs", "final_branches"})
+
+    @property
+    def final_training(self) -> bool:
+        return self.final_epochs is not None or self.final_branches is not None

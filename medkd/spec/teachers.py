@@ -1,0 +1,43 @@
+"""The ``teachers:`` section: one entry per teacher of the ensemble."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from medkd.spec.base import StrictModel, fingerprint_dump
+from medkd.spec.data import AugmentSpec
+
+
+class TeacherSpec(StrictModel):
+    """One teacher of the ensemble, trained by its own Ray Train ``TorchTrainer``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = Field(description="registry name, e.g. resnet18, densenet121, vit, unet, unetr")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "none"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighting: bool = False
+    patience: int | None = Field(None, gt=0, description="early stopping on the validation metric")
+    ema_epochs: float | None = Field(
+        None, gt=0,
+        description="keep an exponential moving average of the weights over about this many trailing epochs; "
+                    "validation, checkpoint selection and the teacher itself use the averaged weights",
+    )
+    augment: AugmentSpec | None = None
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto"] | bool = "auto"
+    mixed_precision: bool = True
+    max_failures: int = Field(2, ge=0)
+    seed: int | None = None
+
+    def training_fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that change the trained weights (not resources)."""
+        return fingerprint_dump(self, exclude={"name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures"})
