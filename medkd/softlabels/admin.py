@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 import redis
 
 from medkd.softlabels.redis_server import ManagedRedisServer, RedisServerError
-from medkd.softlabels.store import Manifest, SoftLabelCache
+from medkd.softlabels.manifest import Manifest
+from medkd.softlabels.store import SoftLabelCache
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

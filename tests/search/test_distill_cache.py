@@ -158,7 +158,7 @@ def test_cache_entry_smaller_than_the_training_split_fails_loudly(publish):
 def test_cached_views_read_back_the_published_views(publish):
     """FKD views published by the soft-label stage come back with their parameters and logits."""
     from medkd.data import AugmentSpec, sample_view_params
-    from medkd.softlabels.store import CacheMissError
+    from medkd.softlabels.manifest import CacheMissError
     from medkd.search.run import cached_views
 
     make_cache, _ = publish
@@ -213,7 +213,7 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     """Entries deleted (a Redis restart without persistence) or corrupted after the soft-label stage
     are recomputed from the teacher checkpoints, republished, and the trial reads the right logits."""
     from medkd.data import AugmentSpec, apply_view
-    from medkd.softlabels.store import CacheMissError
+    from medkd.softlabels.manifest import CacheMissError
     from medkd.search.run import teacher_logits_source, cached_teacher_logits
     from medkd.softlabels.compute import view_params
     from medkd.teachers.loop import predict

@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 import redis
 
+from medkd.softlabels.chunk_lru import ChunkLRU
+from medkd.softlabels.manifest import CacheIntegrityError, CacheMissError, Manifest, PublishOptions
 from medkd.softlabels.redis_server import ManagedRedisServer, RedisConnectionError, connect
-from medkd.softlabels.store import (
-    CacheIntegrityError,
-    CacheMissError,
-    Manifest,
-    SoftLabelCache,
-)
+from medkd.softlabels.store import SoftLabelCache
 from tests.conftest import free_port
 
 TEACHER_SPEC = {"name": "cnn", "model": "resnet18"}
@@ -405,10 +402,8 @@ def test_two_writer_processes_produce_one_set_of_entries(cache: SoftLabelCache, 
 
 
 def test_writer_that_lost_its_lease_does_not_commit(cache: SoftLabelCache, namespace: str) -> None:
-    from medkd.softlabels.store import PublishOptions, _Lease
-
     prefix = cache.key_prefix("teach1", "data1", "train")
-    lease = _Lease(cache, prefix)
+    lease = cache._lease(prefix)
     assert lease.try_acquire()
     cache.client.set(f"{prefix}:lock", "someone-else")  # the lease expired and another writer took it
     cache.client.delete(f"{prefix}:lock")  # ...and that writer died
@@ -567,3 +562,19 @@ def test_password_from_env(redis_server: ManagedRedisServer, monkeypatch: pytest
     cache = SoftLabelCache(f"redis://127.0.0.1:{redis_server.port}/0", namespace=namespace, password_env="MEDKD_TEST_CACHE_PW")
     assert cache.list_manifests() == []
     assert isinstance(connect(redis_server.url), redis.Redis)
+
+
+def test_chunk_lru_evicts_least_recently_used_within_its_byte_budget() -> None:
+    lru = ChunkLRU(100)
+    for chunk in range(3):
+        lru.put(("p", "g1", chunk), np.zeros(10, np.float32))  # 40 bytes each: only two fit
+    assert lru.get(("p", "g1", 0)) is None and lru.nbytes == 80
+    assert lru.get(("p", "g1", 1)) is not None  # now the most recent
+    lru.put(("q", "g1", 0), np.zeros(10, np.float32))
+    assert lru.get(("p", "g1", 2)) is None and lru.get(("p", "g1", 1)) is not None
+    lru.put(("p", "g1", 9), np.zeros(40, np.float32))  # larger than the budget: not kept
+    assert lru.get(("p", "g1", 9)) is None
+    lru.drop_prefix("p")
+    assert lru.nbytes == 40 and lru.get(("q", "g1", 0)) is not None
+    with pytest.raises(ValueError):
+        lru.get(("q", "g1", 0))[0] = 1.0  # read-only: callers share the cached array
