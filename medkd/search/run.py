@@ -32,7 +32,6 @@ from medkd.softlabels.manifest import CacheIntegrityError, CacheMissError
 from medkd.softlabels.store import SoftLabelCache
 from medkd.students.candidate import CANDIDATE_FILE, apply_pruning, export_candidate
 from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
-from medkd.students.losses.families import check_loss_space
 from medkd.students.distill import (
     CachedViews,
     DistillConfig,
@@ -105,9 +104,6 @@ class define_space:
         if alpha < 1:
             _suggest(trial, "temperature", space.temperature)
             aggregation = _suggest(trial, "aggregation", space.aggregation)
-            for name in ("loss", "logit_standardization"):
-                if getattr(space, name) is not None:
-                    _suggest(trial, name, getattr(space, name))
             if aggregation == "weighted" and self.num_teachers > 1:
                 for index in range(self.num_teachers):
                     _suggest(trial, f"teacher_weight_{index}", space.teacher_weight)
@@ -120,11 +116,8 @@ class define_space:
 def constant_params(space: Any, num_teachers: int) -> dict[str, Any]:
     """Values of single-valued dimensions (Optuna only sees dimensions with a choice)."""
     constants: dict[str, Any] = {}
-    for name in ("student", "width", "depth", "lr", "alpha", "temperature", "aggregation", "prune", "prune_amount", "quantize",
-                 "loss", "logit_standardization"):
+    for name in ("student", "width", "depth", "lr", "alpha", "temperature", "aggregation", "prune", "prune_amount", "quantize"):
         dimension = getattr(space, name)
-        if dimension is None:
-            continue
         if isinstance(dimension, list) and len(dimension) == 1:
             constants[name] = dimension[0]
         elif not isinstance(dimension, list) and dimension.low == dimension.high:
@@ -148,8 +141,6 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
         alpha=float(params.get("alpha", 0.5)),
         aggregation=aggregation,
         teacher_weights=weights if aggregation in ("weighted", "confidence") and weights else None,
-        loss=params.get("loss"),
-        logit_standardization=bool(params.get("logit_standardization", False)),
         lr=float(params.get("lr", 3e-3)),
         epochs=context["epochs"],
         batch_size=context["batch_size"],
@@ -508,8 +499,6 @@ def run_search(
     context = search_context(spec, meta=meta, data_ref=data_ref, teacher_fps=teacher_fps, dataset_fp=dataset_fp,
                              cache_url=cache_url, events=events, views=views, teachers=teachers)
     context["needs_estimates"] = any(m not in QUALITY_METRICS for m in metrics)
-    check_loss_space(search.space.loss, search.space.logit_standardization, task=meta["task"],
-                     multilabel=meta["multilabel"], num_classes=meta["num_classes"])
     if len(teacher_fps) > 1:
         cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
         val_labels = ray.get(data_ref)["val"][1]
