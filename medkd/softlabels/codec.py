@@ -52,6 +52,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from medkd.core.registry import Registry
+
 try:
     import xxhash
 except ImportError:  # pragma: no cover - xxhash is a medkd dependency; CRC-32 still works
@@ -130,30 +132,28 @@ def _lzma_decompress(data: bytes, max_length: int) -> bytes:
     return out
 
 
-CODECS: dict[str, Codec] = {}
+CODECS: Registry[Codec] = Registry("codec")
 
 
 def register_codec(codec: Codec) -> Codec:
     """Add a codec to the registry (ids are part of the format: never reuse one)."""
-    for existing in CODECS.values():
-        if existing.codec_id == codec.codec_id and existing.name != codec.name:
+    for existing in CODECS.entries():
+        if existing.obj.codec_id == codec.codec_id and existing.name != codec.name:
             raise ValueError(f"codec id {codec.codec_id} already used by {existing.name!r}")
-    CODECS[codec.name] = codec
-    return codec
+    return CODECS.add(codec.name, codec)
 
 
 register_codec(Codec("zlib", 1, lambda data: zlib.compress(data, 6), _zlib_decompress))
 register_codec(Codec("lzma", 2, lambda data: lzma.compress(data, preset=6), _lzma_decompress))
-_CODECS_BY_ID = {codec.codec_id: codec for codec in CODECS.values()}
+_CODECS_BY_ID = {entry.obj.codec_id: entry.obj for entry in CODECS.entries()}
 
 
 def _codec_by_name(name: str | None) -> Codec | None:
     if name is None or name == "none":
         return None
-    try:
-        return CODECS[name]
-    except KeyError:
-        raise ValueError(f"compression must be one of {['none', *CODECS]} or None, got {name!r}") from None
+    if name not in CODECS:
+        raise ValueError(f"compression must be one of {['none', *CODECS]} or None, got {name!r}")
+    return CODECS.get(name).obj
 
 
 def _check_dtype(dtype: np.dtype) -> None:

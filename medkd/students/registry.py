@@ -28,6 +28,8 @@ from typing import Literal, TypeVar
 
 from torch import nn
 
+from medkd.core.registry import Registry
+
 StudentTask = Literal["classification", "segmentation"]
 SUPPORTED_SPATIAL_DIMS = (2, 3)
 _TASKS: tuple[str, ...] = ("classification", "segmentation")
@@ -46,7 +48,7 @@ class StudentEntry:
     module: str
 
 
-_STUDENTS: dict[str, StudentEntry] = {}
+STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student")
 
 
 def register_student(family: str, *, task: StudentTask = "classification", name: str | None = None) -> Callable[[BuilderT], BuilderT]:
@@ -67,11 +69,7 @@ def register_student(family: str, *, task: StudentTask = "classification", name:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
 
     def decorator(builder: BuilderT) -> BuilderT:
-        key = name or builder.__name__
-        existing = _STUDENTS.get(key)
-        if existing is not None and (existing.module, existing.builder.__qualname__) != (builder.__module__, builder.__qualname__):
-            raise ValueError(f"student {key!r} is already registered by {existing.module}")
-        _STUDENTS[key] = StudentEntry(key, family, task, builder, builder.__module__)
+        STUDENTS.add(name or builder.__name__, builder, family=family, task=task)
         return builder
 
     return decorator
@@ -79,18 +77,16 @@ def register_student(family: str, *, task: StudentTask = "classification", name:
 
 def list_students(family: str | None = None) -> list[str]:
     """Sorted names of registered students, optionally only those of one ``family``."""
-    return sorted(n for n, e in _STUDENTS.items() if family is None or e.family == family)
+    return STUDENTS.names() if family is None else STUDENTS.names(family=family)
 
 
 def is_student(name: str) -> bool:
-    return name in _STUDENTS
+    return name in STUDENTS
 
 
 def _entry(name: str) -> StudentEntry:
-    try:
-        return _STUDENTS[name]
-    except KeyError:
-        raise ValueError(f"unknown student {name!r}; registered students: {', '.join(list_students())}") from None
+    entry = STUDENTS.get(name)
+    return StudentEntry(name, entry.info["family"], entry.info["task"], entry.obj, entry.module)
 
 
 def student_family(name: str) -> str:

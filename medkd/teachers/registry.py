@@ -33,6 +33,8 @@ from typing import Any, Literal, TypeVar
 
 from torch import nn
 
+from medkd.core.registry import Registry
+
 TeacherTask = Literal["classification", "segmentation"]
 
 FAMILY_TASKS: dict[str, TeacherTask] = {
@@ -61,7 +63,7 @@ class TeacherEntry:
         return FAMILY_TASKS[self.family]
 
 
-_TEACHERS: dict[str, TeacherEntry] = {}
+TEACHERS: Registry[Callable[..., nn.Module]] = Registry("teacher")
 
 
 def register_teacher(
@@ -92,14 +94,8 @@ def register_teacher(
             raise ValueError(f"teacher builder {name!r} must accept keyword arguments {missing}")
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             raise ValueError(f"teacher builder {name!r} must list its options explicitly, not take **kwargs")
-        existing = _TEACHERS.get(name)
-        same_function = existing is not None and (
-            (existing.builder.__module__, existing.builder.__qualname__) == (builder.__module__, builder.__qualname__)
-        )  # re-registration of the same function happens when its module is reloaded
-        if existing is not None and not same_function:
-            raise ValueError(f"teacher {name!r} is already registered by {existing.builder.__module__}")
         options = tuple(arg for arg in parameters if arg not in CORE_ARGUMENTS)
-        _TEACHERS[name] = TeacherEntry(name, family, builder, dims, options)
+        TEACHERS.add(name, builder, family=family, task=FAMILY_TASKS[family], spatial_dims=dims, options=options)
         return builder
 
     return decorator
@@ -109,14 +105,12 @@ def list_teachers(family: str | None = None) -> list[str]:
     """Sorted names of the registered teachers, optionally only those of one ``family``."""
     if family is not None and family not in FAMILY_TASKS:
         raise ValueError(f"family must be one of {sorted(FAMILY_TASKS)} or None, got {family!r}")
-    return sorted(name for name, entry in _TEACHERS.items() if family is None or entry.family == family)
+    return TEACHERS.names() if family is None else TEACHERS.names(family=family)
 
 
 def _entry(name: str) -> TeacherEntry:
-    try:
-        return _TEACHERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown teacher {name!r}; available teachers: {', '.join(list_teachers())}") from None
+    entry = TEACHERS.get(name)
+    return TeacherEntry(name, entry.info["family"], entry.obj, entry.info["spatial_dims"], entry.info["options"])
 
 
 def teacher_family(name: str) -> str:

@@ -32,6 +32,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from medkd.core.registry import Registry
+
 __all__ = [
     "QuantizationMode",
     "SampleReader",
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 QuantizationMode = Literal["none", "int8_static", "int8_dynamic", "fp16"]
 Quantizer = Callable[[Path, Path, "np.ndarray | None"], Path]
 
-_MODES: dict[str, Quantizer] = {}
+QUANTIZATION_MODES: Registry[Quantizer] = Registry("quantization mode")
 
 # Linear layers export as Gemm (2D inputs) or MatMul (+Add, token inputs).
 DYNAMIC_OP_TYPES = ["MatMul", "Gemm"]
@@ -57,17 +59,11 @@ DYNAMIC_OP_TYPES = ["MatMul", "Gemm"]
 def register_quantization_mode(name: str) -> Callable[[Quantizer], Quantizer]:
     """Register ``fn(fp32_path, out_path, calibration) -> out_path`` as quantization mode ``name``."""
 
-    def decorator(fn: Quantizer) -> Quantizer:
-        if name in _MODES:
-            raise ValueError(f"quantization mode {name!r} is already registered")
-        _MODES[name] = fn
-        return fn
-
-    return decorator
+    return QUANTIZATION_MODES.register(name)
 
 
 def list_quantization_modes() -> list[str]:
-    return sorted(_MODES)
+    return QUANTIZATION_MODES.names()
 
 
 def _model_input(path: Path) -> tuple[str, tuple[int | None, ...]]:
@@ -305,8 +301,5 @@ def quantize(
         >>> quantize(Path("fp32.onnx"), Path("int8.onnx"), mode="int8_static",
         ...          calibration=train_images[:256])  # doctest: +SKIP
     """
-    try:
-        quantizer = _MODES[mode]
-    except KeyError:
-        raise ValueError(f"mode must be one of {list_quantization_modes()}, got {mode!r}") from None
+    quantizer = QUANTIZATION_MODES.get(mode).obj
     return quantizer(Path(fp32_path), Path(out_path), calibration)
