@@ -20,6 +20,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from medkd.core.fingerprint import fingerprint
+from medkd.core.errors import field_error
+from medkd.spec import catalog
 from medkd.spec.base import SpecError, StrictModel
 from medkd.spec.cache import CacheSpec
 from medkd.spec.cluster import RaySpec
@@ -60,6 +62,18 @@ class JobSpec(StrictModel):
                 "teachers' cached per-pixel logits; set cache.views (K > 0) to train on cached augmented views "
                 "whose logits match them"
             )
+        for where, kind, names in [
+            *((f"teachers[{i}].model", "teacher", [t.model]) for i, t in enumerate(self.teachers)),
+            # the default student list is for classification; only names the spec gives are checked
+            *([("search.space.student", "student", self.search.space.student)]
+              if "student" in self.search.space.model_fields_set else []),
+        ]:
+            for name in names:
+                task = catalog.info(kind, name)["task"]
+                if task != self.task:
+                    fitting = ", ".join(n for n in catalog.names(kind) if catalog.info(kind, n)["task"] == self.task)
+                    raise field_error(f"{where}: {name!r} is a {task} {kind} but task is {self.task!r}; "
+                                      f"{self.task} {kind}s: {fitting}")
         data_task = getattr(self.data, "task", None)
         if data_task is not None and data_task != self.task and not (
             self.task == "classification" and data_task == "multilabel"
@@ -101,7 +115,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = f"must be > {item['ctx']['gt']}"
         elif item["type"] == "greater_than_equal":
             message = f"must be >= {item['ctx']['ge']}"
-        lines.append(f"  {_location(loc)}: {message}")
+        lines.append(f"  {_location(loc)}: {message}" if loc else f"  {message}")
     return "\n".join(lines)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from medkd.spec.base import StrictModel, fingerprint_dump
+from medkd.spec.catalog import check_name
 from medkd.spec.data import AugmentSpec
 
 
@@ -37,7 +38,7 @@ class SearchSpace(StrictModel):
     depth: Dimension = Field(default_factory=lambda: [1.0])
     temperature: Dimension = Field(default_factory=lambda: Range(low=1.0, high=8.0))
     alpha: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.9))
-    aggregation: list[Literal["mean", "weighted", "confidence"]] = Field(
+    aggregation: list[str] = Field(
         default_factory=lambda: ["mean", "confidence"], min_length=1
     )
     teacher_weight: Dimension = Field(
@@ -47,9 +48,15 @@ class SearchSpace(StrictModel):
     lr: Dimension = Field(default_factory=lambda: Range(low=1e-3, high=1e-2, log=True))
     prune: list[Literal["none", "unstructured", "channels"]] = Field(default_factory=lambda: ["none"])
     prune_amount: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.5))
-    quantize: list[Literal["none", "int8_static", "int8_dynamic", "fp16"]] = Field(
+    quantize: list[str] = Field(
         default_factory=lambda: ["int8_static"], min_length=1
     )
+
+    @field_validator("student", "aggregation", "quantize")
+    @classmethod
+    def _registered_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        kind = {"student": "student", "aggregation": "aggregation", "quantize": "quantization mode"}[info.field_name]
+        return [check_name(kind, name) for name in value]
 
 
 ObjectiveMetric = Literal["val_auc", "val_acc", "val_dice", "latency_ms", "params", "model_bytes"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from medkd.spec.base import StrictModel, fingerprint_dump
+from medkd.spec.catalog import check_name
 from medkd.spec.data import AugmentSpec
 
 
@@ -14,7 +15,7 @@ class TeacherSpec(StrictModel):
     """One teacher of the ensemble, trained by its own Ray Train ``TorchTrainer``."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str = Field(description="registry name, e.g. resnet18, densenet121, vit, unet, unetr")
+    model: str = Field(description="teacher registry name, e.g. resnet18, densenet121, vit, unet, unetr")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -37,6 +38,11 @@ class TeacherSpec(StrictModel):
     mixed_precision: bool = True
     max_failures: int = Field(2, ge=0)
     seed: int | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _registered_model(cls, value: str) -> str:
+        return check_name("teacher", value)
 
     def training_fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not resources)."""
