@@ -26,23 +26,24 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from medkd.cli import jobs
-from medkd.cli.jobs import (
+from medkd.cli import auth_token, jobs_client, staging
+from medkd.cli.auth_token import find_auth_token
+from medkd.cli.jobs import add_jobs_parsers, run_jobs_command
+from medkd.cli.jobs_client import (
+    iter_job_logs,
+    job_status,
+    list_jobs,
+    resolve_address,
+    stop_job,
+    submit_job,
+    wait_for_job,
+)
+from medkd.cli.jobs_errors import (
     JobsAuthError,
     JobsConnectionError,
     JobsError,
     JobsNotFoundError,
     JobsSubmitWarning,
-    add_jobs_parsers,
-    find_auth_token,
-    iter_job_logs,
-    job_status,
-    list_jobs,
-    resolve_address,
-    run_jobs_command,
-    stop_job,
-    submit_job,
-    wait_for_job,
 )
 from tests.conftest import REPO_ROOT, free_port, free_ports
 
@@ -240,9 +241,9 @@ def test_find_auth_token_follows_rays_order(clean_env, monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     assert find_auth_token() == "from-env"
     # The pure-Python fallback agrees with Ray's loader on every step above.
-    assert jobs._find_auth_token_python() == "from-env"
+    assert auth_token._find_auth_token_python() == "from-env"
     monkeypatch.delenv("RAY_AUTH_TOKEN")
-    assert jobs._find_auth_token_python() == "from-token-path"
+    assert auth_token._find_auth_token_python() == "from-token-path"
 
 
 def test_find_auth_token_rejects_a_missing_token_path(clean_env, monkeypatch, tmp_path):
@@ -250,7 +251,7 @@ def test_find_auth_token_rejects_a_missing_token_path(clean_env, monkeypatch, tm
     with pytest.raises(JobsAuthError, match="RAY_AUTH_TOKEN_PATH"):
         find_auth_token()
     with pytest.raises(JobsAuthError, match="RAY_AUTH_TOKEN_PATH"):
-        jobs._find_auth_token_python()
+        auth_token._find_auth_token_python()
 
 
 def test_resolve_address_precedence_and_bad_values(clean_env, monkeypatch):
@@ -283,15 +284,15 @@ def _staged_files(stage_root: Path) -> set[str]:
 def test_upload_limit_is_the_dashboards():
     from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
 
-    assert jobs.UPLOAD_LIMIT_BYTES == DASHBOARD_CLIENT_MAX_SIZE
+    assert staging.UPLOAD_LIMIT_BYTES == DASHBOARD_CLIENT_MAX_SIZE
 
 
 def test_stage_mirrors_project_without_excluded_and_oversized_files(project):
     (project / "pkg" / "big.npz").write_bytes(b"\0" * 2048)
-    excludes = [*jobs.DEFAULT_EXCLUDES, "*.tmp"]
+    excludes = [*staging.DEFAULT_EXCLUDES, "*.tmp"]
     (project / "pkg" / "scratch.tmp").write_text("x")
     spec = project / "configs" / "job.yaml"
-    with jobs._staged_working_dir(spec, project, excludes, max_file_bytes=1024) as stage:
+    with staging.staged_working_dir(spec, project, excludes, max_file_bytes=1024) as stage:
         files = _staged_files(stage.root)
         assert files == EXPECTED_UPLOAD
         assert stage.spec_relpath == PurePosixPath("configs/job.yaml") and not stage.spec_moved
@@ -306,27 +307,27 @@ def test_stage_moves_specs_outside_the_project_or_in_excluded_folders(project, t
     outside = tmp_path / "elsewhere" / "job.yaml"
     outside.parent.mkdir()
     outside.write_text("name: outside\n")
-    with jobs._staged_working_dir(outside, project, jobs.DEFAULT_EXCLUDES, 2**20) as stage:
+    with staging.staged_working_dir(outside, project, staging.DEFAULT_EXCLUDES, 2**20) as stage:
         assert stage.spec_relpath == PurePosixPath("job.yaml") and stage.spec_moved
         assert (stage.root / "job.yaml").read_text() == "name: outside\n"
     in_runs = project / "runs" / "again.yaml"
     in_runs.write_text("name: again\n")
-    with jobs._staged_working_dir(in_runs, project, jobs.DEFAULT_EXCLUDES, 2**20) as stage:
+    with staging.staged_working_dir(in_runs, project, staging.DEFAULT_EXCLUDES, 2**20) as stage:
         assert stage.spec_relpath == PurePosixPath("again.yaml") and stage.spec_moved
         assert not (stage.root / "runs").exists()
     clash = tmp_path / "elsewhere" / "probe.py"
     clash.write_text("name: clash\n")
     with pytest.raises(JobsError, match="already has a file named 'probe.py'"):
-        with jobs._staged_working_dir(clash, project, jobs.DEFAULT_EXCLUDES, 2**20):
+        with staging.staged_working_dir(clash, project, staging.DEFAULT_EXCLUDES, 2**20):
             pass
 
 
 def test_find_project_dir(project, tmp_path):
     (project / "medkd").mkdir()
     (project / "medkd" / "__init__.py").write_text("")
-    assert jobs.find_project_dir(project / "pkg" / "runs") == project.resolve()
+    assert staging.find_project_dir(project / "pkg" / "runs") == project.resolve()
     # Outside any project: the checkout the running medkd comes from (an editable install).
-    assert jobs.find_project_dir(tmp_path) == REPO_ROOT.resolve()
+    assert staging.find_project_dir(tmp_path) == REPO_ROOT.resolve()
 
 
 def test_submit_rejects_bad_specs_before_contacting_the_cluster(tmp_path, clean_env):
@@ -492,7 +493,7 @@ def test_cli_submit_runs_medkd_validate_on_the_cluster(authed, minimal_spec, cap
     ])
     # `medkd submit` runs `medkd run`; only the command string is swapped for `validate` (fast).
     monkeypatch.setattr(
-        jobs, "_default_entrypoint", lambda relpath, extra: f"python -m medkd.cli.main validate {relpath}"
+        jobs_client, "default_entrypoint", lambda relpath, extra: f"python -m medkd.cli.main validate {relpath}"
     )
     assert args.handler(args) == 0
     captured = capsys.readouterr()
