@@ -7,11 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medkd-installed
 JOB ?= examples/quickstart.yaml
 
-.PHONY: demo test setup redis clean-runs help
+.PHONY: demo test test-fast lint setup redis clean-runs help
 
 help:
 	@echo "make demo   - set up, then run $(JOB) end to end (teachers, cache, search, export, serve)"
-	@echo "make test   - set up, then run the test suite"
+	@echo "make test      - set up, lint, then run the whole test suite (unit, integration and slow tests)"
+	@echo "make test-fast - unit tests only (no Ray, redis-server or end-to-end runs): the inner loop, < 2 min"
+	@echo "make lint      - ruff check and ruff format --check"
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 not found (need python3.11 or python3 >= 3.11)"; exit 1; }
@@ -29,8 +31,17 @@ redis:
 demo: setup
 	$(BIN)/medkd run $(JOB)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# Unit tests only: tests marked slow or integration (tests/conftest.py marks every test that uses a
+# real-service fixture) are left out.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-runs:
 	rm -rf runs

@@ -21,6 +21,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = Path(os.environ.get("MEDKD_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
+#: Fixtures that start or need a real service or a data file: a test using one is an integration test.
+INTEGRATION_FIXTURES = frozenset({"ray_session", "redis_server", "redis_url", "breastmnist_path"})
+#: pytest-timeout limit of a test marked ``slow`` without a ``timeout`` mark of its own (the
+#: default for every other test is ``timeout`` in pyproject.toml).
+SLOW_TEST_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses a real-service fixture ``integration`` (``make test-fast`` leaves
+    those and ``slow`` tests out; tests that start a service themselves carry the mark explicitly),
+    and give ``slow`` tests without a ``timeout`` mark the longer :data:`SLOW_TEST_TIMEOUT_S`."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

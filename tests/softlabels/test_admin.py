@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medkd.cli import main as cli
 from medkd.softlabels.admin import add_cache_parser, format_bytes, format_table, parse_duration, run_cache_command
 from medkd.softlabels.redis_server import STATE_FILE
 from medkd.softlabels.store import SoftLabelCache
@@ -138,6 +139,5 @@ def test_without_url_it_uses_and_then_stops_the_managed_server(monkeypatch: pyte
 
 def test_medkd_cli_dispatches_to_the_cache_command(filled: SoftLabelCache, redis_url: str, namespace: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    cli = pytest.importorskip("medkd.cli.main")
     assert cli.main(["cache", "--redis-url", redis_url, "--namespace", namespace, "ls"]) == 0
     assert "teachA" in capsys.readouterr().out

@@ -301,11 +301,21 @@ def test_teacher_trains_under_ddp(name, tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
+        torch.manual_seed(0)
         model = DistributedDataParallel(_build(name, 2, 28))
+        probe = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            before = model.module.eval()(probe).clone()
+        model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        for _ in range(2):
+        for _ in range(2):  # DDP's unused-parameter check fails on the second step
             optimizer.zero_grad()
             model(torch.randn(2, 1, 28, 28)).square().mean().backward()
             optimizer.step()
+        trainable = {key: p for key, p in model.module.named_parameters() if p.requires_grad}
+        assert trainable and [key for key, p in trainable.items() if p.grad is None] == []
+        with torch.no_grad():
+            after = model.module.eval()(probe)
+        assert not torch.allclose(before, after)  # the steps changed the model
     finally:
         dist.destroy_process_group()
