@@ -8,16 +8,18 @@ before it starts anything.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 CLUSTER_DIR = REPO_ROOT / "cluster"
 KUBERAY_DIR = CLUSTER_DIR / "kuberay"
@@ -70,9 +72,8 @@ def test_kuberay_resources_share_image_version_and_token_auth(path, kind):
     assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     containers = _ray_containers(cluster)
     assert [container["image"] for container in containers] == [IMAGE] * len(containers)
-    for env in [_env(cluster["autoscalerOptions"]), *(_env(container) for container in containers)]:
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "medkd-ray-auth", "key": "auth_token"}
+    # KubeRay >= 1.7.0 wires the token of this secret into every Ray container and the autoscaler.
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "medkd-ray-auth"}
     for group in cluster["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
 
@@ -134,11 +135,11 @@ def test_rayservice_serve_config_passes_rays_schema():
     assert module_name == "medkd.serve.app" and builder_name
     assert Path(application.args["model_dir"]).is_absolute()
     ServeConfig(**application.args.get("serve", {}))  # the builder's keys are ServeConfig fields
-    (deployment,) = application.deployments
-    assert deployment.name == "ModelServer"
-    autoscaling = deployment.autoscaling_config
-    assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
-    assert deployment.max_ongoing_requests >= application.args["serve"]["max_batch_size"]
+    # No per-deployment overrides: the builder names and configures its deployments from
+    # args.serve (an override of a deployment name the builder does not create fails the deploy).
+    assert application.deployments == []
+    serve_config = ServeConfig(**application.args["serve"])
+    assert 1 <= serve_config.min_replicas <= serve_config.max_replicas == 8
 
     import importlib
 
@@ -166,6 +167,25 @@ def test_ray_up_config_passes_the_cluster_launcher_schema():
                if "ray start" in c)
 
 
+def test_ray_up_config_keeps_secrets_off_command_lines_and_pipes_nothing_into_a_shell():
+    """The Redis password never appears on a command line (where `ps` shows it) nor in .bashrc,
+    and nothing downloaded is piped into a shell."""
+    raw = yaml.safe_load((CLUSTER_DIR / "ray-up.yaml").read_text())
+    command_keys = [key for key in raw if key.endswith("_commands")]
+    commands = [command for key in command_keys for command in raw[key]]
+    assert commands
+    for command in commands:
+        assert not re.search(r"(curl|wget)[^|;&]*\|\s*(ba|z)?sh\b", command), f"pipes a download into a shell: {command}"
+        assert ".bashrc" not in command or "PASSWORD" not in command, f"puts a secret into .bashrc: {command}"
+        assert not re.search(r"--requirepass\s", command), f"password on redis-server's command line: {command}"
+        assert not re.search(r"redis-cli[^;|&]*\s-a\s", command), f"password on redis-cli's command line: {command}"
+        # The file's content may only become an environment variable or go through bash's printf
+        # builtin into a 0600 file, never an argument of a program.
+        for match in re.finditer(r"\$\(cat ~/\.medkd/redis_password\)", command):
+            before = command[: match.start()]
+            assert re.search(r"([A-Z_]+=\"|printf 'requirepass \"%s\"\\n' \")$", before), command
+
+
 def test_dockerfile_copies_files_that_exist():
     dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
@@ -191,3 +211,85 @@ def test_local_cluster_script_syntax_and_refusals(tmp_path):
     assert not (tmp_path / "state").exists()  # refused before starting anything
     not_running = subprocess.run([str(script), "stop"], env=env, capture_output=True, text=True)
     assert not_running.returncode == 0 and "not running" in not_running.stdout
+
+
+def _conf_settings(lines: list[str]) -> dict[str, str]:
+    pairs = [line.strip().split(None, 1) for line in lines if line.strip() and not line.strip().startswith("#")]
+    return {pair[0]: pair[1] if len(pair) > 1 else "" for pair in pairs}
+
+
+def _managed_server_settings(tmp_path: Path) -> dict[str, str]:
+    from medkd.softlabels.redis_server import ManagedRedisServer
+
+    return _conf_settings(ManagedRedisServer(data_dir=tmp_path / "managed")._config_text(6379, "x").splitlines())
+
+
+def test_kubernetes_redis_follows_the_caches_eviction_design_and_really_starts(tmp_path):
+    """The Deployment's own start command and readiness probe, run here on a real redis-server
+    with the manifest's redis.conf (only paths and the port changed): the password comes from
+    the secret's file, eviction is the managed server's ``volatile-lru`` under a ``maxmemory``
+    below the container's memory limit, and the probe tells a right password from a wrong one."""
+    import redis
+
+    documents = _documents(KUBERAY_DIR / "raycluster.yaml")
+    conf = _by_kind(KUBERAY_DIR / "raycluster.yaml", "ConfigMap")["data"]["redis.conf"]
+    settings, managed = _conf_settings(conf.splitlines()), _managed_server_settings(tmp_path)
+    for key in ("maxmemory-policy", "save", "appendonly", "rdbchecksum", "stop-writes-on-bgsave-error"):
+        assert settings[key] == managed[key], key
+    (container,) = _by_kind(KUBERAY_DIR / "raycluster.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
+    limit_gib = int(container["resources"]["limits"]["memory"].removesuffix("Gi"))
+    assert settings["maxmemory"].endswith("gb") and int(settings["maxmemory"][:-2]) < limit_gib  # room for the RDB fork
+    assert "REDIS_PASSWORD" not in json.dumps(container.get("env", [])) and "--requirepass" not in json.dumps(container)
+    volumes = {v["name"]: v for v in _by_kind(KUBERAY_DIR / "raycluster.yaml", "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["secret"]["secret"]["secretName"] == "medkd-redis"  # the secret the README has users create
+    assert container["livenessProbe"] and container["readinessProbe"]
+    assert any(doc["kind"] == "Service" and doc["metadata"]["name"] == "medkd-redis" for doc in documents)
+
+    port = free_port()
+    secret_dir, auth_dir, data_dir, conf_dir = (tmp_path / name for name in ("secret", "auth", "data", "conf"))
+    for directory in (secret_dir, auth_dir, data_dir, conf_dir):
+        directory.mkdir()
+    (secret_dir / "password").write_text("s3cret-from-the-secret")
+    local = {"/etc/medkd-redis-secret": str(secret_dir), "/run/medkd-redis": str(auth_dir),
+             "/etc/medkd-redis/": f"{conf_dir}/", "dir /data": f"dir {data_dir}", "port 6379": f"port {port}",
+             "bind 0.0.0.0": "bind 127.0.0.1", "-p 6379": f"-p {port}"}
+
+    def localize(text: str) -> str:
+        for old, new in local.items():
+            text = text.replace(old, new)
+        return text
+
+    (conf_dir / "redis.conf").write_text(localize(conf))
+    assert container["command"] == ["sh", "-c"]
+    server = subprocess.Popen(["sh", "-c", localize(container["args"][0])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password="s3cret-from-the-secret")
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) == int(settings["maxmemory"][:-2]) * 1024**3
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()
+        assert oct((auth_dir / "auth.conf").stat().st_mode & 0o777) == "0o600"
+        probe = [localize(part) for part in container["readinessProbe"]["exec"]["command"]]
+        assert subprocess.run(probe, capture_output=True).returncode == 0
+        (secret_dir / "password").write_text("not-the-password")
+        assert subprocess.run(probe, capture_output=True).returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_ray_up_redis_follows_the_caches_eviction_design(tmp_path):
+    raw = yaml.safe_load((CLUSTER_DIR / "ray-up.yaml").read_text())
+    (writer,) = [command for command in raw["head_setup_commands"] if "redis.conf" in command]
+    lines = [a or b for a, b in re.findall(r"'([^']*)'|\"([^\"]*)\"", writer.split("printf", 1)[1])][1:]
+    settings, managed = _conf_settings(lines), _managed_server_settings(tmp_path)
+    for key in ("maxmemory-policy", "save", "appendonly"):
+        assert settings[key] == managed[key], key
+    assert settings["maxmemory"] and settings["port"] == "6380"
+    assert any("systemctl disable --now redis-server" in command for command in raw["head_setup_commands"])
