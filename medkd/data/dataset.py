@@ -5,8 +5,12 @@ Adapters (one per data ``kind``) return a :class:`RawData` with channel-first ra
 
 Normalisation (recorded in ``Dataset.preprocessing`` so serving can replicate it)::
 
-    x = (clip(raw, *clip) - offset) * scale        # 8-bit data: clip None, offset 0, scale 1/255
+    x = (clip(raw, *clip) - offset) * scale        # raw intensities (clip/offset set, e.g. CT)
+    x = raw * scale                                # integer pixels (8-bit: scale 1/255)
+    x = raw                                        # float pixels: already in [0, 1]
     x = (x - mean[c]) / std[c]                     # per channel; mean/std of the TRAIN split only
+
+Both steps are :mod:`medkd.data.preprocess`'s, the functions serving calls.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medkd.core.errors import DataValidationError
+from medkd.data.preprocess import rescale_intensities, standardise
 from medkd.data.splitting import stratified_sample
 from medkd.core.fingerprint import array_digest, fingerprint
 
@@ -190,31 +195,19 @@ def apply_preprocessing(raw: np.ndarray, preprocessing: Mapping[str, Any], chann
 
 
 def _rescale(raw: np.ndarray, preprocessing: Mapping[str, Any]) -> np.ndarray:
-    """``(clip(raw) - offset) * scale`` as a new C-contiguous float32 array."""
-    out = np.array(raw, dtype=np.float32, order="C", copy=True)
-    clip = preprocessing.get("clip")
-    if clip is not None:
-        np.clip(out, np.float32(clip[0]), np.float32(clip[1]), out=out)
-    offset = float(preprocessing.get("offset", 0.0))
-    if offset:
-        out -= np.float32(offset)
-    out *= np.float32(preprocessing["scale"])
-    return out
+    """``InputMeta``'s intensity mapping (:func:`medkd.data.preprocess.rescale_intensities`) as a
+    new C-contiguous float32 array."""
+    return rescale_intensities(
+        raw,
+        scale=float(preprocessing["scale"]),
+        offset=float(preprocessing.get("offset", 0.0)),
+        clip=preprocessing.get("clip"),
+    )
 
 
 def _standardise(out: np.ndarray, preprocessing: Mapping[str, Any], channel_axis: int = 1) -> np.ndarray:
     """``(x - mean[c]) / std[c]`` in place."""
-    mean = np.asarray(preprocessing["mean"], dtype=np.float32)
-    std = np.asarray(preprocessing["std"], dtype=np.float32)
-    if out.shape[channel_axis] != len(mean):
-        raise ValueError(
-            f"images have {out.shape[channel_axis]} channel(s) on axis {channel_axis}, preprocessing has {len(mean)}"
-        )
-    shape = [1] * out.ndim
-    shape[channel_axis] = len(mean)
-    out -= mean.reshape(shape)
-    out /= std.reshape(shape)
-    return out
+    return standardise(out, preprocessing["mean"], preprocessing["std"], channel_axis)
 
 
 def _check_structure(raw: RawData) -> None:

@@ -1,7 +1,8 @@
 """Medical Segmentation Decathlon style datalist adapter (NIfTI image/label pairs via nibabel).
 
 Volumes are reoriented to the closest canonical (RAS) orientation, resized to ``image_size``
-(linear for images, nearest for labels) and, for ``spatial_dims: 2``, cut into axial slices
+(images by :func:`medkd.data.preprocess.resize`, linear and antialiased as in serving; labels by
+nearest neighbour) and, for ``spatial_dims: 2``, cut into axial slices
 (last axis). Splits are made per case, so slices of one patient never straddle splits.
 Intensities are clipped to train-split percentiles and scaled to [0, 1] (recorded in the
 dataset's preprocessing).
@@ -20,6 +21,7 @@ import numpy as np
 from medkd.data.checks import check_mask, check_numeric
 from medkd.data.dataset import SPLITS, RawData, Split
 from medkd.core.errors import DataFileNotFoundError, DataValidationError
+from medkd.data.preprocess import resize
 from medkd.data.registry import register_adapter
 from medkd.spec.data import DecathlonDataSpec
 from medkd.data.splitting import stratified_partition
@@ -110,17 +112,17 @@ def _load_case(entry: dict[str, Any], where: str, spec: DecathlonDataSpec) -> tu
 
 
 def _resize(image: np.ndarray, label: np.ndarray, size: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize a batch: image ``(B, C, *sp)`` linearly, label ``(B, *sp)`` by nearest neighbour."""
+    """Resize a batch: image ``(B, C, *sp)`` by :func:`medkd.data.preprocess.resize` (linear,
+    antialiased: what serving does to a posted volume), label ``(B, *sp)`` by nearest neighbour."""
     import torch
     import torch.nn.functional as F
 
     if list(image.shape[2:]) == list(size):
         return image, label
-    mode = "bilinear" if len(size) == 2 else "trilinear"
+    resized = np.stack([resize(sample, size) for sample in image])
     with torch.no_grad():
-        resized = F.interpolate(torch.from_numpy(image), size=size, mode=mode, align_corners=False)
         labels = F.interpolate(torch.from_numpy(label[:, None].astype(np.float32)), size=size, mode="nearest-exact")
-    return resized.numpy(), labels[:, 0].round().numpy().astype(np.int64)
+    return resized, labels[:, 0].round().numpy().astype(np.int64)
 
 
 def _samples(image: np.ndarray, label: np.ndarray, spec: DecathlonDataSpec) -> tuple[np.ndarray, np.ndarray]:

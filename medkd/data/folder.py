@@ -1,9 +1,12 @@
 """Image-folder adapter: one sub-folder per class of PNG/JPEG (or DICOM) images.
 
 ``path/<class>/*.png`` is split into train/val/test (stratified, seeded); ``path/train|val|test/<class>/``
-uses the given splits. Images are converted to grayscale or RGB and resized to a square
-``image_size`` (bilinear, anti-aliased). 16-bit images and DICOM are min-max scaled to 8 bits per
-image. Hidden files and files of other types are ignored; an unreadable image is an error naming it.
+uses the given splits. Every file goes through :mod:`medkd.data.preprocess`, the functions the
+serving codecs call: decoded (8-bit pixels / 255, 16-bit / 65535, DICOM through its modality and
+VOI LUTs), converted to gray or RGB, resized to a square ``image_size`` (linear, antialiased) and
+stored as float32 in [0, 1]; the dataset records ``scale`` 1/255 (an 8-bit pixel's step), so a
+served model multiplies 8-bit pixels exactly as here. Hidden files and files of other types are
+ignored; an unreadable image is an error naming it.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from medkd.data.dataset import SPLITS, RawData, Split
 from medkd.core.errors import DataValidationError
+from medkd.data.preprocess import EIGHT_BIT_SCALE, ImageError, decode_dicom, decode_pil, scaled_image
 from medkd.data.registry import register_adapter
 from medkd.spec.data import FolderDataSpec
 from medkd.data.splitting import stratified_partition
@@ -42,47 +45,41 @@ def _image_files(class_dir: Path) -> list[Path]:
     )
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Min-max scale any numeric image to uint8 (constant images become 0)."""
-    array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.rint((array - low) * (255.0 / (high - low))).astype(np.uint8)
+def decode_file(path: Path) -> np.ndarray:
+    """One image file decoded by :mod:`medkd.data.preprocess` (DICOM by its suffix, else Pillow).
 
+    Returns:
+        ``uint8`` pixels (8-bit images) or ``float32`` in [0, 1], ``(H, W)`` or ``(3, H, W)``.
 
-def _read_dicom(path: Path) -> Image.Image:
-    import pydicom
-
-    dataset = pydicom.dcmread(path)
-    pixels = dataset.pixel_array.astype(np.float64)
-    pixels = pixels * float(getattr(dataset, "RescaleSlope", 1) or 1) + float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    samples = int(getattr(dataset, "SamplesPerPixel", 1))
-    if pixels.ndim != (3 if samples > 1 else 2):
-        raise ValueError(f"expected one 2D frame, got pixel data of shape {pixels.shape}")
-    if str(getattr(dataset, "PhotometricInterpretation", "")) == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    return Image.fromarray(_to_uint8(pixels))
+    Raises:
+        DataValidationError: the file cannot be read or decoded; the message names it.
+    """
+    try:
+        data = path.read_bytes()
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            return decode_dicom(data, source="file", allow_volumes=False)
+        return decode_pil(data, source="file")
+    except (ImageError, OSError) as error:
+        raise DataValidationError(f"{path}: unreadable image: {error}") from None
 
 
 def read_image(path: Path, image_size: int, in_channels: int) -> np.ndarray:
-    """One image as uint8 ``(C, image_size, image_size)``; errors name the file."""
+    """One image as float32 ``(C, image_size, image_size)`` in [0, 1], as serving would see it.
+
+    Decoded, channel-adapted, resized and rescaled by :func:`medkd.data.preprocess.scaled_image`
+    with the 8-bit ``scale`` this adapter records; errors name the file.
+
+    Examples:
+        >>> read_image(Path("xray/normal/001.png"), 28, 1).shape  # doctest: +SKIP
+        (1, 28, 28)
+    """
+    image = decode_file(path)
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            image = _read_dicom(path)
-        else:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                image = Image.fromarray(_to_uint8(np.asarray(image)))
-        image = image.convert("L" if in_channels == 1 else "RGB")
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, AttributeError, ImportError) as error:
-        raise DataValidationError(f"{path}: unreadable image: {error}") from None
-    pixels = np.asarray(image, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+        return scaled_image(
+            image, in_channels=in_channels, spatial_dims=2, image_size=(image_size, image_size), scale=EIGHT_BIT_SCALE
+        )
+    except ImageError as error:
+        raise DataValidationError(f"{path}: unusable image: {error}") from None
 
 
 def _scan(root: Path, class_names: list[str] | None) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -114,7 +111,7 @@ def _scan(root: Path, class_names: list[str] | None) -> tuple[list[Path], np.nda
 
 
 def _load(files: list[Path], spec: FolderDataSpec) -> np.ndarray:
-    images = np.empty((len(files), spec.in_channels, spec.image_size, spec.image_size), dtype=np.uint8)
+    images = np.empty((len(files), spec.in_channels, spec.image_size, spec.image_size), dtype=np.float32)
     for index, file in enumerate(files):
         images[index] = read_image(file, spec.image_size, spec.in_channels)
     return images

@@ -6,9 +6,13 @@ Decoding and preprocessing are two steps:
    ``(H, W)`` / ``(C, H, W)`` for 2D images, ``(H, W, D)`` / ``(C, H, W, D)`` for volumes.
    Integer arrays are raw pixels; float arrays are taken to be in [0, 1] already.
 2. :func:`preprocess` applies the training convention from the model's ``metadata.json``
-   (``input``): integers are multiplied by ``scale``, channels are adapted (RGB to gray, gray
-   repeated to C), the image is resized (bilinear / trilinear) to ``image_size``, and every
+   (``input``): channels are adapted (RGB to gray, gray repeated to C), the image is resized
+   (linear, antialiased) to ``image_size``, integers are multiplied by ``scale``, and every
    channel is normalised ``(x - mean) / std``. The result is float32 ``(C, *image_size)``.
+
+PNG/JPEG/DICOM decoding and all of step 2 are :mod:`medkd.data.preprocess`'s functions, the
+ones the training data adapters call, so a file gives the same model input in training and
+serving (16-bit images / 65535, DICOM through its modality and VOI LUTs).
 
 Everything a client can get wrong raises :class:`RequestError` (HTTP 400), or one of its
 subclasses :class:`UnsupportedMediaType` (415) and :class:`PayloadTooLarge` (413), with a
@@ -30,11 +34,20 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from medkd.data.preprocess import (
+    MODEL_INPUT_FIELDS,
+    ImageError,
+    ImageTooLarge,
+    decode_dicom,
+    decode_pil,
+    model_input,
+)
 from medkd.registry.metadata import InputMeta
 from medkd.spec.serve import DEFAULT_MAX_BODY_BYTES
 
@@ -225,38 +238,19 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def _decode_pil(body: bytes, expected_format: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    with _as_request_errors():
+        return decode_pil(body, source="body", expected_format=expected_format, max_pixels=MAX_IMAGE_PIXELS)
 
-    label = "PNG" if expected_format == "PNG" else "JPEG"
+
+@contextmanager
+def _as_request_errors() -> Iterator[None]:
+    """The shared preprocessing's errors as HTTP errors: too large 413, anything else 400."""
     try:
-        image = Image.open(io.BytesIO(body))
-    except (UnidentifiedImageError, OSError) as error:
-        raise RequestError(f"body is not a valid {label} image: {error}") from None
-    with image:
-        if image.format != expected_format:
-            raise RequestError(f"body is a {image.format} image, not {label} as its Content-Type says")
-        width, height = image.size
-        bands = len(image.getbands())
-        if width * height * bands > MAX_IMAGE_PIXELS:
-            raise PayloadTooLarge(
-                f"image is {width}x{height}x{bands} values, more than the limit of {MAX_IMAGE_PIXELS}"
-            )
-        try:
-            return _pil_to_array(image)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise RequestError(f"{label} image cannot be decoded: {error}") from None
-
-
-def _pil_to_array(image) -> np.ndarray:
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit grayscale: scale the full 16-bit range to [0, 1].
-        return (np.asarray(image, dtype=np.float32) / 65535.0).clip(0.0, 1.0)
-    if mode == "F":
-        return np.asarray(image, dtype=np.float32)
-    if mode in ("1", "L", "LA", "La"):
-        return np.asarray(image.convert("L"), dtype=np.uint8)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+        yield
+    except ImageTooLarge as error:
+        raise PayloadTooLarge(str(error)) from None
+    except ImageError as error:
+        raise RequestError(str(error)) from None
 
 
 @_register("png", lambda body: body.startswith(_PNG_MAGIC))
@@ -316,80 +310,10 @@ def _decode_npy(body: bytes) -> np.ndarray:
     lambda body: body[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM",
 )
 def _decode_dicom(body: bytes) -> np.ndarray:
-    """DICOM pixels after the modality LUT (rescale slope / intercept).
-
-    8-bit unsigned images without rescaling stay raw ``uint8`` pixels. Anything else (12/16-bit,
-    CT in Hounsfield units) is mapped to [0, 1] with the file's VOI window (WindowCenter /
-    WindowWidth) when it has one, else by its own min / max. MONOCHROME1 is inverted so that
-    bright means high everywhere. Multi-frame data becomes a volume ``(H, W, frames)``.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(body), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as error:
-        raise RequestError(f"body is not a valid DICOM file: {error}") from None
-    if "PixelData" not in dataset:
-        raise RequestError("DICOM file has no PixelData element (is it an image?)")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    if rows * columns * frames * samples > MAX_IMAGE_PIXELS:
-        raise PayloadTooLarge(
-            f"DICOM image is {rows}x{columns}x{frames} frames x{samples} samples, more than the "
-            f"limit of {MAX_IMAGE_PIXELS} values"
-        )
-    try:
-        pixels = dataset.pixel_array
-    except Exception as error:  # pydicom raises many types for unsupported transfer syntaxes
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise RequestError(f"DICOM pixel data cannot be decoded (transfer syntax {syntax}): {error}") from None
-
-    slope = float(dataset.get("RescaleSlope", 1) or 1)
-    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    raw_uint8 = pixels.dtype == np.uint8 and slope == 1 and intercept == 0
-    if raw_uint8 and photometric != "MONOCHROME1":
-        image = pixels
-    else:
-        values = pixels.astype(np.float64) * slope + intercept
-        window = _dicom_window(dataset) if samples == 1 else None
-        if window is not None:
-            center, width = window
-            values = np.clip((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
-        elif raw_uint8:
-            values = values / 255.0
-        else:
-            low, high = float(values.min()), float(values.max())
-            values = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        if photometric == "MONOCHROME1":
-            values = 1.0 - values
-        image = values.astype(np.float32)
-
-    if samples > 1:  # pydicom gives (..., rows, cols, samples): move samples to the front
-        image = np.moveaxis(image, -1, 0)
-    if frames > 1:  # (..., frames, rows, cols) -> (..., rows, cols, frames)
-        image = np.moveaxis(image, -3, -1)
-    return np.ascontiguousarray(image)
-
-
-def _dicom_window(dataset) -> tuple[float, float] | None:
-    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
-    if center is None or width is None:
-        return None
-    try:
-        center_value, width_value = _first_float(center), _first_float(width)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return (center_value, width_value) if width_value > 0 else None
-
-
-def _first_float(value: Any) -> float:
-    """DICOM multi-valued elements (several windows) use their first value."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        value = value[0]
-    return float(value)
+    """DICOM as :func:`medkd.data.preprocess.decode_dicom` reads it (modality LUT, VOI LUT,
+    MONOCHROME1 inverted); multi-frame data becomes a volume ``(H, W, frames)``."""
+    with _as_request_errors():
+        return decode_dicom(body, source="body", max_pixels=MAX_IMAGE_PIXELS)
 
 
 # ------------------------------------------------------------------------------------- JSON
@@ -434,6 +358,9 @@ def _json_array(value: Any, where: str) -> np.ndarray:
 def preprocess(image: np.ndarray, input_meta: InputMeta | dict[str, Any]) -> np.ndarray:
     """Turn a decoded image into the model's input, as in training.
 
+    :func:`medkd.data.preprocess.model_input`, the function the data adapters use: channels
+    adapted, resized (linear, antialiased), rescaled and standardised as ``input_meta`` says.
+
     Args:
         image: ``(H, W)`` / ``(C, H, W)`` (2D models) or ``(H, W, D)`` / ``(C, H, W, D)``
             (3D models). Integer dtypes are raw pixels and get multiplied by ``scale``; float
@@ -448,96 +375,5 @@ def preprocess(image: np.ndarray, input_meta: InputMeta | dict[str, Any]) -> np.
         RequestError: wrong number of dims or channels, empty or non-finite image.
     """
     meta = input_meta if isinstance(input_meta, InputMeta) else InputMeta.model_validate(input_meta)
-    image = np.asarray(image)
-    if image.dtype.kind not in _NUMERIC_KINDS:
-        raise RequestError(f"image dtype {image.dtype} is not numeric")
-    if image.dtype.kind == "b":
-        image = image.astype(np.float32)
-
-    spatial_dims = meta.spatial_dims
-    if image.ndim == spatial_dims:
-        image = image[np.newaxis]
-    elif image.ndim != spatial_dims + 1:
-        layouts = "2 (H, W) or 3 (C, H, W)" if spatial_dims == 2 else "3 (H, W, D) or 4 (C, H, W, D)"
-        raise RequestError(
-            f"image has {image.ndim} dims (shape {tuple(image.shape)}), expected {layouts} "
-            f"for this {spatial_dims}D model"
-        )
-    if 0 in image.shape:
-        raise RequestError(f"image is empty (shape {tuple(image.shape)})")
-
-    image = _adapt_channels(image, meta.in_channels)
-    raw_intensities = meta.clip is not None or meta.offset != 0.0
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise RequestError("image contains NaN or infinite values")
-    if raw_intensities:
-        pixels = image.astype(np.float32)
-        if meta.clip is not None:
-            np.clip(pixels, np.float32(meta.clip[0]), np.float32(meta.clip[1]), out=pixels)
-        pixels = (pixels - np.float32(meta.offset)) * np.float32(meta.scale)
-    elif image.dtype.kind == "f":
-        pixels = image.astype(np.float32, copy=False)
-    else:
-        pixels = image.astype(np.float32) * np.float32(meta.scale)
-
-    target = tuple(meta.image_size)
-    if pixels.shape[1:] != target:
-        pixels = resize_linear(pixels, target)
-
-    channels = meta.in_channels
-    broadcast = (channels,) + (1,) * spatial_dims
-    mean = np.broadcast_to(np.asarray(meta.mean, dtype=np.float32), (channels,)).reshape(broadcast)
-    std = np.broadcast_to(np.asarray(meta.std, dtype=np.float32), (channels,)).reshape(broadcast)
-    return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
-
-
-def _adapt_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    have = image.shape[0]
-    if have == channels:
-        return image
-    if have == 1:
-        return np.repeat(image, channels, axis=0)
-    if channels == 1 and have in (3, 4):
-        return _luma(image[:3])
-    if channels == 3 and have == 4:
-        return image[:3]
-    raise RequestError(
-        f"image has {have} channels, the model expects {channels} "
-        "(1-channel images are repeated, RGB/RGBA converted to gray for 1-channel models)"
-    )
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma, bit-exact with Pillow's ``convert("L")`` for uint8 pixels."""
-    if rgb.dtype == np.uint8:
-        r, g, b = (rgb[i].astype(np.uint32) for i in range(3))
-        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[np.newaxis]
-    r, g, b = (rgb[i].astype(np.float64) for i in range(3))
-    gray = 0.299 * r + 0.587 * g + 0.114 * b
-    if rgb.dtype.kind == "f":
-        return gray.astype(np.float32)[np.newaxis]
-    return np.rint(gray).astype(rgb.dtype)[np.newaxis]  # integers stay raw pixels
-
-
-def resize_linear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize the trailing spatial axes of ``(C, *spatial)`` with (bi/tri)linear interpolation.
-
-    Same sampling as ``torch.nn.functional.interpolate(mode="bilinear" | "trilinear",
-    align_corners=False)`` without antialiasing: half-pixel centres, edges clamped.
-    """
-    out = np.asarray(array, dtype=np.float32)
-    spatial = len(size)
-    for axis_offset, new_size in enumerate(size):
-        axis = out.ndim - spatial + axis_offset
-        old_size = out.shape[axis]
-        if old_size == new_size:
-            continue
-        source = (np.arange(new_size, dtype=np.float64) + 0.5) * (old_size / new_size) - 0.5
-        source = np.clip(source, 0.0, None)
-        lower = np.minimum(np.floor(source).astype(np.int64), old_size - 1)
-        upper = np.minimum(lower + 1, old_size - 1)
-        weight_shape = [1] * out.ndim
-        weight_shape[axis] = new_size
-        upper_weight = (source - lower).astype(np.float32).reshape(weight_shape)
-        out = np.take(out, lower, axis=axis) * (1.0 - upper_weight) + np.take(out, upper, axis=axis) * upper_weight
-    return out
+    with _as_request_errors():
+        return model_input(image, **{name: getattr(meta, name) for name in MODEL_INPUT_FIELDS})

@@ -22,9 +22,9 @@ from medkd.serve.codecs import (
     decode_image,
     encode_npy,
     preprocess,
-    resize_linear,
     sniff_format,
 )
+from medkd.data.preprocess import resize
 
 META_2D = {"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]}
 RNG = np.random.default_rng(0)
@@ -211,10 +211,10 @@ def test_dicom_rescale_and_window_map_to_unit_range():
     np.testing.assert_allclose(decoded, expected, atol=1e-6)
 
 
-def test_dicom_without_window_uses_min_max_and_monochrome1_is_inverted():
+def test_dicom_without_window_uses_its_stored_range_and_monochrome1_is_inverted():
     stored = np.arange(100, dtype=np.uint16).reshape(10, 10) * 10
     decoded = decode_image(make_dicom(stored, bits_stored=12, photometric="MONOCHROME1"), "application/dicom")
-    np.testing.assert_allclose(decoded, 1.0 - stored / stored.max(), atol=1e-6)
+    np.testing.assert_allclose(decoded, 1.0 - stored / 4095.0, atol=1e-6)
 
 
 def test_dicom_without_preamble_decodes_when_declared():
@@ -317,7 +317,7 @@ def test_preprocess_scales_raw_pixels_and_normalises_per_channel():
     image = RNG.integers(0, 100, (3, 4, 5)).astype(np.int32)
     result = preprocess(image, meta)
     assert result.dtype == np.float32 and result.shape == (3, 4, 5)
-    for c, (mean, std) in enumerate(zip(meta["mean"], meta["std"])):
+    for c, (mean, std) in enumerate(zip(meta.mean, meta.std)):
         np.testing.assert_allclose(result[c], (image[c] * 0.01 - mean) / std, rtol=1e-6, atol=1e-6)
 
 
@@ -330,18 +330,24 @@ def test_preprocess_takes_floats_as_unit_range_and_repeats_gray_channels():
         np.testing.assert_allclose(result[c], (image - 0.5) / 0.5, atol=1e-6)
 
 
-def test_preprocess_resizes_like_torch_bilinear_and_trilinear():
+def test_preprocess_resizes_like_torch_bilinear_antialiased_and_trilinear():
     image = RNG.random((1, 20, 13)).astype(np.float32)
     expected = torch.nn.functional.interpolate(
         torch.from_numpy(image)[None], size=(28, 28), mode="bilinear", align_corners=False
     )[0].numpy()
     np.testing.assert_allclose(preprocess(image[0], META_2D), (expected - 0.5) / 0.5, atol=1e-5)
 
-    volume = RNG.random((2, 9, 7, 5)).astype(np.float32)
+    large = RNG.random((1, 90, 61)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(large)[None], size=(28, 28), mode="bilinear", align_corners=False, antialias=True
+    )[0].numpy()
+    np.testing.assert_allclose(preprocess(large[0], META_2D), (expected - 0.5) / 0.5, atol=1e-5)
+
+    volume = RNG.random((2, 3, 7, 5)).astype(np.float32)
     expected = torch.nn.functional.interpolate(
         torch.from_numpy(volume)[None], size=(4, 8, 6), mode="trilinear", align_corners=False
     )[0].numpy()
-    np.testing.assert_allclose(resize_linear(volume, (4, 8, 6)), expected, atol=1e-5)
+    np.testing.assert_allclose(resize(volume, (4, 8, 6)), expected, atol=1e-5)
 
 
 def test_preprocess_volume_for_a_3d_model():
