@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medkd.core.metrics import softmax
 from medkd.softlabels.redis_server import ManagedRedisServer, connect
 from medkd.softlabels.store import SoftLabelCache
 
@@ -53,12 +54,8 @@ def segmentation_logits(n: int, classes: int, size: int, seed: int) -> np.ndarra
 
 
 def mean_kl(z: np.ndarray, z_hat: np.ndarray, temperature: float) -> float:
-    def softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64) / temperature
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    p, q = softmax(z), softmax(z_hat)
+    p = softmax(z.astype(np.float64) / temperature, axis=1)
+    q = softmax(z_hat.astype(np.float64) / temperature, axis=1)
     return float((p * (np.log(p + 1e-300) - np.log(q + 1e-300))).sum(axis=1).mean())
 
 

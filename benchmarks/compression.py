@@ -32,6 +32,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from medkd.core.metrics import softmax
 from medkd.students.compression import (
     OnnxModel,
     check_parity,
@@ -106,8 +107,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: fl
 
 def quality(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(accuracy, AUC: binary, or one-vs-rest macro)."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    probs = softmax(logits, axis=1)
     accuracy = float(np.mean(probs.argmax(axis=1) == labels))
     auc = roc_auc_score(labels, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_score(labels, probs, multi_class="ovr")
     return accuracy, float(auc)

@@ -63,8 +63,39 @@ def _float_array(values: Any, arg: str, *, min_ndim: int) -> np.ndarray:
     return array
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, element-wise, in ``z``'s floating dtype; exact at large ``|z|``.
+
+    Computed as ``exp(-log(1 + exp(-z)))`` (``np.logaddexp``), so it neither overflows nor
+    returns 0/1 early for large negative/positive logits. The one sigmoid of medkd's NumPy code.
+
+    Args:
+        z: logits, any shape.
+
+    Examples:
+        >>> sigmoid(np.array([0.0, 800.0, -800.0]))
+        array([0.5, 1. , 0. ])
+    """
     return np.exp(-np.logaddexp(0.0, -z))
+
+
+def softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Softmax along ``axis`` in ``z``'s floating dtype (max-shifted: large logits do not overflow).
+
+    The one softmax of medkd's NumPy code; :func:`probabilities` adds validation, the
+    temperature, float64 arithmetic and the multi-label and single-logit cases.
+
+    Args:
+        z: logits, e.g. ``(N, C)`` or ``(N, C, H, W)``.
+        axis: the class axis.
+
+    Examples:
+        >>> softmax(np.array([[0.0, np.log(3.0)]]))
+        array([[0.25, 0.75]])
+    """
+    shifted = np.exp(z - z.max(axis=axis, keepdims=True))
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
 
 
 def probabilities(logits: np.ndarray, *, multilabel: bool = False, temperature: float = 1.0) -> np.ndarray:
@@ -87,14 +118,12 @@ def probabilities(logits: np.ndarray, *, multilabel: bool = False, temperature: 
     dtype = np.float64 if array.dtype == np.float64 else np.float32
     z = array.astype(np.float64) / float(temperature)
     if multilabel:
-        out = _sigmoid(z)
+        out = sigmoid(z)
     elif z.shape[1] == 1:
-        positive = _sigmoid(z)
+        positive = sigmoid(z)
         out = np.concatenate([1.0 - positive, positive], axis=1)
     else:
-        z = z - z.max(axis=1, keepdims=True)
-        out = np.exp(z)
-        out /= out.sum(axis=1, keepdims=True)
+        out = softmax(z, axis=1)
     return out.astype(dtype, copy=False)
 
 

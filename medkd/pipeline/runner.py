@@ -220,7 +220,7 @@ class Pipeline:
         for split in ("val", "test"):
             stacked = [logits[t.name][split] for t in self.teachers]
             if self.meta["task"] == "segmentation":
-                probs = np.mean([_softmax(l) for l in stacked], axis=0)
+                probs = ensemble_probabilities(stacked)  # mean of per-pixel softmax over teachers
                 ensemble[split] = evaluate_logits(np.log(np.clip(probs, 1e-8, 1.0)), self.dataset.splits[split].labels, self.meta)
             else:
                 probs = ensemble_probabilities(stacked, multilabel=self.meta["multilabel"])
@@ -347,12 +347,6 @@ class Pipeline:
         self.progress.line(f"results: {self.output_dir / RESULTS_FILE}")
         self.progress.line(f"report:  {path}")
         return "ran"
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def run_job(spec: JobSpec, **kwargs: Any) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from medkd.core.metrics import (
     primary_metric,
     probabilities,
     segmentation_metrics,
+    sigmoid,
+    softmax,
 )
 
 
@@ -342,3 +344,22 @@ def test_primary_metric():
 def test_float32_rounding_above_one_is_accepted():
     probs = np.array([[1.0 + 1e-7, 0.0], [0.25, 0.75]], dtype=np.float64)
     assert classification_metrics(probs, np.array([0, 1]))["acc"] == 1.0
+
+
+def test_softmax_and_sigmoid_are_exact_stable_and_keep_the_dtype(rng):
+    logits = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0 + np.log(3.0)]])
+    np.testing.assert_allclose(softmax(logits), [[0.25, 0.75], [0.25, 0.75]], rtol=1e-12)  # no overflow
+    volume = rng.normal(size=(2, 4, 3, 3)).astype(np.float32)
+    out = softmax(volume, axis=1)
+    assert out.dtype == np.float32 and out.shape == volume.shape
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(softmax(volume.astype(np.float64) + 50.0, axis=1), out, rtol=1e-5)  # shift-invariant
+    np.testing.assert_allclose(sigmoid(np.array([0.0, np.log(3.0), -np.log(3.0)])), [0.5, 0.75, 0.25], rtol=1e-12)
+    assert sigmoid(np.array([800.0]))[0] == 1.0 and sigmoid(np.array([-800.0]))[0] == 0.0
+
+
+def test_ensemble_of_segmentation_logits_is_the_mean_of_per_pixel_softmaxes(rng):
+    """The pipeline's segmentation ensemble (two teachers' (N, C, H, W) logits)."""
+    first, second = rng.normal(size=(2, 2, 3, 4, 4)).astype(np.float32)
+    expected = (softmax(first.astype(np.float64)) + softmax(second.astype(np.float64))) / 2
+    np.testing.assert_allclose(ensemble_probabilities([first, second]), expected, rtol=1e-6)
