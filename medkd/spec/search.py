@@ -51,12 +51,26 @@ class SearchSpace(StrictModel):
     quantize: list[str] = Field(
         default_factory=lambda: ["int8_static"], min_length=1
     )
+    loss: list[Literal["hinton_kd", "dkd", "dist"]] | None = Field(
+        None, min_length=1,
+        description="logit distillation loss of single-label classification students (Hinton KD, DKD, DIST); "
+                    "None: Hinton KD",
+    )
+    logit_standardization: list[bool] | None = Field(
+        None, min_length=1,
+        description="z-score the logits in the KD term (CVPR 2024), e.g. [false, true]; needs >= 3 classes; "
+                    "None: off",
+    )
 
     @field_validator("student", "aggregation", "quantize")
     @classmethod
     def _registered_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
         kind = {"student": "student", "aggregation": "aggregation", "quantize": "quantization mode"}[info.field_name]
         return [check_name(kind, name) for name in value]
+
+
+# Space dimensions added after searches were fingerprinted: left out of the fingerprint while unset.
+SPACE_ADDED_LATER: tuple[str, ...] = ("loss", "logit_standardization")
 
 
 ObjectiveMetric = Literal["val_auc", "val_acc", "val_dice", "latency_ms", "params", "model_bytes"]
@@ -109,7 +123,9 @@ class SearchSpec(StrictModel):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
-        return fingerprint_dump(self, exclude={"final_epochs", "final_branches"})
+        fields = fingerprint_dump(self, exclude={"final_epochs", "final_branches"})
+        fields["space"] = fingerprint_dump(self.space, added_later=SPACE_ADDED_LATER)
+        return fields
 
     @property
     def final_training(self) -> bool:

@@ -41,7 +41,7 @@ def manual_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float) 
 
 
 def test_registries_hold_the_built_ins():
-    assert list_losses() == ["hinton_kd", "multilabel_kd", "pixel_kd"]
+    assert list_losses() == ["dist", "dkd", "hinton_kd", "multilabel_kd", "pixel_kd"]
     assert list_aggregations() == ["confidence", "mean", "weighted"]
     assert default_loss_name("classification") == "hinton_kd"
     assert default_loss_name("classification", multilabel=True) == "multilabel_kd"

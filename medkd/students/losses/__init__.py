@@ -7,13 +7,16 @@ Examples::
     >>> loss, parts = loss_fn(student_logits, teacher_logits, labels)  # teacher_logits: (T, N, C)
 """
 
-from medkd.students.losses import aggregation, kd  # noqa: F401  (registers the built-ins)
+from medkd.students.losses import aggregation, dist, dkd, kd  # noqa: F401  (registers the built-ins)
 from medkd.students.losses.aggregation import (
     ConfidenceAggregation,
     MeanAggregation,
     TeacherAggregation,
     WeightedAggregation,
 )
+from medkd.students.losses.dist import DISTLoss
+from medkd.students.losses.dkd import DKDLoss
+from medkd.students.losses.families import CLASSIFICATION_LOSSES, resolve_loss_name
 from medkd.students.losses.kd import (
     DistillationLoss,
     HintonKDLoss,
@@ -29,8 +32,12 @@ from medkd.students.losses.registry import (
     register_aggregation,
     register_loss,
 )
+from medkd.students.losses.standardization import standardize_logits
 
 __all__ = [
+    "CLASSIFICATION_LOSSES",
+    "DISTLoss",
+    "DKDLoss",
     "ConfidenceAggregation",
     "DistillationLoss",
     "HintonKDLoss",
@@ -46,4 +53,6 @@ __all__ = [
     "list_losses",
     "register_aggregation",
     "register_loss",
+    "resolve_loss_name",
+    "standardize_logits",
 ]

@@ -16,6 +16,9 @@ Conventions shared by all of them:
   ``alpha=1`` trains on labels only (the no-KD baseline: exactly the hard loss, and
   ``teacher_logits`` may be ``None``); ``alpha=0`` trains on the teachers only. The ``T**2``
   factor keeps the KD gradients' magnitude independent of the temperature (Hinton et al., 2015).
+* ``logit_standardization=True`` z-scores every teacher's and the student's logits over the
+  class axis before the temperature, in the KD term only (Sun et al., CVPR 2024; see
+  :mod:`medkd.students.losses.standardization`). Any loss of a softmax over classes accepts it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from medkd.students.losses.aggregation import (
     multilabel_targets,
 )
 from medkd.students.losses.registry import create_aggregation, register_loss
+from medkd.students.losses.standardization import check_standardizable, standardize_logits
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.5
@@ -79,6 +83,8 @@ class DistillationLoss(nn.Module):
         aggregation: multi-teacher aggregation strategy name ("mean", "weighted", "confidence").
         teacher_weights: one non-negative weight per teacher, for "weighted" (required) and
             "confidence" (a prior); "mean" rejects them.
+        logit_standardization: z-score the teachers' and the student's logits over the class
+            axis before the temperature, in the KD term (CVPR 2024); softmax losses only.
     """
 
     distribution: Distribution = "categorical"
@@ -90,12 +96,19 @@ class DistillationLoss(nn.Module):
         alpha: float = DEFAULT_ALPHA,
         aggregation: str = "mean",
         teacher_weights: Sequence[float] | None = None,
+        logit_standardization: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.alpha = check_alpha(alpha)
         self.aggregation_name = aggregation
         self.aggregation = create_aggregation(aggregation, teacher_weights=teacher_weights)
+        if not isinstance(logit_standardization, bool):
+            raise ValueError(f"logit_standardization must be true or false, got {logit_standardization!r}")
+        if logit_standardization and self.distribution != "categorical":
+            raise ValueError(f"logit_standardization needs a softmax over classes; {type(self).__name__} uses one "
+                             "sigmoid per label, whose logits are not comparable across labels")
+        self.logit_standardization = logit_standardization
 
     def hard_loss(self, student_logits: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
@@ -104,8 +117,15 @@ class DistillationLoss(nn.Module):
         """The KD term *without* the ``T**2`` factor."""
         raise NotImplementedError
 
+    def kd_term(self, student_logits: Tensor, soft_target: Tensor, targets: Tensor) -> Tensor:
+        """The KD term without ``T**2``; losses that need the labels too (DKD) override this."""
+        return self.kd_loss(student_logits, soft_target)
+
     def soft_target(self, teacher_logits: Tensor, targets: Tensor) -> Tensor:
-        """The aggregated teacher distribution at this loss' temperature."""
+        """The aggregated teacher distribution at this loss' temperature (of z-scored logits with
+        ``logit_standardization``: every teacher is standardised, then the strategy mixes them)."""
+        if self.logit_standardization:
+            teacher_logits = standardize_logits(teacher_logits, dim=2)
         return self.aggregation(teacher_logits, temperature=self.temperature, targets=targets, distribution=self.distribution)
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
@@ -116,6 +136,8 @@ class DistillationLoss(nn.Module):
                 f"teacher_logits must be (teachers, *student_logits.shape) = (T, {', '.join(map(str, student_logits.shape))}), "
                 f"got {tuple(teacher_logits.shape)}"
             )
+        if self.logit_standardization:
+            check_standardizable(student_logits.shape[1])
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Distillation loss of one batch.
@@ -137,7 +159,8 @@ class DistillationLoss(nn.Module):
                 raise ValueError(f"teacher_logits are required when alpha < 1 (alpha={self.alpha})")
             return hard, {"loss": float(hard.detach()), self.hard_name: float(hard.detach()), "kd": 0.0}
         target = self.soft_target(teacher_logits.to(student_logits.device), targets).to(student_logits.dtype)
-        kd = self.kd_loss(student_logits, target) * self.temperature**2
+        kd_input = standardize_logits(student_logits, dim=1) if self.logit_standardization else student_logits
+        kd = self.kd_term(kd_input, target, targets) * self.temperature**2
         if self.alpha == 1.0:
             loss = hard
         elif self.alpha == 0.0:
@@ -147,7 +170,8 @@ class DistillationLoss(nn.Module):
         return loss, {"loss": float(loss.detach()), self.hard_name: float(hard.detach()), "kd": float(kd.detach())}
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, aggregation={self.aggregation_name!r}"
+        text = f"temperature={self.temperature}, alpha={self.alpha}, aggregation={self.aggregation_name!r}"
+        return text + (", logit_standardization=True" if self.logit_standardization else "")
 
 
 @register_loss("hinton_kd")
@@ -176,8 +200,9 @@ class HintonKDLoss(DistillationLoss):
         teacher_weights: Sequence[float] | None = None,
         class_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        logit_standardization: bool = False,
     ) -> None:
-        super().__init__(temperature, alpha, aggregation, teacher_weights)
+        super().__init__(temperature, alpha, aggregation, teacher_weights, logit_standardization)
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
@@ -222,8 +247,9 @@ class MultiLabelKDLoss(DistillationLoss):
         aggregation: str = "mean",
         teacher_weights: Sequence[float] | None = None,
         pos_weight: Sequence[float] | None = None,
+        logit_standardization: bool = False,
     ) -> None:
-        super().__init__(temperature, alpha, aggregation, teacher_weights)
+        super().__init__(temperature, alpha, aggregation, teacher_weights, logit_standardization)
         self.register_buffer("pos_weight", _optional_class_weights(pos_weight, "pos_weight"), persistent=False)
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
@@ -266,8 +292,9 @@ class PixelKDLoss(DistillationLoss):
         teacher_weights: Sequence[float] | None = None,
         class_weights: Sequence[float] | None = None,
         include_background: bool = True,
+        logit_standardization: bool = False,
     ) -> None:
-        super().__init__(temperature, alpha, aggregation, teacher_weights)
+        super().__init__(temperature, alpha, aggregation, teacher_weights, logit_standardization)
         from monai.losses import DiceCELoss
 
         weight = _optional_class_weights(class_weights, "class_weights")
