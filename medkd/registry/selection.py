@@ -1,0 +1,172 @@
+"""Which trained student is served: the best val quality, with ties inside the val split's noise
+resolved by the decision a user gets, then by cost.
+
+On a few hundred val images, AUC differences of a few thousandths are noise: a paired bootstrap
+of the val split (the same resampled images for both models) gives the standard error of the
+difference between the best trial and every other. Trials within one such standard error of
+the best are tied; among them the one with the highest val accuracy at the served operating
+point wins (argmax, or the target-sensitivity threshold of a binary task), then the lower
+latency, then the smaller model. Every completed trial is a candidate, Pareto-optimal or not.
+
+Examples:
+    >>> selection = select_trial(trials, val_probs, val_labels, quality="val_auc")  # doctest: +SKIP
+    >>> selection.chosen, selection.rule  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+from scipy.stats import rankdata
+
+from medkd.registry.calibration import choose_operating_points
+
+BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_SEED = 0
+TIE_STANDARD_ERRORS = 1.0
+
+
+def selection_rule(quality: str, target_sensitivity: float | None = None) -> str:
+    """The rule in words, for ``results.json`` and the report."""
+    point = (f"the threshold reaching val sensitivity {target_sensitivity:g}" if target_sensitivity is not None
+             else "argmax")
+    return (f"highest {quality}; trials within {TIE_STANDARD_ERRORS:g} standard error of the best (paired bootstrap of "
+            f"the val split, {BOOTSTRAP_RESAMPLES} resamples) are tied, and among tied trials the highest val accuracy "
+            f"at the served operating point ({point}) wins, then the lowest latency_ms, then the smallest model_bytes")
+
+
+class CandidateScore(BaseModel):
+    """One completed trial as the selection saw it."""
+
+    trial_id: str
+    quality: float
+    gap: float  # best quality minus this one
+    gap_se: float | None  # paired-bootstrap standard error of that gap (None for the best itself)
+    tied: bool
+    decision_acc: float
+    latency_ms: float | None = None
+    model_bytes: float | None = None
+
+
+class Selection(BaseModel):
+    """The served trial, the rule that chose it and every candidate's scores (best quality first)."""
+
+    chosen: str
+    rule: str
+    quality: str
+    candidates: list[CandidateScore]
+
+
+def auc_resamples(probs: np.ndarray, labels: np.ndarray, indices: np.ndarray, *, multilabel: bool = False) -> np.ndarray:
+    """AUC on each row of ``indices`` (resamples of the val split), as the MedMNIST evaluator defines it:
+    binary on ``p[:, 1]``, macro one-vs-rest over classes, mean over labels for multi-label. A class
+    absent from a resample is left out of its mean.
+
+    Args:
+        probs: ``(N, C)`` probabilities.
+        labels: ``(N,)`` class indices or ``(N, C)`` 0/1 labels.
+        indices: ``(B, M)`` sample indices, one resample per row (``np.arange(N)[None]`` = the split).
+
+    Examples:
+        >>> p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+        >>> auc_resamples(p, np.array([0, 1, 1]), np.arange(3)[None]).tolist()
+        [1.0]
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if multilabel:
+        truth = np.asarray(labels).reshape(probs.shape).astype(bool)
+        columns = [(probs[:, k], truth[:, k]) for k in range(probs.shape[1])]
+    else:
+        labels = np.asarray(labels).reshape(-1)
+        if probs.shape[1] == 2:
+            columns = [(probs[:, 1], labels == 1)]
+        else:
+            columns = [(probs[:, k], labels == k) for k in range(probs.shape[1])]
+    per_column = []
+    for score, truth in columns:
+        s, y = score[indices], truth[indices]
+        positives = y.sum(1).astype(np.float64)
+        negatives = y.shape[1] - positives
+        ranks = rankdata(s, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = ((ranks * y).sum(1) - positives * (positives + 1) / 2) / (positives * negatives)
+        per_column.append(np.where((positives > 0) & (negatives > 0), auc, np.nan))
+    stacked = np.stack(per_column)
+    with np.errstate(invalid="ignore"):
+        counts = np.sum(~np.isnan(stacked), axis=0)
+        return np.where(counts > 0, np.nansum(stacked, axis=0) / np.maximum(counts, 1), np.nan)
+
+
+def select_trial(
+    trials: Sequence[Any],
+    val_probs: Mapping[str, np.ndarray],
+    val_labels: np.ndarray,
+    *,
+    quality: str = "val_auc",
+    multilabel: bool = False,
+    target_sensitivity: float | None = None,
+    positive_class: int = 1,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Selection:
+    """Apply :func:`selection_rule` to completed trials.
+
+    Args:
+        trials: records with ``trial_id`` and ``metrics`` (``latency_ms``, ``model_bytes``), e.g.
+            :class:`medkd.search.run.TrialRecord`.
+        val_probs: each trial's val probabilities ``(N, C)`` of its served (compressed) model.
+        val_labels: the val labels.
+        quality: the name reported for the quality (the search's quality objective).
+        target_sensitivity: the served operating point of a binary task (None: argmax).
+        resamples: bootstrap resamples of the val split (paired across trials).
+
+    Raises:
+        ValueError: no trial, or a trial without val probabilities (named).
+    """
+    if not trials:
+        raise ValueError("no completed trial to select from")
+    missing = [t.trial_id for t in trials if t.trial_id not in val_probs]
+    if missing:
+        raise ValueError(f"val probabilities missing for trial(s) {missing}")
+    labels = np.asarray(val_labels)
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    indices = np.concatenate([np.arange(n)[None], rng.integers(0, n, size=(resamples, n))])
+    aucs = {t.trial_id: auc_resamples(val_probs[t.trial_id], labels, indices, multilabel=multilabel) for t in trials}
+    best = max(trials, key=lambda t: (aucs[t.trial_id][0], t.trial_id))
+    best_auc = aucs[best.trial_id]
+    scores = []
+    for trial in trials:
+        auc = aucs[trial.trial_id]
+        gap = float(best_auc[0] - auc[0])
+        if trial.trial_id == best.trial_id:
+            se, tied = None, True
+        else:
+            differences = (best_auc[1:] - auc[1:])
+            differences = differences[~np.isnan(differences)]
+            se = float(np.std(differences, ddof=1)) if len(differences) > 1 else 0.0
+            tied = gap <= TIE_STANDARD_ERRORS * se
+        probs = np.asarray(val_probs[trial.trial_id], dtype=np.float64)
+        point = choose_operating_points(probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity,
+                                        positive_class=positive_class)[-1]
+        metrics = getattr(trial, "metrics", {}) or {}
+        scores.append(CandidateScore(trial_id=trial.trial_id, quality=float(auc[0]), gap=gap, gap_se=se, tied=tied,
+                                     decision_acc=float(point.val["acc"]), latency_ms=_number(metrics.get("latency_ms")),
+                                     model_bytes=_number(metrics.get("model_bytes"))))
+    scores.sort(key=lambda s: (-s.quality, s.trial_id))
+    tied = [s for s in scores if s.tied]
+    chosen = min(tied, key=lambda s: (-s.decision_acc, _cost(s.latency_ms), _cost(s.model_bytes), -s.quality, s.trial_id))
+    return Selection(chosen=chosen.trial_id, rule=selection_rule(quality, target_sensitivity), quality=quality,
+                     candidates=scores)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _cost(value: float | None) -> float:
+    return math.inf if value is None else value

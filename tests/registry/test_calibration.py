@@ -1,0 +1,103 @@
+"""Temperature scaling on val and the operating points the export stores (and the server applies)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medkd.registry.calibration import (
+    OperatingPoint,
+    calibrated_probabilities,
+    choose_operating_points,
+    decision_metrics,
+    fit_calibration,
+    negative_log_likelihood,
+)
+
+
+def overconfident(n: int = 600, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    logits = 8.0 * np.eye(classes)[labels] + rng.normal(0, 4.0, (n, classes))
+    return logits, labels
+
+
+def test_temperature_is_the_nll_minimum_found_by_a_grid():
+    logits, labels = overconfident()
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))
+    best = grid[np.argmin([negative_log_likelihood(logits, labels, t) for t in grid])]
+    calibration = fit_calibration(logits, labels)
+    assert calibration.temperature == pytest.approx(best, rel=5e-3)
+    assert calibration.temperature > 1.5  # over-confident logits are softened
+    assert calibration.nll_after < calibration.nll_before
+    assert calibration.ece_after < calibration.ece_before
+
+
+def test_underconfident_logits_are_sharpened_and_argmax_never_moves():
+    logits, labels = overconfident(seed=1)
+    soft = logits / 10.0
+    calibration = fit_calibration(soft, labels)
+    assert calibration.temperature < 1.0
+    calibrated = calibrated_probabilities(soft, calibration.temperature)
+    np.testing.assert_array_equal(calibrated.argmax(1), soft.argmax(1))
+    np.testing.assert_allclose(calibrated.sum(1), 1.0)
+
+
+def test_a_calibrated_model_keeps_temperature_one():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2.0, (2000, 4))
+    labels = np.array([rng.choice(4, p=p) for p in calibrated_probabilities(logits)])
+    assert fit_calibration(logits, labels).temperature == pytest.approx(1.0, abs=0.15)
+
+
+def test_binary_single_logit_and_multilabel_models_are_calibrated():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400)
+    single = (labels * 2 - 1) * 6.0 + rng.normal(0, 5.0, 400)
+    calibration = fit_calibration(single[:, None], labels)
+    assert calibration.temperature > 1 and calibration.ece_after < calibration.ece_before
+    multi = rng.integers(0, 2, (400, 3))
+    fit = fit_calibration((multi * 2 - 1) * 6.0 + rng.normal(0, 5.0, (400, 3)), multi, multilabel=True)
+    assert fit.temperature > 1 and fit.ece_after < fit.ece_before
+
+
+def test_threshold_reaches_the_target_sensitivity_and_is_the_highest_that_does():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 300)
+    probs = calibrated_probabilities(np.stack([np.zeros(300), (labels - 0.5) * 2 + rng.normal(0, 1.5, 300)], 1))
+    argmax, point = choose_operating_points(probs, labels, target_sensitivity=0.9)
+    assert argmax.name == "argmax" and point.name == "sensitivity>=0.90"
+    assert point.val["sensitivity"] >= 0.9 > argmax.val["sensitivity"]
+    assert point.val["specificity"] < argmax.val["specificity"]  # what the higher sensitivity costs
+    higher = OperatingPoint(name="x", kind="threshold", threshold=np.nextafter(point.threshold, 1), positive_class=1)
+    assert decision_metrics(higher.decide(probs), labels, num_classes=2)["sensitivity"] < 0.9
+
+
+def test_positive_class_zero_counts_class_zero_as_the_finding():
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.7, 0.3]])
+    labels = np.array([0, 0, 1, 1])
+    _, point = choose_operating_points(probs, labels, target_sensitivity=1.0, positive_class=0)
+    assert point.threshold == 0.4 and point.val["sensitivity"] == 1.0 and point.val["specificity"] == 0.5
+    assert point.decide(probs).tolist() == [0, 0, 1, 0]
+
+
+def test_decision_metrics_by_hand():
+    metrics = decision_metrics(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]), num_classes=3)
+    assert metrics["acc"] == 0.75
+    assert metrics["balanced_acc"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert metrics["specificity"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="export.target_sensitivity: .*binary single-label.*3 classes"):
+        choose_operating_points(np.full((4, 3), 1 / 3), np.array([0, 1, 2, 0]), target_sensitivity=0.9)
+    with pytest.raises(ValueError, match="export.target_sensitivity: val has no sample of the positive class 1"):
+        choose_operating_points(np.full((3, 2), 0.5), np.zeros(3), target_sensitivity=0.9)
+    with pytest.raises(ValueError, match="finite"):
+        fit_calibration(np.array([[0.0, np.nan]]), np.array([0]))
+    with pytest.raises(ValueError, match="3 rows but the logits have 2"):
+        fit_calibration(np.zeros((2, 2)), np.zeros(3))
+    with pytest.raises(ValueError, match="non-empty"):
+        fit_calibration(np.zeros((0, 2)), np.zeros(0))
+    with pytest.raises(ValueError, match="threshold applies to binary"):
+        OperatingPoint(name="t", kind="threshold", threshold=0.5, positive_class=1).decide(np.full((2, 3), 1 / 3))

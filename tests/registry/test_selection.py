@@ -1,0 +1,90 @@
+"""Selection of the served trial: ties within the val split's noise go to the better decision, then
+the cheaper model; clear gaps are respected."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medkd.registry.selection import auc_resamples, select_trial, selection_rule
+
+
+def trial(trial_id: str, latency: float = 1.0, size: float = 1000.0) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, metrics={"latency_ms": latency, "model_bytes": size})
+
+
+def binary_probs(score: np.ndarray) -> np.ndarray:
+    return np.stack([1 - score, score], axis=1)
+
+
+@pytest.fixture
+def val() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 150)
+    score = np.clip(0.5 + (labels - 0.5) * 0.4 + rng.normal(0, 0.25, 150), 0.001, 0.999)
+    return labels, score
+
+
+def test_auc_matches_sklearn_for_binary_multiclass_and_multilabel():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 80)
+    probs = rng.dirichlet(np.ones(4), 80)
+    expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert auc_resamples(probs, labels, np.arange(80)[None])[0] == pytest.approx(expected)
+    binary = rng.integers(0, 2, 80)
+    assert auc_resamples(binary_probs(probs[:, 0]), binary, np.arange(80)[None])[0] == pytest.approx(
+        roc_auc_score(binary, probs[:, 0]))
+    multi = rng.integers(0, 2, (80, 3))
+    expected = np.mean([roc_auc_score(multi[:, k], probs[:, k]) for k in range(3)])
+    assert auc_resamples(probs[:, :3], multi, np.arange(80)[None], multilabel=True)[0] == pytest.approx(expected)
+
+
+def test_a_tie_within_noise_goes_to_the_better_decision(val):
+    labels, score = val
+    # Same ranking (same AUC up to noise) but b's probabilities sit on the right side of 0.5 more often.
+    a = binary_probs(np.clip(score * 0.6 + 0.35, 0, 1))  # shifted up: argmax calls most samples positive
+    b = binary_probs(score)
+    selection = select_trial([trial("a"), trial("b", latency=5.0)], {"a": a, "b": b}, labels)
+    by_id = {c.trial_id: c for c in selection.candidates}
+    assert abs(by_id["a"].quality - by_id["b"].quality) < 1e-9 and by_id["a"].tied and by_id["b"].tied
+    assert by_id["b"].decision_acc > by_id["a"].decision_acc
+    assert selection.chosen == "b"
+    assert "paired bootstrap" in selection.rule and "accuracy" in selection.rule
+
+
+def test_a_tie_with_equal_decisions_goes_to_the_cheaper_model(val):
+    labels, score = val
+    probs = binary_probs(score)
+    selection = select_trial([trial("slow", latency=3.0), trial("fast", latency=1.0)], {"slow": probs, "fast": probs.copy()},
+                             labels)
+    assert {c.trial_id for c in selection.candidates if c.tied} == {"slow", "fast"}
+    assert selection.chosen == "fast"
+
+
+def test_a_gap_beyond_the_noise_keeps_the_best_quality(val):
+    labels, score = val
+    good = binary_probs(score)
+    poor = binary_probs(np.clip(0.5 + (score - 0.5) * 0.2 + np.random.default_rng(3).normal(0, 0.2, len(score)), 0, 1))
+    selection = select_trial([trial("good", latency=9.0), trial("poor", latency=0.1)], {"good": good, "poor": poor}, labels)
+    poor_score = next(c for c in selection.candidates if c.trial_id == "poor")
+    assert poor_score.gap > poor_score.gap_se and not poor_score.tied
+    assert selection.chosen == "good" and selection.candidates[0].trial_id == "good"
+
+
+def test_the_served_operating_point_decides_with_a_target_sensitivity(val):
+    labels, score = val
+    selection = select_trial([trial("a")], {"a": binary_probs(score)}, labels, target_sensitivity=0.95)
+    assert "sensitivity 0.95" in selection.rule
+    assert 0 < selection.candidates[0].decision_acc < 1
+    assert "argmax" in selection_rule("val_auc")
+
+
+def test_selection_errors_name_the_problem(val):
+    labels, score = val
+    with pytest.raises(ValueError, match="no completed trial"):
+        select_trial([], {}, labels)
+    with pytest.raises(ValueError, match=r"missing for trial\(s\) \['b'\]"):
+        select_trial([trial("a"), trial("b")], {"a": binary_probs(score)}, labels)
