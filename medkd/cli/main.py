@@ -4,7 +4,7 @@
     medkd validate JOB.yaml
     medkd submit JOB.yaml --address http://HEAD:8265 | status | logs [--follow] | stop | jobs
     medkd cache ls | stats | verify | purge
-    medkd serve MODEL_DIR [--port N]
+    medkd serve MODEL_DIR [--port N] [--set max_batch_size=8] [--config-out serve_config.yaml]
     medkd models RUN_DIR [--select RANK]
 """
 
@@ -45,7 +45,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config_from_args(args: argparse.Namespace):
+    from medkd.spec.serve import ServeConfig
+
+    settings = {"host": args.host, "port": args.port, "min_replicas": args.min_replicas,
+                "max_replicas": args.max_replicas}
+    settings.update(parse_override(text) for text in (args.set or []))
+    try:
+        return ServeConfig(**settings)
+    except ValueError as error:
+        raise SpecError(f"medkd serve --set: {error}") from error
+
+
+def cmd_serve_config_out(args: argparse.Namespace) -> int:
+    """Write the Serve config of MODEL_DIR (for `serve deploy` or a RayService) instead of serving."""
+    from medkd.serve.serve_config import write_serve_config
+
+    model_dir = Path(args.model_dir)
+    # A local directory is written as an absolute path; a path that only exists on the cluster
+    # (e.g. /shared/runs/quickstart) is written as given and must be absolute.
+    if model_dir.exists():
+        model_dir = model_dir.resolve()
+    path = write_serve_config(args.config_out, model_dir, _serve_config_from_args(args))
+    print(f"wrote {path}: deploy it with `serve deploy {path}` (Ray's CLI), or embed it as a RayService's serveConfigV2",
+          flush=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.config_out:
+        return cmd_serve_config_out(args)
     import time
 
     import ray
@@ -128,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--min-replicas", type=int, default=1)
     serve.add_argument("--max-replicas", type=int, default=2)
+    serve.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="any serve: setting of a job spec, e.g. --set max_batch_size=8 --set gpus_per_replica=1")
+    serve.add_argument("--config-out", metavar="FILE",
+                       help="write the Ray Serve config for MODEL_DIR to FILE and exit (deploy it with "
+                            "`serve deploy FILE`; cluster/kuberay/rayservice.yaml embeds one)")
     serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list a run's exported Pareto models; --select one to serve")
@@ -172,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_error(error: Exception) -> str | None:
     """User-facing errors are printed as one message, not a traceback."""
     names = {"DataValidationError", "DataFileNotFoundError", "ModelDirError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
-             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError"}
+             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError"}
     if type(error).__name__ in names or any(c.__name__ in names for c in type(error).__mro__):
         return str(error)
     return None
