@@ -33,7 +33,7 @@ from medkd.softlabels.manifest import (
     check_name,
     check_view,
 )
-from medkd.softlabels.redis_server import connect, redact_url, with_retry
+from medkd.softlabels.redis_server import DEFAULT_RETRIES, connect, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class EntryAccess:
         namespace: str = "medkd",
         lru_bytes: int = 256 << 20,
         password_env: str | None = None,
-        retries: int = 5,
+        retries: int = DEFAULT_RETRIES,
         chunk_ttl_s: int = 30 * 24 * 3600,
         lock_ttl_s: float = 30.0,
         manifest_ttl_s: float = 5.0,
@@ -111,7 +111,9 @@ class EntryAccess:
         return f"{prefix}:g{generation}:c{chunk}"
 
     def _call(self, operation: Callable[[], Any], what: str = "redis") -> Any:
-        return with_retry(operation, retries=self.retries, what=what)
+        """Runs one Redis operation. Retries are the client's own policy (each command, or a
+        pipeline as a whole, is retried by redis-py): no second loop here multiplies them."""
+        return operation()
 
     def _count(self, **deltas: int) -> None:
         with self._counters_lock:

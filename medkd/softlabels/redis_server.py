@@ -42,7 +42,7 @@ import subprocess
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import redis
 from redis.exceptions import AuthorizationError
@@ -50,8 +50,6 @@ from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 STATE_FILE = "medkd-redis.json"
 CONFIG_FILE = "medkd-redis.conf"
@@ -469,36 +467,19 @@ class _PortInUse(RedisServerError):
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionResetError, BrokenPipeError)
 _NOT_RETRYABLE = (redis.AuthenticationError, AuthorizationError)
 
+# The one retry policy of every cache client (redis-py's Retry; nothing loops around it): a lost
+# connection, a timeout or a server still loading its RDB is retried with exponential backoff
+# and equal jitter (each wait between half and all of 0.1, 0.2, 0.4 ... 4 s). 15 retries wait
+# 21-42 s in all: long enough to ride out a redis-server restart (kill, start, RDB load) on a
+# loaded machine; what the restarted server lost is then a cache miss, recomputed.
+DEFAULT_RETRIES = 15
+RETRY_BACKOFF_BASE_S = 0.1
+RETRY_BACKOFF_CAP_S = 4.0
+
 
 def is_retryable(error: BaseException) -> bool:
     """Connection loss, timeouts and a server still loading its RDB are retried; auth is not."""
     return isinstance(error, _RETRYABLE) and not isinstance(error, _NOT_RETRYABLE)
-
-
-def with_retry(
-    operation: Callable[[], T],
-    *,
-    retries: int = 5,
-    base_s: float = 0.1,
-    cap_s: float = 2.0,
-    what: str = "redis operation",
-) -> T:
-    """Call ``operation``, retrying retryable errors with exponential backoff and jitter.
-
-    The default schedule (0.1, 0.2, 0.4, 0.8, 1.6 s, jittered) rides out a redis-server
-    restart of a few seconds.
-    """
-    attempt = 0
-    while True:
-        try:
-            return operation()
-        except Exception as error:  # noqa: BLE001 - filtered by is_retryable
-            if not is_retryable(error) or attempt >= retries:
-                raise
-            delay = min(cap_s, base_s * 2**attempt) * (0.5 + secrets.randbelow(1000) / 2000)
-            attempt += 1
-            logger.warning("%s failed (%s); retry %d/%d in %.2fs", what, error, attempt, retries, delay)
-            time.sleep(delay)
 
 
 class _NoAuthRetry(Retry):
@@ -514,11 +495,22 @@ class _NoAuthRetry(Retry):
         return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
+def retry_policy(retries: int = DEFAULT_RETRIES) -> Retry:
+    """The cache clients' retry policy: ``retries`` retries with jittered exponential backoff;
+    a rejected password fails at once.
+
+    Examples:
+        >>> retry_policy(3).get_retries()
+        3
+    """
+    return _NoAuthRetry(EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S), retries)
+
+
 def connect(
     url: str,
     *,
     password_env: str | None = None,
-    retries: int = 5,
+    retries: int = DEFAULT_RETRIES,
     socket_timeout: float | None = 30.0,
     check: bool = True,
 ) -> redis.Redis:
@@ -529,7 +521,8 @@ def connect(
             ``password_env``.
         password_env: name of an environment variable holding the password; it overrides
             any password in the URL.
-        retries: connection errors are retried this many times with exponential backoff.
+        retries: connection errors are retried this many times with exponential backoff
+            (:func:`retry_policy`; the default rides out a server restart).
         socket_timeout: seconds before a command times out.
         check: PING once (with retries) so a bad URL fails here with a clear message.
 
@@ -554,7 +547,7 @@ def connect(
             url,
             socket_timeout=socket_timeout,
             health_check_interval=30,
-            retry=_NoAuthRetry(EqualJitterBackoff(cap=2.0, base=0.1), retries),
+            retry=retry_policy(retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **kwargs,
         )
