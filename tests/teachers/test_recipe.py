@@ -1,0 +1,74 @@
+"""medkd.teachers.recipe: the epoch budget, the ViT's patch and width, flips, and that its teachers
+are valid specs whose models run on every MedMNIST shape (2D grey/RGB, 64 px, 3D)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medkd.spec.teachers import TeacherSpec
+from medkd.teachers import create_teacher
+from medkd.teachers.recipe import auto_epochs, image_cost, laterality_specific, teacher_recipe, vit_hidden_size, vit_patch_size
+
+
+@pytest.mark.parametrize(("image_size", "in_channels", "num_classes"), [
+    ([28, 28], 1, 2),        # BreastMNIST
+    ([28, 28], 3, 7),        # DermaMNIST
+    ([64, 64], 1, 2),        # PneumoniaMNIST at 64 px
+    ([28, 28, 28], 1, 11),   # OrganMNIST3D
+], ids=["2d-grey", "2d-rgb", "2d-64", "3d"])
+def test_recipe_teachers_are_valid_specs_whose_models_run_on_the_data(image_size, in_channels, num_classes):
+    teachers = teacher_recipe(n_train=240, class_names=[str(i) for i in range(num_classes)], image_size=image_size)
+    specs = [TeacherSpec.model_validate(t) for t in teachers]
+    assert [(s.name, s.model) for s in specs] == [("cnn", "resnet18"), ("vit", "vit")]
+    x = torch.randn(1, in_channels, *image_size)
+    for spec in specs:
+        model = create_teacher(spec.model, spatial_dims=len(image_size), in_channels=in_channels,
+                               num_classes=num_classes, image_size=image_size, **spec.model_kwargs).eval()
+        with torch.no_grad():
+            assert model(x).shape == (1, num_classes), spec.name
+
+
+def test_vit_width_and_patch_fit_2d_and_the_3d_sincos_embedding():
+    assert vit_hidden_size(2) == 128  # BreastMNIST's recipe, as before
+    assert vit_hidden_size(3) == 132  # divisible by 6 (3D sin-cos) and by the 4 heads
+    assert (vit_patch_size([28, 28]), vit_patch_size([64, 64]), vit_patch_size([28, 28, 28])) == (2, 4, 4)
+    assert vit_patch_size([224, 224]) == 16  # 14x14 tokens
+    vit = teacher_recipe(n_train=240, class_names=["a", "b"], image_size=[28, 28, 28])[1]
+    assert vit["model_kwargs"]["hidden_size"] == 132
+    assert vit["model_kwargs"]["patch_size"] == 4  # 7x7x7 tokens
+    with pytest.raises(ValueError, match="image_size"):
+        vit_patch_size([27, 27])
+
+
+def test_epoch_budget_counts_images_in_28px_images():
+    assert image_cost([28, 28]) == 1.0 and image_cost([28, 28, 28]) == 28.0
+    assert image_cost([64, 64]) == pytest.approx(4096 / 784)
+    assert auto_epochs(546, [28, 28]) == auto_epochs(546) == 40  # BreastMNIST: unchanged
+    assert auto_epochs(5000, [28, 28]) == 8
+    assert auto_epochs(546, [64, 64]) == 14  # 40,000 / (546 * 5.2) = 14.0
+    assert auto_epochs(972, [28, 28, 28]) == 8  # OrganMNIST3D: the floor, not 40 epochs of volumes
+    assert auto_epochs(1_000) == 40 and auto_epochs(1_600) == 25  # 40,000 / 1,600
+    assert teacher_recipe(n_train=972, class_names=["a", "b"], image_size=[28, 28, 28])[0]["epochs"] == 8
+    with pytest.raises(ValueError, match="image_size"):
+        image_cost([28, 0])
+    with pytest.raises(ValueError, match="n_train"):
+        auto_epochs(0)
+
+
+def test_patience_and_weight_averaging_follow_the_epochs():
+    for epochs, patience, ema in ((40, 10, 4.0), (8, 5, 1.0), (25, 6, 2.5)):
+        cnn, vit = teacher_recipe(n_train=546, class_names=["a", "b"], image_size=[28, 28], epochs=epochs)
+        assert (cnn["epochs"], cnn["patience"], cnn["ema_epochs"]) == (epochs, patience, ema)
+        assert (vit["epochs"], vit["patience"], vit["ema_epochs"]) == (epochs, patience, ema)
+    with pytest.raises(ValueError, match="epochs"):
+        teacher_recipe(n_train=546, class_names=["a", "b"], image_size=[28, 28], epochs=0)
+
+
+def test_flips_are_off_only_for_left_right_class_names():
+    assert laterality_specific(["kidney-left", "liver"]) and laterality_specific(["femur_right"])
+    assert not laterality_specific(["leftover", "bright"])
+    organ = teacher_recipe(n_train=546, class_names=["liver", "kidney-right", "kidney-left"], image_size=[28, 28])
+    breast = teacher_recipe(n_train=546, class_names=["malignant", "normal, benign"], image_size=[28, 28])
+    assert [t["augment"]["flip"] for t in organ] == [0.0, 0.0]
+    assert [t["augment"]["flip"] for t in breast] == [0.5, 0.5]
