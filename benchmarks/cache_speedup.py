@@ -65,7 +65,7 @@ from medkd.students.distill import (
 )
 from medkd.students.registry import count_parameters
 from medkd.teachers.registry import create_teacher
-from medkd.teachers.train import dataset_meta
+from medkd.data.meta import DatasetMeta
 
 TEACHERS = ("resnet18", "vit_tiny", "resnet34")
 NAMESPACE = "bench-speedup"
@@ -126,7 +126,7 @@ class Variant:
 
 
 def run_interleaved(variants: list[Variant], base_student: nn.Module, config: DistillConfig, *, threads: int,
-                    train_images: np.ndarray, train_labels: np.ndarray, meta: dict[str, Any]) -> None:
+                    train_images: np.ndarray, train_labels: np.ndarray, meta: DatasetMeta) -> None:
     """Distill a copy of ``base_student`` per variant, interleaved step by step.
 
     Each variant trains in its own thread; before every step's teacher logits it hands the baton
@@ -206,12 +206,12 @@ def medmnist_sizes(paths: list[Path]) -> dict[int, Path]:
     return files
 
 
-def build_teachers(meta: dict[str, Any], seed: int) -> dict[str, nn.Module]:
+def build_teachers(meta: DatasetMeta, seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     teachers = {}
     for name in TEACHERS:
-        teacher = create_teacher(name, spatial_dims=meta["spatial_dims"], in_channels=meta["in_channels"],
-                                 num_classes=meta["num_classes"], image_size=tuple(meta["image_size"]))
+        teacher = create_teacher(name, spatial_dims=meta.spatial_dims, in_channels=meta.in_channels,
+                                 num_classes=meta.num_classes, image_size=tuple(meta.image_size))
         teachers[name] = teacher.eval()
     return teachers
 
@@ -274,14 +274,14 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
 
 def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespace, files: dict[int, Path]) -> dict[str, Any]:
     dataset, source = load_data(size, args.num_train, args.num_val, files, args.seed)
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     train, val = dataset.splits["train"], dataset.splits["val"]
     config = DistillConfig(student=args.student, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                            temperature=4.0, alpha=0.5)
     teachers = build_teachers(meta, args.seed)
     torch.manual_seed(args.seed)
     base_student = build_student(meta, config)
-    print(f"\n== {size}x{size}: {source}, {len(train)} train / {len(val)} val images, {meta['num_classes']} classes; "
+    print(f"\n== {size}x{size}: {source}, {len(train)} train / {len(val)} val images, {meta.num_classes} classes; "
           f"student {config.student} ({count_parameters(base_student) / 1e6:.2f}M params), batch {config.batch_size}, "
           f"{config.epochs} epochs, torch threads {torch.get_num_threads()}", flush=True)
     print("   teachers (randomly initialised, eval mode): "

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._env import configure_local_ray  # noqa: E402
+from medkd.data.meta import DatasetMeta
 
 configure_local_ray()
 
@@ -110,7 +111,7 @@ def build_spec(args: argparse.Namespace, redis_port: int) -> Any:
 # --------------------------------------------------------------------------- teacher
 
 
-def teacher_stage(spec: Any, dataset: Any, meta: dict[str, Any], cache: Any, progress: Any) -> dict[str, Any]:
+def teacher_stage(spec: Any, dataset: Any, meta: DatasetMeta, cache: Any, progress: Any) -> dict[str, Any]:
     """Train (or find) the teacher with Ray Train, cache its logits, score it from the cache."""
     import ray
 
@@ -165,7 +166,7 @@ def student_config(args: argparse.Namespace, spec: Any, seed: int, kd: bool) -> 
     )
 
 
-def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: dict[str, Any], cache: Any,
+def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: DatasetMeta, cache: Any,
                   teacher_fp: str, directory: Path, views: dict[str, Any] | None = None) -> dict[str, Any]:
     """One student through the search's recipe; test Dice of its compressed and FP32 exports."""
     from benchmarks.cache_speedup import cached_batch_logits
@@ -210,7 +211,7 @@ def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: dict
     }
 
 
-def student_stage(args: argparse.Namespace, spec: Any, dataset: Any, meta: dict[str, Any], cache: Any,
+def student_stage(args: argparse.Namespace, spec: Any, dataset: Any, meta: DatasetMeta, cache: Any,
                   teacher_fp: str, seeds: list[int], views: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {"kd": [], "ce": []}
     root = Path(spec.output_dir) / "students"
@@ -355,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     from medkd.softlabels.store import SoftLabelCache
     from medkd.spec.job import SpecError
     from medkd.students.distill import build_student, DistillConfig
-    from medkd.teachers.train import dataset_meta
 
     torch.set_num_threads(1)
     try:
@@ -365,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output_dir = Path(first.output_dir)
     dataset = load_dataset(first.data)
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     sizes = {name: len(split.images) for name, split in dataset.splits.items()}
-    log(f"data {dataset.name} ({dataset.fingerprint}): {sizes}, {meta['image_size']} px, {meta['num_classes']} classes")
+    log(f"data {dataset.name} ({dataset.fingerprint}): {sizes}, {meta.image_size} px, {meta.num_classes} classes")
     probe = build_student(meta, DistillConfig(student=STUDENT, width=args.width, depth=args.depth))
     probe_params = sum(p.numel() for p in probe.parameters())
     load_before = os.getloadavg()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._env import configure_local_ray  # noqa: E402
+from medkd.data.meta import DatasetMeta
 
 configure_local_ray()
 
@@ -121,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     from medkd.pipeline.runner import init_ray
     from medkd.softlabels.redis_server import ManagedRedisServer
     from medkd.students.distill import DistillConfig
-    from medkd.teachers.train import dataset_meta
 
     results = json.loads((args.run / "results.json").read_text())
     config = DistillConfig.model_validate(results["best"]["config"])
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(build_spec(students, redis_port=1).data)
     if dataset.fingerprint != results["dataset"]["fingerprint"]:
         raise SystemExit(f"--data {args.data} is not the data of --run {args.run} (dataset fingerprints differ)")
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     os.environ[PASSWORD_ENV] = secrets.token_urlsafe(24)
     redis = ManagedRedisServer(data_dir=args.run / "redis", password=os.environ[PASSWORD_ENV]).start()
     os.environ[PASSWORD_ENV] = redis.password or ""

@@ -57,6 +57,7 @@ from benchmarks._env import configure_local_ray  # noqa: E402
 configure_local_ray()
 
 import numpy as np
+from medkd.data.meta import DatasetMeta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
@@ -195,7 +196,7 @@ def without_flips(spec: Any) -> Any:
 # --------------------------------------------------------------------------- KD gain
 
 
-def kd_gain_run(config_json: str, meta: dict[str, Any], data_refs: list, cache: dict[str, Any], augment: dict | None,
+def kd_gain_run(config_json: str, meta: DatasetMeta, data_refs: list, cache: dict[str, Any], augment: dict | None,
                 latency_runs: int) -> dict[str, Any]:
     """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
     import torch
@@ -250,7 +251,7 @@ def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple
     return data_ref, cache, augment
 
 
-def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta, seeds: list[int]) -> dict[str, Any]:
     import ray
 
     from medkd.students.distill import DistillConfig
@@ -286,7 +287,7 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: dict[str, An
 # --------------------------------------------------------------------------- speed
 
 
-def export_teachers(results: dict[str, Any], output_dir: Path, meta: dict[str, Any], example: np.ndarray) -> dict[str, Path]:
+def export_teachers(results: dict[str, Any], output_dir: Path, meta: DatasetMeta, example: np.ndarray) -> dict[str, Path]:
     import torch
 
     from medkd.students.compression import export_onnx
@@ -313,7 +314,7 @@ def measure_speed(models: dict[str, Path], input_shape: tuple[int, ...], *, thre
     return {name: statistics.median(values) for name, values in medians.items()}
 
 
-def speed(results: dict[str, Any], output_dir: Path, meta: dict[str, Any], dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
+def speed(results: dict[str, Any], output_dir: Path, meta: DatasetMeta, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
     from medkd.students.compression import model_size_bytes
 
     example = dataset.splits["train"].images[:2]
@@ -460,14 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     from medkd.data import load_dataset
     from medkd.pipeline.runner import init_ray, run_job
     from medkd.softlabels.redis_server import ManagedRedisServer
-    from medkd.teachers.train import dataset_meta
 
     password = secrets.token_urlsafe(24)
     os.environ[PASSWORD_ENV] = password  # Ray workers inherit it; the spec names only the variable
     first = build_spec(args, redis_port=1)
     output_dir = Path(first.output_dir)
     dataset = load_dataset(first.data)
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     redis = ManagedRedisServer(data_dir=output_dir / "redis", password=password).start()
     if redis.password != password:  # attached to a server a previous run left alive
         os.environ[PASSWORD_ENV] = redis.password or ""

@@ -57,6 +57,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+from medkd.data.meta import DatasetMeta
 
 SAMPLE_BUDGET = 40_000  # training samples seen per teacher (before early stopping)
 MIN_EPOCHS = 8
@@ -188,7 +189,7 @@ def run_seed(
     from medkd.core.metrics import classification_metrics, ensemble_probabilities, probabilities
     from medkd.spec.job import parse_spec
     from medkd.teachers.loop import predict
-    from medkd.teachers.train import dataset_meta, load_teacher_model, train_teachers
+    from medkd.teachers.train import load_teacher_model, train_teachers
 
     spec = parse_spec({
         "name": f"bench-teachers-{dataset.name}-s{seed}",
@@ -198,7 +199,7 @@ def run_seed(
         "teachers": teachers,
         "output_dir": str(output_dir),
     })
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     started = time.perf_counter()
     artifacts, _ = train_teachers(
         spec, dataset, data_ref, output_dir=output_dir, storage_path=str(output_dir / "ray"), progress=progress

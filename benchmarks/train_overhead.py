@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from medkd.data.meta import DatasetMeta
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,7 +60,7 @@ def teacher_spec(args: argparse.Namespace) -> Any:
     )
 
 
-def train_plain(teacher: dict[str, Any], meta: dict[str, Any], arrays: dict[str, Any], seed: int, threads: int) -> dict[str, Any]:
+def train_plain(teacher: dict[str, Any], meta: DatasetMeta, arrays: dict[str, Any], seed: int, threads: int) -> dict[str, Any]:
     """The teacher loop without Ray: same model, optimiser, schedule, loss, batches and validation."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -101,7 +102,7 @@ def train_plain(teacher: dict[str, Any], meta: dict[str, Any], arrays: dict[str,
     return {"total_s": time.perf_counter() - started, "train_s": sum(train_seconds), "loop_s": sum(epoch_seconds), "val_auc": val_auc}
 
 
-def train_ray(teacher_spec_: Any, meta: dict[str, Any], data_ref: Any, seed: int, output_dir: Path, run: int) -> dict[str, Any]:
+def train_ray(teacher_spec_: Any, meta: DatasetMeta, data_ref: Any, seed: int, output_dir: Path, run: int) -> dict[str, Any]:
     from medkd.teachers.train import train_one_teacher
 
     started = time.perf_counter()
@@ -142,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from medkd.data import SyntheticDataSpec, load_dataset
-    from medkd.teachers.train import dataset_meta
 
     dataset = load_dataset(SyntheticDataSpec(num_train=args.num_train, num_val=args.num_val, num_test=16,
                                              image_size=args.image_size, num_classes=2))
-    meta, arrays = dataset_meta(dataset), dataset.arrays()
+    meta, arrays = DatasetMeta.of(dataset), dataset.arrays()
     spec = teacher_spec(args)
     teacher = spec.model_dump(mode="json")
     print(f"workload: {args.model}, {args.num_train} train / {args.num_val} val images {args.image_size}x{args.image_size}, "

@@ -19,6 +19,7 @@ import numpy as np
 
 from medkd.core.progress import Progress, RemoteEvents
 from medkd.spec.job import JobSpec
+from medkd.data.meta import DatasetMeta
 
 STAGES = ("teachers", "soft_labels", "search", "final", "export", "serve", "report")
 RESULTS_FILE = "results.json"
@@ -111,7 +112,6 @@ class Pipeline:
         from medkd.data import load_dataset
         from medkd.softlabels.redis_server import ManagedRedisServer
         from medkd.softlabels.store import SoftLabelCache
-        from medkd.teachers.train import dataset_meta
 
         spec = self.spec
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ class Pipeline:
         self.progress.line(f"job {spec.name} ({spec.fingerprint()}) -> {self.output_dir}")
 
         dataset = load_dataset(spec.data)  # validated before any training starts
-        self.dataset, self.meta = dataset, dataset_meta(dataset)
+        self.dataset, self.meta = dataset, DatasetMeta.of(dataset)
         summary = dataset.summary()
         self.results["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint, "task": dataset.task,
                                    "multilabel": dataset.multilabel, "image_size": list(dataset.image_size),

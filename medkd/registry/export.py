@@ -23,6 +23,7 @@ from medkd.students.candidate import CANDIDATE_FILE, CANDIDATE_FILES, FP32_FILE,
 from medkd.students.compression import OnnxModel
 from medkd.students.distill import evaluate_logits
 from medkd.search.run import SearchOutcome, TrialRecord
+from medkd.data.meta import DatasetMeta
 
 SELECTED_FILE = "SELECTED"
 METADATA_FILE = "metadata.json"
@@ -60,7 +61,7 @@ def export_models(
     outcome: SearchOutcome,
     *,
     dataset: Any,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     teachers: list[Any],
     soft_labels: dict[str, dict[str, Any]],
     output_dir: Path,
@@ -140,14 +141,14 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "job": spec.name,
         "job_fingerprint": spec.fingerprint(),
-        "task": meta["task"],
-        "multilabel": meta["multilabel"],
-        "num_classes": meta["num_classes"],
+        "task": meta.task,
+        "multilabel": meta.multilabel,
+        "num_classes": meta.num_classes,
         "class_names": list(dataset.class_names),
         "input": {
-            "in_channels": meta["in_channels"],
-            "spatial_dims": meta["spatial_dims"],
-            "image_size": list(meta["image_size"]),
+            "in_channels": meta.in_channels,
+            "spatial_dims": meta.spatial_dims,
+            "image_size": list(meta.image_size),
             **{k: v for k, v in dataset.preprocessing.items() if k in ("scale", "offset", "clip", "mean", "std")},
         },
         "dataset": {"fingerprint": dataset.fingerprint, "name": dataset.name},

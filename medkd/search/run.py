@@ -42,6 +42,7 @@ from medkd.students.distill import (
     evaluate_logits,
     quality_metric,
 )
+from medkd.data.meta import DatasetMeta
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
 FINETUNE_AFTER_CHANNEL_PRUNING = 0.2  # fraction of the training epochs
@@ -155,7 +156,7 @@ def trial_distill_config(params: dict[str, Any], context: dict[str, Any]) -> Dis
 MIN_TEACHER_PRIOR = 0.05  # a teacher no better than chance on val keeps this share of trust
 
 
-def teacher_prior(val_logits: list[np.ndarray], val_labels: np.ndarray, meta: dict[str, Any]) -> list[float]:
+def teacher_prior(val_logits: list[np.ndarray], val_labels: np.ndarray, meta: DatasetMeta) -> list[float]:
     """Per-teacher trust from held-out skill, the prior of the ``confidence`` aggregation.
 
     Skill is the validation quality above chance — ``2 * AUC - 1`` (the Gini coefficient) for
@@ -191,7 +192,7 @@ def trial_augmentation(context: dict[str, Any], seed: int) -> Any:
     spec = AugmentSpec.model_validate(context["augment"])
     if not spec.enabled:
         return None
-    return build_augmentation(spec, context["meta"]["spatial_dims"], context["meta"]["task"], seed=seed)
+    return build_augmentation(spec, context["meta"].spatial_dims, context["meta"].task, seed=seed)
 
 
 RecoverFn = Callable[[int, "int | None"], None]  # (teacher index, view) -> entry restored in the cache
@@ -285,7 +286,7 @@ def teacher_logits_source(context: dict[str, Any], train_images: np.ndarray) -> 
     """The cached teacher logits of train and, with FKD views, of the views (a trial's and the final training's)."""
     cache = SoftLabelCache(context["cache_url"], namespace=context["cache_namespace"], password_env=context["password_env"])
     fps, dataset_fp = context["teacher_fps"], context["dataset_fp"]
-    segmentation = context["meta"]["task"] == "segmentation"
+    segmentation = context["meta"].task == "segmentation"
     recover = cache_recovery(cache, context, train_images)
     originals = cached_teacher_logits(cache, fps, dataset_fp, segmentation=segmentation, recover=recover)
     views = context.get("views")
@@ -305,7 +306,7 @@ def train_candidate(
     model: torch.nn.Module,
     config: DistillConfig,
     *,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     teacher_logits: Any,
@@ -439,7 +440,7 @@ def search_fingerprint(spec: Any, teacher_fps: list[str], dataset_fp: str) -> st
     return fingerprint(*parts)
 
 
-def search_context(spec: Any, *, meta: dict[str, Any], data_ref: Any, teacher_fps: list[str], dataset_fp: str,
+def search_context(spec: Any, *, meta: DatasetMeta, data_ref: Any, teacher_fps: list[str], dataset_fp: str,
                    cache_url: str, events: Any = None, views: dict[str, Any] | None = None,
                    teachers: list[Any] | None = None) -> dict[str, Any]:
     """What a student's training needs besides its config: data, cache access, the search's budget and views."""
@@ -476,7 +477,7 @@ def search_context(spec: Any, *, meta: dict[str, Any], data_ref: Any, teacher_fp
 def run_search(
     spec: Any,
     *,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     data_ref: Any,
     teacher_fps: list[str],
     dataset_fp: str,

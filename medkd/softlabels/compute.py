@@ -18,6 +18,7 @@ import ray
 from medkd.core.progress import Progress
 from medkd.teachers.loop import predict
 from medkd.teachers.train import TeacherArtifact, load_teacher_model
+from medkd.data.meta import DatasetMeta
 
 SPLITS = ("train", "val", "test")
 
@@ -28,7 +29,7 @@ def cache_teacher_spec(artifact: TeacherArtifact) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=1)
-def _teacher_logits(artifact_json: str, meta: dict[str, Any], data_ref_list: list, splits: list[str]) -> dict[str, np.ndarray]:
+def _teacher_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, splits: list[str]) -> dict[str, np.ndarray]:
     artifact = TeacherArtifact.model_validate_json(artifact_json)
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,7 +38,7 @@ def _teacher_logits(artifact_json: str, meta: dict[str, Any], data_ref_list: lis
     return {split: predict(model, data[split][0], 128, device) for split in splits}
 
 
-def teacher_logits_task(artifact: TeacherArtifact, meta: dict[str, Any], data_ref: Any, splits: list[str]) -> Any:
+def teacher_logits_task(artifact: TeacherArtifact, meta: DatasetMeta, data_ref: Any, splits: list[str]) -> Any:
     """Start a Ray task computing the teacher's logits; returns its ObjectRef."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # The ref travels inside a list so Ray passes the reference rather than the arrays.
@@ -45,7 +46,7 @@ def teacher_logits_task(artifact: TeacherArtifact, meta: dict[str, Any], data_re
     return task.remote(artifact.model_dump_json(), meta, [data_ref], list(splits))
 
 
-def teacher_logits_remote(artifact: TeacherArtifact, meta: dict[str, Any], data_ref: Any, splits: list[str]) -> dict[str, np.ndarray]:
+def teacher_logits_remote(artifact: TeacherArtifact, meta: DatasetMeta, data_ref: Any, splits: list[str]) -> dict[str, np.ndarray]:
     return ray.get(teacher_logits_task(artifact, meta, data_ref, splits))
 
 
@@ -54,7 +55,7 @@ def cache_teacher_logits(
     artifacts: list[TeacherArtifact],
     *,
     dataset_fp: str,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     data_ref: Any,
     cache_options: dict[str, Any],
     progress: Progress,
@@ -115,7 +116,7 @@ def recover_train_logits(
     artifact: TeacherArtifact,
     *,
     dataset_fp: str,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     images: np.ndarray,
     cache_options: dict[str, Any],
     view: int | None = None,
@@ -152,7 +153,7 @@ def views_dataset_fingerprint(dataset_fp: str, augment: Any, seed: int) -> str:
     return fingerprint("views", dataset_fp, augment.model_dump(mode="json"), seed)
 
 
-def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
+def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: DatasetMeta) -> list[dict[str, Any]]:
     """The augmentation parameters of view ``view`` for every training sample.
 
     Derived from (seed, view) only, so every teacher sees exactly the same augmented images
@@ -161,11 +162,11 @@ def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: d
     from medkd.data import sample_view_params
 
     rng = np.random.default_rng([seed, view])
-    return sample_view_params(augment, num_samples, rng, meta["spatial_dims"], spatial_shape=meta["image_size"])
+    return sample_view_params(augment, num_samples, rng, meta.spatial_dims, spatial_shape=meta.image_size)
 
 
 @ray.remote(num_cpus=1)
-def _teacher_view_logits(artifact_json: str, meta: dict[str, Any], data_ref_list: list, params: list[list[dict]]) -> list[np.ndarray]:
+def _teacher_view_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, params: list[list[dict]]) -> list[np.ndarray]:
     from medkd.data import apply_view
 
     artifact = TeacherArtifact.model_validate_json(artifact_json)
@@ -181,7 +182,7 @@ def cache_view_logits(
     artifacts: list[TeacherArtifact],
     *,
     dataset_fp: str,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     data_ref: Any,
     num_train: int,
     views: int,

@@ -28,6 +28,7 @@ from medkd.students.compression import (
     quantize,
 )
 from medkd.students.distill import DistillConfig, evaluate_logits, quality_metric
+from medkd.data.meta import DatasetMeta
 
 FP32_FILE = "model_fp32.onnx"
 MODEL_FILE = "model.onnx"
@@ -67,7 +68,7 @@ def export_candidate(
     model: nn.Module,
     config: DistillConfig,
     *,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     calibration: np.ndarray,
     val_images: np.ndarray | None,
     val_labels: np.ndarray | None,
@@ -85,7 +86,7 @@ def export_candidate(
     example = torch.from_numpy(calibration[:2])
     fp32_path = strip_debug_metadata(export_onnx(model, example, directory / FP32_FILE))
     parity_inputs = val_images[:64] if val_images is not None else calibration[:64]
-    parity = check_parity(model, fp32_path, parity_inputs, multilabel=bool(meta.get("multilabel")))
+    parity = check_parity(model, fp32_path, parity_inputs, multilabel=bool(meta.multilabel))
     model_path = quantize(fp32_path, directory / MODEL_FILE, mode=config.quantize, calibration=calibration)
     torch.save(model.state_dict(), directory / STATE_FILE)
     latency = measure_latency(model_path, (1, *calibration.shape[1:]), threads=1, runs=latency_runs)
@@ -109,6 +110,6 @@ def export_candidate(
             metrics["val_acc"] = float(quality["acc"])
         fp32_logits = OnnxModel(fp32_path, threads=1).predict(val_images)
         metrics["compressed_argmax_agreement"] = decision_agreement(fp32_logits, compressed_logits,
-                                                                    multilabel=bool(meta.get("multilabel")))
+                                                                    multilabel=bool(meta.multilabel))
     (directory / CANDIDATE_FILE).write_text(json.dumps({"config": config.model_dump(), "metrics": metrics}, indent=2))
     return metrics

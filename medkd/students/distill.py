@@ -27,6 +27,7 @@ from medkd.core.metrics import classification_metrics, probabilities, segmentati
 from medkd.core.ema import WeightAverage, ema_decay
 from medkd.students.losses import create_loss
 from medkd.students.registry import create_student
+from medkd.data.meta import DatasetMeta
 
 TeacherLogitsFn = Callable[[np.ndarray], np.ndarray]
 ViewLogitsFn = Callable[[int, np.ndarray], np.ndarray]
@@ -113,13 +114,13 @@ class DistillConfig(BaseModel):
     quantize: str = "none"
 
 
-def loss_name(meta: dict[str, Any]) -> str:
-    if meta["task"] == "segmentation":
+def loss_name(meta: DatasetMeta) -> str:
+    if meta.task == "segmentation":
         return "pixel_kd"
-    return "multilabel_kd" if meta["multilabel"] else "hinton_kd"
+    return "multilabel_kd" if meta.multilabel else "hinton_kd"
 
 
-def build_student(meta: dict[str, Any], config: DistillConfig) -> nn.Module:
+def build_student(meta: DatasetMeta, config: DistillConfig) -> nn.Module:
     """The student of ``config``, its initial weights drawn from ``config.seed``.
 
     Seeding the initialisation (without touching the caller's global RNG) makes "same seed"
@@ -129,16 +130,16 @@ def build_student(meta: dict[str, Any], config: DistillConfig) -> nn.Module:
         torch.manual_seed(config.seed)
         return create_student(
             config.student,
-            spatial_dims=meta["spatial_dims"],
-            in_channels=meta["in_channels"],
-            num_classes=meta["num_classes"],
-            image_size=meta["image_size"],
+            spatial_dims=meta.spatial_dims,
+            in_channels=meta.in_channels,
+            num_classes=meta.num_classes,
+            image_size=meta.image_size,
             width=config.width,
             depth=config.depth,
         )
 
 
-def build_distillation_loss(meta: dict[str, Any], config: DistillConfig) -> nn.Module:
+def build_distillation_loss(meta: DatasetMeta, config: DistillConfig) -> nn.Module:
     return create_loss(
         loss_name(meta),
         temperature=config.temperature,
@@ -158,19 +159,19 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) 
     return np.concatenate(outputs)
 
 
-def evaluate_logits(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+def evaluate_logits(logits: np.ndarray, labels: np.ndarray, meta: DatasetMeta) -> dict[str, Any]:
     """Quality metrics of logits against labels, prefixed-free (``auc``, ``acc`` or ``dice``)."""
-    if meta["task"] == "segmentation":
-        return segmentation_metrics(logits, labels, num_classes=meta["num_classes"], hd95=False)
-    return classification_metrics(probabilities(logits, multilabel=meta["multilabel"]), labels, multilabel=meta["multilabel"])
+    if meta.task == "segmentation":
+        return segmentation_metrics(logits, labels, num_classes=meta.num_classes, hd95=False)
+    return classification_metrics(probabilities(logits, multilabel=meta.multilabel), labels, multilabel=meta.multilabel)
 
 
-def quality_metric(meta: dict[str, Any]) -> str:
-    return "dice" if meta["task"] == "segmentation" else "auc"
+def quality_metric(meta: DatasetMeta) -> str:
+    return "dice" if meta.task == "segmentation" else "auc"
 
 
-def _targets(labels: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
-    if meta["multilabel"]:
+def _targets(labels: torch.Tensor, meta: DatasetMeta) -> torch.Tensor:
+    if meta.multilabel:
         return labels.float()
     return labels.long()
 
@@ -182,7 +183,7 @@ def distill(
     train_images: np.ndarray,
     train_labels: np.ndarray,
     teacher_logits: TeacherLogitsFn | None,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     epochs: int | None = None,
     val_images: np.ndarray | None = None,
     val_labels: np.ndarray | None = None,
@@ -215,7 +216,7 @@ def distill(
     """
     if teacher_logits is None and config.alpha < 1:
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
-    if augment is not None and teacher_logits is not None and meta["task"] == "segmentation":
+    if augment is not None and teacher_logits is not None and meta.task == "segmentation":
         raise ValueError("augment with teacher_logits misaligns per-pixel KD targets (the cached logits are of the "
                          "un-augmented images): pass cached views (views=) instead")
     if views is not None:
@@ -234,7 +235,7 @@ def distill(
         criterion = build_distillation_loss(meta, config)
     epochs = epochs or config.epochs
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
-    segmentation = meta["task"] == "segmentation"
+    segmentation = meta.task == "segmentation"
     n = len(train_images)
 
     def run_epochs(run: TrainingRun, first: int, last: int, branch: int | None) -> tuple[list[dict[str, Any]], bool]:
@@ -347,7 +348,7 @@ class TrainingRun:
 
 
 def _validation(model: nn.Module, val_images: np.ndarray | None, val_labels: np.ndarray | None,
-                meta: dict[str, Any]) -> dict[str, float]:
+                meta: DatasetMeta) -> dict[str, float]:
     if val_images is None or val_labels is None:
         return {}
     metrics = evaluate_logits(predict_logits(model, val_images), val_labels, meta)

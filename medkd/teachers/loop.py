@@ -35,6 +35,7 @@ import ray.train.torch
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.core.ema import WeightAverage, ema_decay
 from medkd.teachers.registry import create_teacher
+from medkd.data.meta import DatasetMeta
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -47,13 +48,13 @@ def worker_threads(cpus_per_worker: float) -> int:
     return max(1, int(math.floor(cpus_per_worker)))
 
 
-def build_teacher_model(teacher: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+def build_teacher_model(teacher: dict[str, Any], meta: DatasetMeta) -> nn.Module:
     return create_teacher(
         teacher["model"],
-        spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        image_size=meta["image_size"],
+        spatial_dims=meta.spatial_dims,
+        in_channels=meta.in_channels,
+        num_classes=meta.num_classes,
+        image_size=meta.image_size,
         **teacher["model_kwargs"],
     )
 
@@ -107,13 +108,13 @@ def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
     return weights.tolist()
 
 
-def build_criterion(teacher: dict[str, Any], meta: dict[str, Any], train_labels: np.ndarray) -> nn.Module:
-    weighted = teacher["class_weighting"] and meta["task"] == "classification" and not meta["multilabel"]
-    weights = class_weights(train_labels, meta["num_classes"]) if weighted else None
-    return build_loss(meta["task"], meta["multilabel"], weights, teacher["label_smoothing"])
+def build_criterion(teacher: dict[str, Any], meta: DatasetMeta, train_labels: np.ndarray) -> nn.Module:
+    weighted = teacher["class_weighting"] and meta.task == "classification" and not meta.multilabel
+    weights = class_weights(train_labels, meta.num_classes) if weighted else None
+    return build_loss(meta.task, meta.multilabel, weights, teacher["label_smoothing"])
 
 
-def epoch_augmentation(teacher: dict[str, Any], meta: dict[str, Any], seed: int, rank: int, epoch: int) -> Any:
+def epoch_augmentation(teacher: dict[str, Any], meta: DatasetMeta, seed: int, rank: int, epoch: int) -> Any:
     """The teacher's augmentation seeded for one epoch of one worker, or None."""
     if not teacher.get("augment"):
         return None
@@ -122,7 +123,7 @@ def epoch_augmentation(teacher: dict[str, Any], meta: dict[str, Any], seed: int,
     spec = AugmentSpec.model_validate(teacher["augment"])
     if not spec.enabled:
         return None
-    return build_augmentation(spec, meta["spatial_dims"], meta["task"], seed=np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    return build_augmentation(spec, meta.spatial_dims, meta.task, seed=np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 def train_epoch(
@@ -133,7 +134,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     augment: Any,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     device: torch.device,
     use_amp: bool,
     average: Any = None,
@@ -143,7 +144,7 @@ def train_epoch(
     ``average`` (a :class:`~medkd.core.ema.WeightAverage`) is updated after every step.
     """
     model.train()
-    segmentation = meta["task"] == "segmentation"
+    segmentation = meta.task == "segmentation"
     total, count = 0.0, 0
     for images, labels in loader:
         if augment is not None:
@@ -151,7 +152,7 @@ def train_epoch(
             labels = masks if segmentation else labels
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, enabled=use_amp):
-            loss = criterion(model(images), loss_target(labels, meta["task"], meta["multilabel"]))
+            loss = criterion(model(images), loss_target(labels, meta.task, meta.multilabel))
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -173,16 +174,16 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int, device: torch
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 
-def evaluate(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
-    if meta["task"] == "segmentation":
-        return segmentation_metrics(logits, labels, num_classes=meta["num_classes"], hd95=False)
-    probs = probabilities(logits, multilabel=meta["multilabel"])
-    return classification_metrics(probs, labels, multilabel=meta["multilabel"])
+def evaluate(logits: np.ndarray, labels: np.ndarray, meta: DatasetMeta) -> dict[str, Any]:
+    if meta.task == "segmentation":
+        return segmentation_metrics(logits, labels, num_classes=meta.num_classes, hd95=False)
+    probs = probabilities(logits, multilabel=meta.multilabel)
+    return classification_metrics(probs, labels, multilabel=meta.multilabel)
 
 
 @torch.no_grad()
 def validate(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, criterion: nn.Module, meta: dict[str, Any], device: torch.device
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, criterion: nn.Module, meta: DatasetMeta, device: torch.device
 ) -> dict[str, Any]:
     """Validation metrics of ``model`` plus ``loss`` (the training criterion, mean per sample)."""
     logits = predict(model, images, VAL_BATCH_SIZE, device)
@@ -190,7 +191,7 @@ def validate(
     total = 0.0
     for start in range(0, len(logits), VAL_BATCH_SIZE):
         batch = torch.from_numpy(logits[start : start + VAL_BATCH_SIZE]).to(device)
-        target = loss_target(torch.from_numpy(labels[start : start + VAL_BATCH_SIZE]).to(device), meta["task"], meta["multilabel"])
+        target = loss_target(torch.from_numpy(labels[start : start + VAL_BATCH_SIZE]).to(device), meta.task, meta.multilabel)
         total += float(criterion(batch, target)) * len(batch)
     metrics["loss"] = total / max(len(logits), 1)
     return metrics
@@ -255,7 +256,7 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         average = WeightAverage(plain_model, ema_decay(teacher["ema_epochs"], max(1, len(loader))))
         if saved_average is not None:
             average.load_state_dict(saved_average)
-    metric_name = "dice" if meta["task"] == "segmentation" else "auc"
+    metric_name = "dice" if meta.task == "segmentation" else "auc"
 
     for epoch in range(state["epoch"], teacher["epochs"]):
         generator.manual_seed(seed * 100_003 + epoch)  # world 1: the RandomSampler's order

@@ -26,6 +26,7 @@ from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
 from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
 from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
+from medkd.data.meta import DatasetMeta
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s)
 # and takes at most one report per poll; the last report and the end of a run each wait for a
@@ -54,18 +55,6 @@ class TeacherArtifact(BaseModel):
     resumed_from: list[int] = []  # epochs the run resumed from after a failure (empty: no restart)
 
 
-def dataset_meta(dataset: Any) -> dict[str, Any]:
-    """The plain-dict description of a dataset that remote code needs to build models."""
-    return {
-        "task": dataset.task,
-        "multilabel": bool(dataset.multilabel),
-        "spatial_dims": int(dataset.spatial_dims),
-        "in_channels": int(dataset.in_channels),
-        "num_classes": int(dataset.num_classes),
-        "image_size": list(dataset.image_size),
-    }
-
-
 def teacher_fingerprint(teacher: Any, dataset_fp: str, seed: int, task: str) -> str:
     """Hash of (teacher spec, dataset fingerprint, training config, seed) — DESIGN.md."""
     return fingerprint("teacher", teacher.training_fingerprint_fields(), dataset_fp, seed, task)
@@ -75,13 +64,13 @@ def artifact_dir(output_dir: Path, teacher_name: str, teacher_fp: str) -> Path:
     return Path(output_dir) / "teachers" / f"{teacher_name}-{teacher_fp}"
 
 
-def load_teacher_model(artifact: TeacherArtifact, meta: dict[str, Any]) -> torch.nn.Module:
+def load_teacher_model(artifact: TeacherArtifact, meta: DatasetMeta) -> torch.nn.Module:
     model = create_teacher(
         artifact.model,
-        spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        image_size=meta["image_size"],
+        spatial_dims=meta.spatial_dims,
+        in_channels=meta.in_channels,
+        num_classes=meta.num_classes,
+        image_size=meta.image_size,
         **artifact.model_kwargs,
     )
     model.load_state_dict(torch.load(artifact.checkpoint, weights_only=True, map_location="cpu"))
@@ -124,7 +113,7 @@ def train_one_teacher(
     *,
     teacher_fp: str,
     seed: int,
-    meta: dict[str, Any],
+    meta: DatasetMeta,
     data_ref: Any,
     output_dir: Path,
     storage_path: str,
@@ -132,7 +121,7 @@ def train_one_teacher(
 ) -> TeacherArtifact:
     """Fit one teacher with a ``TorchTrainer`` and publish its best checkpoint as an artifact."""
     started = time.perf_counter()
-    metric = "val_dice" if meta["task"] == "segmentation" else "val_auc"
+    metric = "val_dice" if meta.task == "segmentation" else "val_auc"
     run_name = f"teacher-{teacher.name}-{teacher_fp}"
     trainer = TorchTrainer(
         train_teacher_loop,
@@ -175,10 +164,10 @@ def train_one_teacher(
     full_history = final_state["history"]
     model = create_teacher(
         teacher.model,
-        spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        image_size=meta["image_size"],
+        spatial_dims=meta.spatial_dims,
+        in_channels=meta.in_channels,
+        num_classes=meta.num_classes,
+        image_size=meta.image_size,
         **teacher.model_kwargs,
     )
     artifact = TeacherArtifact(
@@ -204,7 +193,7 @@ def train_one_teacher(
     return artifact
 
 
-def check_teachers(teachers: list[Any], meta: dict[str, Any]) -> None:
+def check_teachers(teachers: list[Any], meta: DatasetMeta) -> None:
     """Fail before any training starts if a teacher cannot be trained on this dataset.
 
     Checks that each teacher's family matches the task (a U-Net on a classification set, or a
@@ -220,17 +209,17 @@ def check_teachers(teachers: list[Any], meta: dict[str, Any]) -> None:
             task = teacher_task(teacher.model)
         except ValueError as error:
             raise ValueError(f"{where}.model: {error}") from None
-        if task != meta["task"]:
+        if task != meta.task:
             raise ValueError(
-                f"{where}.model: {teacher.model!r} is a {task} teacher but the dataset is {meta['task']}"
+                f"{where}.model: {teacher.model!r} is a {task} teacher but the dataset is {meta.task}"
             )
         try:
             create_teacher(
                 teacher.model,
-                spatial_dims=meta["spatial_dims"],
-                in_channels=meta["in_channels"],
-                num_classes=meta["num_classes"],
-                image_size=meta["image_size"],
+                spatial_dims=meta.spatial_dims,
+                in_channels=meta.in_channels,
+                num_classes=meta.num_classes,
+                image_size=meta.image_size,
                 **teacher.model_kwargs,
             )
         except ValueError as error:
@@ -248,7 +237,7 @@ def train_teachers(
     events: Any = None,
 ) -> tuple[list[TeacherArtifact], dict[str, str]]:
     """Train (or find) every teacher of the spec; returns artifacts and ``{name: ran|skipped}``."""
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     check_teachers(list(spec.teachers), meta)
     artifacts: dict[str, TeacherArtifact] = {}
     status: dict[str, str] = {}

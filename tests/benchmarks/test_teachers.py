@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.teachers import teacher_recipe, vit_hidden_size
+from medkd.data.meta import DatasetMeta
 from medkd.spec.teachers import TeacherSpec
 from medkd.teachers.train import check_teachers
 
@@ -17,8 +18,8 @@ from medkd.teachers.train import check_teachers
 ], ids=["2d-grey", "2d-rgb", "2d-64", "3d"])
 def test_recipe_teachers_build_for_the_data(image_size, in_channels, num_classes):
     teachers = teacher_recipe(n_train=240, class_names=[str(i) for i in range(num_classes)], image_size=image_size)
-    meta = {"task": "classification", "multilabel": False, "spatial_dims": len(image_size),
-            "in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    meta = DatasetMeta(task="classification", multilabel=False, spatial_dims=len(image_size),
+                       in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     check_teachers([TeacherSpec.model_validate(t) for t in teachers], meta)  # builds every model
 
 

@@ -19,7 +19,7 @@ import torch
 from medkd.data import SyntheticDataSpec, load_dataset
 from medkd.softlabels.store import SoftLabelCache
 from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
-from medkd.teachers.train import dataset_meta
+from medkd.data.meta import DatasetMeta
 
 TEACHERS = ("cnn-a", "vit-b", "cnn-c")
 NUM_TRAIN = 40
@@ -50,7 +50,7 @@ def run(dataset, cfg: DistillConfig, teacher_logits, initial: torch.nn.Module) -
     model = copy.deepcopy(initial)
     train = dataset.splits["train"]
     history = distill(model, cfg, train_images=train.images, train_labels=train.labels,
-                      teacher_logits=teacher_logits, meta=dataset_meta(dataset))
+                      teacher_logits=teacher_logits, meta=DatasetMeta.of(dataset))
     return model, history
 
 
@@ -112,7 +112,7 @@ def test_student_from_cached_logits_equals_student_from_in_memory_logits(publish
         cached_source = array_teacher_logits(np.stack([cache.fetch(fp, dataset.fingerprint, "train") for fp in fps]))
     cfg = config(dataset)
     torch.manual_seed(0)
-    initial = build_student(dataset_meta(dataset), cfg)
+    initial = build_student(DatasetMeta.of(dataset), cfg)
 
     cached_student, cached_history = run(dataset, cfg, cached_source, initial)
     rounded = logits.astype(np.float16).astype(np.float32)
@@ -146,7 +146,7 @@ def test_cache_entry_smaller_than_the_training_split_fails_loudly(publish):
     fps = publish_logits(logits, dataset.fingerprint)
     cache = make_cache()
     cfg = config(dataset)
-    initial = build_student(dataset_meta(dataset), cfg)
+    initial = build_student(DatasetMeta.of(dataset), cfg)
 
     def from_cache(indices: np.ndarray) -> np.ndarray:
         return np.stack([cache.fetch(fp, dataset.fingerprint, "train", indices=indices) for fp in fps])
@@ -197,10 +197,10 @@ def fake_teacher(tmp_path, dataset, name: str, seed: int):
     from medkd.teachers.registry import create_teacher
     from medkd.teachers.train import TeacherArtifact, load_teacher_model
 
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     torch.manual_seed(seed)
-    model = create_teacher("resnet10", spatial_dims=2, in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-                           image_size=meta["image_size"])
+    model = create_teacher("resnet10", spatial_dims=2, in_channels=meta.in_channels, num_classes=meta.num_classes,
+                           image_size=meta.image_size)
     path = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), path)
     artifact = TeacherArtifact(name=name, model="resnet10", family="cnn", model_kwargs={},
@@ -220,7 +220,7 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
 
     make_cache, _ = publish
     dataset = tiny_dataset("classification")
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     images = dataset.splits["train"].images
     teachers = [fake_teacher(tmp_path, dataset, name, seed) for seed, name in enumerate(("cnn-a", "cnn-b"))]
     expected = [predict(model, images, 64, torch.device("cpu")) for _, model in teachers]

@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from medkd.data import Augmentation
+from medkd.data.meta import DatasetMeta
 from medkd.search.run import calibration_samples, trial_augmentation
 
-META = {"task": "classification", "multilabel": False, "spatial_dims": 2, "in_channels": 1,
-        "num_classes": 2, "image_size": [16, 16]}
+META = DatasetMeta(task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2,
+                   image_size=[16, 16])
 
 
 def test_trial_augmentation_follows_search_augment():
@@ -34,7 +35,7 @@ def test_calibration_samples_are_a_seeded_subset():
 def test_teacher_prior_trusts_teachers_by_validation_skill():
     from medkd.search.run import MIN_TEACHER_PRIOR, teacher_prior
 
-    meta = {"task": "classification", "multilabel": False}
+    meta = META
     labels = np.array([0, 0, 0, 1, 1, 1])
     perfect = np.stack([-labels * 2.0 + 1, labels * 2.0 - 1], axis=1)
     chance = np.zeros((6, 2))
@@ -46,14 +47,14 @@ def test_teacher_prior_trusts_teachers_by_validation_skill():
 
 
 def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once(tmp_path, monkeypatch):
-    from medkd.students import search
+    from medkd.search import run as search
     from medkd.students.distill import DistillConfig, array_teacher_logits, build_student
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 32)
     images = (rng.normal(0, 0.3, (32, 1, 16, 16)) + labels[:, None, None, None]).astype(np.float32)
     teachers = np.stack([np.stack([-labels, labels], 1).astype(np.float32)] * 2)
-    meta = {**META, "image_size": [16, 16]}
+    meta = META
     config = DistillConfig(student="resnet_tiny", width=0.25, epochs=4, batch_size=16, alpha=0.5, branches=2,
                            prune="channels", prune_amount=0.25, quantize="none")
     calls = []

@@ -7,6 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from medkd.data.meta import DatasetMeta
+
 from medkd.students.distill import (
     DistillConfig,
     TrainingRun,
@@ -17,8 +19,8 @@ from medkd.students.distill import (
     recalibrate_batchnorm,
 )
 
-META = {"task": "classification", "multilabel": False, "spatial_dims": 2, "in_channels": 1,
-        "num_classes": 2, "image_size": [16, 16]}
+META = DatasetMeta(task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2,
+                   image_size=[16, 16])
 N = 48
 
 
@@ -217,7 +219,7 @@ def test_cached_views_bad_use_is_an_error():
 
 
 def test_online_augmentation_with_segmentation_kd_is_an_error():
-    meta = {**META, "task": "segmentation", "num_classes": 2}
+    meta = META.model_copy(update={"task": "segmentation", "num_classes": 2})
     images = np.zeros((8, 1, 16, 16), np.float32)
     masks = np.zeros((8, 16, 16), np.int64)
     logits = np.zeros((1, 8, 2, 16, 16), np.float32)

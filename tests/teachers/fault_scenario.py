@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from medkd.data.meta import DatasetMeta
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -63,11 +64,11 @@ def run(output: Path, timeout_s: float) -> dict[str, Any]:
     from medkd.data import SyntheticDataSpec, load_dataset
     from medkd.spec.teachers import TeacherSpec
     from medkd.teachers.loop import predict
-    from medkd.teachers.train import dataset_meta, find_artifact, load_teacher_model, train_one_teacher
+    from medkd.teachers.train import find_artifact, load_teacher_model, train_one_teacher
 
     started = time.perf_counter()
     dataset = load_dataset(SyntheticDataSpec(image_size=16, num_train=512, num_val=64, num_test=32, num_classes=2))
-    meta = dataset_meta(dataset)
+    meta = DatasetMeta.of(dataset)
     teacher = TeacherSpec(
         name="fault",
         model="vit",

@@ -7,7 +7,8 @@ import torch
 from medkd.data import load_dataset
 from medkd.core.progress import Progress
 from medkd.spec.job import parse_spec
-from medkd.teachers.train import dataset_meta, find_artifact, load_teacher_model, train_teachers
+from medkd.teachers.train import find_artifact, load_teacher_model, train_teachers
+from medkd.data.meta import DatasetMeta
 
 
 def tiny_spec(tmp_path):
@@ -34,7 +35,7 @@ def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_p
         assert 1 <= artifact.epochs_run <= 2
         assert artifact.history and "val_auc" in artifact.history[0]
         assert find_artifact(spec.output_dir, artifact.name, artifact.fingerprint) is not None
-        model = load_teacher_model(artifact, dataset_meta(dataset))
+        model = load_teacher_model(artifact, DatasetMeta.of(dataset))
         out = model(torch.from_numpy(dataset.splits["val"].images[:3]))
         assert out.shape == (3, dataset.num_classes)
     assert artifacts[0].fingerprint != artifacts[1].fingerprint

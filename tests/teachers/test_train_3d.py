@@ -13,7 +13,8 @@ from medkd.core.metrics import segmentation_metrics
 from medkd.core.progress import Progress
 from medkd.spec.job import parse_spec
 from medkd.teachers.loop import predict
-from medkd.teachers.train import dataset_meta, find_artifact, load_teacher_model, train_teachers
+from medkd.teachers.train import find_artifact, load_teacher_model, train_teachers
+from medkd.data.meta import DatasetMeta
 
 VOLUME = 16
 NUM_CLASSES = 3
@@ -62,7 +63,7 @@ def test_3d_unet_teacher_trains_and_predicts_volumes(ray_session, tmp_path):
     assert artifact.best_val == max(record["val_dice"] for record in artifact.history)
     assert find_artifact(spec.output_dir, "unet3d", artifact.fingerprint) is not None
 
-    model = load_teacher_model(artifact, dataset_meta(dataset))
+    model = load_teacher_model(artifact, DatasetMeta.of(dataset))
     test = dataset.splits["test"]
     logits = predict(model, test.images, 4, torch.device("cpu"))
     assert logits.shape == (8, NUM_CLASSES, VOLUME, VOLUME, VOLUME)
