@@ -132,11 +132,12 @@ def decode_pil(
         >>> decode_pil(buffer.getvalue(), expected_format="PNG").tolist()
         [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     """
-    label = expected_format or "image"
+    label = f"a {expected_format} image" if expected_format else "an image"
     try:
         image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError) as error:
-        raise ImageDecodeError(source, f"is not a valid {label} image: {error}") from None
+        kind = f"{expected_format} image" if expected_format else "image"
+        raise ImageDecodeError(source, f"is not a valid {kind}: {error}") from None
     with image:
         if expected_format is not None and image.format != expected_format:
             raise ImageDecodeError(source, f"is a {image.format} image, not {expected_format}")
@@ -149,7 +150,7 @@ def decode_pil(
         try:
             return pil_to_array(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            problem = f"is a {label} image that cannot be decoded (truncated or corrupt?): {error}"
+            problem = f"is {label} that cannot be decoded (truncated or corrupt?): {error}"
             raise ImageDecodeError(source, problem) from None
 
 

@@ -317,7 +317,7 @@ def test_preprocess_scales_raw_pixels_and_normalises_per_channel():
     image = RNG.integers(0, 100, (3, 4, 5)).astype(np.int32)
     result = preprocess(image, meta)
     assert result.dtype == np.float32 and result.shape == (3, 4, 5)
-    for c, (mean, std) in enumerate(zip(meta.mean, meta.std)):
+    for c, (mean, std) in enumerate(zip(meta["mean"], meta["std"], strict=True)):
         np.testing.assert_allclose(result[c], (image[c] * 0.01 - mean) / std, rtol=1e-6, atol=1e-6)
 
 
