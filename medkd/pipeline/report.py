@@ -75,36 +75,67 @@ def _figure_to_data_uri(figure) -> str:
 
 
 def pareto_plot(results: dict[str, Any]) -> str | None:
+    """The search's trials as a PNG data URI (see :func:`pareto_figure`), or None without trials."""
+    figure = pareto_figure(results)
+    return None if figure is None else _figure_to_data_uri(figure)
+
+
+def pareto_figure(results: dict[str, Any]) -> Any:
+    """Every trial with both metrics: completed ones solid (Pareto front red), ASHA-stopped ones faded
+    at their last report, the served one ringed; axes in plain numbers (no offset)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [t for t in results.get("trials", []) if t.get("final")]
     objectives = results.get("search", {}).get("objectives", [])
-    if not trials or not objectives:
+    if not objectives:
         return None
     quality = next((o["metric"] for o in objectives if o["metric"].startswith("val_")), objectives[0]["metric"])
     cost = next((o["metric"] for o in objectives if o["metric"] in ("latency_ms", "model_bytes", "params")), "latency_ms")
+    trials = [t for t in results.get("trials", []) if t.get("status") != "error"
+              and isinstance(t["metrics"].get(quality), (int, float)) and isinstance(t["metrics"].get(cost), (int, float))]
+    if not trials:
+        return None
     selected = results.get("best", {}).get("trial_id")
+    largest = max(1, max(t["metrics"].get("params", 1) or 1 for t in trials))
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for trial in trials:
         metrics = trial["metrics"]
-        if quality not in metrics or cost not in metrics:
-            continue
-        size = 20 + 200 * (metrics.get("params", 0) / max(1, max(t["metrics"].get("params", 1) for t in trials)))
-        colour = "tab:red" if trial.get("pareto") else "tab:gray"
-        axis.scatter(metrics[cost], metrics[quality], s=size, c=colour, alpha=0.7, edgecolors="k", linewidths=0.5)
+        size = 20 + 200 * ((metrics.get("params") or 0) / largest)
+        x, y = metrics[cost], metrics[quality]
+        if trial.get("final"):
+            colour = "tab:red" if trial.get("pareto") else "tab:gray"
+            axis.scatter(x, y, s=size, c=colour, alpha=0.8, edgecolors="k", linewidths=0.5)
+        else:
+            axis.scatter(x, y, s=size, c="tab:gray", alpha=0.25, edgecolors="none")
         if trial["trial_id"] == selected:
-            axis.scatter(metrics[cost], metrics[quality], s=size * 2.2, facecolors="none", edgecolors="tab:blue", linewidths=2)
-    front = sorted((t for t in trials if t.get("pareto")), key=lambda t: t["metrics"].get(cost, 0))
+            axis.scatter(x, y, s=size * 2.2, facecolors="none", edgecolors="tab:blue", linewidths=2)
+    front = sorted((t for t in trials if t.get("pareto")), key=lambda t: t["metrics"][cost])
     if len(front) > 1:
         axis.plot([t["metrics"][cost] for t in front], [t["metrics"][quality] for t in front], "r--", lw=1)
+    _readable_axis(axis, [t["metrics"][quality] for t in trials], "y")
+    _readable_axis(axis, [t["metrics"][cost] for t in trials], "x")
+    stopped = sum(1 for t in trials if not t.get("final"))
     axis.set_xlabel(f"{cost} (compressed ONNX, batch 1, CPU)")
-    axis.set_ylabel(f"{quality} (compressed model)")
-    axis.set_title("Search: Pareto front (red), selected (blue ring); size = params")
+    axis.set_ylabel(f"{quality} (compressed model; stopped trials: last report)")
+    axis.set_title(f"Search: {len(trials)} trials ({stopped} stopped early, faded); Pareto front red, served ringed",
+                   fontsize=9)
     axis.grid(alpha=0.3)
-    return _figure_to_data_uri(figure)
+    return figure
+
+
+MIN_AXIS_SPAN = {"y": 0.01, "x": 0.0}  # quality axes span at least 0.01 so 1e-4 differences are not blown up
+
+
+def _readable_axis(axis: Any, values: list[float], which: str) -> None:
+    """Plain tick labels (no ``1e-5`` offset) and, for the quality axis, a span of at least 0.01."""
+    axis.ticklabel_format(axis=which, style="plain", useOffset=False)
+    low, high = min(values), max(values)
+    span = max(high - low, MIN_AXIS_SPAN[which])
+    if span > 0 and which == "y":
+        middle, pad = (low + high) / 2, span * 0.6
+        axis.set_ylim(middle - pad, middle + pad)
 
 
 def curves_plot(results: dict[str, Any]) -> str | None:
