@@ -1,65 +1,306 @@
-"""Human progress output: stage banners, per-epoch and per-trial lines.
+"""Progress a person can follow: stages, teacher epochs, trials and soft-label publishing.
+
+One :class:`Progress` receives what the pipeline does and shows it in one of two ways:
+
+* **live** (stdout is a terminal): ``rich`` bars that update in place -- the stage (3/7), one
+  bar per teacher (epoch and validation metrics, from the Ray Train reports), the search
+  (trials done / running / stopped / failed and the best so far, plus one bar per running
+  trial) and one line per teacher whose soft labels are being published -- with the log lines
+  printed above them;
+* **plain** (not a terminal: CI, ``medkd logs``, a file): one timestamped line per event,
+  ``[medkd   12.3s] message``, the same text in the same order, so logs stay greppable.
 
 Events from Ray actors (the Train controller, Tune trials) reach the driver through a
-``ray.util.queue.Queue`` that a background thread drains, so progress lines are printed by
-the driver in order instead of being interleaved with Ray's own log prefixes.
+``ray.util.queue.Queue`` (:class:`RemoteEvents`, :func:`send_event`) that a background thread
+drains into :meth:`Progress.event`, so lines are printed by the driver in order instead of
+being interleaved with Ray's own log prefixes.
+
+Examples:
+    >>> import io
+    >>> progress = Progress(io.StringIO())          # not a terminal: plain lines
+    >>> with progress.stage(1, 7, "teachers"):
+    ...     progress.teacher_epoch("cnn", 1, 5, {"val_auc": 0.81})
+    >>> progress.close()
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, TextIO
+from dataclasses import dataclass, field
+from typing import Any, Literal, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+TrialEnd = Literal["done", "stopped", "failed"]
+SoftLabelStatus = Literal["computing", "cached", "skipped"]
+_TRIAL_WORDS = {"done": "finished", "stopped": "stopped early", "failed": "FAILED"}
+
+
+@dataclass
+class TrialBoard:
+    """The search as a person wants to see it: counts, what runs, the best trial so far.
+
+    Args:
+        total: trials the search will run.
+        metric: the metric that ranks trials (the first objective), if known.
+        mode: "max" or "min" for ``metric``.
+
+    Examples:
+        >>> board = TrialBoard(total=3, metric="val_auc")
+        >>> board.finish("t1", "done", 0.8); board.finish("t2", "stopped", 0.9)
+        >>> board.summary()
+        '2/3 trials: 1 done, 1 stopped, 0 failed, 0 running; best val_auc=0.9 (t2)'
+    """
+
+    total: int = 0
+    metric: str | None = None
+    mode: Literal["max", "min"] = "max"
+    running: set[str] = field(default_factory=set)
+    ended: dict[str, int] = field(default_factory=lambda: {"done": 0, "stopped": 0, "failed": 0})
+    best: tuple[str, float] | None = None
+
+    @property
+    def finished(self) -> int:
+        return sum(self.ended.values())
+
+    def start(self, trial: str) -> None:
+        self.running.add(trial)
+
+    def finish(self, trial: str, status: TrialEnd, value: float | None = None) -> None:
+        """Count ``trial`` as ended; ``value`` of the ranking metric updates the best so far."""
+        self.running = {name for name in self.running if not _same_trial(name, trial)}
+        self.ended[status] += 1
+        if status == "failed" or value is None or not math.isfinite(value):
+            return
+        if self.best is None or (value > self.best[1] if self.mode == "max" else value < self.best[1]):
+            self.best = (trial, float(value))
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{count} {name}" for name, count in self.ended.items())
+        text = f"{self.finished}/{self.total} trials: {counts}, {len(self.running)} running"
+        if self.best is not None and self.metric:
+            text += f"; best {self.metric}={self.best[1]:.4g} ({self.best[0]})"
+        return text
+
+
+def _same_trial(name: str, trial_id: str) -> bool:
+    """Tune names a trial ``<trainable>_<trial_id>`` in its context and ``<trial_id>`` in callbacks."""
+    return name == trial_id or name.endswith(f"_{trial_id}")
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 class Progress:
-    """Prints timestamped progress lines; thread safe."""
+    """Shows pipeline progress live (rich) on a terminal, as plain lines elsewhere; thread safe.
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+    Args:
+        stream: where plain lines go (default: stdout).
+        quiet: show nothing.
+        console: render live to this ``rich`` console (e.g. one writing to a ``StringIO`` with
+            ``force_terminal=True`` in tests) instead of deciding from ``stream``.
+        live: force live (True) or plain (False) output; default: live when the console or
+            ``stream`` is a terminal.
+
+    Examples:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> progress = Progress(out)
+        >>> progress.trials_started(2, metric="val_auc")
+        >>> progress.trial_finished("a1", "done", {"val_auc": 0.9})
+        >>> "trial 1/2 finished (a1): val_auc=0.9" in out.getvalue()
+        True
+    """
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False, *, console: Console | None = None,
+                 live: bool | None = None) -> None:
         self._stream = stream or sys.stdout
         self._quiet = quiet
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._start = time.perf_counter()
+        if live is None:
+            live = console.is_terminal if console is not None else _is_terminal(self._stream)
+        self._bars: RichProgress | None = None
+        self._console: Console | None = None  # live mode: lines go here, also after close()
+        if live and not quiet:
+            self._console = console or Console(file=self._stream)
+            self._bars = RichProgress(
+                TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self._console, transient=False, redirect_stdout=False, redirect_stderr=False,
+            )
+        self._started = False
+        self._teacher_tasks: dict[str, TaskID] = {}
+        self._soft_label_tasks: dict[str, TaskID] = {}
+        self._trial_tasks: dict[str, TaskID] = {}
+        self._search_tasks: dict[str, TaskID] = {}
+        self._stage_tasks: dict[str, TaskID] = {}
+        self.trials = TrialBoard()
+
+    @property
+    def live(self) -> bool:
+        """Whether progress is rendered as live bars (else as plain lines)."""
+        return self._bars is not None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks into the experiment state; streams and locks don't pickle.
+        # Tune pickles its callbacks into the experiment state; streams, locks and consoles don't pickle.
         return {"quiet": self._quiet, "start": self._start}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(quiet=state["quiet"])
+        self.__init__(quiet=state["quiet"], live=False)
         self._start = state["start"]
 
+    # ------------------------------------------------------------------ output
     def line(self, message: str) -> None:
+        """One timestamped log line (above the bars when live)."""
         if self._quiet:
             return
         elapsed = time.perf_counter() - self._start
+        text = f"[medkd {elapsed:7.1f}s] {message}"
         with self._lock:
-            print(f"[medkd {elapsed:7.1f}s] {message}", file=self._stream, flush=True)
+            if self._console is not None:
+                self._ensure_started()
+                self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                print(text, file=self._stream, flush=True)
 
+    def _ensure_started(self) -> None:
+        if self._bars is not None and not self._started:
+            self._bars.start()
+            self._started = True
+
+    def _show(self, tasks: dict[str, TaskID], key: str, description: str, completed: float, total: float) -> None:
+        """Create or update the live bar for ``key`` (nothing when not live); call under the lock."""
+        if self._bars is None:
+            return
+        self._ensure_started()
+        if key in tasks:
+            self._bars.update(tasks[key], description=description, completed=completed, total=total)
+        else:
+            tasks[key] = self._bars.add_task(description, completed=completed, total=total)
+
+    def close(self) -> None:
+        """Stop the live display (it stays on screen as last drawn); later lines are printed
+        below it and bar updates are dropped. Safe to call twice."""
+        with self._lock:
+            if self._bars is not None and self._started:
+                self._bars.stop()
+            self._bars = None
+
+    # ------------------------------------------------------------------ stages
     @contextmanager
     def stage(self, index: int, total: int, name: str) -> Iterator[None]:
+        """Stage ``index`` of ``total`` runs inside the block."""
         self.line(f"== stage {index}/{total}: {name} ==")
+        with self._lock:
+            self._show(self._stage_tasks, "stage", f"stage {index}/{total} {name}", index - 1, total)
         yield
+        with self._lock:
+            self._show(self._stage_tasks, "stage", f"stage {index}/{total} {name}", index, total)
 
+    # ------------------------------------------------------------------ teachers
+    def teacher_epoch(self, teacher: str, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
+        """A teacher reported ``epoch`` of ``epochs`` (from its Ray Train report)."""
+        shown = _format_metrics(metrics)
+        if self._bars is None:
+            self.line(f"  teacher {teacher}: epoch {epoch}/{epochs} {shown}")
+            return
+        with self._lock:
+            self._show(self._teacher_tasks, teacher, f"  teacher {teacher}  {shown}", epoch, epochs)
+
+    # ------------------------------------------------------------------ soft labels
+    def soft_labels(self, teacher: str, status: SoftLabelStatus, splits: tuple[str, ...] | list[str] = ()) -> None:
+        """Soft labels of ``teacher``: ``computing`` (splits), then ``cached`` or ``skipped`` (all found)."""
+        if status == "computing":
+            text = f"computing {', '.join(splits)} (cache miss)"
+        elif status == "cached":
+            text = "computed and cached"
+        else:
+            text = "skipped, all splits found in cache"
+        self.line(f"  soft labels {teacher}: {text}")
+        with self._lock:
+            self._show(self._soft_label_tasks, teacher, f"  soft labels {teacher}: {text}",
+                       0 if status == "computing" else 1, 1)
+
+    # ------------------------------------------------------------------ trials
+    def trials_started(self, total: int, *, metric: str | None = None, mode: Literal["max", "min"] = "max") -> None:
+        """A search of ``total`` trials starts; ``metric`` (``mode``) ranks them for "best so far"."""
+        with self._lock:
+            self.trials = TrialBoard(total=total, metric=metric, mode=mode)
+            self._update_search()
+
+    def trial_started(self, trial: str) -> None:
+        """A trial (its id) started running."""
+        with self._lock:
+            self.trials.start(trial)
+            self._update_search()
+
+    def trial_epoch(self, trial: str, epoch: int, epochs: int, metric: str, value: float) -> None:
+        """A running trial (or the final training) finished ``epoch`` of ``epochs`` with ``metric`` = ``value``."""
+        if self._bars is None:
+            self.line(f"  trial {trial}: epoch {epoch}/{epochs} {metric}={value:.4f}")
+            return
+        with self._lock:
+            self._show(self._trial_tasks, trial, f"    {trial}  {metric}={value:.4f}", epoch, epochs)
+
+    def trial_finished(self, trial: str, status: TrialEnd, metrics: dict[str, Any], *,
+                       value: float | None = None) -> None:
+        """A trial ended (``done``, ``stopped`` early, or ``failed``) with its last ``metrics``.
+
+        Args:
+            trial: the trial id.
+            status: how it ended.
+            metrics: the objectives to show (numbers only are shown).
+            value: the ranking metric; default ``metrics[board.metric]``.
+        """
+        with self._lock:
+            if value is None and self.trials.metric is not None:
+                number = metrics.get(self.trials.metric)
+                value = float(number) if isinstance(number, (int, float)) else None
+            self.trials.finish(trial, status, value)
+            for name in [n for n in self._trial_tasks if _same_trial(n, trial)]:
+                if self._bars is not None:
+                    self._bars.remove_task(self._trial_tasks.pop(name))
+            self._update_search()
+            board = self.trials
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        best = ""
+        if board.best is not None and board.metric:
+            best = f"; best so far {board.metric}={board.best[1]:.4g} ({board.best[0]})"
+        self.line(f"  trial {board.finished}/{board.total} {_TRIAL_WORDS[status]} ({trial}): {shown}{best}")
+
+    def _update_search(self) -> None:
+        self._show(self._search_tasks, "search", f"  search: {self.trials.summary()}", self.trials.finished,
+                   self.trials.total)
+
+    # ------------------------------------------------------------------ remote events
     def event(self, event: dict[str, Any]) -> None:
-        """Format an event dict sent by a remote actor."""
+        """Show an event dict sent by a remote actor (see :func:`send_event`)."""
         kind = event.get("kind")
         if kind == "teacher_epoch":
-            metric = ", ".join(f"{k}={v:.4f}" for k, v in event["metrics"].items() if isinstance(v, float))
-            self.line(f"  teacher {event['teacher']}: epoch {event['epoch']}/{event['epochs']} {metric}")
+            self.teacher_epoch(event["teacher"], event["epoch"], event["epochs"], event["metrics"])
         elif kind == "trial_epoch":
-            self.line(
-                f"  trial {event['trial']}: epoch {event['epoch']}/{event['epochs']} "
-                f"{event['metric']}={event['value']:.4f}"
-            )
+            self.trial_epoch(event["trial"], event["epoch"], event["epochs"], event["metric"], event["value"])
         else:
             self.line(str(event.get("message", event)))
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or not a real file
+        return False
+
+
 class RemoteEvents:
-    """A Ray queue that remote code writes progress events to and a driver thread prints."""
+    """A Ray queue that remote code writes progress events to and a driver thread shows."""
 
     def __init__(self, progress: Progress) -> None:
         from ray.util.queue import Queue

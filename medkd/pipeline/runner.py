@@ -128,6 +128,7 @@ class Pipeline:
         self.progress.line(f"dataset {dataset.name} ({dataset.fingerprint}): {sizes}, {dataset.num_classes} classes")
 
         with ExitStack() as stack:
+            stack.callback(self.progress.close)  # last: the live bars stay on screen as last drawn
             if spec.cache.redis_url is None:
                 server = ManagedRedisServer().start()
                 stack.callback(server.stop)

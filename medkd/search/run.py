@@ -396,21 +396,23 @@ def distill_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 class TrialProgress(tune.Callback):
-    """Prints one line per finished trial with the running count (runs in the driver)."""
+    """Shows trials as they start and end: the running count and the best so far (runs in the driver)."""
 
-    def __init__(self, progress: Progress, total: int, metrics: list[str]) -> None:
-        self.progress, self.total, self.metrics, self.done = progress, total, metrics, 0
+    def __init__(self, progress: Progress, total: int, metrics: list[str], modes: list[str] | None = None) -> None:
+        self.progress, self.metrics = progress, metrics
+        progress.trials_started(total, metric=metrics[0] if metrics else None, mode=(modes or ["max"])[0])
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.progress.trial_started(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.done += 1
         result = trial.last_result or {}
-        shown = ", ".join(f"{m}={result[m]:.4g}" for m in self.metrics if isinstance(result.get(m), (int, float)))
-        how = "finished" if result.get("final") else "stopped early"
-        self.progress.line(f"  trial {self.done}/{self.total} {how} ({trial.trial_id}): {shown}")
+        shown = {m: result[m] for m in self.metrics if isinstance(result.get(m), (int, float))}
+        self.progress.trial_finished(trial.trial_id, "done" if result.get("final") else "stopped", shown)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.done += 1
-        self.progress.line(f"  trial {self.done}/{self.total} FAILED ({trial.trial_id}): see {trial.local_path}")
+        self.progress.trial_finished(trial.trial_id, "failed", {})
+        self.progress.line(f"    trial {trial.trial_id} failed: see {trial.local_path}")
 
 
 # --------------------------------------------------------------------------- Pareto front
@@ -542,7 +544,7 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=0,
-                callbacks=[TrialProgress(progress, search.num_trials, metrics)],
+                callbacks=[TrialProgress(progress, search.num_trials, metrics, modes)],
                 failure_config=tune.FailureConfig(max_failures=1),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),

@@ -72,7 +72,7 @@ def cache_teacher_logits(
     for artifact in artifacts:
         missing = [split for split in SPLITS if not cache.exists(artifact.fingerprint, dataset_fp, split)]
         if missing:
-            progress.line(f"  soft labels {artifact.name}: computing {', '.join(missing)} (cache miss)")
+            progress.soft_labels(artifact.name, "computing", missing)
             launched[artifact.name] = teacher_logits_task(artifact, meta, data_ref, missing)
     for artifact in artifacts:
         computed: dict[str, np.ndarray] = ray.get(launched[artifact.name]) if artifact.name in launched else {}
@@ -106,8 +106,7 @@ def cache_teacher_logits(
             "splits": per_split,
             "seconds": round(time.perf_counter() - started, 2),
         }
-        verb = "computed and cached" if ran else "skipped, all splits found in cache"
-        progress.line(f"  soft labels {artifact.name}: {verb}")
+        progress.soft_labels(artifact.name, "cached" if ran else "skipped")
     return report
 
 

@@ -1,0 +1,108 @@
+"""medkd.core.progress: plain lines when the output is not a terminal, live rich bars when it is."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+
+from rich.console import Console
+
+from medkd.core.progress import Progress, TrialBoard
+
+
+def _run_a_small_pipeline(progress: Progress) -> None:
+    with progress.stage(1, 7, "teachers"):
+        progress.event({"kind": "teacher_epoch", "teacher": "cnn", "epoch": 1, "epochs": 3,
+                        "metrics": {"val_auc": 0.71, "train_loss": 0.5, "epoch": 1}})
+        progress.event({"kind": "teacher_epoch", "teacher": "cnn", "epoch": 3, "epochs": 3,
+                        "metrics": {"val_auc": 0.88}})
+    with progress.stage(2, 7, "soft_labels"):
+        progress.soft_labels("cnn", "computing", ["train", "val", "test"])
+        progress.soft_labels("cnn", "cached")
+        progress.soft_labels("vit", "skipped")
+    with progress.stage(3, 7, "search"):
+        progress.trials_started(4, metric="val_auc", mode="max")
+        for trial in ("a_00000", "a_00001", "a_00002", "a_00003"):
+            progress.trial_started(trial)
+        progress.event({"kind": "trial_epoch", "trial": "distill_trial_a_00000", "epoch": 1, "epochs": 2,
+                        "metric": "val_auc", "value": 0.6})
+        progress.event({"kind": "trial_epoch", "trial": "distill_trial_a_00001", "epoch": 2, "epochs": 2,
+                        "metric": "val_auc", "value": 0.7})
+        progress.trial_finished("a_00000", "done", {"val_auc": 0.81, "size_mb": 0.2})
+        progress.trial_finished("a_00001", "stopped", {"val_auc": 0.93})
+        progress.trial_finished("a_00002", "failed", {})
+        progress.event({"kind": "trial_epoch", "trial": "distill_trial_a_00003", "epoch": 1, "epochs": 2,
+                        "metric": "val_auc", "value": 0.5})
+    progress.event({"kind": "message", "message": "a message from a trial"})
+    progress.close()
+    progress.line("after close")
+    progress.teacher_epoch("cnn", 4, 4, {})  # bars are gone: dropped, not an error
+
+
+def test_plain_lines_when_the_stream_is_not_a_terminal() -> None:
+    out = io.StringIO()
+    progress = Progress(out)
+    assert not progress.live
+    _run_a_small_pipeline(progress)
+    lines = [re.sub(r"^\[medkd +[0-9.]+s\] ", "", line) for line in out.getvalue().splitlines()]
+    assert all(re.match(r"^\[medkd +[0-9.]+s\] ", line) for line in out.getvalue().splitlines())
+    assert lines == [
+        "== stage 1/7: teachers ==",
+        "  teacher cnn: epoch 1/3 val_auc=0.7100, train_loss=0.5000",
+        "  teacher cnn: epoch 3/3 val_auc=0.8800",
+        "== stage 2/7: soft_labels ==",
+        "  soft labels cnn: computing train, val, test (cache miss)",
+        "  soft labels cnn: computed and cached",
+        "  soft labels vit: skipped, all splits found in cache",
+        "== stage 3/7: search ==",
+        "  trial distill_trial_a_00000: epoch 1/2 val_auc=0.6000",
+        "  trial distill_trial_a_00001: epoch 2/2 val_auc=0.7000",
+        "  trial 1/4 finished (a_00000): val_auc=0.81, size_mb=0.2; best so far val_auc=0.81 (a_00000)",
+        "  trial 2/4 stopped early (a_00001): val_auc=0.93; best so far val_auc=0.93 (a_00001)",
+        "  trial 3/4 FAILED (a_00002): ; best so far val_auc=0.93 (a_00001)",
+        "  trial distill_trial_a_00003: epoch 1/2 val_auc=0.5000",
+        "a message from a trial",
+        "after close",
+        "  teacher cnn: epoch 4/4 ",
+    ]
+
+
+def test_live_bars_on_a_terminal_show_stage_teachers_trials_and_soft_labels() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=150, color_system=None)
+    progress = Progress(console=console)
+    assert progress.live
+    _run_a_small_pipeline(progress)
+    screen = buffer.getvalue()
+    assert "stage 3/7 search" in screen
+    assert "teacher cnn  val_auc=0.8800" in screen and "3/3" in screen
+    assert "soft labels cnn: computed and cached" in screen
+    assert "search: 3/4 trials: 1 done, 1 stopped, 1 failed, 1 running; best val_auc=0.93 (a_00001)" in screen
+    assert "distill_trial_a_00003  val_auc=0.5000" in screen
+    assert "a message from a trial" in screen  # log lines are printed above the bars
+    tail = re.sub(r"\[medkd +[0-9.]+s\] ", "", screen[screen.rindex("after close") - 20 :])
+    assert not progress.live and tail.endswith("after close\n  teacher cnn: epoch 4/4 \n")  # plain lines below
+    # Teacher epochs are bars, not log lines, on a terminal (until the bars are closed).
+    assert screen.count("teacher cnn: epoch") == 1 and "teacher cnn: epoch 4/4" in screen
+
+
+def test_board_ranks_by_the_objectives_mode_and_ignores_failed_or_missing_values() -> None:
+    board = TrialBoard(total=5, metric="latency_ms", mode="min")
+    board.start("distill_trial_x_00007")  # Tune's trial name; callbacks give the trial id "x_00007"
+    board.finish("1", "done", 12.0)
+    board.finish("2", "done", 9.0)
+    board.finish("3", "done", float("nan"))
+    board.finish("4", "failed", 1.0)
+    assert board.best == ("2", 9.0)
+    assert board.summary() == "4/5 trials: 3 done, 0 stopped, 1 failed, 1 running; best latency_ms=9 (2)"
+    board.finish("x_00007", "stopped", None)
+    assert board.running == set() and board.ended == {"done": 3, "stopped": 1, "failed": 1}
+
+
+def test_progress_pickles_to_a_plain_one() -> None:
+    """Tune pickles its callbacks (and their Progress) into the experiment state."""
+    progress = Progress(console=Console(file=io.StringIO(), force_terminal=True))
+    copy = pickle.loads(pickle.dumps(progress))
+    assert progress.live and not copy.live
+    progress.close()
