@@ -9,6 +9,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from medkd.pipeline.report_clinical import calibration_summary, operating_point_rows, selection_rows, selection_rule
+
 REPORT_FILE = "report.html"
 
 
@@ -215,6 +217,8 @@ def write_report(results: dict[str, Any], output_dir: Path) -> Path:
                     f"classes {html.escape(', '.join(map(str, class_names)))}</p>")
     sections.append("<h2>Teachers vs student (test split)</h2>" + _table(comparison_rows(results)))
     sections.append("<h2>Search</h2>" + _img(pareto_plot(results), "Pareto front"))
+    if results.get("selection"):
+        sections.append(f"<p>{selection_rule(results)}</p>" + _table(selection_rows(results)))
     trial_rows = []
     for trial in results.get("trials", []):
         m, c = trial["metrics"], trial["config"]
@@ -246,6 +250,9 @@ def write_report(results: dict[str, Any], output_dir: Path) -> Path:
                 + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "") + "; "
                 "val " + html.escape(", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
                                                for k, v in best.get("val_metrics", {}).items())) + "</p>")
+    if best.get("calibration") or best.get("operating_points"):
+        sections.append("<h2>Calibration and operating points</h2>" + f"<p>{calibration_summary(results)}</p>"
+                        + "<h3>Operating points (chosen on val)</h3>" + _table(operating_point_rows(results)))
     serve = results.get("serve", {})
     if serve.get("url"):
         sections.append(f"<p>endpoint {html.escape(serve['url'])}; demo answer: <code>{html.escape(str(serve.get('demo', {}).get('answer')))}</code></p>")
