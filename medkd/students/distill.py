@@ -25,7 +25,7 @@ from torch import nn
 from medkd.data import apply_view, apply_view_to_masks, identity_view
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.core.ema import WeightAverage, ema_decay
-from medkd.students.losses import create_loss
+from medkd.students.losses import create_loss, resolve_loss_name
 from medkd.students.registry import create_student
 from medkd.data.meta import DatasetMeta
 
@@ -99,6 +99,8 @@ class DistillConfig(BaseModel):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 = no KD")
     aggregation: str = "mean"
     teacher_weights: list[float] | None = None
+    loss: str | None = Field(None, description="logit loss family (hinton_kd, dkd, dist); None = the task's default")
+    logit_standardization: bool = Field(False, description="z-score the logits in the KD term (CVPR 2024)")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(10, gt=0)
@@ -140,12 +142,16 @@ def build_student(meta: DatasetMeta, config: DistillConfig) -> nn.Module:
 
 
 def build_distillation_loss(meta: DatasetMeta, config: DistillConfig) -> nn.Module:
+    name = resolve_loss_name(meta.task, meta.multilabel, meta.num_classes, loss=config.loss,
+                             logit_standardization=config.logit_standardization)
+    options = {"logit_standardization": True} if config.logit_standardization else {}
     return create_loss(
-        loss_name(meta),
+        name,
         temperature=config.temperature,
         alpha=config.alpha,
         aggregation=config.aggregation,
         teacher_weights=config.teacher_weights,
+        **options,
     )
 
 
