@@ -6,6 +6,7 @@
     medkd cache ls | stats | verify | purge
     medkd serve MODEL_DIR [--port N] [--set max_batch_size=8] [--config-out serve_config.yaml]
     medkd models RUN_DIR [--select RANK]
+    medkd cluster local up [--netns] [--workers N] | down | status
 """
 
 from __future__ import annotations
@@ -75,28 +76,19 @@ def cmd_serve_config_out(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.config_out:
         return cmd_serve_config_out(args)
-    import time
-
     import ray
 
-    from medkd.serve.app import deploy, undeploy
-    from medkd.spec.serve import ServeConfig
-
-    from medkd.serve.app import resolve_model_dir
+    from medkd.serve.app import deploy, resolve_model_dir, serve_until_stopped
 
     model_dir = resolve_model_dir(args.model_dir)  # an export directory or a run's output_dir
-    config = ServeConfig(host=args.host, port=args.port, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
-    if not ray.is_initialized():
+    config = _serve_config_from_args(args)
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True, dashboard_host="127.0.0.1")
     url = deploy(model_dir, config)
-    print(f"serving {model_dir} at {url} (POST {url.rstrip('/')}/predict) — Ctrl-C to stop", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        undeploy()
+    print(f"serving {model_dir} at {url} (POST {url.rstrip('/')}/predict) — Ctrl-C or SIGTERM to stop", flush=True)
+    # Drains requests, then ends the Ray instance this command started (no agent left behind).
+    serve_until_stopped(shutdown_ray=started_ray)
     return 0
 
 
@@ -175,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_jobs_parsers(commands)
     except ImportError:  # pragma: no cover - optional during development
         pass
+    from medkd.cli.cluster import add_cluster_parser
+
+    add_cluster_parser(commands)
     try:
         from medkd.softlabels.admin import add_cache_parser
 
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_error(error: Exception) -> str | None:
     """User-facing errors are printed as one message, not a traceback."""
     names = {"DataValidationError", "DataFileNotFoundError", "ModelDirError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
-             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError"}
+             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError", "ClusterError"}
     if type(error).__name__ in names or any(c.__name__ in names for c in type(error).__mro__):
         return str(error)
     return None

@@ -5,8 +5,9 @@ server reads: one model for the writer and the reader.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from medkd.core.errors import field_error as _field_error
@@ -82,3 +83,49 @@ class ModelMetadata(BaseModel):
     def label(self, index: int) -> str:
         """Name of class ``index`` (its number when the export gave no names)."""
         return self.class_names[index] if self.class_names else str(index)
+
+    def classify(self, logits: np.ndarray) -> list[dict[str, Any]]:
+        """Per-image probabilities and predicted class(es) from classification logits.
+
+        The one place where served logits become a decision: softmax over classes, a sigmoid
+        per label for multi-label models, and a sigmoid on the single logit of a binary model.
+
+        Args:
+            logits: ``(N, K)`` model outputs (``(N, 1)`` for a binary single-logit model).
+
+        Returns:
+            One dict per image: ``probabilities`` (K values), ``predicted_class``,
+            ``predicted_label`` and, for multi-label models, ``predicted_labels`` (p >= 0.5).
+
+        Examples:
+            >>> meta = ModelMetadata(model_id="m", task="classification", num_classes=2,
+            ...     class_names=["benign", "malignant"],
+            ...     input={"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28]})
+            >>> meta.classify(np.array([[0.0, 2.0]]))[0]["predicted_label"]
+            'malignant'
+        """
+        logits = np.asarray(logits).reshape(len(logits), -1).astype(np.float64)
+        if self.multilabel:
+            probabilities = _sigmoid(logits)
+        elif logits.shape[1] == 1:  # binary model with a single logit
+            positive = _sigmoid(logits[:, 0])
+            probabilities = np.stack([1.0 - positive, positive], axis=1)
+        else:
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        results = []
+        for row in probabilities:
+            predicted = int(row.argmax())
+            result: dict[str, Any] = {
+                "probabilities": row.tolist(),
+                "predicted_class": predicted,
+                "predicted_label": self.label(predicted),
+            }
+            if self.multilabel:
+                result["predicted_labels"] = [self.label(int(i)) for i in np.flatnonzero(row >= 0.5)]
+            results.append(result)
+        return results
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))

@@ -47,13 +47,17 @@ class MedkdClient:
     Args:
         url: base URL returned by :func:`medkd.serve.app.deploy`, e.g. ``http://127.0.0.1:8000``.
         timeout: default seconds to wait for an answer.
+        token: bearer token of an endpoint started with ``serve.auth_token_env``.
+        model: model id to ask (sent as ``serve_multiplexed_model_id``); None: the default model.
     """
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None, model: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url: must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._token = token
+        self.model = model
 
     def predict(self, image: np.ndarray | str | Path, *, timeout: float | None = None) -> dict[str, Any]:
         """Predict one image: an array (sent as NPY) or a .png/.jpg/.dcm/.npy/.json file."""
@@ -77,6 +81,13 @@ class MedkdClient:
     def health(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._json("GET", "/healthz", None, None, timeout)
 
+    def ready(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._json("GET", "/readyz", None, None, timeout)
+
+    def models(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Every served model with its metrics, size and latency; ``default`` names the default."""
+        return self._json("GET", "/models", None, None, timeout)
+
     def metadata(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._json("GET", "/metadata", None, None, timeout)
 
@@ -90,6 +101,10 @@ class MedkdClient:
         url = self.url + route
         request = urllib.request.Request(url, data=body, method=method)
         request.add_header("Accept", "application/json")
+        if self._token:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        if self.model:
+            request.add_header("serve_multiplexed_model_id", self.model)
         if content_type:
             request.add_header("Content-Type", content_type)
         try:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from medkd.core.errors import field_error as _field_error
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 
 class ServeConfig(BaseModel):
@@ -42,6 +43,18 @@ class ServeConfig(BaseModel):
         downscale_delay_s: sustained idleness needed before the autoscaler removes replicas.
         ort_threads: ONNX Runtime intra-op threads per replica.
         max_body_bytes: largest accepted request body; larger ones get HTTP 413.
+        max_images_per_request: most images one ``/predict/batch`` request may hold (413 above).
+        max_decoded_bytes: most bytes the decoded and preprocessed images of one request may
+            take, checked from headers before anything is allocated (413 above).
+        max_queued_requests: requests waiting for a replica beyond which new ones get HTTP 503
+            with ``Retry-After`` (backpressure).
+        retry_after_s: the ``Retry-After`` of a backpressure 503.
+        request_timeout_s: longest a request may take in a replica (504 after it) and the
+            ONNX call time after which ``check_health`` declares the session wedged.
+        auth_token_env: name of an environment variable holding a bearer token; when set,
+            every route but ``/healthz`` needs ``Authorization: Bearer <token>``.
+        look_back_period_s: window over which the autoscaler averages ongoing requests.
+        metrics_interval_s: how often replicas report their load to the autoscaler.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +75,14 @@ class ServeConfig(BaseModel):
     downscale_delay_s: float = Field(30, ge=0)
     ort_threads: int = Field(1, ge=1)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    max_images_per_request: int = Field(256, ge=1)
+    max_decoded_bytes: int = Field(DEFAULT_MAX_DECODED_BYTES, ge=1024)
+    max_queued_requests: int = Field(64, ge=1)
+    retry_after_s: float = Field(1.0, ge=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    auth_token_env: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
 
     @field_validator("route_prefix")
     @classmethod
@@ -102,6 +123,8 @@ class ServeConfig(BaseModel):
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.metrics_interval_s,
         }
 
     def ray_actor_options(self) -> dict[str, Any]:

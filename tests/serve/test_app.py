@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from medkd.serve.app import ModelDirError, ModelServer, deploy, load_model_dir, undeploy
+from medkd.serve.app import ModelDirError, deploy, load_model_dir, undeploy
+from medkd.serve.model_store import LoadedModel, ModelFiles
 from medkd.serve.client import MedkdClient, ServeRequestError
 from medkd.serve.codecs import encode_npy
 from medkd.spec.serve import ServeConfig
 from tests.conftest import free_port
-from tests.serve.test_codecs import make_dicom, png_bytes
+from tests.serve.images import make_dicom, png_bytes
 
 CLASS_NAMES = ["malignant", "benign"]
 CLS_APP, SEG_APP = "medkd-test-cls", "medkd-test-seg"
@@ -133,6 +134,8 @@ def assert_matches_local(answer: dict, model_dir: Path, model_input: np.ndarray)
     assert answer["predicted_class"] == int(expected.argmax())
     assert answer["predicted_label"] == CLASS_NAMES[int(expected.argmax())]
     assert answer["model_id"] == "tiny-cnn-test"
+    assert answer["class_names"] == CLASS_NAMES
+    assert len(answer["request_id"]) >= 8
     assert answer["latency_ms"] > 0
 
 
@@ -196,7 +199,7 @@ def test_concurrent_requests_are_batched(served, classifier_dir):
     got = np.array([answer["probabilities"] for answer in answers])
     assert np.max(np.abs(got - expected)) < 1e-5  # every answer went back to its own request
     after = client.stats()
-    assert after["requests"] - before["requests"] == 32
+    assert after["images"] - before["images"] == 32
     assert after["largest_batch"] > 1, after
     assert after["largest_batch"] <= 8
     assert after["batches"] - before["batches"] < 32
@@ -210,7 +213,7 @@ def test_concurrent_requests_are_batched(served, classifier_dir):
         (b"", "image/png", 400, "empty"),
         (encode_npy(np.zeros((2, 1, 28, 28), np.float32)), "application/x-npy", 400, "image has 4 dims"),
         (encode_npy(np.zeros((5, 28, 28), np.uint8)), "application/x-npy", 400, "image has 5 channels"),
-        (encode_npy(np.zeros((300, 300), np.float32)), "application/x-npy", 413, "larger than the limit"),
+        (encode_npy(np.zeros((300, 300), np.float32)), "application/x-npy", 413, "larger than max_body_bytes=262144"),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(served, body, content_type, status, message):
@@ -219,6 +222,7 @@ def test_bad_requests_get_4xx_with_a_message(served, body, content_type, status,
     assert headers["content-type"].startswith("application/json")
     error = json.loads(payload)
     assert message in error["error"] and error["status"] == status
+    assert error["request_id"] == headers["x-request-id"]
 
 
 def test_client_raises_with_the_server_message_and_routes_are_checked(served):
@@ -301,10 +305,10 @@ def test_model_that_disagrees_with_its_metadata_fails_at_start(classifier_dir):
     model_bytes, metadata = load_model_dir(classifier_dir)
     wrong = {**metadata, "num_classes": 3, "class_names": ["a", "b", "c"]}
     with pytest.raises(ValueError, match="num_classes is 3 but model.onnx outputs 2"):
-        ModelServer.func_or_class(model_bytes, wrong, ServeConfig().model_dump())
+        LoadedModel.load(ModelFiles(model_id="m", model_bytes=model_bytes, metadata=wrong))
     wrong_size = {**metadata, "input": {**metadata["input"], "in_channels": 3}}
     with pytest.raises(ValueError, match=r"does not accept input of shape \[1, 3, 28, 28\]"):
-        ModelServer.func_or_class(model_bytes, wrong_size, ServeConfig().model_dump())
+        LoadedModel.load(ModelFiles(model_id="m", model_bytes=model_bytes, metadata=wrong_size))
 
 
 # ------------------------------------------------------------------------------------ undeploy

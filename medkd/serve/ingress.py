@@ -1,0 +1,335 @@
+"""The Serve deployment: a FastAPI ingress over multiplexed ONNX students with dynamic batching.
+
+A request is checked (auth, body size, decoded size from headers), decoded and preprocessed in
+a thread pool (off the event loop), then joins a dynamic batch (``@serve.batch``) that ONNX
+Runtime runs in one worker thread. Every Pareto student of a run is served by the one
+application through Serve model multiplexing: the ``serve_multiplexed_model_id`` header (which
+Serve also routes on) or the ``model`` query parameter picks one; none picks the default.
+
+Routes: ``POST /predict``, ``POST /predict/batch``, ``GET /healthz``, ``GET /readyz``,
+``GET /models``, ``GET /metadata``, ``GET /stats``; the OpenAPI schema at ``/openapi.json`` and
+``/docs``. Errors are JSON ``{"error", "status", "request_id"}`` and never hold exception text.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
+from pydantic import SecretStr
+from ray import serve
+from ray.serve import context as serve_context
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from medkd.serve import responses as answers
+from medkd.serve.codecs import PayloadTooLarge, RequestError, decode_batch, decode_image, encode_npy, preprocess
+from medkd.serve.guards import Limits, Unauthorized, UnknownModel, authorized, check_before_decoding, check_image_count
+from medkd.serve.metrics import ServeMetrics
+from medkd.serve.model_store import LoadedModel, ModelBundle
+from medkd.spec.serve import ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+DEPLOYMENT_NAME = "MedkdModel"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_IMAGE_TYPES = ["image/png", "image/jpeg", "application/x-npy", "application/dicom", "application/octet-stream"]
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{media: {"schema": {"type": "string", "format": "binary"}} for media in _IMAGE_TYPES},
+            "application/json": {"schema": {"type": "object", "properties": {
+                "image": {"type": "array", "items": {}}, "instances": {"type": "array", "items": {}}}}},
+        },
+    }
+}
+_ERRORS = {code: {"model": answers.ErrorAnswer} for code in (400, 401, 404, 413, 415, 503, 504)}
+
+api = FastAPI(
+    title="medkd",
+    summary="Distilled medical-imaging students served with Ray Serve",
+    description="Send one image (PNG, JPEG, NPY, DICOM or JSON) to `/predict`, a stack to `/predict/batch`. "
+    "Pick a model with the `serve_multiplexed_model_id` header or `?model=`; `GET /models` lists them.",
+)
+_bearer = HTTPBearer(auto_error=False, description="Needed when the endpoint runs with serve.auth_token_env")
+
+
+def _json(payload: dict[str, Any], status: int = 200, request_id: str = "") -> Response:
+    # Serve itself answers the request id in X-Request-Id; request_id is in the body.
+    return Response(answers.json_body(payload), status_code=status, media_type="application/json")
+
+
+def _request_id(request: Request) -> str:
+    """Serve's id of this request (it answers it in ``X-Request-Id`` and tags its logs with it)."""
+    try:
+        serve_id = serve_context._get_serve_request_context().request_id  # private API: fall back below
+    except Exception:  # noqa: BLE001
+        serve_id = ""
+    given = request.headers.get("x-request-id", "")
+    return serve_id or (given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+    root, path = request.scope.get("root_path", ""), request.url.path
+    path = path[len(root):] if root and path.startswith(root) else path
+    if error.status_code == 404:
+        routes = [f"{method.upper()} {route}" for route, item in request.app.openapi()["paths"].items() for method in item]
+        message = f"no route {request.method} {path}; routes: {', '.join(routes)}"
+    elif error.status_code == 405:
+        allowed = {key.lower(): value for key, value in (error.headers or {}).items()}
+        message = f"{request.method} {path} is not allowed; use {allowed.get('allow', 'another method')}"
+    else:
+        message = str(error.detail)
+    return Response(answers.error_body(message, error.status_code, _request_id(request)), status_code=error.status_code,
+                    media_type="application/json", headers=error.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> Response:
+    problems = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
+    return Response(answers.error_body(problems, 422, _request_id(request)), status_code=422,
+                    media_type="application/json")
+
+
+def _images_in(items: list[tuple[str, np.ndarray]]) -> int:
+    return sum(len(chunk) for _, chunk in items)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class MedkdServer:
+    """FastAPI ingress and ONNX models in one replica (no extra hop between them)."""
+
+    def __init__(self, bundle: dict[str, Any], config: dict[str, Any], auth_token: SecretStr | None = None) -> None:
+        self._bundle = ModelBundle.model_validate(bundle)
+        self._config = ServeConfig.model_validate(config)
+        self._token = auth_token
+        self._limits = Limits(self._config.max_images_per_request, self._config.max_decoded_bytes)
+        self._use_gpu = self._config.gpus_per_replica > 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medkd-onnx")
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medkd-decode")
+        self._metrics = ServeMetrics()
+        self._busy_since: float | None = None
+        self._infer.set_max_batch_size(self._config.max_batch_size)
+        self._infer.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
+        try:
+            self._replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - not running inside Serve (a direct unit test)
+            self._replica = "local"
+        # Every model is loaded and run once here, so a bad one fails the replica at start-up
+        # and /readyz holds: the default model is loaded and one warm inference is done.
+        self._loaded = {
+            model_id: LoadedModel.load(files, threads=self._config.ort_threads, use_gpu=self._use_gpu)
+            for model_id, files in self._bundle.models.items()
+        }
+        self._warm_ms = self._loaded[self._bundle.default_id].probe() * 1000.0
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def get_model(self, model_id: str) -> LoadedModel:
+        """The session of ``model_id`` (already loaded at start-up; Serve tracks which ids a
+        replica holds and routes requests naming them there)."""
+        return self._loaded[model_id]
+
+    # ------------------------------------------------------------------------------- routes
+
+    @api.get("/healthz", response_model=answers.Health, summary="Liveness (no authentication)")
+    async def healthz(self) -> Response:
+        return _json({"status": "ok", "replica": self._replica})
+
+    @api.get("/readyz", response_model=answers.Readiness, responses=_ERRORS, dependencies=[Depends(_bearer)],
+             summary="Readiness: the default model is loaded and one warm inference is done")
+    async def readyz(self, request: Request) -> Response:
+        return await self._handle(request, "/readyz", self._readiness)
+
+    @api.get("/models", response_model=answers.ModelList, responses=_ERRORS, dependencies=[Depends(_bearer)],
+             summary="Every served model with its metrics, size and latency from the registry")
+    async def models(self, request: Request) -> Response:
+        async def work(rid: str, used: list[str]) -> Response:
+            default = self._bundle.default_id
+            listed = [model.describe(default=mid == default) for mid, model in self._loaded.items()]
+            return _json({"default": default, "models": listed}, request_id=rid)
+
+        return await self._handle(request, "/models", work)
+
+    @api.get("/metadata", responses=_ERRORS, dependencies=[Depends(_bearer)],
+             summary="A model's metadata.json plus serving details")
+    async def metadata(self, request: Request, model: str | None = Query(None, max_length=256)) -> Response:
+        async def work(rid: str, used: list[str]) -> Response:
+            loaded = self._loaded[self._model_id(model, used)]
+            serving = {
+                "replica": self._replica, "input_name": loaded.input_name,
+                "input_shape": [None, loaded.metadata.input.in_channels, *loaded.metadata.input.image_size],
+                "output_shape": [None, *loaded.output_shape], "providers": loaded.session.get_providers(),
+                **self._config.model_dump(include={"max_batch_size", "batch_wait_timeout_s", "max_body_bytes",
+                                                   "max_images_per_request", "max_decoded_bytes", "request_timeout_s"}),
+            }
+            return _json({**loaded.raw_metadata, "serving": serving}, request_id=rid)
+
+        return await self._handle(request, "/metadata", work)
+
+    @api.get("/stats", responses=_ERRORS, dependencies=[Depends(_bearer)], summary="This replica's counters")
+    async def stats(self, request: Request) -> Response:
+        async def work(rid: str, used: list[str]) -> Response:
+            return _json({"replica": self._replica, "max_batch_size": self._config.max_batch_size,
+                          **self._metrics.snapshot()}, request_id=rid)
+
+        return await self._handle(request, "/stats", work)
+
+    @api.post("/predict", response_model=answers.Prediction, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
+              dependencies=[Depends(_bearer)], summary="Predict one image")
+    async def predict(self, request: Request, model: str | None = Query(None, max_length=256),
+                      mask: str | None = Query(None, pattern="^(list|npy_b64)$")) -> Response:
+        async def work(rid: str, used: list[str]) -> Response:
+            return await self._predict(request, rid, self._model_id(model, used), batch=False, mask=mask)
+
+        return await self._handle(request, "/predict", work)
+
+    @api.post("/predict/batch", response_model=answers.BatchPrediction, responses=_ERRORS,
+              openapi_extra=_IMAGE_BODY, dependencies=[Depends(_bearer)], summary="Predict a stack of images")
+    async def predict_batch(self, request: Request, model: str | None = Query(None, max_length=256),
+                            mask: str | None = Query(None, pattern="^(list|npy_b64)$")) -> Response:
+        async def work(rid: str, used: list[str]) -> Response:
+            return await self._predict(request, rid, self._model_id(model, used), batch=True, mask=mask)
+
+        return await self._handle(request, "/predict/batch", work)
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    async def _handle(self, request: Request, route: str, work) -> Response:
+        """Auth, request id, timeout, metrics and error answers shared by every route."""
+        started = time.perf_counter()
+        rid = _request_id(request)
+        used: list[str] = []
+        self._metrics.started()
+        try:
+            if self._token is not None and not authorized(request.headers.get("authorization"), self._token):
+                raise Unauthorized("missing or wrong bearer token (send Authorization: Bearer <token>)")
+            response = await asyncio.wait_for(work(rid, used), timeout=self._config.request_timeout_s)
+        except RequestError as error:
+            headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+            response = Response(answers.error_body(error.message, error.status, rid), status_code=error.status,
+                                media_type="application/json", headers=headers)
+        except TimeoutError:
+            message = f"request took longer than request_timeout_s={self._config.request_timeout_s:g}"
+            response = Response(answers.error_body(message, 504, rid), status_code=504, media_type="application/json")
+        except Exception:  # noqa: BLE001 - logged with the request id; the client gets no exception text
+            logger.exception("medkd: request %s to %s failed", rid, route)
+            response = Response(answers.error_body(f"internal error; see the server log for request {rid}", 500, rid),
+                                status_code=500, media_type="application/json")
+        self._metrics.request(route, response.status_code, used[0] if used else "", (time.perf_counter() - started) * 1e3)
+        return response
+
+    def _model_id(self, query_model: str | None, used: list[str]) -> str:
+        header = serve.get_multiplexed_model_id() if self._replica != "local" else ""
+        if query_model and header and query_model != header:
+            raise RequestError(f"model {query_model!r} (query) and serve_multiplexed_model_id {header!r} disagree")
+        chosen = query_model or header or self._bundle.default_id
+        if chosen not in self._loaded:
+            raise UnknownModel(f"unknown model {chosen!r}; known models: {', '.join(sorted(self._loaded))}")
+        used.append(chosen)
+        return chosen
+
+    async def _readiness(self, rid: str, used: list[str]) -> Response:
+        ready = self._bundle.default_id in self._loaded and self._warm_ms is not None
+        payload = {"ready": ready, "default_model": self._bundle.default_id,
+                   "warm_inference_ms": self._warm_ms, "models": sorted(self._loaded)}
+        return _json(payload, 200 if ready else 503, rid)
+
+    async def _predict(self, request: Request, rid: str, model_id: str, *, batch: bool, mask: str | None) -> Response:
+        started = time.perf_counter()
+        loaded = self._loaded[model_id]
+        body = await self._read_body(request)
+        content_type = request.headers.get("content-type")
+        loop = asyncio.get_running_loop()
+        inputs = await loop.run_in_executor(self._decoder, self._decode, body, content_type, loaded, batch, rid)
+        size = self._config.max_batch_size
+        chunks = [inputs[start:start + size] for start in range(0, len(inputs), size)]
+        outputs = await asyncio.gather(*(self._infer((model_id, chunk)) for chunk in chunks))
+        logits = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        meta = loaded.metadata
+        if meta.task == "segmentation" and answers.NPY_MEDIA_TYPE in request.headers.get("accept", ""):
+            masks = answers.segmentation_masks(logits, meta)
+            return Response(encode_npy(masks if batch else masks[0]), media_type=answers.NPY_MEDIA_TYPE,
+                            headers={"X-Model-Id": model_id})
+        results = answers.predictions(logits, meta, masks_as_list=mask == "list")
+        payload: dict[str, Any] = {"model_id": model_id, "class_names": [meta.label(i) for i in range(meta.num_classes)],
+                                   "request_id": rid}
+        payload.update({"count": len(results), "predictions": results} if batch else results[0])
+        payload["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        return _json(payload, request_id=rid)
+
+    def _decode(self, body: bytes, content_type: str | None, loaded: LoadedModel, batch: bool, rid: str) -> np.ndarray:
+        """Body to a preprocessed batch ``(N, C, *spatial)`` (runs in the decoder pool)."""
+        meta = loaded.metadata.input
+        try:
+            check_before_decoding(body, content_type, batch=batch, input_meta=meta, limits=self._limits)
+            max_bytes = self._config.max_body_bytes
+            images = (decode_batch(body, content_type, max_bytes=max_bytes) if batch
+                      else [decode_image(body, content_type, max_bytes=max_bytes)])
+            check_image_count(len(images), meta, self._limits)
+            return np.stack([preprocess(image, meta) for image in images])
+        except RequestError:
+            raise
+        except Exception:  # noqa: BLE001 - any other failure on a client's bytes is still the client's 4xx
+            logger.warning("medkd: request %s: body could not be decoded", rid, exc_info=True)
+            raise RequestError(f"body could not be decoded as an image (request {rid})") from None
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body is {declared} bytes, larger than max_body_bytes={limit}")
+        parts, total = [], 0
+        async for part in request.stream():
+            total += len(part)
+            if total > limit:
+                raise PayloadTooLarge(f"request body is larger than max_body_bytes={limit}")
+            parts.append(part)
+        return b"".join(parts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
+    async def _infer(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """One model call per model for every queued request; each chunk is ``(n_i, C, *spatial)``."""
+        by_model: dict[str, list[int]] = defaultdict(list)
+        for index, (model_id, _) in enumerate(items):
+            by_model[model_id].append(index)
+        results: list[np.ndarray | None] = [None] * len(items)
+        loop = asyncio.get_running_loop()
+        for model_id, indices in by_model.items():
+            loaded = await self.get_model(model_id)
+            chunks = [items[i][1] for i in indices]
+            batch = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            outputs = await loop.run_in_executor(self._executor, self._run, loaded, batch)
+            self._metrics.batch(model_id, len(batch))
+            for i, part in zip(indices, np.split(outputs, np.cumsum([len(c) for c in chunks])[:-1])):
+                results[i] = part
+        return results  # type: ignore[return-value]
+
+    def _run(self, loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        self._busy_since = time.monotonic()
+        try:
+            return loaded.run(batch)
+        finally:
+            self._busy_since = None
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails when an ONNX call hangs, so Serve replaces the replica."""
+        busy = self._busy_since
+        limit = self._config.request_timeout_s
+        if busy is not None and time.monotonic() - busy > limit:
+            raise RuntimeError(f"ONNX Runtime call running for {time.monotonic() - busy:.0f} s > {limit:g} s: wedged")
+        if busy is None:
+            loop = asyncio.get_running_loop()
+            default = self._loaded[self._bundle.default_id]
+            await asyncio.wait_for(loop.run_in_executor(self._executor, default.probe), timeout=limit)
