@@ -1,15 +1,28 @@
-"""The HTML report (teachers vs students, Pareto front, curves, confusion matrices) and the
-terminal results table. Plots are embedded as PNG data so the report is one portable file."""
+"""The HTML report and the terminal results table.
+
+The report (``report.html``, one portable file: plots are embedded as PNG data) is rendered by
+Jinja2 from ``templates/report.html.j2``: a header (job, dataset) and a list of
+:class:`ReportSection` -- teachers vs student, the search (Pareto front, trials), teacher training
+curves, confusion matrices, the served model, the stages. Other parts of medkd add sections by
+appending a builder (``results -> ReportSection | None``) to :data:`EXTRA_SECTIONS` under the
+core section they follow (e.g. calibration and operating points after ``"served model"``).
+
+Examples:
+    >>> page = render_report({"job": "demo", "dataset": {"name": "synthetic", "task": "classification"}})
+    >>> "<h1>medkd report — demo</h1>" in page
+    True
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medkd.pipeline.report_clinical import calibration_summary, operating_point_rows, selection_rows, selection_rule
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 REPORT_FILE = "report.html"
 
@@ -45,7 +58,8 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     if best:
         test = best.get("test_metrics", {})
         config = best.get("config", {})
-        rows.append({"model": "student", "kind": f"{config.get('student')} w={_fmt(config.get('width'), 2)} {config.get('quantize')}",
+        kind = f"{config.get('student')} w={_fmt(config.get('width'), 2)} {config.get('quantize')}"
+        rows.append({"model": "student", "kind": kind,
                      "params": best["params"], **{f"test_{k}": test.get(k) for k in keys},
                      "latency_ms": best.get("latency_ms"), "size_bytes": best.get("size_bytes")})
     return rows
@@ -59,9 +73,9 @@ def print_results_table(results: dict[str, Any], progress: Any) -> None:
     table = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
     progress.line("results (test split):")
-    progress.line("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    progress.line("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in table:
-        progress.line("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        progress.line("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 # ---------------------------------------------------------------------------- plots
@@ -94,9 +108,11 @@ def pareto_figure(results: dict[str, Any]) -> Any:
     if not objectives:
         return None
     quality = next((o["metric"] for o in objectives if o["metric"].startswith("val_")), objectives[0]["metric"])
-    cost = next((o["metric"] for o in objectives if o["metric"] in ("latency_ms", "model_bytes", "params")), "latency_ms")
+    cost = next((o["metric"] for o in objectives if o["metric"] in ("latency_ms", "model_bytes", "params")),
+                "latency_ms")
     trials = [t for t in results.get("trials", []) if t.get("status") != "error"
-              and isinstance(t["metrics"].get(quality), (int, float)) and isinstance(t["metrics"].get(cost), (int, float))]
+              and isinstance(t["metrics"].get(quality), (int, float))
+              and isinstance(t["metrics"].get(cost), (int, float))]
     if not trials:
         return None
     selected = results.get("best", {}).get("trial_id")
@@ -194,74 +210,196 @@ def confusion_plot(matrix: list[list[int]], class_names: list[str], title: str) 
 # ---------------------------------------------------------------------------- html
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>none</p>"
-    columns = list(rows[0].keys())
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass
+class ReportTable:
+    """A table of ``rows`` (dicts; the first row's keys are the columns), numbers formatted by the report."""
+
+    rows: list[dict[str, Any]]
+    caption: str | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.rows[0].keys()) if self.rows else []
+
+    @property
+    def cells(self) -> list[list[str]]:
+        return [[_fmt(row.get(column)) for column in self.columns] for row in self.rows]
 
 
-def _img(uri: str | None, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="{uri}">' if uri else ""
+@dataclass
+class ReportImage:
+    """An embedded plot: a ``data:image/png;base64,...`` URI and its alt text."""
+
+    uri: str
+    alt: str
+
+
+@dataclass
+class ReportSection:
+    """One section of the report: a heading, then paragraphs, images and tables, in that order.
+
+    Paragraphs are text (escaped by the template); pass a ``markupsafe.Markup`` for HTML that is
+    already escaped.
+
+    Examples:
+        >>> ReportSection("Stages", tables=[ReportTable([{"stage": "teachers", "seconds": 1.5}])]).anchor
+        'stages'
+    """
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    images: list[ReportImage] = field(default_factory=list)
+    tables: list[ReportTable] = field(default_factory=list)
+    level: int = 2
+
+    @property
+    def anchor(self) -> str:
+        return "-".join("".join(c if c.isalnum() else " " for c in self.title.lower()).split())
+
+
+SectionBuilder = Callable[[dict[str, Any]], "ReportSection | None"]
+
+
+def _images(*pairs: tuple[str | None, str]) -> list[ReportImage]:
+    return [ReportImage(uri, alt) for uri, alt in pairs if uri]
+
+
+def comparison_section(results: dict[str, Any]) -> ReportSection:
+    """Teachers, their ensemble and the served student on the test split."""
+    return ReportSection("Teachers vs student (test split)", tables=[ReportTable(comparison_rows(results))])
+
+
+def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per search trial: status, Pareto membership, configuration and its metrics."""
+    rows = []
+    for trial in results.get("trials", []):
+        m, c = trial["metrics"], trial["config"]
+        rows.append({"trial": trial["trial_id"], "status": trial["status"],
+                     "pareto": "★" if trial.get("pareto") else "", "student": c.get("student"),
+                     "width": c.get("width"), "T": c.get("temperature"),
+                     "alpha": c.get("alpha"), "aggregation": c.get("aggregation"), "prune": c.get("prune"),
+                     "quantize": c.get("quantize"),
+                     **{k: m.get(k) for k in ("val_auc", "val_dice", "latency_ms", "params", "model_bytes") if k in m}})
+    return rows
+
+
+def search_section(results: dict[str, Any]) -> ReportSection:
+    """The Pareto plot of the search and a table of its trials."""
+    return ReportSection("Search", images=_images((pareto_plot(results), "Pareto front")),
+                         tables=[ReportTable(trial_rows(results), caption="trials")])
+
+
+def training_section(results: dict[str, Any]) -> ReportSection:
+    """The teachers' training loss and validation metric per epoch."""
+    return ReportSection("Teacher training", images=_images((curves_plot(results), "training curves")))
+
+
+def confusion_section(results: dict[str, Any]) -> ReportSection | None:
+    """Test confusion matrices of the served student and of the teacher ensemble (classification)."""
+    class_names = results.get("dataset", {}).get("class_names", [])
+    best = results.get("best") or {}
+    student = (best.get("test_metrics") or {}).get("confusion_matrix")
+    ensemble = (results.get("ensemble", {}).get("test_metrics") or {}).get("confusion_matrix")
+    images = _images(
+        (confusion_plot(student, class_names, "student (served), test") if student else None, "student confusion"),
+        (confusion_plot(ensemble, class_names, "teacher ensemble, test") if ensemble else None, "ensemble confusion"),
+    )
+    return ReportSection("Confusion matrices", images=images) if images else None
+
+
+def served_section(results: dict[str, Any]) -> ReportSection | None:
+    """The served model: its ONNX file, parity, size and latency, how it was trained, the endpoint."""
+    best = results.get("best") or {}
+    if not best:
+        return None
+    section = ReportSection("Served model", tables=[ReportTable([{
+        "model_id": best.get("model_id"), "onnx": best.get("onnx_path"),
+        "parity max|diff|": (best.get("parity") or {}).get("max_abs_diff"), "size_bytes": best.get("size_bytes"),
+        "fp32_bytes": best.get("fp32_bytes"), "latency_ms": best.get("latency_ms"),
+    }])])
+    final = best.get("final_training")
+    if final:
+        section.paragraphs.append(
+            f"trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']})"
+            + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "") + "; val "
+            + ", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
+                        for k, v in best.get("val_metrics", {}).items())
+        )
+    serve = results.get("serve", {})
+    if serve.get("url"):
+        section.paragraphs.append(f"endpoint {serve['url']}; demo answer: {serve.get('demo', {}).get('answer')}")
+    return section
+
+
+def stages_section(results: dict[str, Any]) -> ReportSection:
+    """What each pipeline stage did (ran / skipped / failed) and how long it took."""
+    return ReportSection("Stages", tables=[ReportTable([{"stage": name, **info}
+                                                         for name, info in results.get("stages", {}).items()])])
+
+
+#: The report's sections in order, by name; each builder may return None (nothing to show).
+CORE_SECTIONS: dict[str, SectionBuilder] = {
+    "comparison": comparison_section,
+    "search": search_section,
+    "training": training_section,
+    "confusion": confusion_section,
+    "served model": served_section,
+    "stages": stages_section,
+}
+
+#: Sections other parts of medkd add, by the core section they follow, e.g.
+#: ``EXTRA_SECTIONS["served model"].append(calibration_section)``.
+EXTRA_SECTIONS: dict[str, list[SectionBuilder]] = {name: [] for name in CORE_SECTIONS}
+
+
+def report_sections(results: dict[str, Any]) -> list[ReportSection]:
+    """Every section with something to show, core ones each followed by their extras."""
+    sections = []
+    for name, builder in CORE_SECTIONS.items():
+        for build in (builder, *EXTRA_SECTIONS.get(name, ())):
+            section = build(results)
+            if section is not None:
+                sections.append(section)
+    return sections
+
+
+_environment = Environment(
+    loader=PackageLoader("medkd.pipeline", "templates"),
+    autoescape=select_autoescape(["html", "j2"]),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render_report(results: dict[str, Any], sections: list[ReportSection] | None = None) -> str:
+    """The report page for ``results`` (the ``results.json`` dict).
+
+    Args:
+        results: the pipeline's results.
+        sections: the sections to show; default :func:`report_sections` of ``results``.
+
+    Examples:
+        >>> "Stages" in render_report({"job": "j", "stages": {"teachers": {"status": "ran", "seconds": 2.0}}})
+        True
+    """
+    dataset = results.get("dataset", {})
+    return _environment.get_template("report.html.j2").render(
+        job=str(results.get("job")),
+        job_fingerprint=results.get("job_fingerprint"),
+        dataset={key: dataset.get(key) for key in ("name", "fingerprint", "task")},
+        class_names=[str(name) for name in dataset.get("class_names", [])],
+        sections=report_sections(results) if sections is None else sections,
+    )
 
 
 def write_report(results: dict[str, Any], output_dir: Path) -> Path:
-    """Write ``report.html`` from the results dict; returns its path."""
-    class_names = results.get("dataset", {}).get("class_names", [])
-    sections = [f"<h1>medkd report — {html.escape(str(results.get('job')))}</h1>"]
-    dataset = results.get("dataset", {})
-    sections.append(f"<p>dataset <b>{html.escape(str(dataset.get('name')))}</b> "
-                    f"(fingerprint {html.escape(str(dataset.get('fingerprint')))}), task {html.escape(str(dataset.get('task')))}, "
-                    f"classes {html.escape(', '.join(map(str, class_names)))}</p>")
-    sections.append("<h2>Teachers vs student (test split)</h2>" + _table(comparison_rows(results)))
-    sections.append("<h2>Search</h2>" + _img(pareto_plot(results), "Pareto front"))
-    if results.get("selection"):
-        sections.append(f"<p>{selection_rule(results)}</p>" + _table(selection_rows(results)))
-    trial_rows = []
-    for trial in results.get("trials", []):
-        m, c = trial["metrics"], trial["config"]
-        trial_rows.append({"trial": trial["trial_id"], "status": trial["status"], "pareto": "★" if trial.get("pareto") else "",
-                           "student": c.get("student"), "width": c.get("width"), "T": c.get("temperature"),
-                           "alpha": c.get("alpha"), "aggregation": c.get("aggregation"), "prune": c.get("prune"),
-                           "quantize": c.get("quantize"),
-                           **{k: m.get(k) for k in ("val_auc", "val_dice", "latency_ms", "params", "model_bytes") if k in m}})
-    sections.append(_table(trial_rows))
-    sections.append("<h2>Teacher training</h2>" + _img(curves_plot(results), "training curves"))
-    plots = []
-    best = results.get("best") or {}
-    if best.get("test_metrics", {}).get("confusion_matrix"):
-        plots.append(_img(confusion_plot(best["test_metrics"]["confusion_matrix"], class_names, "student (served), test"), "student confusion"))
-    ensemble = results.get("ensemble", {}).get("test_metrics", {})
-    if ensemble.get("confusion_matrix"):
-        plots.append(_img(confusion_plot(ensemble["confusion_matrix"], class_names, "teacher ensemble, test"), "ensemble confusion"))
-    if plots:
-        sections.append("<h2>Confusion matrices</h2>" + "".join(plots))
-    if best:
-        sections.append("<h2>Served model</h2>" + _table([{"model_id": best.get("model_id"), "onnx": best.get("onnx_path"),
-                                                            "parity max|diff|": best.get("parity", {}).get("max_abs_diff"),
-                                                            "size_bytes": best.get("size_bytes"), "fp32_bytes": best.get("fp32_bytes"),
-                                                            "latency_ms": best.get("latency_ms")}]))
-        final = best.get("final_training")
-        if final:
-            sections.append(
-                f"<p>trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']})"
-                + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "") + "; "
-                "val " + html.escape(", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
-                                               for k, v in best.get("val_metrics", {}).items())) + "</p>")
-    if best.get("calibration") or best.get("operating_points"):
-        sections.append("<h2>Calibration and operating points</h2>" + f"<p>{calibration_summary(results)}</p>"
-                        + "<h3>Operating points (chosen on val)</h3>" + _table(operating_point_rows(results)))
-    serve = results.get("serve", {})
-    if serve.get("url"):
-        sections.append(f"<p>endpoint {html.escape(serve['url'])}; demo answer: <code>{html.escape(str(serve.get('demo', {}).get('answer')))}</code></p>")
-    stage_rows = [{"stage": name, **info} for name, info in results.get("stages", {}).items()]
-    sections.append("<h2>Stages</h2>" + _table(stage_rows))
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"
-             "img{margin:0.5em;vertical-align:top}")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>medkd report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>"
+    """Write ``report.html`` from the results dict into ``output_dir``; returns its path.
+
+    Examples:
+        >>> write_report(json.loads((run_dir / "results.json").read_text()), run_dir)  # doctest: +SKIP
+        PosixPath('runs/quickstart/report.html')
+    """
     path = Path(output_dir) / REPORT_FILE
-    path.write_text(page)
+    path.write_text(render_report(results))
     return path

@@ -1,0 +1,83 @@
+"""The Jinja2 report: every section from a results dict, escaping, the extension point, packaging."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib.resources import files
+
+from medkd.pipeline.report import (
+    EXTRA_SECTIONS,
+    REPORT_FILE,
+    ReportSection,
+    ReportTable,
+    render_report,
+    write_report,
+)
+from tests.conftest import REPO_ROOT
+
+HISTORY = [{"epoch": 1, "train_loss": 0.9, "val_auc": 0.7}, {"epoch": 2, "train_loss": 0.6, "val_auc": 0.8}]
+RESULTS = {
+    "job": "quick<script>",
+    "job_fingerprint": "abc123",
+    "dataset": {"name": "synthetic", "fingerprint": "d0f", "task": "classification", "class_names": ["a", "b"]},
+    "teachers": [{"name": "cnn", "model": "resnet10", "params": 4_900_000, "history": HISTORY,
+                  "test_metrics": {"auc": 0.91, "acc": 0.8}}],
+    "ensemble": {"test_metrics": {"auc": 0.93, "acc": 0.82, "confusion_matrix": [[40, 10], [5, 45]]}},
+    "search": {"objectives": [{"metric": "val_auc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]},
+    "trials": [{"trial_id": "t1", "status": "completed", "final": True, "pareto": True,
+                "metrics": {"val_auc": 0.9, "latency_ms": 0.21, "params": 5000},
+                "config": {"student": "resnet_tiny", "width": 0.5, "quantize": "int8_static"}}],
+    "best": {"trial_id": "t1", "model_id": "m-1", "params": 5000, "latency_ms": 0.2134, "size_bytes": 12_345,
+             "config": {"student": "resnet_tiny", "width": 0.5, "quantize": "int8_static"},
+             "test_metrics": {"auc": 0.9, "acc": 0.79, "confusion_matrix": [[38, 12], [9, 41]]},
+             "final_training": {"epochs": 10, "search_epochs": 5, "branches": 1, "search_val": {"auc": 0.88}},
+             "val_metrics": {"auc": 0.9}},
+    "serve": {"url": "http://127.0.0.1:8000/m-1", "demo": {"answer": "b"}},
+    "stages": {"teachers": {"status": "ran", "seconds": 12.5}, "report": {"status": "ran", "seconds": 0.4}},
+}
+
+
+def headings(page: str) -> list[str]:
+    return re.findall(r"<h2>(.*?)</h2>", page)
+
+
+def test_the_report_has_every_section_in_order_with_its_figures(tmp_path):
+    path = write_report(RESULTS, tmp_path)
+    assert path == tmp_path / REPORT_FILE
+    page = path.read_text()
+    assert headings(page) == ["Teachers vs student (test split)", "Search", "Teacher training", "Confusion matrices",
+                              "Served model", "Stages"]
+    assert page.count('src="data:image/png;base64,') == 4  # Pareto front, curves, two confusion matrices
+    assert "<td>0.9300</td>" in page  # the ensemble's test AUC, formatted
+    assert "<td>12,345</td>" in page  # the served model's size
+    assert "trained again after the search for 10 epochs (search: 5); val auc 0.9000 (search 0.8800)" in page
+    assert "endpoint http://127.0.0.1:8000/m-1; demo answer: b" in page
+
+
+def test_text_from_results_is_escaped():
+    page = render_report(RESULTS)
+    assert "quick<script>" not in page and "quick&lt;script&gt;" in page
+
+
+def test_sections_without_content_are_left_out():
+    page = render_report({"job": "empty", "stages": {}})
+    assert headings(page) == ["Teachers vs student (test split)", "Search", "Teacher training", "Stages"]
+    assert "none" in page and "<img" not in page
+
+
+def test_other_parts_add_sections_after_a_core_one(monkeypatch):
+    def calibration(results):
+        return ReportSection("Calibration", paragraphs=["T = 1.5"], tables=[ReportTable([{"bin": 1, "ece": 0.02}])])
+
+    monkeypatch.setitem(EXTRA_SECTIONS, "served model", [*EXTRA_SECTIONS["served model"], calibration])
+    page = render_report(RESULTS)
+    names = headings(page)
+    assert names.index("Calibration") == names.index("Served model") + 1
+    assert "<p>T = 1.5</p>" in page and "<td>0.0200</td>" in page
+
+
+def test_the_template_is_package_data():
+    assert (files("medkd.pipeline") / "templates" / "report.html.j2").is_file()
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert "templates/*.j2" in config["tool"]["setuptools"]["package-data"]["medkd.pipeline"]
