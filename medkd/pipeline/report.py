@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+
+from medkd.pipeline.report_clinical import calibration_summary, operating_point_rows, selection_rows, selection_rule
 
 REPORT_FILE = "report.html"
 
@@ -347,9 +350,30 @@ CORE_SECTIONS: dict[str, SectionBuilder] = {
     "stages": stages_section,
 }
 
-#: Sections other parts of medkd add, by the core section they follow, e.g.
-#: ``EXTRA_SECTIONS["served model"].append(calibration_section)``.
+def selection_section(results: dict[str, Any]) -> ReportSection | None:
+    """How the served trial was chosen: the rule and every candidate (:mod:`.report_clinical`)."""
+    if not results.get("selection"):
+        return None
+    return ReportSection("Selection of the served trial", level=3, paragraphs=[Markup(selection_rule(results))],
+                         tables=[ReportTable(selection_rows(results))])
+
+
+def calibration_section(results: dict[str, Any]) -> ReportSection | None:
+    """The served model's calibration and its operating points chosen on val (:mod:`.report_clinical`)."""
+    best = results.get("best") or {}
+    if not (best.get("calibration") or best.get("operating_points")):
+        return None
+    summary = calibration_summary(results)
+    points = ReportTable(operating_point_rows(results), caption="Operating points (chosen on val)")
+    return ReportSection("Calibration and operating points", paragraphs=[Markup(summary)] if summary else [],
+                         tables=[points])
+
+
+#: Sections other parts of medkd add, by the core section they follow; a builder returns a
+#: :class:`ReportSection`, or None when the results have nothing for it.
 EXTRA_SECTIONS: dict[str, list[SectionBuilder]] = {name: [] for name in CORE_SECTIONS}
+EXTRA_SECTIONS["search"].append(selection_section)
+EXTRA_SECTIONS["served model"].append(calibration_section)
 
 
 def report_sections(results: dict[str, Any]) -> list[ReportSection]:
