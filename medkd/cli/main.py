@@ -6,6 +6,7 @@
     medkd cache ls | stats | verify | purge
     medkd serve MODEL_DIR [--port N] [--set max_batch_size=8] [--config-out serve_config.yaml]
     medkd models RUN_DIR [--select RANK]
+    medkd cluster local up [--netns] [--workers N] | down | status
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_jobs_parsers(commands)
     except ImportError:  # pragma: no cover - optional during development
         pass
+    from medkd.cli.cluster import add_cluster_parser
+
+    add_cluster_parser(commands)
     try:
         from medkd.softlabels.admin import add_cache_parser
 
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_error(error: Exception) -> str | None:
     """User-facing errors are printed as one message, not a traceback."""
     names = {"DataValidationError", "DataFileNotFoundError", "ModelDirError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
-             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError"}
+             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError", "ClusterError"}
     if type(error).__name__ in names or any(c.__name__ in names for c in type(error).__mro__):
         return str(error)
     return None
