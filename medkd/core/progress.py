@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import atexit
 import math
 import sys
 import threading
@@ -175,6 +176,7 @@ class Progress:
         if self._bars is not None and not self._started:
             self._bars.start()
             self._started = True
+            atexit.register(self.close)  # a caller that never closes must not leave the cursor hidden
 
     def _show(self, tasks: dict[str, TaskID], key: str, description: str, completed: float, total: float) -> None:
         """Create or update the live bar for ``key`` (nothing when not live); call under the lock."""

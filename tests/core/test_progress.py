@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import subprocess
+import sys
 
 from rich.console import Console
 
@@ -106,3 +108,10 @@ def test_progress_pickles_to_a_plain_one() -> None:
     copy = pickle.loads(pickle.dumps(progress))
     assert progress.live and not copy.live
     progress.close()
+
+
+def test_live_bars_never_closed_still_restore_the_cursor_at_exit() -> None:
+    code = ("from rich.console import Console; from medkd.core.progress import Progress; "
+            "Progress(console=Console(force_terminal=True)).line('x')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "\x1b[?25l" in out and out.rindex("\x1b[?25h") > out.rindex("\x1b[?25l")  # hidden, then shown again
