@@ -1,15 +1,5 @@
-"""Process set-up shared by benchmarks that start their own local Ray cluster (call before importing Ray)."""
+"""Kept for benchmarks not yet moved to :mod:`benchmarks._harness`, which now holds this set-up."""
 
-from __future__ import annotations
+from benchmarks._harness import configure_local_ray
 
-import os
-import warnings
-
-
-def configure_local_ray() -> None:
-    """No token auth or usage stats for the private local cluster; quiet third-party deprecations."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+__all__ = ["configure_local_ray"]

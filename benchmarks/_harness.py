@@ -144,15 +144,38 @@ def managed_redis(data_dir: Path, password: str | None = None, password_env: str
 # --------------------------------------------------------------------------- timing and statistics
 
 
-def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warm_up: bool = True) -> dict[str, list[float]]:
-    """Seconds of each function over ``rounds`` rounds, the functions taking turns within a round.
+def take_turns(fns: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
+    """What each function returns over ``rounds`` rounds, the functions taking turns within a round.
 
-    Taking turns spreads load from other processes over every variant alike, so their ratio is
-    fairer than timing one variant after the other on a shared machine.
+    Taking turns spreads load from other processes over every variant alike, so comparing them is
+    fairer than running one variant's repeats after the other's on a shared machine.
+
+    Args:
+        fns: name -> a function to call without arguments (e.g. one that measures a latency).
+        rounds: rounds; each calls every function once, in ``fns``' order.
+
+    Returns:
+        name -> ``rounds`` return values, in round order.
+
+    Examples:
+        >>> take_turns({"a": lambda: 1, "b": lambda: 2}, rounds=2)
+        {'a': [1, 1], 'b': [2, 2]}
+    """
+    if rounds <= 0:
+        raise ValueError(f"rounds must be > 0, got {rounds}")
+    results: dict[str, list[Any]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            results[name].append(fn())
+    return results
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warm_up: bool = True) -> dict[str, list[float]]:
+    """Seconds of each function over ``rounds`` rounds, the functions taking turns (:func:`take_turns`).
 
     Args:
         fns: name -> a function to time (called without arguments).
-        rounds: rounds; each calls every function once.
+        rounds: timed rounds; each calls every function once.
         warm_up: call every function once before timing (connections, caches, lazy imports).
 
     Returns:
@@ -168,13 +191,16 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, *, warm_up: b
     if warm_up:
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
             started = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - started)
-    return times
+            return time.perf_counter() - started
+
+        return run
+
+    return take_turns({name: timed(fn) for name, fn in fns.items()}, rounds)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._harness import interleaved
 from medkd.core.metrics import softmax
 from medkd.softlabels.redis_server import ManagedRedisServer, connect
 from medkd.softlabels.store import SoftLabelCache
@@ -65,20 +66,6 @@ def chunk_keys(cache: SoftLabelCache, teacher: str, split: str, indices: np.ndar
     return [f"{prefix}:g{manifest.generation}:c{c}" for c in np.unique(indices // manifest.chunk_size)]
 
 
-def timed_interleaved(fns: dict[str, object], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function over ``repeats`` rounds, run round-robin so that load
-    from other processes on the machine hits all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up (connections, scripts, lazy imports)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def throughput(server: ManagedRedisServer, batch: int, repeats: int, n_cls: int, n_seg: int) -> dict[str, float]:
     writer = SoftLabelCache(server.url, namespace="bench")
     for i, teacher in enumerate(TEACHERS):
@@ -103,8 +90,8 @@ def throughput(server: ManagedRedisServer, batch: int, repeats: int, n_cls: int,
 
     nbytes = sum(len(v) for entry in entries for v in raw.mget(keys[entry]))
     useful = sum(cold.fetch(t, DATASET, s, indices=batches[s]).nbytes for t, s in entries)
-    times = timed_interleaved({"raw": read_raw, "cold": lambda: read_cache(cold), "warm": lambda: read_cache(warm)},
-                              repeats)
+    times = interleaved({"raw": read_raw, "cold": lambda: read_cache(cold), "warm": lambda: read_cache(warm)},
+                        repeats)
     # The ratio is the median over rounds of raw/cache measured back to back: on a shared,
     # loaded machine the paired ratio is far steadier than a ratio of two separate statistics.
     paired = statistics.median(r / c for r, c in zip(times["raw"], times["cold"]))

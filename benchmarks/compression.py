@@ -32,6 +32,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from benchmarks._harness import data_file, take_turns
 from medkd.core.metrics import softmax
 from medkd.students.compression import (
     OnnxModel,
@@ -44,7 +45,7 @@ from medkd.students.compression import (
     quantize_static_int8,
 )
 
-DEFAULT_DATA = Path(os.environ.get("MEDKD_DATA_DIR", "../shared/data")) / "breastmnist.npz"
+DEFAULT_DATA = data_file("breastmnist.npz")
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -114,10 +115,11 @@ def quality(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def interleaved_latency(paths: dict[str, Path], shape: tuple[int, ...], *, runs: int, rounds: int) -> dict[str, float]:
-    per_round: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, path in paths.items():
-            per_round[name].append(measure_latency(path, shape, threads=1, warmup=20, runs=runs).median_ms)
+    """Median over ``rounds`` of each model's median batch-1 latency, the models taking turns."""
+    def median_ms(path: Path):
+        return lambda: measure_latency(path, shape, threads=1, warmup=20, runs=runs).median_ms
+
+    per_round = take_turns({name: median_ms(path) for name, path in paths.items()}, rounds)
     return {name: statistics.median(values) for name, values in per_round.items()}
 
 

@@ -22,7 +22,7 @@ cache (its data under ``--output``, so a re-run finds the teacher and its logits
    train (``search.augment``) are cached too (FKD).
 3. **Students**: ``unet_small`` at ``--width`` (parameters at most 1/5 of the teacher's at the
    default) distilled with the ``pixel_kd`` loss through the search's own recipe
-   (:func:`medkd.search.run.train_candidate`: distill -> prune (none) -> ONNX -> INT8 static
+   (:func:`medkd.search.recipe.train_candidate`: distill -> prune (none) -> ONNX -> INT8 static
    QDQ), for each seed once **with KD** (``--alpha`` hard-loss weight, ``--temperature``,
    ``mean`` aggregation; teacher logits read per batch from Redis, never from a teacher) and once
    **without KD** (``alpha = 1``: Dice+CE only, ``teacher_logits=None``), same seed = same initial
@@ -47,14 +47,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._env import configure_local_ray  # noqa: E402
+from benchmarks._harness import PASSWORD_ENV, configure_local_ray, managed_redis, mean_std
 from medkd.data.meta import DatasetMeta
 
 configure_local_ray()
@@ -79,7 +77,6 @@ def log(message: str) -> None:
 def build_spec(args: argparse.Namespace, redis_port: int) -> Any:
     """``--spec`` with this benchmark's data sizes, its one teacher, a 1-CPU Ray and its cache."""
     from medkd.spec.job import JobSpec, SpecError, load_spec, parse_override
-    from benchmarks.students import PASSWORD_ENV
 
     overrides: dict[str, Any] = {
         "name": "bench-seg-students",
@@ -169,20 +166,21 @@ def student_config(args: argparse.Namespace, spec: Any, seed: int, kd: bool) -> 
 def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: DatasetMeta, cache: Any,
                   teacher_fp: str, directory: Path, views: dict[str, Any] | None = None) -> dict[str, Any]:
     """One student through the search's recipe; test Dice of its compressed and FP32 exports."""
-    from benchmarks.cache_speedup import cached_batch_logits
     from medkd.students.candidate import FP32_FILE, MODEL_FILE
     from medkd.students.compression import OnnxModel
     from medkd.students.distill import build_student, evaluate_logits
-    from medkd.search.run import cached_views, train_candidate, trial_augmentation
+    from medkd.search.recipe import train_candidate, trial_augmentation
+    from medkd.softlabels.reading import cached_teacher_logits, cached_views
 
     splits = dataset.splits
     kd = config.alpha < 1
-    teacher_logits = cached_batch_logits(cache, [teacher_fp], dataset.fingerprint) if kd else None
+    # Per batch from Redis (per-pixel logits are large), as a search trial reads them.
+    teacher_logits = cached_teacher_logits(cache, [teacher_fp], dataset.fingerprint, segmentation=True) if kd else None
     fkd_views = None
     if kd and views:  # as a search trial: the cached views with their own pixel logits
         fkd_views = cached_views(cache, [teacher_fp], views["views_dataset_fp"], views["views"], segmentation=True)
     augment_spec = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
-    augment = trial_augmentation({"augment": augment_spec, "meta": meta}, config.seed)
+    augment = trial_augmentation(augment_spec, meta, config.seed)
     history: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
@@ -229,10 +227,6 @@ def student_stage(args: argparse.Namespace, spec: Any, dataset: Any, meta: Datas
 
 
 # --------------------------------------------------------------------------- report
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -348,11 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from benchmarks.students import PASSWORD_ENV
     from medkd.data import load_dataset
     from medkd.pipeline.runner import init_ray
     from medkd.core.progress import Progress
-    from medkd.softlabels.redis_server import ManagedRedisServer
     from medkd.softlabels.store import SoftLabelCache
     from medkd.spec.job import SpecError
     from medkd.students.distill import build_student, DistillConfig
@@ -372,12 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     probe_params = sum(p.numel() for p in probe.parameters())
     load_before = os.getloadavg()
 
-    password = secrets.token_urlsafe(24)
-    os.environ[PASSWORD_ENV] = password  # the spec names only the variable
-    redis = ManagedRedisServer(data_dir=output_dir / "redis", password=password).start()
-    if redis.password != password:  # attached to a server a previous run left alive
-        os.environ[PASSWORD_ENV] = redis.password or ""
-    try:
+    # The password reaches the spec (cache.password_env) through PASSWORD_ENV.
+    with managed_redis(output_dir / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(args, redis_port=redis.port)
         cache = SoftLabelCache(spec.cache.redis_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
         teacher_spec = spec.teachers[0]
@@ -404,8 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         runs = student_stage(args, spec, dataset, meta, cache, teacher["fingerprint"], seeds, views=teacher["views"])
         students_seconds = time.perf_counter() - students_started
         cache.close()
-    finally:
-        redis.stop()
 
     summary = summarise(teacher, runs)
     wall = time.perf_counter() - started

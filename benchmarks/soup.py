@@ -10,7 +10,7 @@ student (``RUN/results.json``). Nothing re-runs a teacher.
 For each seed, the selected configuration is trained as one run (``branches = 1``) and as a
 soup of ``--branches`` branches forked at each of ``--forks`` (share of the epochs trained once
 before the fork), each through the search's own recipe
-(:func:`benchmarks.students.kd_gain_run`: distill on the cached views -> compress -> INT8 ONNX)
+(:func:`benchmarks._student_setup.kd_gain_run`: distill on the cached views -> compress -> INT8 ONNX)
 and scored on val and test after compression. Runs are Ray tasks of 1 CPU, two at a time here.
 
 Ends with ``RESULT single_val_auc=... single_test_auc=... single_test_auc_std=...
@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._env import configure_local_ray  # noqa: E402
-from medkd.data.meta import DatasetMeta
+from benchmarks._harness import PASSWORD_ENV, configure_local_ray, load_average, managed_redis, mean_std, utc_date
 
 configure_local_ray()
+
+from benchmarks._student_setup import (  # noqa: E402
+    DEFAULT_DATA,
+    DEFAULT_SPEC,
+    build_spec,
+    kd_gain_run,
+    retraining_inputs,
+    spec_options,
+)
+from medkd.data.meta import DatasetMeta  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -51,9 +57,7 @@ def variants(branches: int, forks: list[float]) -> dict[str, dict[str, Any]]:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for metric in ("val_auc", "test_auc", "test_acc"):
-        values = [r[metric] for r in runs]
-        out[metric] = statistics.fmean(values)
-        out[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[metric], out[f"{metric}_std"] = mean_std([r[metric] for r in runs])
     out["min_test_auc"] = min(r["test_auc"] for r in runs)
     return out
 
@@ -90,8 +94,6 @@ def result_line(summary: dict[str, dict[str, float]], soup: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from benchmarks.students import DEFAULT_DATA, DEFAULT_SPEC
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)")
@@ -116,25 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     import ray
 
-    from benchmarks.students import PASSWORD_ENV, build_spec, kd_gain_run, retraining_inputs
-    from benchmarks.students import parse_args as students_args
     from medkd.data import load_dataset
     from medkd.pipeline.runner import init_ray
-    from medkd.softlabels.redis_server import ManagedRedisServer
     from medkd.students.distill import DistillConfig
 
     results = json.loads((args.run / "results.json").read_text())
     config = DistillConfig.model_validate(results["best"]["config"])
-    students = students_args(["--data", str(args.data), "--spec", str(args.spec), "--output", str(args.run)])
+    # The students run's own spec (its defaults, --output = the run): same teachers, cache and search.
+    students = spec_options(args.data, args.spec, args.run)
     dataset = load_dataset(build_spec(students, redis_port=1).data)
     if dataset.fingerprint != results["dataset"]["fingerprint"]:
         raise SystemExit(f"--data {args.data} is not the data of --run {args.run} (dataset fingerprints differ)")
     meta = DatasetMeta.of(dataset)
-    os.environ[PASSWORD_ENV] = secrets.token_urlsafe(24)
-    redis = ManagedRedisServer(data_dir=args.run / "redis", password=os.environ[PASSWORD_ENV]).start()
-    os.environ[PASSWORD_ENV] = redis.password or ""
     runs: dict[str, list[dict[str, Any]]] = {}
-    try:
+    with managed_redis(args.run / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(students, redis_port=redis.port, dataset=dataset)
         started_ray = init_ray(spec)
         try:
@@ -153,13 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if started_ray:
                 ray.shutdown()
-    finally:
-        redis.stop()
     summary = {name: summarise(r) for name, r in runs.items()}
     report = {
         "command": "python -m benchmarks.soup " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "date": utc_date(),
+        "load_average": load_average(),
         "wall_seconds": time.perf_counter() - started,
         "seeds": args.seeds,
         "config": {k: v for k, v in config.model_dump().items() if k not in ("branches", "fork_fraction", "seed")},

@@ -17,7 +17,7 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    images that is the template's 12 trials x 40 epochs and 8 views, on 5,000 images 9 trials x
    6 epochs (ASHA rung at 2) and 2 views. The template's final weight soup
    (``search.final_branches``) is kept for splits of at most 2,000 images. Samples are counted in 28x28 images
-   (``benchmarks.teachers.image_cost``: a 64x64 image counts 5.2, a 28^3 volume 28), so larger
+   (``medkd.teachers.recipe.image_cost``: a 64x64 image counts 5.2, a 28^3 volume 28), so larger
    images and 3D sets get budgets of about the same compute.
 2. **KD gain**: the served student's configuration (with its final training's epochs and weight
    soup, when the spec has them) retrained with ``--seeds`` fresh seeds, once
@@ -26,7 +26,7 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    the soft-label cache (``SoftLabelCache.fetch``), never from a teacher; with ``cache.views`` in
    the spec the KD runs train on the cached augmented views (FKD) as the search did, the CE runs
    on online augmentation with the same ``search.augment``. Both go through the
-   search's own recipe (:func:`medkd.search.run.train_candidate`: distill -> prune ->
+   search's own recipe (:func:`medkd.search.recipe.train_candidate`: distill -> prune ->
    ONNX -> INT8) and are scored on test after compression. Runs are Ray tasks, 1 CPU each.
 3. **Speed**: every teacher exported to FP32 ONNX; batch-1 CPU latency (ONNX Runtime, the
    same ``--threads``, warm-up, median of ``--latency-runs``) of the INT8 student, its FP32
@@ -47,208 +47,55 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._env import configure_local_ray  # noqa: E402
+from benchmarks._harness import (
+    PASSWORD_ENV,
+    append_section,
+    configure_local_ray,
+    load_average,
+    managed_redis,
+    mean_std,
+    take_turns,
+    utc_date,
+)
 
 configure_local_ray()
 
-import numpy as np
-from medkd.data.meta import DatasetMeta
+import numpy as np  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
-DEFAULT_DATA = Path(os.environ.get("MEDKD_DATA_DIR", REPO_ROOT.parent / "shared" / "data")) / "breastmnist.npz"
-PASSWORD_ENV = "MEDKD_BENCH_REDIS_PASSWORD"
+from benchmarks._student_setup import (  # noqa: E402  (re-exported: the spec of this benchmark)
+    DEFAULT_DATA,
+    DEFAULT_SPEC,
+    MIN_STUDENT_EPOCHS,
+    MIN_TRIALS,
+    SEARCH_SAMPLE_BUDGET,
+    SOUP_MAX_TRAIN_SIZE,
+    STUDENT_SAMPLE_BUDGET,
+    build_spec,
+    kd_gain_run,
+    retraining_inputs,
+    search_trials,
+    student_epochs,
+    view_count,
+    with_search,
+    without_flips,
+)
+from medkd.data.meta import DatasetMeta  # noqa: E402
+
+__all__ = ["SOUP_MAX_TRAIN_SIZE", "build_spec", "main", "parse_args", "published_rows", "search_trials",
+           "student_epochs", "view_count", "with_search", "without_flips"]
 RESNET18_PARAMS = 11_200_000  # MedMNIST v2's ResNet-18 (28), the parameter budget is 1/10 of it
-STUDENT_SAMPLE_BUDGET = 24_000  # training samples per search trial: ~44 epochs of 546 images, 5 of 5,000
-MIN_STUDENT_EPOCHS = 6
-# Per-split budgets, so the whole run fits the issue's 45 min on 5,000 images (2 cores) while a
-# small split keeps the template's full search: student training samples over the whole search
-# (12 trials x 40 epochs x 546 images = 262k), and teacher passes per teacher for the FKD views.
-SEARCH_SAMPLE_BUDGET = 270_000
-MIN_TRIALS = 6
-VIEW_PASS_BUDGET = 10_000
-# Weight soups (search.final_branches) only for training splits up to this many 28x28 images.
-# Below it one trained instance's test AUC spreads by points between seeds (BreastMNIST, 546
-# images: 0.891 to 0.918 over 4 seeds) and a val split of a few dozen images cannot see which
-# draw it got; at 5,000 images single instances agree to +-0.001 AUC over 3 seeds, and the soup's
-# (1 + 3 * branches) / 4 trials of training, for the served model and each KD-gain run, do not
-# fit the 45-minute budget.
-SOUP_MAX_TRAIN_SIZE = 2_000
 
 
 def log(message: str) -> None:
     print(f"[students {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# --------------------------------------------------------------------------- spec
-
-
-def student_epochs(train_size: float, max_epochs: int) -> int:
-    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's].
-
-    ``train_size`` (here and below): the training split counted in 28x28 images.
-    """
-    return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / train_size))))
-
-
-def search_trials(train_size: float, epochs: int, max_trials: int) -> int:
-    """Trials within SEARCH_SAMPLE_BUDGET student samples, at least MIN_TRIALS, at most the spec's."""
-    return int(min(max_trials, max(MIN_TRIALS, SEARCH_SAMPLE_BUDGET // (epochs * train_size))))
-
-
-def view_count(train_size: float, max_views: int) -> int:
-    """FKD views within VIEW_PASS_BUDGET teacher passes per teacher (at least 1), at most the spec's."""
-    return int(min(max_views, max(1, VIEW_PASS_BUDGET // train_size)))
-
-
-def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = None) -> Any:
-    """The spec template pointed at ``--data``, with the benchmark's cache, budget and overrides.
-
-    With ``dataset`` given, ``--teachers recipe`` replaces the template's teachers by
-    ``benchmarks.teachers.teacher_recipe`` for this data (its epoch budget scales with the
-    training split), and ``--epochs auto`` scales the search's epochs the same way.
-    """
-    from medkd.spec.job import load_spec, parse_override
-
-    data = Path(args.data).resolve()
-    if not data.is_file():
-        raise SystemExit(f"--data {data}: file not found (MedMNIST .npz expected)")
-    name = f"students-{data.stem}"
-    overrides: dict[str, Any] = {
-        "name": name,
-        "data.path": str(data),
-        "output_dir": str(Path(args.output or f"runs/bench-{name}").resolve()),
-        "cache.redis_url": f"redis://127.0.0.1:{redis_port}/0",
-        "cache.password_env": PASSWORD_ENV,
-        "serve.enabled": False,
-    }
-    if args.trials is not None:
-        overrides["search.num_trials"] = args.trials
-    if args.epochs not in (None, "auto"):
-        overrides["search.epochs"] = int(args.epochs)
-    if dataset is not None and args.teachers == "recipe":
-        import inspect
-
-        from benchmarks.teachers import teacher_recipe
-
-        facts = {"n_train": len(dataset.splits["train"].images), "class_names": list(dataset.class_names),
-                 "image_size": list(dataset.image_size)}
-        accepted = inspect.signature(teacher_recipe).parameters
-        overrides["teachers"] = teacher_recipe(**{k: v for k, v in facts.items() if k in accepted})
-    for text in args.set or []:
-        key, value = parse_override(text)
-        overrides[key] = value
-    spec = load_spec(args.spec, overrides)
-    if dataset is None:
-        return spec
-    from benchmarks.teachers import laterality_specific
-
-    if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
-        spec = without_flips(spec)
-    from benchmarks.teachers import image_cost
-
-    # In 28x28 images: the budgets below were set at 28x28, and compute grows with the pixels.
-    train_size = len(dataset.splits["train"].images) * image_cost(list(dataset.image_size))
-    if args.epochs == "auto":
-        epochs = student_epochs(train_size, spec.search.epochs)
-        # ASHA's first rung keeps its share of the trial's budget (10 of 40 epochs -> 2 of 6).
-        grace = max(1, round(spec.search.grace_period * epochs / spec.search.epochs))
-        spec = with_search(spec, epochs=epochs, grace_period=grace)
-    if args.trials is None:
-        trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
-        spec = with_search(spec, num_trials=trials)
-    explicit = {parse_override(text)[0] for text in args.set or []}
-    if spec.search.final_branches and train_size > SOUP_MAX_TRAIN_SIZE and "search.final_branches" not in explicit:
-        spec = with_search(spec, final_branches=None)
-    if spec.cache.views:
-        # A student sees each sample once per epoch, as the original or one view: views beyond
-        # the epoch count would mostly go unseen, and each costs a teacher pass per image (on
-        # 5,000 images at 28 px, ~1 min per view and teacher here).
-        views = min(spec.search.epochs, view_count(train_size, spec.cache.views))
-        spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": views})})
-    return spec
-
-
-def with_search(spec: Any, **changes: Any) -> Any:
-    return spec.model_copy(update={"search": spec.search.model_copy(update=changes)})
-
-
-def without_flips(spec: Any) -> Any:
-    """``spec`` with flips off in ``search.augment`` and in every teacher's ``augment``.
-
-    For data whose class names are left/right specific (OrganMNIST's kidney-left): a mirrored
-    image would carry the wrong label, for the template's teachers (``--teachers spec``) as for
-    the students and their cached views (the recipe's teachers already have no flips).
-    """
-    def off(augment: Any) -> Any:
-        return augment.model_copy(update={"flip": 0.0}) if augment is not None and augment.flip > 0 else augment
-
-    teachers = [t.model_copy(update={"augment": off(t.augment)}) for t in spec.teachers]
-    search = spec.search.model_copy(update={"augment": off(spec.search.augment)})
-    return spec.model_copy(update={"teachers": teachers, "search": search})
-
-
 # --------------------------------------------------------------------------- KD gain
-
-
-def kd_gain_run(config_json: str, meta: DatasetMeta, data_refs: list, cache: dict[str, Any], augment: dict | None,
-                latency_runs: int) -> dict[str, Any]:
-    """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
-    import torch
-
-    from medkd.softlabels.store import SoftLabelCache
-    from medkd.students.compression import OnnxModel
-    from medkd.students.distill import DistillConfig, build_student, evaluate_logits
-    from medkd.search.run import cached_teacher_logits, cached_views, train_candidate, trial_augmentation
-
-    torch.set_num_threads(1)
-    config = DistillConfig.model_validate_json(config_json)
-    data = ray_get(data_refs[0])
-    teacher_logits = views = None
-    if config.alpha < 1:
-        # As in a search trial: the cached logits, and the cached FKD views when the job has them.
-        source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
-        teacher_logits = cached_teacher_logits(source, cache["teacher_fps"], cache["dataset_fp"], segmentation=False)
-        if cache.get("views"):
-            views = cached_views(source, cache["teacher_fps"], cache["views"]["views_dataset_fp"],
-                                 cache["views"]["views"], segmentation=False)
-    augmentation = trial_augmentation({"augment": augment, "meta": meta}, config.seed)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as directory:
-        metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
-                                  teacher_logits=teacher_logits, augment=augmentation, directory=Path(directory),
-                                  latency_runs=latency_runs, views=views)
-        served = OnnxModel(Path(directory) / "model.onnx", threads=1)
-        test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta)
-    return {"seed": config.seed, "alpha": config.alpha, "test_auc": float(test["auc"]), "test_acc": float(test["acc"]),
-            "val_auc": float(metrics.get("val_auc", float("nan"))), "params": metrics["params"],
-            "seconds": round(time.perf_counter() - started, 1)}
-
-
-def ray_get(ref: Any) -> Any:
-    import ray
-
-    return ray.get(ref)
-
-
-def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple[Any, dict[str, Any], dict | None]:
-    """What :func:`kd_gain_run` needs besides a config: the data (in the object store), the job's
-    soft-label cache (teachers, views) and its ``search.augment``."""
-    import ray
-
-    data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
-    cache = {
-        "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
-        "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
-        "views": results["soft_labels"].get("views"),
-    }
-    augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
-    return data_ref, cache, augment
 
 
 def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta, seeds: list[int]) -> dict[str, Any]:
@@ -273,9 +120,7 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta,
     summary: dict[str, Any] = {"seeds": seeds, "config": best.model_dump(), "runs": runs}
     for kind in ("kd", "ce"):
         for metric in ("test_auc", "test_acc"):
-            values = [r[metric] for r in runs[kind]]
-            summary[f"{kind}_{metric}_mean"] = statistics.fmean(values)
-            summary[f"{kind}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[f"{kind}_{metric}_mean"], summary[f"{kind}_{metric}_std"] = mean_std([r[metric] for r in runs[kind]])
     summary["gain_auc"] = summary["kd_test_auc_mean"] - summary["ce_test_auc_mean"]
     summary["gain_acc"] = summary["kd_test_acc_mean"] - summary["ce_test_acc_mean"]
     paired = [k["test_auc"] - c["test_auc"] for k, c in zip(runs["kd"], runs["ce"])]
@@ -307,10 +152,11 @@ def export_teachers(results: dict[str, Any], output_dir: Path, meta: DatasetMeta
 def measure_speed(models: dict[str, Path], input_shape: tuple[int, ...], *, threads: int, runs: int, rounds: int) -> dict[str, float]:
     from medkd.students.compression import measure_latency
 
-    medians: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, path in models.items():
-            medians[name].append(measure_latency(path, input_shape, threads=threads, runs=runs).median_ms)
+    def median_ms(path: Path) -> Callable[[], float]:
+        return lambda: measure_latency(path, input_shape, threads=threads, runs=runs).median_ms
+
+    # Each model's median latency per round, the models taking turns (measure_latency warms up itself).
+    medians = take_turns({name: median_ms(path) for name, path in models.items()}, rounds)
     return {name: statistics.median(values) for name, values in medians.items()}
 
 
@@ -437,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="search epochs: an int, or 'auto' (default): ~%d training samples per trial, "
                              "at least %d epochs, at most the spec's search.epochs" % (STUDENT_SAMPLE_BUDGET, MIN_STUDENT_EPOCHS))
     parser.add_argument("--teachers", choices=("recipe", "spec"), default="recipe",
-                        help="recipe (default): benchmarks.teachers.teacher_recipe for this data; spec: the template's")
+                        help="recipe (default): medkd.teachers.recipe.teacher_recipe for this data; spec: the template's")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other spec override")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every latency")
     parser.add_argument("--latency-runs", type=int, default=200)
@@ -454,24 +300,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    import secrets
-
     import ray
 
     from medkd.data import load_dataset
     from medkd.pipeline.runner import init_ray, run_job
-    from medkd.softlabels.redis_server import ManagedRedisServer
 
-    password = secrets.token_urlsafe(24)
-    os.environ[PASSWORD_ENV] = password  # Ray workers inherit it; the spec names only the variable
     first = build_spec(args, redis_port=1)
     output_dir = Path(first.output_dir)
     dataset = load_dataset(first.data)
     meta = DatasetMeta.of(dataset)
-    redis = ManagedRedisServer(data_dir=output_dir / "redis", password=password).start()
-    if redis.password != password:  # attached to a server a previous run left alive
-        os.environ[PASSWORD_ENV] = redis.password or ""
-    try:
+    # The password reaches the spec (cache.password_env) and Ray workers through PASSWORD_ENV.
+    with managed_redis(output_dir / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(args, redis_port=redis.port, dataset=dataset)
         log(f"teachers: {', '.join(f'{t.name}={t.model} x{t.epochs} epochs' for t in spec.teachers)}; "
             f"search: {spec.search.num_trials} trials x {spec.search.epochs} epochs; cached views: {spec.cache.views}; "
@@ -496,15 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         timing = speed(results, output_dir, meta, dataset, args)
         speed_seconds = time.perf_counter() - t0
-    finally:
-        redis.stop()
 
     report = {
         "dataset": Path(args.data).name,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_date(),
         "command": "python -m benchmarks.students " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{os.cpu_count()} CPUs",
-        "load_average": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "load_average": load_average(),
         "train_size": len(dataset.splits["train"].images),
         "wall_seconds": time.perf_counter() - started,
         "pipeline_seconds": pipeline_seconds,
@@ -523,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     (output_dir / "benchmark" / "students.md").write_text(text)
     print(text)
     if args.append_results:
-        with open(args.append_results, "a") as handle:
-            handle.write("\n" + text)
+        append_section(text, args.append_results)
         log(f"appended to {args.append_results}")
     print(report["result_line"], flush=True)
     return 0

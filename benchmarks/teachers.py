@@ -11,28 +11,9 @@ Ends with ``RESULT best_teacher_auc=… best_teacher_acc=… ensemble_auc=… en
 (means over seeds). The "best teacher" of a seed is the one with the best *validation* AUC (the
 test split is never used to choose), so its test numbers are what a user would get.
 
-The recipe (:func:`teacher_recipe`) is the method, not numbers tuned to one file; it is the
-same for every MedMNIST set and only reads properties of the data:
-
-- budget: ``epochs = clamp(SAMPLE_BUDGET / (n_train * image_cost), MIN_EPOCHS, MAX_EPOCHS)`` —
-  about the same compute for every set (a 5,000-image split at 28x28 gets 8 epochs, BreastMNIST's
-  546 images 40), where :func:`image_cost` counts an image in 28x28 images (1 at 28x28, 5.2 at
-  64x64, 28 for a 28^3 volume: convolutions cost per pixel), early stopping after ``patience = max(5, epochs // 4)`` epochs without a better
-  validation AUC, and the best-validation-AUC checkpoint is the teacher;
-- weight averaging: an exponential moving average of the weights over the last
-  ``max(1, epochs / 10)`` epochs is what is validated, selected and used as the teacher (on a
-  few dozen validation images, picking among raw per-epoch weights is mostly picking noise);
-- AdamW (weight decay 0.05, none on biases / norms), cosine decay, label smoothing 0.1, plain
-  (unweighted) cross-entropy, batch 32 — inverse-frequency class weights move the decision
-  threshold towards the minority class, which costs accuracy and calibration (the ablation in
-  ``benchmarks/RESULTS.md``); ``class_weighting: true`` in a spec turns them on;
-- augmentation: random flips of every spatial axis — except when a class name is laterality
-  specific ("left"/"right", e.g. OrganMNIST's kidney-left), where a flip would change the
-  label — plus a small random affine (±10°, zoom 0.9–1.1, shift ≤ 5 %);
-- models: ``resnet18`` (small stem at 28 px, as the MedMNIST v2 baseline) and a small ``vit``
-  (4 blocks, width 128 — 132 in 3D, see :func:`vit_hidden_size` —, 4 heads, fixed sin-cos
-  position embedding) on fine patches: the smallest patch giving at most 256 tokens
-  (:func:`vit_patch_size`: 2 at 28 px, 14x14 tokens).
+The teachers are :func:`medkd.teachers.recipe.teacher_recipe`'s (see that module for the
+recipe: epoch budget, early stopping, weight averaging, optimiser, augmentation and models);
+it is the same for every MedMNIST set and only reads properties of the data.
 
 Splits larger than ``--max-train`` (default 5,000) / ``--max-val`` (2,000) are stratified
 subsamples, so the command stays within the 30-minute budget on any 2D 28x28 MedMNIST set; the
@@ -46,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -54,130 +34,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from benchmarks._harness import configure_local_ray, format_mean_std, local_ray, print_result
 
-import numpy as np  # noqa: E402
-from medkd.data.meta import DatasetMeta
+configure_local_ray()
 
-SAMPLE_BUDGET = 40_000  # training samples seen per teacher (before early stopping)
-MIN_EPOCHS = 8
-MAX_EPOCHS = 40
+from medkd.data.meta import DatasetMeta  # noqa: E402
+from medkd.teachers.recipe import teacher_recipe  # noqa: E402
+
 DEFAULT_MAX_TRAIN = 5_000
 DEFAULT_MAX_VAL = 2_000
 PAPER_BASELINES = {  # MedMNIST v2, ResNet-18 (28), test AUC / ACC (../shared/data/README.md)
     "breastmnist": (0.901, 0.863),
 }
-
-
-REFERENCE_PIXELS = 28 * 28  # budgets are counted in 28x28 images
-
-
-def image_cost(image_size: tuple[int, ...] | list[int] | None) -> float:
-    """What one image costs to train on, in 28x28 images: 1 at 28x28, 5.2 at 64x64, 28 for 28^3."""
-    if image_size is None:
-        return 1.0
-    if not image_size or any(int(side) <= 0 for side in image_size):
-        raise ValueError(f"image_size must be positive sides, got {list(image_size)}")
-    return math.prod(int(side) for side in image_size) / REFERENCE_PIXELS
-
-
-def auto_epochs(n_train: int, image_size: tuple[int, ...] | list[int] | None = None) -> int:
-    """Epochs for a training split of ``n_train`` images of ``image_size`` (see the module docstring)."""
-    if n_train <= 0:
-        raise ValueError(f"n_train must be > 0, got {n_train}")
-    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(SAMPLE_BUDGET / (n_train * image_cost(image_size))))))
-
-
-def laterality_specific(class_names: list[str]) -> bool:
-    """Whether a class name says left or right, so mirroring an image could change its label."""
-    words = " ".join(class_names).lower().replace("-", " ").replace("_", " ").split()
-    return any(word in ("left", "right") for word in words)
-
-
-def vit_patch_size(image_size: tuple[int, ...] | list[int]) -> int:
-    """The smallest patch in (2, 4, 8, 16, 32) that divides every axis and gives at most 256 tokens
-    in 2D (512 in 3D): 2 for 28x28 (14x14 tokens), 4 for 64x64 or 28^3, 16 for 224x224.
-
-    Small images need small patches: a 4x4 patch leaves a 28x28 image 49 tokens and a ViT
-    trained from scratch on a few hundred images then barely leaves chance level (measured on
-    BreastMNIST: val AUC 0.70 after 17 epochs with patch 4, 0.85 with patch 2).
-    """
-    budget = 256 if len(image_size) == 2 else 512
-    for patch in (2, 4, 8, 16, 32):
-        if all(size % patch == 0 for size in image_size) and math.prod(size // patch for size in image_size) <= budget:
-            return patch
-    raise ValueError(f"no patch size in (2, 4, 8, 16, 32) fits image_size {list(image_size)}")
-
-
-VIT_HEADS = 4
-VIT_WIDTH = 128
-
-
-def vit_hidden_size(spatial_dims: int, width: int = VIT_WIDTH, heads: int = VIT_HEADS) -> int:
-    """The recipe ViT's token width: ``width`` rounded up to a multiple of the heads and of the
-    sin-cos position embedding's ``2 * spatial_dims`` (a sin and a cos per axis): 128 in 2D,
-    132 in 3D (MONAI's 3D sin-cos embedding needs a width divisible by 6).
-    """
-    step = math.lcm(heads, 2 * spatial_dims)
-    return -(-width // step) * step
-
-
-def teacher_recipe(
-    *,
-    n_train: int,
-    class_names: list[str],
-    image_size: tuple[int, ...] | list[int],
-    epochs: int | None = None,
-    cnn: str = "resnet18",
-    vit: str = "vit",
-    cpus_per_worker: float = 1.0,
-) -> list[dict[str, Any]]:
-    """The two teacher specs (``teachers:`` entries of a job spec) for a classification set.
-
-    Args:
-        n_train: size of the training split (sets the epoch budget when ``epochs`` is None).
-        class_names: the dataset's class names (laterality-specific names disable flips).
-        image_size: the images' spatial size (sets the ViT's patch size and, with ``n_train``,
-            the epoch budget).
-        epochs: fixed epochs instead of :func:`auto_epochs`.
-        cnn: registry name of the CNN teacher.
-        vit: registry name of the ViT teacher (its size is set here when it is ``vit``).
-        cpus_per_worker: CPUs of each teacher's single Ray Train worker.
-    """
-    epochs = auto_epochs(n_train, image_size) if epochs is None else epochs
-    if epochs <= 0:
-        raise ValueError(f"epochs must be > 0, got {epochs}")
-    augment: dict[str, Any] = {
-        "flip": 0.0 if laterality_specific(class_names) else 0.5,
-        "affine": {"prob": 0.5, "rotate_degrees": 10, "scale": [0.9, 1.1], "translate": 0.05},
-    }
-    common = {
-        "epochs": epochs,
-        "batch_size": 32,
-        "optimizer": "adamw",
-        "weight_decay": 0.05,
-        "scheduler": "cosine",
-        "label_smoothing": 0.1,
-        "class_weighting": False,
-        "patience": max(5, epochs // 4),
-        "ema_epochs": max(1.0, epochs / 10),
-        "augment": augment,
-        "cpus_per_worker": cpus_per_worker,
-    }
-    vit_kwargs: dict[str, Any] = {"patch_size": vit_patch_size(image_size), "pos_embed_type": "sincos"}
-    if vit == "vit":  # a small, fine-grained ViT: many tokens, few layers (CPU-sized)
-        vit_kwargs.update({"hidden_size": vit_hidden_size(len(image_size)), "mlp_dim": 256, "num_layers": 4,
-                           "num_heads": VIT_HEADS})
-    return [
-        {"name": "cnn", "model": cnn, "lr": 1e-3, **common},
-        {"name": "vit", "model": vit, "model_kwargs": vit_kwargs, "lr": 5e-4, **common},
-    ]
-
-
-def _mean_spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def run_seed(
@@ -258,11 +126,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         for i, model in enumerate(models):
             aucs = [r["teachers"][i]["test_auc"] for r in results]
             accs = [r["teachers"][i]["test_acc"] for r in results]
-            print(f"mean  {model:<10} test AUC {_mean_spread(aucs)}  test ACC {_mean_spread(accs)}")
-        print(f"mean  {'ensemble':<10} test AUC {_mean_spread([r['ensemble_auc'] for r in results])}  "
-              f"test ACC {_mean_spread([r['ensemble_acc'] for r in results])}")
-        print(f"mean  {'best (val)':<10} test AUC {_mean_spread([r['best_teacher_auc'] for r in results])}  "
-              f"test ACC {_mean_spread([r['best_teacher_acc'] for r in results])}")
+            print(f"mean  {model:<10} test AUC {format_mean_std(aucs)}  test ACC {format_mean_std(accs)}")
+        print(f"mean  {'ensemble':<10} test AUC {format_mean_std([r['ensemble_auc'] for r in results])}  "
+              f"test ACC {format_mean_std([r['ensemble_acc'] for r in results])}")
+        print(f"mean  {'best (val)':<10} test AUC {format_mean_std([r['best_teacher_auc'] for r in results])}  "
+              f"test ACC {format_mean_std([r['best_teacher_acc'] for r in results])}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -298,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall_started = time.perf_counter()
 
-    import ray
-
     from medkd.data import MedMNISTDataSpec, load_dataset
     from medkd.data.medmnist import medmnist_flag
     from medkd.core.progress import Progress
@@ -323,12 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
-    progress.line(f"ray.init: {time.perf_counter() - started:.1f}s")
     results = []
-    try:
+    with local_ray(num_cpus=args.num_cpus) as ray:
+        progress.line(f"ray.init: {time.perf_counter() - started:.1f}s")
         data_ref = ray.put(dataset.arrays())
         with tempfile.TemporaryDirectory(prefix="medkd-bench-teachers-") as tmp:
             root = args.output.resolve() if args.output else Path(tmp)
@@ -339,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                 r = results[-1]
                 progress.line(f"seed {seed}: best teacher ({r['best_teacher']}) test AUC {r['best_teacher_auc']:.3f} "
                               f"ACC {r['best_teacher_acc']:.3f}; ensemble AUC {r['ensemble_auc']:.3f} ACC {r['ensemble_acc']:.3f}")
-    finally:
-        ray.shutdown()
     wall = time.perf_counter() - wall_started
 
     print()
@@ -353,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"data": str(args.data), "sizes": sizes, "teachers": teachers, "results": results,
                                          "summary": summary, "wall_s": wall}, indent=2, default=float))
-    fields = " ".join(f"{key}={value:.4f}" for key, value in summary.items())
-    print(f"RESULT {fields} wall_s={wall:.0f}")
+    print_result({**summary, "wall_s": f"{wall:.0f}"})
     return 0 if all(math.isfinite(v) for v in summary.values()) else 1
 
 

@@ -1,4 +1,6 @@
-"""benchmarks.students.build_spec on MedMNIST files other than BreastMNIST (the spec the benchmark runs)."""
+"""benchmarks.students.build_spec: the spec the benchmark runs, on BreastMNIST (its fingerprints are
+pinned: the cached teachers, soft labels and search of earlier runs stay valid) and on other
+MedMNIST files."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def test_published_baseline_row_only_for_its_own_data():
 
 def test_search_budgets_count_samples_in_28px_images():
     from benchmarks.students import search_trials, student_epochs, view_count
-    from benchmarks.teachers import image_cost
+    from medkd.teachers.recipe import image_cost
 
     # BreastMNIST (546 images at 28x28): the template's whole search, as before.
     assert (student_epochs(546 * image_cost([28, 28]), 40), search_trials(546, 40, 12), view_count(546, 8)) == (40, 12, 8)
@@ -96,3 +98,25 @@ def test_final_weight_soup_only_for_small_training_splits(tmp_path):
     # ... unless asked for by name.
     forced = _spec(large, tmp_path, "--teachers", "spec", "--set", "search.final_branches=2")
     assert forced.search.final_branches == 2
+
+
+#: Fingerprints of the BreastMNIST benchmark's job as built at commit a7aeda9 (before the benchmarks
+#: moved their shared set-up to _harness/_student_setup and the recipe to medkd.teachers.recipe).
+#: A change here means every earlier benchmarks.students run retrains its teachers and search.
+BREASTMNIST_TEACHER_FPS = ["30817c183b811fc7", "aa9cdc64376e7789"]
+BREASTMNIST_SEARCH_FP = "b716f18066195f0d"
+
+
+def test_breastmnist_spec_keeps_its_fingerprints(breastmnist_path, tmp_path):
+    from medkd.search.run import search_fingerprint
+    from medkd.teachers.train import teacher_fingerprint
+
+    args = parse_args(["--data", str(breastmnist_path), "--output", str(tmp_path / "run")])
+    dataset = load_dataset(build_spec(args, redis_port=1).data)
+    spec = build_spec(args, redis_port=6390, dataset=dataset)
+    assert [(t.name, t.model, t.epochs, t.model_kwargs.get("patch_size")) for t in spec.teachers] == [
+        ("cnn", "resnet18", 40, None), ("vit", "vit", 40, 2)]
+    assert (spec.search.num_trials, spec.search.epochs, spec.cache.views, spec.search.final_branches) == (12, 40, 8, 4)
+    teacher_fps = [teacher_fingerprint(t, dataset.fingerprint, spec.seed, spec.task) for t in spec.teachers]
+    assert teacher_fps == BREASTMNIST_TEACHER_FPS
+    assert search_fingerprint(spec, teacher_fps, dataset.fingerprint) == BREASTMNIST_SEARCH_FP

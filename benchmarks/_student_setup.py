@@ -1,0 +1,202 @@
+"""The students benchmark's job spec and the retraining of its selected student, shared by
+``benchmarks.students`` and ``benchmarks.soup`` (which retrains a finished students run's selection).
+
+:func:`build_spec` is the spec template (default ``examples/breastmnist.yaml``) pointed at a
+MedMNIST file, with the recipe's teachers (:func:`medkd.teachers.recipe.teacher_recipe`) and
+search budgets that scale with the training split, counted in 28x28 images
+(:func:`medkd.teachers.recipe.image_cost`). The spec it builds decides every fingerprint of the
+run (teachers, soft labels, search): a change here retrains. :func:`kd_gain_run` trains one
+configuration through the search's own recipe from the run's soft-label cache and scores its
+INT8 export on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file
+from medkd.data.meta import DatasetMeta
+from medkd.spec.job import load_spec, parse_override
+from medkd.teachers.recipe import image_cost, laterality_specific, teacher_recipe
+
+DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
+DEFAULT_DATA = data_file("breastmnist.npz")
+STUDENT_SAMPLE_BUDGET = 24_000  # training samples per search trial: ~44 epochs of 546 images, 5 of 5,000
+MIN_STUDENT_EPOCHS = 6
+# Per-split budgets, so the whole run fits the issue's 45 min on 5,000 images (2 cores) while a
+# small split keeps the template's full search: student training samples over the whole search
+# (12 trials x 40 epochs x 546 images = 262k), and teacher passes per teacher for the FKD views.
+SEARCH_SAMPLE_BUDGET = 270_000
+MIN_TRIALS = 6
+VIEW_PASS_BUDGET = 10_000
+# Weight soups (search.final_branches) only for training splits up to this many 28x28 images.
+# Below it one trained instance's test AUC spreads by points between seeds (BreastMNIST, 546
+# images: 0.891 to 0.918 over 4 seeds) and a val split of a few dozen images cannot see which
+# draw it got; at 5,000 images single instances agree to +-0.001 AUC over 3 seeds, and the soup's
+# (1 + 3 * branches) / 4 trials of training, for the served model and each KD-gain run, do not
+# fit the 45-minute budget.
+SOUP_MAX_TRAIN_SIZE = 2_000
+
+
+def student_epochs(train_size: float, max_epochs: int) -> int:
+    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's].
+
+    ``train_size`` (here and below): the training split counted in 28x28 images.
+    """
+    return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / train_size))))
+
+
+def search_trials(train_size: float, epochs: int, max_trials: int) -> int:
+    """Trials within SEARCH_SAMPLE_BUDGET student samples, at least MIN_TRIALS, at most the spec's."""
+    return int(min(max_trials, max(MIN_TRIALS, SEARCH_SAMPLE_BUDGET // (epochs * train_size))))
+
+
+def view_count(train_size: float, max_views: int) -> int:
+    """FKD views within VIEW_PASS_BUDGET teacher passes per teacher (at least 1), at most the spec's."""
+    return int(min(max_views, max(1, VIEW_PASS_BUDGET // train_size)))
+
+
+def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = None) -> Any:
+    """The spec template pointed at ``--data``, with the benchmark's cache, budget and overrides.
+
+    With ``dataset`` given, ``--teachers recipe`` replaces the template's teachers by
+    ``medkd.teachers.recipe.teacher_recipe`` for this data (its epoch budget scales with the
+    training split), and ``--epochs auto`` scales the search's epochs the same way.
+    """
+    data = Path(args.data).resolve()
+    if not data.is_file():
+        raise SystemExit(f"--data {data}: file not found (MedMNIST .npz expected)")
+    name = f"students-{data.stem}"
+    overrides: dict[str, Any] = {
+        "name": name,
+        "data.path": str(data),
+        "output_dir": str(Path(args.output or f"runs/bench-{name}").resolve()),
+        "cache.redis_url": f"redis://127.0.0.1:{redis_port}/0",
+        "cache.password_env": PASSWORD_ENV,
+        "serve.enabled": False,
+    }
+    if args.trials is not None:
+        overrides["search.num_trials"] = args.trials
+    if args.epochs not in (None, "auto"):
+        overrides["search.epochs"] = int(args.epochs)
+    if dataset is not None and args.teachers == "recipe":
+        overrides["teachers"] = teacher_recipe(n_train=len(dataset.splits["train"].images),
+                                               class_names=list(dataset.class_names),
+                                               image_size=list(dataset.image_size))
+    for text in args.set or []:
+        key, value = parse_override(text)
+        overrides[key] = value
+    spec = load_spec(args.spec, overrides)
+    if dataset is None:
+        return spec
+    if laterality_specific(list(dataset.class_names)):  # a flip would change a left/right label
+        spec = without_flips(spec)
+    # In 28x28 images: the budgets below were set at 28x28, and compute grows with the pixels.
+    train_size = len(dataset.splits["train"].images) * image_cost(list(dataset.image_size))
+    if args.epochs == "auto":
+        epochs = student_epochs(train_size, spec.search.epochs)
+        # ASHA's first rung keeps its share of the trial's budget (10 of 40 epochs -> 2 of 6).
+        grace = max(1, round(spec.search.grace_period * epochs / spec.search.epochs))
+        spec = with_search(spec, epochs=epochs, grace_period=grace)
+    if args.trials is None:
+        trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
+        spec = with_search(spec, num_trials=trials)
+    explicit = {parse_override(text)[0] for text in args.set or []}
+    if spec.search.final_branches and train_size > SOUP_MAX_TRAIN_SIZE and "search.final_branches" not in explicit:
+        spec = with_search(spec, final_branches=None)
+    if spec.cache.views:
+        # A student sees each sample once per epoch, as the original or one view: views beyond
+        # the epoch count would mostly go unseen, and each costs a teacher pass per image (on
+        # 5,000 images at 28 px, ~1 min per view and teacher here).
+        views = min(spec.search.epochs, view_count(train_size, spec.cache.views))
+        spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"views": views})})
+    return spec
+
+
+def with_search(spec: Any, **changes: Any) -> Any:
+    return spec.model_copy(update={"search": spec.search.model_copy(update=changes)})
+
+
+def without_flips(spec: Any) -> Any:
+    """``spec`` with flips off in ``search.augment`` and in every teacher's ``augment``.
+
+    For data whose class names are left/right specific (OrganMNIST's kidney-left): a mirrored
+    image would carry the wrong label, for the template's teachers (``--teachers spec``) as for
+    the students and their cached views (the recipe's teachers already have no flips).
+    """
+    def off(augment: Any) -> Any:
+        return augment.model_copy(update={"flip": 0.0}) if augment is not None and augment.flip > 0 else augment
+
+    teachers = [t.model_copy(update={"augment": off(t.augment)}) for t in spec.teachers]
+    search = spec.search.model_copy(update={"augment": off(spec.search.augment)})
+    return spec.model_copy(update={"teachers": teachers, "search": search})
+
+
+def spec_options(data: Path, spec: Path = DEFAULT_SPEC, output: str | Path | None = None, *, trials: int | None = None,
+                 epochs: str = "auto", teachers: str = "recipe", overrides: list[str] | None = None) -> argparse.Namespace:
+    """The options :func:`build_spec` reads, as ``python -m benchmarks.students`` parses them (its defaults)."""
+    return argparse.Namespace(data=data, spec=spec, output=None if output is None else str(output), trials=trials,
+                              epochs=epochs, teachers=teachers, set=overrides)
+
+
+# --------------------------------------------------------------------------- retraining
+
+
+def kd_gain_run(config_json: str, meta: DatasetMeta, data_refs: list, cache: dict[str, Any], augment: dict | None,
+                latency_runs: int) -> dict[str, Any]:
+    """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
+    import torch
+
+    from medkd.softlabels.store import SoftLabelCache
+    from medkd.students.compression import OnnxModel
+    from medkd.students.distill import DistillConfig, build_student, evaluate_logits
+    from medkd.search.recipe import train_candidate, trial_augmentation
+    from medkd.softlabels.reading import cached_teacher_logits, cached_views
+
+    torch.set_num_threads(1)
+    config = DistillConfig.model_validate_json(config_json)
+    data = ray_get(data_refs[0])
+    teacher_logits = views = None
+    if config.alpha < 1:
+        # As in a search trial: the cached logits, and the cached FKD views when the job has them.
+        source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
+        teacher_logits = cached_teacher_logits(source, cache["teacher_fps"], cache["dataset_fp"], segmentation=False)
+        if cache.get("views"):
+            views = cached_views(source, cache["teacher_fps"], cache["views"]["views_dataset_fp"],
+                                 cache["views"]["views"], segmentation=False)
+    augmentation = trial_augmentation(augment, meta, config.seed)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as directory:
+        metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
+                                  teacher_logits=teacher_logits, augment=augmentation, directory=Path(directory),
+                                  latency_runs=latency_runs, views=views)
+        served = OnnxModel(Path(directory) / "model.onnx", threads=1)
+        test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta)
+    return {"seed": config.seed, "alpha": config.alpha, "test_auc": float(test["auc"]), "test_acc": float(test["acc"]),
+            "val_auc": float(metrics.get("val_auc", float("nan"))), "params": metrics["params"],
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
+
+
+def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple[Any, dict[str, Any], dict | None]:
+    """What :func:`kd_gain_run` needs besides a config: the data (in the object store), the job's
+    soft-label cache (teachers, views) and its ``search.augment``."""
+    import ray
+
+    data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
+    cache = {
+        "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
+        "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+        "views": results["soft_labels"].get("views"),
+    }
+    augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
+    return data_ref, cache, augment
