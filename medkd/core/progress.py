@@ -214,8 +214,12 @@ class Progress:
         if self._bars is None:
             self.line(f"  teacher {teacher}: epoch {epoch}/{epochs} {shown}")
             return
+        # A bar has one line: the quality metric and the training loss (val_loss and val_acc stay in the logs).
+        brief = {k: v for k, v in metrics.items() if k == "train_loss" or (k.startswith("val_") and k not in
+                                                                            ("val_loss", "val_acc"))}
+        text = " ".join(f"{k}={v:.3f}" for k, v in brief.items() if isinstance(v, float))
         with self._lock:
-            self._show(self._teacher_tasks, teacher, f"  teacher {teacher}  {shown}", epoch, epochs)
+            self._show(self._teacher_tasks, teacher, f"  teacher {teacher}  {text}", epoch, epochs)
 
     # ------------------------------------------------------------------ soft labels
     def soft_labels(self, teacher: str, status: SoftLabelStatus, splits: tuple[str, ...] | list[str] = ()) -> None:

@@ -44,6 +44,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per teacher, the ensemble and the served student (test metrics)."""
     keys = _quality_keys(results)
@@ -54,7 +58,7 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                      **{f"test_{k}": test.get(k) for k in keys}, "latency_ms": None, "size_bytes": None})
     if "ensemble" in results:
         test = results["ensemble"].get("test_metrics", {})
-        rows.append({"model": "ensemble", "kind": f"{len(results.get('teachers', []))} teachers",
+        rows.append({"model": "ensemble", "kind": _count(len(results.get("teachers", [])), "teacher"),
                      "params": sum(t["params"] for t in results.get("teachers", [])),
                      **{f"test_{k}": test.get(k) for k in keys}, "latency_ms": None, "size_bytes": None})
     best = results.get("best")
@@ -140,7 +144,8 @@ def pareto_figure(results: dict[str, Any]) -> Any:
     stopped = sum(1 for t in trials if not t.get("final"))
     axis.set_xlabel(f"{cost} (compressed ONNX, batch 1, CPU)")
     axis.set_ylabel(f"{quality} (compressed model; stopped trials: last report)")
-    axis.set_title(f"Search: {len(trials)} trials ({stopped} stopped early, faded); Pareto front red, served ringed",
+    axis.set_title(f"Search: {_count(len(trials), 'trial')} ({stopped} stopped early, faded); "
+                   "Pareto front red, served ringed",
                    fontsize=9)
     axis.grid(alpha=0.3)
     return figure
@@ -164,6 +169,7 @@ def curves_plot(results: dict[str, Any]) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     teachers = [t for t in results.get("teachers", []) if t.get("history")]
     if not teachers:
@@ -180,6 +186,7 @@ def curves_plot(results: dict[str, Any]) -> str | None:
     axes[1].set_title("teacher validation metric")
     for axis in axes:
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     return _figure_to_data_uri(figure)
@@ -225,8 +232,9 @@ class ReportTable:
         return list(self.rows[0].keys()) if self.rows else []
 
     @property
-    def cells(self) -> list[list[str]]:
-        return [[_fmt(row.get(column)) for column in self.columns] for row in self.rows]
+    def cells(self) -> list[list[tuple[str, bool]]]:
+        """Per row, per column: the formatted value and whether it is a number (right-aligned)."""
+        return [[(_fmt(row.get(c)), isinstance(row.get(c), (int, float))) for c in self.columns] for row in self.rows]
 
 
 @dataclass
@@ -239,10 +247,10 @@ class ReportImage:
 
 @dataclass
 class ReportSection:
-    """One section of the report: a heading, then paragraphs, images and tables, in that order.
+    """One section of the report: a heading, then paragraphs, images, tables and notes, in that order.
 
-    Paragraphs are text (escaped by the template); pass a ``markupsafe.Markup`` for HTML that is
-    already escaped.
+    Paragraphs and notes are text (escaped by the template); pass a ``markupsafe.Markup`` for
+    HTML that is already escaped.
 
     Examples:
         >>> ReportSection("Stages", tables=[ReportTable([{"stage": "teachers", "seconds": 1.5}])]).anchor
@@ -253,6 +261,7 @@ class ReportSection:
     paragraphs: list[str] = field(default_factory=list)
     images: list[ReportImage] = field(default_factory=list)
     tables: list[ReportTable] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     level: int = 2
 
     @property
@@ -322,7 +331,7 @@ def served_section(results: dict[str, Any]) -> ReportSection | None:
     }])])
     final = best.get("final_training")
     if final:
-        section.paragraphs.append(
+        section.notes.append(
             f"trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']})"
             + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "") + "; val "
             + ", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
@@ -330,7 +339,7 @@ def served_section(results: dict[str, Any]) -> ReportSection | None:
         )
     serve = results.get("serve", {})
     if serve.get("url"):
-        section.paragraphs.append(f"endpoint {serve['url']}; demo answer: {serve.get('demo', {}).get('answer')}")
+        section.notes.append(f"endpoint {serve['url']}; demo answer: {serve.get('demo', {}).get('answer')}")
     return section
 
 

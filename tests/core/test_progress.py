@@ -78,7 +78,8 @@ def test_live_bars_on_a_terminal_show_stage_teachers_trials_and_soft_labels() ->
     _run_a_small_pipeline(progress)
     screen = buffer.getvalue()
     assert "stage 3/7 search" in screen
-    assert "teacher cnn  val_auc=0.8800" in screen and "3/3" in screen
+    assert "teacher cnn  val_auc=0.880" in screen and "3/3" in screen
+    assert "teacher cnn  val_auc=0.710 train_loss=0.500" in screen  # one short line per bar
     assert "soft labels cnn: computed and cached" in screen
     assert "search: 3/4 trials: 1 done, 1 stopped, 1 failed, 1 running; best val_auc=0.93 (a_00001)" in screen
     assert "distill_trial_a_00003  val_auc=0.5000" in screen

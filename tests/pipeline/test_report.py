@@ -49,8 +49,8 @@ def test_the_report_has_every_section_in_order_with_its_figures(tmp_path):
     assert headings(page) == ["Teachers vs student (test split)", "Search", "Teacher training", "Confusion matrices",
                               "Served model", "Stages"]
     assert page.count('src="data:image/png;base64,') == 4  # Pareto front, curves, two confusion matrices
-    assert "<td>0.9300</td>" in page  # the ensemble's test AUC, formatted
-    assert "<td>12,345</td>" in page  # the served model's size
+    assert '<td class="num">0.9300</td>' in page  # the ensemble's test AUC, formatted
+    assert '<td class="num">12,345</td>' in page  # the served model's size
     assert "trained again after the search for 10 epochs (search: 5); val auc 0.9000 (search 0.8800)" in page
     assert "endpoint http://127.0.0.1:8000/m-1; demo answer: b" in page
 
@@ -74,7 +74,7 @@ def test_other_parts_add_sections_after_a_core_one(monkeypatch):
     page = render_report(RESULTS)
     names = headings(page)
     assert names.index("Calibration") == names.index("Served model") + 1
-    assert "<p>T = 1.5</p>" in page and "<td>0.0200</td>" in page
+    assert "<p>T = 1.5</p>" in page and '<td class="num">0.0200</td>' in page
 
 
 def test_the_template_is_package_data():
