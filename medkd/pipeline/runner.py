@@ -274,7 +274,7 @@ class Pipeline:
         return status
 
     def _final(self) -> str:
-        from medkd.registry.export import choose
+        from medkd.registry.export import choose, selection_evidence
         from medkd.search.final import train_final
         from medkd.search.run import search_context
 
@@ -285,7 +285,8 @@ class Pipeline:
                                  teacher_fps=[t.fingerprint for t in self.teachers], dataset_fp=self.dataset.fingerprint,
                                  cache_url=self.cache_url, events=self.events,
                                  views=self.results["soft_labels"].get("views"), teachers=self.teachers)
-        self.final, status = train_final(self.spec, self.outcome, choose(self.outcome, self.spec.export.select),
+        self.final, status = train_final(self.spec, self.outcome, choose(self.outcome, self.spec.export.select,
+                                                                 selection_evidence(self.spec, self.dataset, self.meta)),
                                          context=context, output_dir=self.output_dir, progress=self.progress)
         self.results["final"] = self.final.model_dump()
         return status
@@ -312,7 +313,11 @@ class Pipeline:
             "test_metrics": metadata["metrics"]["test"],
             "parity": metadata["parity"],
             "final_training": metadata.get("final_training"),
+            "calibration": metadata.get("calibration"),
+            "operating_points": metadata.get("operating_points"),
+            "operating_point": metadata.get("operating_point"),
         }
+        self.results["selection"] = exported["selection"]
         self.results["pareto_models"] = exported["pareto"]
         return "ran"
 

@@ -22,6 +22,14 @@ from medkd.core.files import staged_directory
 from medkd.students.candidate import CANDIDATE_FILE, CANDIDATE_FILES, FP32_FILE, MODEL_FILE, STATE_FILE
 from medkd.students.compression import OnnxModel
 from medkd.students.distill import evaluate_logits
+from medkd.registry.calibration import (
+    ARGMAX,
+    calibrated_probabilities,
+    choose_operating_points,
+    decision_metrics,
+    fit_calibration,
+)
+from medkd.registry.selection import Selection, select_trial
 from medkd.search.run import SearchOutcome, TrialRecord
 from medkd.data.meta import DatasetMeta
 
@@ -45,15 +53,80 @@ def selected_model_dir(output_dir: Path) -> Path:
     return registry / marker.read_text().strip()
 
 
-def choose(outcome: SearchOutcome, select: str | int) -> TrialRecord:
+class SelectionEvidence:
+    """What the tie rule of :mod:`medkd.registry.selection` needs: the val split, the served operating
+    point and each completed trial's val probabilities (its compressed ONNX model run on val).
+
+    Args:
+        val_images: the val images as the model takes them.
+        val_labels: the val labels.
+        multilabel: one sigmoid per label.
+        target_sensitivity: ``export.target_sensitivity`` (binary tasks), or None for argmax.
+        positive_class: ``export.positive_class``.
+
+    Examples:
+        >>> evidence = selection_evidence(spec, dataset, meta)  # doctest: +SKIP
+        >>> trial = choose(outcome, "best", evidence)  # doctest: +SKIP
+    """
+
+    def __init__(self, val_images: np.ndarray, val_labels: np.ndarray, *, multilabel: bool = False,
+                 target_sensitivity: float | None = None, positive_class: int = 1) -> None:
+        self.val_images, self.val_labels = val_images, val_labels
+        self.multilabel, self.target_sensitivity, self.positive_class = multilabel, target_sensitivity, positive_class
+        self._probs: dict[str, np.ndarray] = {}
+
+    def probabilities(self, trial: TrialRecord) -> np.ndarray:
+        """The trial's val probabilities from its checkpoint's served model (read once)."""
+        if trial.trial_id not in self._probs:
+            if trial.checkpoint is None:
+                raise ExportError(f"trial {trial.trial_id} has no checkpoint")
+            import ray.train
+
+            with ray.train.Checkpoint(trial.checkpoint).as_directory() as directory:
+                logits = OnnxModel(Path(directory) / MODEL_FILE, threads=1).predict(self.val_images)
+            self._probs[trial.trial_id] = calibrated_probabilities(logits, multilabel=self.multilabel)
+        return self._probs[trial.trial_id]
+
+
+def selection_evidence(spec: Any, dataset: Any, meta: DatasetMeta) -> SelectionEvidence | None:
+    """The evidence for :func:`choose` (None for segmentation: Dice has no bootstrap here, the order stays)."""
+    if meta.task != "classification":
+        return None
+    val = dataset.splits["val"]
+    return SelectionEvidence(val.images, val.labels, multilabel=meta.multilabel,
+                             target_sensitivity=spec.export.target_sensitivity,
+                             positive_class=spec.export.positive_class)
+
+
+def select_for_export(outcome: SearchOutcome, select: str | int,
+                      evidence: SelectionEvidence | None = None) -> tuple[TrialRecord, Selection | None]:
+    """The trial to serve and, for ``select="best"`` with evidence, how it was chosen.
+
+    ``"best"`` with evidence: :func:`medkd.registry.selection.select_trial` over every completed trial
+    (ties within the val split's noise go to the better decision at the served operating point, then
+    the cheaper model). Without evidence (segmentation), or when the first objective is not val AUC:
+    the Pareto front's best by the first objective. An integer picks that Pareto index.
+    """
     front = outcome.pareto_trials()
     if not front:
         raise ExportError("search produced no finished trial to export (see the trial errors above)")
-    if select == "best":
-        return front[0]
-    if not 0 <= int(select) < len(front):
-        raise ExportError(f"export.select: Pareto index {select} out of range (front has {len(front)} points)")
-    return front[int(select)]
+    if select != "best":
+        if not 0 <= int(select) < len(front):
+            raise ExportError(f"export.select: Pareto index {select} out of range (front has {len(front)} points)")
+        return front[int(select)], None
+    quality = outcome.objectives[0]["metric"] if outcome.objectives else None
+    if evidence is None or quality != "val_auc":
+        return front[0], None
+    completed = [t for t in outcome.trials if t.final and t.checkpoint is not None]
+    selection = select_trial(completed, {t.trial_id: evidence.probabilities(t) for t in completed}, evidence.val_labels,
+                             quality=quality, multilabel=evidence.multilabel,
+                             target_sensitivity=evidence.target_sensitivity, positive_class=evidence.positive_class)
+    return next(t for t in completed if t.trial_id == selection.chosen), selection
+
+
+def choose(outcome: SearchOutcome, select: str | int, evidence: SelectionEvidence | None = None) -> TrialRecord:
+    """The trial to serve (see :func:`select_for_export`)."""
+    return select_for_export(outcome, select, evidence)[0]
 
 
 def export_models(
@@ -73,14 +146,17 @@ def export_models(
     With ``final`` (a :class:`medkd.search.final.FinalModel` of the selected trial), the
     selected entry holds that longer-trained model instead of the trial's, under its own id.
     """
-    chosen = choose(outcome, spec.export.select)
+    chosen, selection = select_for_export(outcome, spec.export.select, selection_evidence(spec, dataset, meta))
     if final is not None and final.trial_id != chosen.trial_id:
         raise ExportError(f"the final training is of trial {final.trial_id}, but export.select picks {chosen.trial_id}")
     test_x, test_y = dataset.splits["test"].images, dataset.splits["test"].labels
     registry = registry_dir(output_dir)
     registry.mkdir(parents=True, exist_ok=True)
     exported = []
-    for rank, trial in enumerate(outcome.pareto_trials()):
+    candidates: list[tuple[int | None, TrialRecord]] = list(enumerate(outcome.pareto_trials()))
+    if all(trial.trial_id != chosen.trial_id for _, trial in candidates):
+        candidates.append((None, chosen))  # tied with the best within the val noise, off the front: exported too
+    for rank, trial in candidates:
         trained_again = final if final is not None and trial.trial_id == chosen.trial_id else None
         parts = [outcome.fingerprint, trial.trial_id, trial.config] + ([trained_again.fingerprint] if trained_again else [])
         model_id = f"{spec.name}-{fingerprint(*parts)}"
@@ -108,9 +184,17 @@ def export_models(
                     f"{model_id}: ONNX and PyTorch logits differ by {parity['max_abs_diff']:.3g} "
                     f"> export.parity_atol={spec.export.parity_atol:g}"
                 )
-    progress.line(f"  exported {len(exported)} Pareto model(s) to {registry}")
+    progress.line(f"  exported {len(exported)} model(s) to {registry}")
+    if selection is not None:
+        tied = [c.trial_id for c in selection.candidates if c.tied]
+        progress.line(f"  selection: {len(tied)} trial(s) tied within the val noise ({', '.join(tied)}); served "
+                      f"{chosen.trial_id}")
     selected = next(e for e in exported if e["trial_id"] == chosen.trial_id)
-    return {"selected": selected, "pareto": exported}
+    return {"selected": selected, "pareto": exported,
+            "selection": selection.model_dump() if selection is not None else {
+                "chosen": chosen.trial_id, "rule": f"export.select = {spec.export.select!r}: the Pareto front's "
+                "best by the first objective" if spec.export.select == "best" else
+                f"export.select = {spec.export.select}: that Pareto index", "candidates": []}}
 
 
 def _copy_checkpoint(trial: TrialRecord, target: Path) -> None:
@@ -134,6 +218,7 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
     started = time.perf_counter()
     logits = OnnxModel(target / MODEL_FILE, threads=1).predict(test[0])
     test_metrics = evaluate_logits(logits, test[1], meta)
+    decisions = _calibrate(spec, target, dataset, meta, test_logits=logits, test_labels=test[1], test_metrics=test_metrics)
     candidate = json.loads((target / CANDIDATE_FILE).read_text())
     val_metrics = candidate["metrics"]
     metadata = {
@@ -183,10 +268,41 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
             "argmax_agreement": val_metrics["parity_argmax_agreement"],
             "compressed_argmax_agreement": val_metrics.get("compressed_argmax_agreement"),
         },
+        **decisions,
         "files": {"model": MODEL_FILE, "fp32": FP32_FILE, "state_dict": STATE_FILE},
         "export_seconds": time.perf_counter() - started,
     }
     (target / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def _calibrate(spec: Any, target: Path, dataset: Any, meta: DatasetMeta, *, test_logits: np.ndarray,
+               test_labels: np.ndarray, test_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Temperature scaling and operating points fitted on val for the served model, scored on test.
+
+    Returns the metadata fields ``calibration``, ``operating_points`` and ``operating_point`` (the
+    served one: the target-sensitivity threshold when ``export.target_sensitivity`` is set, else
+    argmax) and adds ``ece_calibrated`` and per-point ``operating_points`` to ``test_metrics``.
+    Segmentation models get none.
+    """
+    if meta.task != "classification":
+        return {}
+    val = dataset.splits["val"]
+    val_logits = OnnxModel(target / MODEL_FILE, threads=1).predict(val.images)
+    calibration = fit_calibration(val_logits, val.labels, multilabel=meta.multilabel)
+    binary = not meta.multilabel and meta.num_classes == 2
+    goal = spec.export.target_sensitivity if binary else None
+    points = choose_operating_points(calibrated_probabilities(val_logits, calibration.temperature, multilabel=meta.multilabel),
+                                     val.labels, multilabel=meta.multilabel, target_sensitivity=goal,
+                                     positive_class=spec.export.positive_class)
+    test_probs = calibrated_probabilities(test_logits, calibration.temperature, multilabel=meta.multilabel)
+    test_metrics["ece_calibrated"] = evaluate_logits(test_logits / calibration.temperature, test_labels, meta)["ece"]
+    test_metrics["operating_points"] = {
+        point.name: decision_metrics(point.decide(test_probs, multilabel=meta.multilabel), test_labels,
+                                     num_classes=meta.num_classes, multilabel=meta.multilabel,
+                                     positive_class=spec.export.positive_class)
+        for point in points}
+    return {"calibration": calibration.model_dump(), "operating_points": [p.model_dump() for p in points],
+            "operating_point": points[-1].name if goal is not None else ARGMAX}
 
 
 def _plain(value: Any) -> Any:

@@ -8,9 +8,10 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from medkd.core.errors import field_error as _field_error
+from medkd.registry.calibration import ARGMAX, Calibration, OperatingPoint, calibrated_probabilities
 
 
 class InputMeta(BaseModel):
@@ -71,6 +72,24 @@ class ModelMetadata(BaseModel):
     num_classes: int = Field(ge=1)
     class_names: list[str] | None = None
     input: InputMeta
+    calibration: Calibration | None = Field(None, description="temperature scaling fitted on val; None: raw probabilities")
+    operating_points: list[OperatingPoint] = Field(default_factory=list, description="chosen on val by the export")
+    operating_point: str = Field(ARGMAX, description="the operating point whose decision the endpoint returns")
+
+    @model_validator(mode="after")
+    def _served_point_exists(self) -> "ModelMetadata":
+        names = [point.name for point in self.operating_points]
+        if self.operating_point != ARGMAX and self.operating_point not in names:
+            raise ValueError(f"operating_point {self.operating_point!r} is not one of operating_points {names}")
+        point = self.served_point()
+        if point.kind == "threshold" and (self.multilabel or self.num_classes != 2):
+            raise ValueError(f"operating_point {point.name!r} is a threshold, which needs a binary single-label model")
+        return self
+
+    def served_point(self) -> OperatingPoint:
+        """The operating point the endpoint decides at (argmax when the export stored none)."""
+        named = {point.name: point for point in self.operating_points}
+        return named.get(self.operating_point) or OperatingPoint(name=ARGMAX, kind="argmax")
 
     @field_validator("class_names")
     @classmethod
@@ -85,17 +104,22 @@ class ModelMetadata(BaseModel):
         return self.class_names[index] if self.class_names else str(index)
 
     def classify(self, logits: np.ndarray) -> list[dict[str, Any]]:
-        """Per-image probabilities and predicted class(es) from classification logits.
+        """Per-image calibrated probabilities and the decision at the served operating point.
 
-        The one place where served logits become a decision: softmax over classes, a sigmoid
-        per label for multi-label models, and a sigmoid on the single logit of a binary model.
+        The one place where served logits become a decision: softmax over classes (a sigmoid per
+        label for multi-label models, a sigmoid on the single logit of a binary model) of the
+        logits divided by the calibration temperature fitted on val, then the decision of
+        :attr:`operating_point` (argmax, or a binary threshold chosen on val for a target
+        sensitivity).
 
         Args:
             logits: ``(N, K)`` model outputs (``(N, 1)`` for a binary single-logit model).
 
         Returns:
-            One dict per image: ``probabilities`` (K values), ``predicted_class``,
-            ``predicted_label`` and, for multi-label models, ``predicted_labels`` (p >= 0.5).
+            One dict per image: ``probabilities`` (K calibrated values), ``predicted_class`` and
+            ``predicted_label`` (the decision at the operating point), ``operating_point`` (its
+            name, with ``threshold`` for a threshold point) and, for multi-label models,
+            ``predicted_labels`` (p >= 0.5).
 
         Examples:
             >>> meta = ModelMetadata(model_id="m", task="classification", num_classes=2,
@@ -104,28 +128,23 @@ class ModelMetadata(BaseModel):
             >>> meta.classify(np.array([[0.0, 2.0]]))[0]["predicted_label"]
             'malignant'
         """
-        logits = np.asarray(logits).reshape(len(logits), -1).astype(np.float64)
-        if self.multilabel:
-            probabilities = _sigmoid(logits)
-        elif logits.shape[1] == 1:  # binary model with a single logit
-            positive = _sigmoid(logits[:, 0])
-            probabilities = np.stack([1.0 - positive, positive], axis=1)
-        else:
-            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        logits = np.asarray(logits).reshape(len(logits), -1)
+        temperature = self.calibration.temperature if self.calibration is not None else 1.0
+        probabilities = calibrated_probabilities(logits, temperature, multilabel=self.multilabel)
+        point = self.served_point()
+        decisions = point.decide(probabilities, multilabel=self.multilabel)
         results = []
-        for row in probabilities:
-            predicted = int(row.argmax())
+        for row, decision in zip(probabilities, decisions):
+            predicted = int(row.argmax()) if self.multilabel else int(decision)
             result: dict[str, Any] = {
                 "probabilities": row.tolist(),
                 "predicted_class": predicted,
                 "predicted_label": self.label(predicted),
+                "operating_point": point.name,
             }
+            if point.threshold is not None:
+                result["threshold"] = point.threshold
             if self.multilabel:
-                result["predicted_labels"] = [self.label(int(i)) for i in np.flatnonzero(row >= 0.5)]
+                result["predicted_labels"] = [self.label(int(i)) for i in np.flatnonzero(decision)]
             results.append(result)
         return results
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))

@@ -88,3 +88,75 @@ def test_selection_errors_name_the_problem(val):
         select_trial([], {}, labels)
     with pytest.raises(ValueError, match=r"missing for trial\(s\) \['b'\]"):
         select_trial([trial("a"), trial("b")], {"a": binary_probs(score)}, labels)
+
+
+# ----------------------------------------------------------------------------- with real ONNX models
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from medkd.data.meta import DatasetMeta  # noqa: E402
+from medkd.registry.export import SelectionEvidence, _calibrate, select_for_export  # noqa: E402
+from medkd.search.run import SearchOutcome, TrialRecord  # noqa: E402
+from medkd.spec.export import ExportSpec  # noqa: E402
+from medkd.students.compression import export_onnx  # noqa: E402
+
+
+class Scaled(nn.Module):
+    """A fixed binary "model": logits (0, scale * (mean pixel - 0.5))."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.scale * (x.mean(dim=(1, 2, 3)) - 0.5)
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def onnx_trial(tmp_path, trial_id: str, scale: float, latency: float) -> TrialRecord:
+    directory = tmp_path / trial_id
+    directory.mkdir()
+    export_onnx(Scaled(scale), torch.zeros(2, 1, 4, 4), directory / "model.onnx")
+    return TrialRecord(trial_id=trial_id, status="completed", config={}, final=True, checkpoint=str(directory),
+                       metrics={"val_auc": 0.9, "latency_ms": latency, "model_bytes": 100})
+
+
+def val_split(n: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    brightness = 0.5 + (labels - 0.5) * 0.1 + rng.normal(0, 0.08, n)
+    return np.broadcast_to(brightness[:, None, None, None], (n, 1, 4, 4)).astype(np.float32).copy(), labels
+
+
+def test_export_selection_reads_each_trials_model_and_breaks_the_tie_by_latency(tmp_path):
+    images, labels = val_split()
+    # Same ranking of the val images (same AUC), different confidence: a tie, and argmax decides alike.
+    trials = [onnx_trial(tmp_path, "slow", 40.0, latency=2.0), onnx_trial(tmp_path, "fast", 5.0, latency=1.0)]
+    outcome = SearchOutcome(fingerprint="f", experiment_path=str(tmp_path), trials=trials, pareto=["slow"],
+                            objectives=[{"metric": "val_auc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}])
+    chosen, selection = select_for_export(outcome, "best", SelectionEvidence(images, labels))
+    assert chosen.trial_id == "fast" and selection.chosen == "fast"  # off the Pareto front, tied, cheaper
+    assert all(c.tied for c in selection.candidates)
+    assert select_for_export(outcome, "best", None)[0].trial_id == "slow"  # no evidence: the front's best
+    assert select_for_export(outcome, 0, SelectionEvidence(images, labels)) == (trials[0], None)
+
+
+def test_export_calibrates_the_served_model_and_scores_its_operating_points(tmp_path):
+    images, labels = val_split()
+    trial = onnx_trial(tmp_path, "t", 200.0, latency=1.0)  # very over-confident
+    dataset = SimpleNamespace(splits={"val": SimpleNamespace(images=images, labels=labels[:, None])})
+    meta = DatasetMeta(task="classification", multilabel=False, num_classes=2, in_channels=1, spatial_dims=2,
+                       image_size=(4, 4))
+    spec = SimpleNamespace(export=ExportSpec(target_sensitivity=0.9, positive_class=1))
+    test_metrics: dict = {}
+    logits = np.stack([np.zeros(len(images)), 200.0 * (images.mean(axis=(1, 2, 3)) - 0.5)], 1)
+    fields = _calibrate(spec, tmp_path / "t", dataset, meta, test_logits=logits, test_labels=labels[:, None],
+                        test_metrics=test_metrics)
+    assert fields["calibration"]["temperature"] > 1
+    assert fields["calibration"]["ece_after"] < fields["calibration"]["ece_before"]
+    assert [p["name"] for p in fields["operating_points"]] == ["argmax", "sensitivity>=0.90"]
+    assert fields["operating_point"] == "sensitivity>=0.90"
+    assert test_metrics["operating_points"]["sensitivity>=0.90"]["sensitivity"] >= 0.9
+    assert test_metrics["ece_calibrated"] < 0.2
+    assert trial.checkpoint
