@@ -276,7 +276,7 @@ class Pipeline:
     def _final(self) -> str:
         from medkd.registry.export import choose, selection_evidence
         from medkd.search.final import train_final
-        from medkd.search.run import search_context
+        from medkd.search.context import search_context
 
         self.final = None
         if not self.spec.search.final_training:

@@ -30,7 +30,7 @@ from medkd.registry.calibration import (
     fit_calibration,
 )
 from medkd.registry.selection import Selection, select_trial
-from medkd.search.run import SearchOutcome, TrialRecord
+from medkd.search.outcome import SearchOutcome, TrialRecord
 from medkd.data.meta import DatasetMeta
 
 SELECTED_FILE = "SELECTED"

@@ -14,7 +14,7 @@ more from scratch — same seed, same cached soft labels and FKD views, never a 
   run's.
 
 It is then pruned, exported and quantized, and validated, exactly as in a trial
-(:func:`medkd.search.run.train_candidate`). The export serves that model in place of the
+(:func:`medkd.search.recipe.train_candidate`). The export serves that model in place of the
 trial's; the other Pareto points are exported as searched.
 
 The result is kept under ``output_dir/final/<fingerprint>/`` (search, trial, configuration and
@@ -36,7 +36,10 @@ from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
 from medkd.students.candidate import CANDIDATE_FILES
 from medkd.students.distill import DistillConfig, quality_metric
-from medkd.search.run import SearchOutcome, TrialRecord
+from medkd.search.context import TrialContext
+from medkd.search.outcome import SearchOutcome, TrialRecord
+from medkd.search.recipe import teacher_logits_source, train_candidate, trial_augmentation
+from medkd.students.distill import build_student
 
 FINAL_DIR = "final"
 RECORD_FILE = "final.json"
@@ -78,7 +81,7 @@ def train_final(
     outcome: SearchOutcome,
     trial: TrialRecord,
     *,
-    context: dict[str, Any],
+    context: TrialContext,
     output_dir: Path,
     progress: Progress,
 ) -> tuple[FinalModel | None, str]:
@@ -92,7 +95,7 @@ def train_final(
         spec: the job spec.
         outcome: the finished search.
         trial: the trial the export selects (``medkd.registry.export.choose``).
-        context: :func:`medkd.search.run.search_context` of this job.
+        context: :func:`medkd.search.context.search_context` of this job.
         output_dir: the job's output folder; the model goes to ``final/<fingerprint>/``.
         progress: where the stage reports epochs and the result.
 
@@ -140,7 +143,7 @@ def train_final(
     return record, "ran"
 
 
-def final_candidate(config_json: str, context: dict[str, Any], cpus: float) -> tuple[dict[str, bytes], dict[str, Any]]:
+def final_candidate(config_json: str, context: TrialContext, cpus: float) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Ray task: train, compress and export one student; returns its files (bytes) and metrics.
 
     Files travel back through the object store, so the driver's output folder need not be
@@ -149,26 +152,24 @@ def final_candidate(config_json: str, context: dict[str, Any], cpus: float) -> t
     import ray
     import torch
 
-    from medkd.students.distill import build_student
-    from medkd.search.run import teacher_logits_source, train_candidate, trial_augmentation
 
     torch.set_num_threads(max(1, int(math.floor(cpus))))
     config = DistillConfig.model_validate_json(config_json)
-    meta = context["meta"]
-    data = ray.get(context["data_refs"][0])
+    meta = context.meta
+    data = ray.get(context.data_refs[0])
     teacher_logits, views = teacher_logits_source(context, data["train"][0])
     quality_key = f"val_{quality_metric(meta)}"
 
     def on_epoch(record: dict[str, Any]) -> None:
         trial = "final" if "branch" not in record else f"final branch {record['branch']}/{config.branches}"
-        send_event(context["events"], {"kind": "trial_epoch", "trial": trial, "epoch": record["epoch"],
+        send_event(context.events, {"kind": "trial_epoch", "trial": trial, "epoch": record["epoch"],
                                        "epochs": config.epochs, "metric": quality_key,
                                        "value": float(record.get(quality_key, float("nan")))})
 
     with tempfile.TemporaryDirectory() as directory:
         metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
                                   teacher_logits=teacher_logits,
-                                  augment=trial_augmentation(context, config.seed), directory=Path(directory),
-                                  latency_runs=context["latency_runs"], on_epoch=on_epoch, views=views)
+                                  augment=trial_augmentation(context.augment, context.meta, config.seed), directory=Path(directory),
+                                  latency_runs=context.latency_runs, on_epoch=on_epoch, views=views)
         files = {name: (Path(directory) / name).read_bytes() for name in CANDIDATE_FILES}
     return files, metrics

@@ -20,6 +20,9 @@ from medkd.data import SyntheticDataSpec, load_dataset
 from medkd.softlabels.store import SoftLabelCache
 from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
 from medkd.data.meta import DatasetMeta
+from medkd.search.context import TrialContext
+from medkd.search.recipe import teacher_logits_source
+from medkd.softlabels.reading import cached_teacher_logits, cached_views
 
 TEACHERS = ("cnn-a", "vit-b", "cnn-c")
 NUM_TRAIN = 40
@@ -159,7 +162,6 @@ def test_cached_views_read_back_the_published_views(publish):
     """FKD views published by the soft-label stage come back with their parameters and logits."""
     from medkd.data import AugmentSpec, sample_view_params
     from medkd.softlabels.manifest import CacheMissError
-    from medkd.search.run import cached_views
 
     make_cache, _ = publish
     dataset = tiny_dataset("classification")
@@ -214,7 +216,6 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     are recomputed from the teacher checkpoints, republished, and the trial reads the right logits."""
     from medkd.data import AugmentSpec, apply_view
     from medkd.softlabels.manifest import CacheMissError
-    from medkd.search.run import teacher_logits_source, cached_teacher_logits
     from medkd.softlabels.compute import view_params
     from medkd.teachers.loop import predict
 
@@ -245,13 +246,13 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     reader = make_cache(lru_bytes=0)
     with pytest.raises(CacheMissError):
         cached_teacher_logits(reader, fps, dataset.fingerprint, segmentation=False)  # no recovery: the error
-    context = {
-        "cache_url": reader.url, "cache_namespace": reader.namespace, "password_env": None, "teacher_fps": fps,
-        "dataset_fp": dataset.fingerprint, "meta": meta, "events": None, "augment": augment.model_dump(mode="json"),
-        "views": {"views": 1, "views_dataset_fp": views_fp, "seed": 3},
-        "teacher_artifacts": [artifact.model_dump_json() for artifact, _ in teachers],
-        "cache_options": {"encoding": "float16", "compression": None, "topk": None},
-    }
+    context = TrialContext.model_construct(  # only what reading the soft labels needs
+        cache_url=reader.url, cache_namespace=reader.namespace, password_env=None, teacher_fps=fps,
+        dataset_fp=dataset.fingerprint, meta=meta, events=None, augment=augment.model_dump(mode="json"),
+        views={"views": 1, "views_dataset_fp": views_fp, "seed": 3},
+        teacher_artifacts=[artifact.model_dump_json() for artifact, _ in teachers],
+        cache_options={"encoding": "float16", "compression": None, "topk": None},
+    )
     originals, views = teacher_logits_source(context, images)
     indices = np.arange(len(images))
     rounded = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731

@@ -8,7 +8,11 @@ from medkd.core.progress import Progress
 from medkd.spec.job import parse_spec
 from medkd.registry.export import ExportError, export_models
 from medkd.search.final import FinalModel, final_fingerprint, train_final
-from medkd.search.run import SearchOutcome, TrialRecord
+from medkd.search.outcome import SearchOutcome, TrialRecord
+from medkd.data.meta import DatasetMeta
+
+
+META = DatasetMeta(task="segmentation", spatial_dims=2, in_channels=1, num_classes=2, image_size=[16, 16])
 
 
 def spec(final_epochs: int | None, final_branches: int | None = None):
@@ -58,5 +62,5 @@ def test_export_refuses_a_final_model_of_another_trial(tmp_path):
                        search_val={}, seconds=1.0)
     done = outcome(trial("a"), trial("b"))  # export.select "best" picks the front's first, "a"
     with pytest.raises(ExportError, match="final training is of trial b.*picks a"):
-        export_models(spec(10), done, dataset=None, meta={}, teachers=[], soft_labels={}, output_dir=tmp_path,
+        export_models(spec(10), done, dataset=None, meta=META, teachers=[], soft_labels={}, output_dir=tmp_path,
                       progress=Progress(quiet=True), final=other)

@@ -7,16 +7,19 @@ import torch
 
 from medkd.data import Augmentation
 from medkd.data.meta import DatasetMeta
-from medkd.search.run import calibration_samples, trial_augmentation
+from medkd.search import recipe
+from medkd.search.recipe import calibration_samples, trial_augmentation
+from medkd.search.space import MIN_TEACHER_PRIOR, teacher_prior
+from medkd.students.distill import DistillConfig, array_teacher_logits, build_student
 
 META = DatasetMeta(task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2,
                    image_size=[16, 16])
 
 
 def test_trial_augmentation_follows_search_augment():
-    assert trial_augmentation({"augment": None, "meta": META}, seed=0) is None
-    assert trial_augmentation({"augment": {"flip": 0.0}, "meta": META}, seed=0) is None  # all off
-    augment = trial_augmentation({"augment": {"flip": 1.0, "flip_axes": [1]}, "meta": META}, seed=0)
+    assert trial_augmentation(None, META, seed=0) is None
+    assert trial_augmentation({"flip": 0.0}, META, seed=0) is None  # all off
+    augment = trial_augmentation({"flip": 1.0, "flip_axes": [1]}, META, seed=0)
     assert isinstance(augment, Augmentation)
     images = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
     flipped, masks = augment(images, None)
@@ -33,8 +36,6 @@ def test_calibration_samples_are_a_seeded_subset():
 
 
 def test_teacher_prior_trusts_teachers_by_validation_skill():
-    from medkd.search.run import MIN_TEACHER_PRIOR, teacher_prior
-
     meta = META
     labels = np.array([0, 0, 0, 1, 1, 1])
     perfect = np.stack([-labels * 2.0 + 1, labels * 2.0 - 1], axis=1)
@@ -47,9 +48,6 @@ def test_teacher_prior_trusts_teachers_by_validation_skill():
 
 
 def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once(tmp_path, monkeypatch):
-    from medkd.search import run as search
-    from medkd.students.distill import DistillConfig, array_teacher_logits, build_student
-
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 32)
     images = (rng.normal(0, 0.3, (32, 1, 16, 16)) + labels[:, None, None, None]).astype(np.float32)
@@ -58,15 +56,15 @@ def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once
     config = DistillConfig(student="resnet_tiny", width=0.25, epochs=4, batch_size=16, alpha=0.5, branches=2,
                            prune="channels", prune_amount=0.25, quantize="none")
     calls = []
-    real = search.distill
+    real = recipe.distill
 
     def recording(model, cfg, **kwargs):
         history = real(model, cfg, **kwargs)
         calls.append((cfg.branches, [r.get("branch") for r in history]))
         return history
 
-    monkeypatch.setattr(search, "distill", recording)
-    metrics = search.train_candidate(build_student(meta, config), config, meta=meta, train=(images, labels[:, None]),
+    monkeypatch.setattr(recipe, "distill", recording)
+    metrics = recipe.train_candidate(build_student(meta, config), config, meta=meta, train=(images, labels[:, None]),
                                      val=(images[:16], labels[:16, None]), teacher_logits=array_teacher_logits(teachers),
                                      augment=None, directory=tmp_path, latency_runs=2)
     (soup_branches, soup_records), (tune_branches, tune_records) = calls
