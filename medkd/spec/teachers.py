@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medkd.spec.base import StrictModel, fingerprint_dump
 from medkd.spec.catalog import check_name
@@ -33,11 +33,22 @@ class TeacherSpec(StrictModel):
     )
     augment: AugmentSpec | None = None
     num_workers: int = Field(1, gt=0)
+    min_workers: int | None = Field(
+        None, gt=0,
+        description="elastic training: when nodes are lost, go on with as few as this many workers (from the last "
+                    "checkpoint) instead of waiting for num_workers; None: always num_workers",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Literal["auto"] | bool = "auto"
     mixed_precision: bool = True
     max_failures: int = Field(2, ge=0)
     seed: int | None = None
+
+    @model_validator(mode="after")
+    def _min_workers_within_num_workers(self) -> "TeacherSpec":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers ({self.num_workers})")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -46,4 +57,5 @@ class TeacherSpec(StrictModel):
 
     def training_fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not resources)."""
-        return fingerprint_dump(self, exclude={"name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures"})
+        resources = {"num_workers", "min_workers", "cpus_per_worker", "use_gpu", "max_failures"}
+        return fingerprint_dump(self, exclude={"name", *resources})

@@ -19,11 +19,18 @@ import torch
 from pydantic import BaseModel
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
+from medkd.teachers.faults import (
+    LostNodeDeadline,
+    TeacherTrainingError,
+    alive_nodes,
+    lost_node_wait_s,
+    training_failure_message,
+)
 from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
 from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
 from medkd.data.meta import DatasetMeta
@@ -123,6 +130,8 @@ def train_one_teacher(
     started = time.perf_counter()
     metric = "val_dice" if meta.task == "segmentation" else "val_auc"
     run_name = f"teacher-{teacher.name}-{teacher_fp}"
+    elastic = teacher.min_workers is not None and teacher.min_workers < teacher.num_workers
+    nodes_before = alive_nodes()
     trainer = TorchTrainer(
         train_teacher_loop,
         train_loop_config={
@@ -132,7 +141,9 @@ def train_one_teacher(
             "data_ref": data_ref,
         },
         scaling_config=ScalingConfig(
-            num_workers=teacher.num_workers,
+            # Elastic: after a lost node, Train restarts from the last checkpoint with as many
+            # workers as the cluster still places (at least min_workers).
+            num_workers=(teacher.min_workers, teacher.num_workers) if elastic else teacher.num_workers,
             use_gpu=_use_gpu(teacher.use_gpu),
             resources_per_worker={"CPU": teacher.cpus_per_worker},
         ),
@@ -143,13 +154,19 @@ def train_one_teacher(
                 num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=teacher.max_failures),
-            callbacks=[_ProgressCallback(events, teacher.name, teacher.epochs)],
+            callbacks=[_ProgressCallback(events, teacher.name, teacher.epochs),
+                       LostNodeDeadline(nodes_before, wait_s=lost_node_wait_s(), what=f"teacher {teacher.name!r}")],
         ),
     )
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"teacher {teacher.name!r} failed: {result.error}") from result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except TrainingFailedError as error:
+        lost = {node_id: address for node_id, address in nodes_before.items() if node_id not in alive_nodes()}
+        raise TeacherTrainingError(training_failure_message(
+            teacher, error, lost=lost, run_dir=Path(storage_path) / run_name)) from error
     best_checkpoint, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1].get(metric, float("-inf")), default=(result.checkpoint, result.metrics))
     if best_checkpoint is None:
         raise RuntimeError(f"teacher {teacher.name!r} finished without a checkpoint")
@@ -277,8 +294,10 @@ def train_teachers(
                     status[name] = "ran"
                     a = artifacts[name]
                     progress.line(f"  teacher {name}: done in {a.train_seconds:.0f}s, best epoch {a.best_epoch}, val={a.best_val:.4f}")
-                except Exception as error:  # keep the other teachers' results
+                except TeacherTrainingError as error:  # keep the other teachers' results
+                    errors.append(str(error))
+                except Exception as error:
                     errors.append(f"{name}: {error}")
             if errors:
-                raise RuntimeError("teacher training failed:\n  " + "\n  ".join(errors))
+                raise TeacherTrainingError("teacher training failed:\n  " + "\n  ".join(errors))
     return [artifacts[t.name] for t in spec.teachers], status

@@ -2,37 +2,37 @@
 
 The scenario (``tests/teachers/fault_scenario.py``) runs in a subprocess because it starts its
 own multi-node cluster, which cannot share a process with the session's ``ray_session``.
+Scenarios without a replacement node are in ``tests/cluster/test_faults_teachers.py``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+import pytest
+
+from medkd.spec.teachers import TeacherSpec
+from medkd.teachers.faults import LOST_NODE_WAIT_ENV, lost_node_wait_s
+from tests.teachers.fault_scenario import run_in_subprocess
+
 SCENARIO_TIMEOUT_S = 240
 
 
-def run_scenario(output: Path) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.teachers.fault_scenario", "--output", str(output), "--timeout", str(SCENARIO_TIMEOUT_S)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SCENARIO_TIMEOUT_S + 60,
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("SCENARIO_RESULT ")]
-    assert lines, f"scenario printed no result (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
-    return json.loads(lines[-1].removeprefix("SCENARIO_RESULT "))
+def test_min_workers_above_num_workers_is_refused():
+    with pytest.raises(ValueError, match=r"min_workers \(3\) must not exceed num_workers \(2\)"):
+        TeacherSpec(name="t", model="resnet10", num_workers=2, min_workers=3)
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_a_bad_lost_node_wait_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv(LOST_NODE_WAIT_ENV, value)
+    with pytest.raises(ValueError, match=LOST_NODE_WAIT_ENV):
+        lost_node_wait_s()
+
+
+@pytest.mark.slow
 def test_teacher_resumes_from_its_last_checkpoint_after_its_node_is_removed(tmp_path):
-    outcome = run_scenario(tmp_path / "fault")
+    outcome = run_in_subprocess(tmp_path / "fault", "replace", SCENARIO_TIMEOUT_S)
     assert outcome["ok"], outcome.get("error")
     assert outcome["train_worker_was_on_removed_node"], "the training worker was not on the removed node"
 
