@@ -287,6 +287,7 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
             "lr": lr,
             "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - started,
+            "workers": world,  # fewer than num_workers after an elastic restart on a smaller cluster
         }
         state["history"].append(record)
         stop = teacher["patience"] is not None and state["bad_epochs"] >= teacher["patience"]
