@@ -18,6 +18,20 @@ from typing import Any, Callable
 import numpy as np
 
 from medkd.core.progress import Progress, RemoteEvents
+from medkd.core.metrics import classification_metrics, ensemble_probabilities
+from medkd.data import load_dataset
+from medkd.pipeline.demo import demo_request
+from medkd.pipeline.report import print_results_table, write_report
+from medkd.registry.export import choose, export_models, selection_evidence
+from medkd.search.context import search_context
+from medkd.search.final import train_final
+from medkd.search.run import SearchOutcome, run_search, search_fingerprint
+from medkd.serve.app import deploy, undeploy
+from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits
+from medkd.softlabels.redis_server import ManagedRedisServer
+from medkd.softlabels.store import SoftLabelCache
+from medkd.students.distill import evaluate_logits
+from medkd.teachers.train import train_teachers
 from medkd.spec.job import JobSpec
 from medkd.data.meta import DatasetMeta
 
@@ -109,9 +123,6 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         import ray
 
-        from medkd.data import load_dataset
-        from medkd.softlabels.redis_server import ManagedRedisServer
-        from medkd.softlabels.store import SoftLabelCache
 
         spec = self.spec
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +174,6 @@ class Pipeline:
         return self.results
 
     def _serve_until_interrupted(self) -> None:
-        from medkd.serve.app import undeploy
-
         self.progress.line(f"serving at {self.results['serve']['url']} — press Ctrl-C to stop")
         try:
             while True:
@@ -177,8 +186,6 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
 
     def _teachers(self) -> str:
-        from medkd.teachers.train import train_teachers
-
         self.teachers, status = train_teachers(
             self.spec, self.dataset, self.data_ref, output_dir=self.output_dir,
             storage_path=self.storage_path, progress=self.progress, events=self.events,
@@ -192,9 +199,6 @@ class Pipeline:
         return "ran" if any(s == "ran" for s in status.values()) else "skipped"
 
     def _soft_labels(self) -> str:
-        from medkd.core.metrics import ensemble_probabilities
-        from medkd.softlabels.compute import cache_teacher_logits
-
         spec = self.spec
         options = {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk}
         hits_before, misses_before = self._cache_counters()
@@ -202,15 +206,12 @@ class Pipeline:
                                       data_ref=self.data_ref, cache_options=options, progress=self.progress)
         views = None
         if spec.cache.views:
-            from medkd.softlabels.compute import cache_view_logits
-
             views = cache_view_logits(
                 self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta, data_ref=self.data_ref,
                 num_train=len(self.dataset.splits["train"].images), views=spec.cache.views, augment=spec.search.augment,
                 seed=spec.seed, cache_options=options, progress=self.progress,
             )
         # Teacher quality on val and test comes from the cached logits: no teacher re-runs.
-        from medkd.students.distill import evaluate_logits
 
         logits = {t.name: {s: self.cache.fetch(t.fingerprint, self.dataset.fingerprint, s) for s in ("val", "test")}
                   for t in self.teachers}
@@ -220,14 +221,13 @@ class Pipeline:
         ensemble = {}
         for split in ("val", "test"):
             stacked = [logits[t.name][split] for t in self.teachers]
-            if self.meta["task"] == "segmentation":
+            if self.meta.task == "segmentation":
                 probs = ensemble_probabilities(stacked)  # mean of per-pixel softmax over teachers
                 ensemble[split] = evaluate_logits(np.log(np.clip(probs, 1e-8, 1.0)), self.dataset.splits[split].labels, self.meta)
             else:
-                probs = ensemble_probabilities(stacked, multilabel=self.meta["multilabel"])
-                from medkd.core.metrics import classification_metrics
+                probs = ensemble_probabilities(stacked, multilabel=self.meta.multilabel)
 
-                ensemble[split] = classification_metrics(probs, self.dataset.splits[split].labels, multilabel=self.meta["multilabel"])
+                ensemble[split] = classification_metrics(probs, self.dataset.splits[split].labels, multilabel=self.meta.multilabel)
         self.results["ensemble"] = {f"{s}_metrics": m for s, m in ensemble.items()}
         hits_after, misses_after = self._cache_counters()
         self.results["soft_labels"] = {
@@ -248,8 +248,6 @@ class Pipeline:
         return int(stats.get("hits", 0)), int(stats.get("misses", 0))
 
     def _search(self) -> str:
-        from medkd.search.run import SearchOutcome, run_search, search_fingerprint
-
         teacher_fps = [t.fingerprint for t in self.teachers]
         search_fp = search_fingerprint(self.spec, teacher_fps, self.dataset.fingerprint)
         outcome_path = self.output_dir / "search" / f"{search_fp}.json"
@@ -274,10 +272,6 @@ class Pipeline:
         return status
 
     def _final(self) -> str:
-        from medkd.registry.export import choose, selection_evidence
-        from medkd.search.final import train_final
-        from medkd.search.context import search_context
-
         self.final = None
         if not self.spec.search.final_training:
             return "skipped"
@@ -292,8 +286,6 @@ class Pipeline:
         return status
 
     def _export(self) -> str:
-        from medkd.registry.export import export_models
-
         exported = export_models(self.spec, self.outcome, dataset=self.dataset, meta=self.meta, teachers=self.teachers,
                                  soft_labels=self.results["soft_labels"]["teachers"], output_dir=self.output_dir,
                                  progress=self.progress, final=self.final)
@@ -325,8 +317,6 @@ class Pipeline:
         if not self.serve_enabled:
             self.results["serve"] = {"enabled": False}
             return "skipped"
-        from medkd.pipeline.demo import demo_request
-        from medkd.serve.app import deploy, undeploy
 
         url = deploy(self.model_dir, self.spec.serve)
         self.progress.line(f"  serving {self.results['best']['model_id']} at {url}")
@@ -343,8 +333,6 @@ class Pipeline:
         return "ran"
 
     def _report(self) -> str:
-        from medkd.pipeline.report import print_results_table, write_report
-
         self._write_results()
         path = write_report(self.results, self.output_dir)
         self.results["report"] = str(path)
