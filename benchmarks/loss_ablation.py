@@ -1,0 +1,214 @@
+"""Loss ablation: the served student's configuration distilled with each logit loss, same budget and seeds.
+
+    python -m benchmarks.loss_ablation --run runs/bench-students-breastmnist [--data PATH.npz]
+        [--seeds 0 1 2] [--losses hinton_kd dkd dist] [--standardization auto|off|on] [--epochs E]
+
+    # the issue's table: one finished benchmarks.students run per set, then
+    python -m benchmarks.loss_ablation --run runs/bench-students-breastmnist --data $MEDKD_DATA_DIR/breastmnist.npz
+    python -m benchmarks.loss_ablation --run runs/bench-students-bloodmnist --data $MEDKD_DATA_DIR/bloodmnist.npz
+
+Needs the output folder of a finished ``python -m benchmarks.students`` run on the same data: its
+soft-label cache (the managed redis-server's data under ``RUN/redis``) and its selected student
+(``RUN/results.json``). Nothing re-runs a teacher.
+
+The selected configuration (student, width, learning rate, temperature, alpha, aggregation,
+epochs, soup, pruning, quantization) is trained once per seed with each variant, changing only
+the loss: ``ce`` (``alpha = 1``, no teacher), then every ``--losses`` family (Hinton KD, DKD
+with the paper's ``nckd_weight = 8``, DIST with ``beta = gamma = 1``) and, with
+``--standardization auto`` on sets of three or more classes (``on`` insists), each again with
+logit standardization (``+ls``). Every run goes through the search's own recipe
+(:func:`benchmarks.students.kd_gain_run`: distill -> compress -> INT8 ONNX) and is scored on val
+and test after compression; runs are Ray tasks of 1 CPU, two at a time here. Choose by val:
+the table's last column says which variant val prefers.
+
+Ends with ``RESULT dataset=NAME ce_test_auc=... ce_test_acc=... hinton_kd_test_auc=... ...
+best_by_val=VARIANT``: mean test AUC and ACC of every variant over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._harness import PASSWORD_ENV, configure_local_ray, load_average, managed_redis, utc_date
+
+configure_local_ray()
+
+from benchmarks._student_setup import (  # noqa: E402
+    DEFAULT_DATA,
+    DEFAULT_SPEC,
+    build_spec,
+    kd_gain_run,
+    retraining_inputs,
+    spec_options,
+)
+from medkd.data.meta import DatasetMeta  # noqa: E402
+from medkd.students.losses.families import CLASSIFICATION_LOSSES  # noqa: E402
+from medkd.students.losses.standardization import MIN_STANDARDIZED_CLASSES  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[loss-ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def variants(losses: list[str], num_classes: int, standardization: str) -> dict[str, dict[str, Any]]:
+    """Config updates per variant: the no-KD baseline, each loss, and each loss + logit standardization.
+
+    Raises:
+        ValueError: ``--standardization on`` for a set with fewer than three classes.
+    """
+    if standardization == "on" and num_classes < MIN_STANDARDIZED_CLASSES:
+        raise ValueError(f"--standardization on: logit standardization needs at least {MIN_STANDARDIZED_CLASSES} "
+                         f"classes, this set has {num_classes} (use auto or off)")
+    out: dict[str, dict[str, Any]] = {"ce": {"alpha": 1.0, "loss": None, "logit_standardization": False}}
+    for loss in losses:
+        out[loss] = {"loss": loss, "logit_standardization": False}
+    if standardization != "off" and num_classes >= MIN_STANDARDIZED_CLASSES:
+        for loss in losses:
+            out[f"{loss}+ls"] = {"loss": loss, "logit_standardization": True}
+    return out
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for metric in ("val_auc", "test_auc", "test_acc"):
+        values = [r[metric] for r in runs]
+        out[metric] = statistics.fmean(values)
+        out[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def best_by_val(summary: dict[str, dict[str, float]]) -> str:
+    """The variant with the highest mean val AUC (what a search would choose), ties by name."""
+    return max(sorted(summary), key=lambda name: summary[name]["val_auc"])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    seeds = report["seeds"]
+    lines = [
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
+        f"- Data: {report['dataset']}; configuration: {report['config']}",
+        "",
+        "| variant | val AUC | test AUC | test ACC | " + " | ".join(f"seed {s} test AUC / ACC" for s in seeds) + " |",
+        "|---|---|---|---|" + "---|" * len(seeds),
+    ]
+    for name, runs in report["runs"].items():
+        s = report["summary"][name]
+        per_seed = " | ".join(f"{r['test_auc']:.4f} / {r['test_acc']:.4f}" for r in runs)
+        marker = " (best val)" if name == report["best_by_val"] else ""
+        lines.append(f"| {name}{marker} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± "
+                     f"{s['test_auc_std']:.4f} | {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def result_line(dataset: str, summary: dict[str, dict[str, float]]) -> str:
+    parts = [f"dataset={dataset}"]
+    for name, s in summary.items():
+        key = name.replace("+", "_")
+        parts += [f"{key}_test_auc={s['test_auc']:.4f}", f"{key}_test_acc={s['test_acc']:.4f}"]
+    return "RESULT " + " ".join(parts) + f" best_by_val={best_by_val(summary)}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loss_ablation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)")
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--losses", nargs="+", default=list(CLASSIFICATION_LOSSES))
+    parser.add_argument("--standardization", default="auto", help="auto (>= 3 classes), on or off")
+    parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
+    args = parser.parse_args(argv)
+    unknown = [loss for loss in args.losses if loss not in CLASSIFICATION_LOSSES]
+    if unknown:
+        parser.error(f"--losses: unknown {unknown}; choose from {list(CLASSIFICATION_LOSSES)}")
+    if len(set(args.losses)) != len(args.losses):
+        parser.error(f"--losses: each loss once, got {args.losses}")
+    if args.standardization not in ("auto", "on", "off"):
+        parser.error(f"--standardization must be auto, on or off, got {args.standardization!r}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {args.seeds}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if not (args.run / "results.json").is_file() or not (args.run / "redis").is_dir():
+        parser.error(f"--run {args.run}: no results.json and redis/ (the output folder of a benchmarks.students run)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import ray
+
+    from medkd.data import load_dataset
+    from medkd.pipeline.runner import init_ray
+    from medkd.students.distill import DistillConfig
+
+    results = json.loads((args.run / "results.json").read_text())
+    config = DistillConfig.model_validate(results["best"]["config"])
+    if args.epochs is not None:
+        config = config.model_copy(update={"epochs": args.epochs})
+    # The students run's own spec (its defaults, --output = the run): same teachers, cache and search.
+    students = spec_options(args.data, args.spec, args.run)
+    dataset = load_dataset(build_spec(students, redis_port=1).data)
+    if dataset.fingerprint != results["dataset"]["fingerprint"]:
+        raise SystemExit(f"--data {args.data} is not the data of --run {args.run} (dataset fingerprints differ)")
+    meta = DatasetMeta.of(dataset)
+    if meta.task != "classification" or meta.multilabel:
+        raise SystemExit(f"--data {args.data}: the logit losses are for single-label classification")
+    try:
+        chosen = variants(args.losses, meta.num_classes, args.standardization)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with managed_redis(args.run / "redis", password_env=PASSWORD_ENV) as redis:
+        spec = build_spec(students, redis_port=redis.port, dataset=dataset)
+        started_ray = init_ray(spec)
+        try:
+            data_ref, cache, augment = retraining_inputs(spec, results, dataset)
+            task = ray.remote(num_cpus=1)(kd_gain_run)
+            refs = {(name, seed): task.remote(config.model_copy(update={**update, "seed": seed}).model_dump_json(), meta,
+                                              [data_ref], cache, augment, spec.export.latency_runs)
+                    for name, update in chosen.items() for seed in args.seeds}
+            log(f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
+                f"{', '.join(chosen)} x seeds {args.seeds}")
+            for (name, seed), ref in refs.items():
+                run = ray.get(ref)
+                runs.setdefault(name, []).append(run)
+                log(f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
+                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)")
+        finally:
+            if started_ray:
+                ray.shutdown()
+    summary = {name: summarise(r) for name, r in runs.items()}
+    report = {
+        "command": "python -m benchmarks.loss_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": utc_date(),
+        "load_average": load_average(),
+        "wall_seconds": time.perf_counter() - started,
+        "dataset": args.data.stem,
+        "seeds": args.seeds,
+        "config": {k: v for k, v in config.model_dump().items()
+                   if k not in ("seed", "loss", "logit_standardization", "teacher_weights")},
+        "runs": runs,
+        "summary": summary,
+        "best_by_val": best_by_val(summary),
+    }
+    report["result_line"] = result_line(args.data.stem, summary)
+    (args.run / "benchmark").mkdir(parents=True, exist_ok=True)
+    (args.run / "benchmark" / "loss_ablation.json").write_text(json.dumps(report, indent=2, default=str))
+    print(markdown(report))
+    print(report["result_line"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""benchmarks.loss_ablation: its variants, summary, RESULT line and argument errors (the trainings run
+in the benchmark)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.loss_ablation import best_by_val, parse_args, result_line, summarise, variants
+
+
+def test_variants_add_standardization_only_where_it_means_something():
+    binary = variants(["hinton_kd", "dkd", "dist"], num_classes=2, standardization="auto")
+    assert list(binary) == ["ce", "hinton_kd", "dkd", "dist"]
+    assert binary["ce"]["alpha"] == 1.0 and binary["dkd"] == {"loss": "dkd", "logit_standardization": False}
+    blood = variants(["hinton_kd", "dkd"], num_classes=8, standardization="auto")
+    assert list(blood) == ["ce", "hinton_kd", "dkd", "hinton_kd+ls", "dkd+ls"]
+    assert blood["dkd+ls"] == {"loss": "dkd", "logit_standardization": True}
+    assert list(variants(["dist"], num_classes=8, standardization="off")) == ["ce", "dist"]
+    with pytest.raises(ValueError, match="--standardization on: .*at least 3 classes, this set has 2"):
+        variants(["dkd"], num_classes=2, standardization="on")
+
+
+def test_summary_result_line_and_choice_by_val():
+    runs = {
+        "ce": [{"val_auc": 0.80, "test_auc": 0.85, "test_acc": 0.80}, {"val_auc": 0.82, "test_auc": 0.87, "test_acc": 0.84}],
+        "dkd+ls": [{"val_auc": 0.90, "test_auc": 0.84, "test_acc": 0.82}, {"val_auc": 0.90, "test_auc": 0.86, "test_acc": 0.82}],
+    }
+    summary = {name: summarise(r) for name, r in runs.items()}
+    assert summary["ce"]["test_acc"] == pytest.approx(0.82) and summary["dkd+ls"]["val_auc_std"] == 0.0
+    assert best_by_val(summary) == "dkd+ls"  # by val, even though its test AUC is lower
+    line = result_line("bloodmnist", summary)
+    assert line == ("RESULT dataset=bloodmnist ce_test_auc=0.8600 ce_test_acc=0.8200 dkd_ls_test_auc=0.8500 "
+                    "dkd_ls_test_acc=0.8200 best_by_val=dkd+ls")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--losses", "fitnet"], "--losses: unknown ['fitnet']"),
+    (["--losses", "dkd", "dkd"], "--losses: each loss once"),
+    (["--standardization", "maybe"], "--standardization must be auto, on or off"),
+    (["--seeds", "1", "1"], "--seeds: each seed once"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, capsys, extra, message):
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "redis").mkdir()
+    data = tmp_path / "bloodmnist.npz"
+    data.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path), "--data", str(data), *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_and_a_folder_that_is_not_a_run_name_the_flag(tmp_path, capsys):
+    data = tmp_path / "breastmnist.npz"
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path), "--data", str(data)])
+    assert f"--data {data}: no such file" in capsys.readouterr().err
+    data.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path), "--data", str(data)])
+    assert f"--run {tmp_path}: no results.json and redis/" in capsys.readouterr().err
