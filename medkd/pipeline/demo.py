@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from medkd.serve.client import MedkdClient
+
 
 def raw_image(dataset: Any, split: str = "test", index: int = 0) -> np.ndarray:
     """Undo the dataset's normalisation: back to the pixels a scanner export would hold.
@@ -36,8 +38,6 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def demo_request(url: str, dataset: Any, output_dir: Path) -> dict[str, Any]:
     """POST test image 0 (PNG for 2D, NPY for 3D) and return the endpoint's answer."""
-    from medkd.serve.client import MedkdClient
-
     pixels = raw_image(dataset)
     if pixels.dtype == np.uint8:
         path = Path(output_dir) / "demo_input.png"

@@ -16,6 +16,8 @@ import torch
 import ray
 
 from medkd.core.progress import Progress
+from medkd.core.fingerprint import fingerprint
+from medkd.data import apply_view, sample_view_params
 from medkd.teachers.loop import predict
 from medkd.teachers.train import TeacherArtifact, load_teacher_model
 from medkd.data.meta import DatasetMeta
@@ -129,8 +131,6 @@ def recover_train_logits(
     cached entry without computing when someone already restored it.
     """
     def compute() -> np.ndarray:
-        from medkd.data import apply_view
-
         model = load_teacher_model(artifact, meta)
         inputs = images if view_params is None else apply_view(images, view_params)
         return predict(model, inputs, 128, torch.device("cpu"))
@@ -147,7 +147,6 @@ def recover_train_logits(
 
 def views_dataset_fingerprint(dataset_fp: str, augment: Any, seed: int) -> str:
     """Augmented views are a derived dataset: their cache entries are keyed by this."""
-    from medkd.core.fingerprint import fingerprint
 
     return fingerprint("views", dataset_fp, augment.model_dump(mode="json"), seed)
 
@@ -158,7 +157,6 @@ def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: D
     Derived from (seed, view) only, so every teacher sees exactly the same augmented images
     and a student can replay them from the manifest.
     """
-    from medkd.data import sample_view_params
 
     rng = np.random.default_rng([seed, view])
     return sample_view_params(augment, num_samples, rng, meta.spatial_dims, spatial_shape=meta.image_size)
@@ -166,8 +164,6 @@ def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: D
 
 @ray.remote(num_cpus=1)
 def _teacher_view_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, params: list[list[dict]]) -> list[np.ndarray]:
-    from medkd.data import apply_view
-
     artifact = TeacherArtifact.model_validate_json(artifact_json)
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

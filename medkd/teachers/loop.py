@@ -33,6 +33,7 @@ import ray.train
 import ray.train.torch
 
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
+from medkd.data import AugmentSpec, build_augmentation
 from medkd.core.ema import WeightAverage, ema_decay
 from medkd.teachers.registry import create_teacher
 from medkd.data.meta import DatasetMeta
@@ -118,7 +119,6 @@ def epoch_augmentation(teacher: dict[str, Any], meta: DatasetMeta, seed: int, ra
     """The teacher's augmentation seeded for one epoch of one worker, or None."""
     if not teacher.get("augment"):
         return None
-    from medkd.data import AugmentSpec, build_augmentation
 
     spec = AugmentSpec.model_validate(teacher["augment"])
     if not spec.enabled:
