@@ -202,6 +202,8 @@ def test_resize_is_linear_and_antialiased_like_torch_and_pillow():
         torch.from_numpy(image)[None], size=(28, 20), mode="bilinear", align_corners=False, antialias=True
     )[0].numpy()
     np.testing.assert_allclose(shrunk, expected, atol=2e-6)
+    pillow = np.asarray(Image.fromarray(image[1]).resize((20, 28), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(shrunk[1], pillow, atol=1e-7)  # Pillow's 2D resize, to float rounding
     # Antialiasing: a one-pixel line survives a 4x reduction (plain bilinear can miss it).
     line = np.zeros((1, 64, 64), np.float32)
     line[0, :, 33] = 1.0
