@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 def _known_error(error: Exception) -> str | None:
     """User-facing errors are printed as one message, not a traceback."""
     names = {"DataValidationError", "DataFileNotFoundError", "ModelDirError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
-             "ExportError", "SearchInterrupted", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError", "ClusterError"}
+             "ExportError", "SearchInterrupted", "TeacherTrainingError", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError", "ClusterError"}
     if type(error).__name__ in names or any(c.__name__ in names for c in type(error).__mro__):
         return str(error)
     return None

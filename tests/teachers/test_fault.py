@@ -52,3 +52,17 @@ def test_teacher_resumes_from_its_last_checkpoint_after_its_node_is_removed(tmp_
     assert Path(outcome["checkpoint"]).is_file()
     assert outcome["logits_shape"] == [32, 2]
     assert outcome["logits_finite"]
+
+
+def test_the_cli_prints_a_teacher_failure_as_its_message_not_a_traceback(capsys, monkeypatch):
+    from medkd.cli import main as cli
+    from medkd.teachers.faults import TeacherTrainingError
+
+    message = "teacher 'vit' failed: NodeLostError: lost node(s) 10.0.0.3; its last checkpoint (epoch 2) is /x"
+
+    def failing_run(args):
+        raise TeacherTrainingError(message)
+
+    monkeypatch.setattr(cli, "cmd_run", failing_run)  # the parser built by main() picks it up
+    assert cli.main(["run", "job.yaml"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"
