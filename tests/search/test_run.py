@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from medkd.data import Augmentation
 from medkd.data.meta import DatasetMeta
 from medkd.search import recipe
 from medkd.search.recipe import calibration_samples, trial_augmentation
-from medkd.search.space import MIN_TEACHER_PRIOR, teacher_prior
+from medkd.search.space import teacher_prior
 from medkd.students.distill import DistillConfig, array_teacher_logits, build_student
 
 META = DatasetMeta(task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2,
@@ -44,7 +45,8 @@ def test_teacher_prior_trusts_teachers_by_validation_skill():
     weights = teacher_prior([perfect, chance, inverted], labels, meta)
     assert abs(sum(weights) - 1) < 1e-5
     assert weights[0] > weights[1] == weights[2]  # chance and worse-than-chance get the floor
-    assert abs(weights[1] / weights[0] - MIN_TEACHER_PRIOR) < 1e-5
+    # Skills 2 * AUC - 1: 1 for the perfect teacher, the 0.05 floor for the other two.
+    assert weights == pytest.approx([1 / 1.1, 0.05 / 1.1, 0.05 / 1.1], abs=1e-5)
 
 
 def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once(tmp_path, monkeypatch):
