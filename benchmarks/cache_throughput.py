@@ -30,7 +30,8 @@ import numpy as np
 
 from benchmarks._harness import interleaved
 from medkd.core.metrics import softmax
-from medkd.softlabels.redis_server import ManagedRedisServer, connect
+from medkd.softlabels.redis_client import connect
+from medkd.softlabels.redis_server import ManagedRedisServer
 from medkd.softlabels.store import SoftLabelCache
 
 TEACHERS = ("cnnA", "vitB", "cnnC")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import redis
 
+from medkd.softlabels.redis_client import RedisConnectionError
 from medkd.softlabels.redis_server import ManagedRedisServer, RedisServerError
 from medkd.softlabels.manifest import Manifest
 from medkd.softlabels.store import SoftLabelCache
@@ -135,7 +136,7 @@ def run_cache_command(args: argparse.Namespace, out: TextIO | None = None) -> in
     try:
         with _open_cache(args) as cache:
             return handler(cache, args, out)
-    except (RedisServerError, redis.RedisError, ValueError, TimeoutError) as error:
+    except (RedisServerError, RedisConnectionError, redis.RedisError, ValueError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

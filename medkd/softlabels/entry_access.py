@@ -33,7 +33,7 @@ from medkd.softlabels.manifest import (
     check_name,
     check_view,
 )
-from medkd.softlabels.redis_server import DEFAULT_RETRIES, connect, redact_url
+from medkd.softlabels.redis_client import DEFAULT_RETRIES, connect, redact_url
 
 logger = logging.getLogger(__name__)
 

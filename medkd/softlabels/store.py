@@ -81,7 +81,7 @@ from medkd.softlabels.manifest import (
     PublishOptions,
     validate_publish,
 )
-from medkd.softlabels.redis_server import is_retryable
+from medkd.softlabels.redis_client import is_retryable
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from medkd.softlabels.redis_client import RedisConnectionError, connect, redact_url
 from medkd.softlabels.redis_server import (
     CONFIG_FILE,
     STATE_FILE,
     ManagedRedisServer,
-    RedisConnectionError,
     RedisServerError,
     RedisServerNotFound,
-    connect,
     default_home,
-    redact_url,
 )
 from tests.conftest import REPO_ROOT, free_port
 

@@ -15,7 +15,8 @@ import redis
 
 from medkd.softlabels.chunk_lru import ChunkLRU
 from medkd.softlabels.manifest import CacheIntegrityError, CacheMissError, Manifest, PublishOptions
-from medkd.softlabels.redis_server import ManagedRedisServer, RedisConnectionError, connect
+from medkd.softlabels.redis_client import RedisConnectionError, connect
+from medkd.softlabels.redis_server import ManagedRedisServer
 from medkd.softlabels.store import SoftLabelCache
 from tests.conftest import free_port
 
@@ -561,7 +562,7 @@ def test_password_from_env(redis_server: ManagedRedisServer, monkeypatch: pytest
     monkeypatch.setenv("MEDKD_TEST_CACHE_PW", redis_server.password)
     cache = SoftLabelCache(f"redis://127.0.0.1:{redis_server.port}/0", namespace=namespace, password_env="MEDKD_TEST_CACHE_PW")
     assert cache.list_manifests() == []
-    assert isinstance(connect(redis_server.url), redis.Redis)
+    assert connect(redis_server.url).ping() is True  # the URL's password authenticates
 
 
 def test_chunk_lru_evicts_least_recently_used_within_its_byte_budget() -> None:
