@@ -10,6 +10,8 @@ Runtime on the training tensor).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -215,3 +217,10 @@ def test_http_prediction_equals_onnx_runtime_on_the_training_tensor(served_parit
     # The probes must not all look alike to the model, or the comparison would prove little.
     spread = [tensors[name].mean() for name in tensors]
     assert max(spread) - min(spread) > 0.1
+
+
+def test_serving_codecs_share_the_contract_without_loading_torch():
+    """The replicas import the shared module alone: importing medkd.data must stay lazy."""
+    probe = "import sys, medkd.serve.codecs; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "[]"
