@@ -29,28 +29,15 @@ from medkd.registry.calibration import (
     decision_metrics,
     fit_calibration,
 )
+from medkd.registry.layout import METADATA_FILE, registry_dir, select_model
 from medkd.registry.selection import Selection, select_trial
 from medkd.search.outcome import SearchOutcome, TrialRecord
 from medkd.data.meta import DatasetMeta
 
-SELECTED_FILE = "SELECTED"
-METADATA_FILE = "metadata.json"
 
 
 class ExportError(RuntimeError):
     pass
-
-
-def registry_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "models"
-
-
-def selected_model_dir(output_dir: Path) -> Path:
-    registry = registry_dir(output_dir)
-    marker = registry / SELECTED_FILE
-    if not marker.is_file():
-        raise ExportError(f"{marker}: no model has been exported yet (run the pipeline first)")
-    return registry / marker.read_text().strip()
 
 
 class SelectionEvidence:
@@ -173,7 +160,7 @@ def export_models(
         exported.append({"model_id": model_id, "pareto_rank": rank, "trial_id": trial.trial_id,
                          "path": str(target), "metrics": metadata["metrics"]})
         if trial.trial_id == chosen.trial_id:
-            (registry / SELECTED_FILE).write_text(model_id + "\n")
+            select_model(output_dir, model_id)
             parity = metadata["parity"]
             progress.line(
                 f"  selected {model_id}: parity ONNX vs PyTorch max|diff|={parity['max_abs_diff']:.2e} "

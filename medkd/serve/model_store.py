@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from medkd.registry import layout
+from medkd.registry.layout import METADATA_FILE, MODEL_FILE, SELECTED_FILE
 from medkd.registry.metadata import ModelMetadata
 
-MODEL_FILE = "model.onnx"
-METADATA_FILE = "metadata.json"
-SELECTED_FILE = "SELECTED"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 _ORT_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -100,13 +99,10 @@ def resolve_model_dir(path: Path | str) -> Path:
         >>> resolve_model_dir("runs/quickstart")  # doctest: +SKIP
         PosixPath('runs/quickstart/models/quickstart-1a2b3c')
     """
-    path = Path(path)
-    if (path / MODEL_FILE).is_file():
-        return path
-    selected = path / "models" / SELECTED_FILE
-    if selected.is_file():
-        return path / "models" / selected.read_text().strip()
-    raise ModelDirError(f"{path}: neither an export directory (model.onnx) nor a run directory (models/SELECTED)")
+    try:
+        return layout.resolve_model_dir(path)
+    except layout.RegistryLayoutError as error:
+        raise ModelDirError(str(error)) from None
 
 
 def _search_fingerprint(metadata: dict[str, Any]) -> str | None:
