@@ -62,7 +62,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 EIGHT_BIT_SCALE = 1.0 / 255.0
 """``scale`` of 8-bit pixels: what ``RawData.scale`` / ``InputMeta.scale`` default to."""
@@ -214,9 +217,6 @@ def decode_dicom(
     Examples:
         >>> decode_dicom(open("scan.dcm", "rb").read(), source="scan.dcm")  # doctest: +SKIP
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as error:
@@ -243,6 +243,8 @@ def decode_dicom(
         ) from None
     if pixels.dtype.kind == "f":
         raise ImageDecodeError(source, "has DICOM float pixel data (Float Pixel Data), which is not supported")
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        raise ImageDecodeError(source, "is a PALETTE COLOR DICOM image, which is not supported: send it as RGB")
     try:
         image = _dicom_display_values(pixels, dataset, samples)
     except (ValueError, TypeError, AttributeError, IndexError, NotImplementedError) as error:
@@ -255,8 +257,6 @@ def decode_dicom(
 
 
 def _dicom_display_values(pixels: np.ndarray, dataset: Any, samples: int) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     inverted = photometric == "MONOCHROME1"
     if samples == 1:
@@ -289,8 +289,6 @@ def _has_voi_lut_sequence(dataset: Any) -> bool:
 
 def _voi_output_range(dataset: Any) -> tuple[float, float]:
     """The values ``apply_voi_lut`` maps the darkest and brightest display values to."""
-    from pydicom.pixels import apply_voi_lut
-
     if _has_voi_lut_sequence(dataset):
         bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)
@@ -308,8 +306,6 @@ def _stored_range(dataset: Any) -> tuple[float, float]:
 
 
 def _stored_range_after_modality_lut(dataset: Any) -> tuple[float, float]:
-    from pydicom.pixels import apply_modality_lut
-
     low, high = _stored_range(dataset)
     dtype = np.int32 if low < 0 else np.uint32
     ends = np.asarray(apply_modality_lut(np.array([low, high], dtype=dtype), dataset), dtype=np.float64)

@@ -171,6 +171,8 @@ def test_bad_dicom_files_name_their_source():
         decode_dicom(dicom(np.zeros((4, 4), np.uint16), bits_stored=12, WindowCenter=40, WindowWidth=0.5))
     with pytest.raises(ImageTooLarge, match="more than the limit of 10 values"):
         decode_dicom(dicom(np.zeros((4, 4), np.uint8)), max_pixels=10)
+    with pytest.raises(ImageDecodeError, match=r"^us\.dcm is a PALETTE COLOR DICOM image, which is not supported"):
+        decode_dicom(dicom(np.zeros((4, 4), np.uint8), photometric="PALETTE COLOR"), source="us.dcm")
 
 
 # ------------------------------------------------------------------------------- channels
