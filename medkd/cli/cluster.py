@@ -2,7 +2,7 @@
 
 Two modes share one implementation (:class:`LocalCluster`):
 
-* **loopback** (default): the head and each worker node are separate ``ray start --block``
+* **loopback** (default): the head and each worker node are separate ``ray start``
   processes on 127.0.0.1, each with its own ports, temp dir and process session. Cheap, but the
   nodes share one network: a server bound to 127.0.0.1 "works" for all of them.
 * **netns** (``--netns``, root only): the head and each worker run in a **network namespace of
@@ -69,10 +69,11 @@ SUBNET_OCTETS = range(64, 250)
 BRIDGE_HOST = 254
 _LOCK_PATH = Path("/tmp/medkd-netns.lock")
 _RAY_WORKER_PORTS = range(10002, 20000)
-_NODE_TIMEOUT_S = 240.0
+_NODE_TIMEOUT_S = 120.0
+_START_ATTEMPTS = 3
+_JOIN_GRACE_S = 60.0
 _REDIS_TIMEOUT_S = 20.0
 _TERM_GRACE_S = 5.0
-_START_ATTEMPTS = 3
 #: Ray keeps unix sockets below ``TEMP/session_<date>_<pid>/sockets/``; their paths are limited
 #: to 107 bytes, so the per-node temp dirs must be short.
 _MAX_TEMP_DIR_CHARS = 48
@@ -147,7 +148,7 @@ class NodeState(BaseModel):
     address: str
     namespace: str | None = None
     veth: str | None = None
-    pid: int | None = None  # the node's `ray start --block` (a session leader)
+    pid: int | None = None  # the node's `ray start` (its session leader; it exits once the node runs)
     temp_dir: str
     log: str
     num_cpus: float
@@ -378,6 +379,7 @@ class LocalCluster:
     def __init__(self, state: ClusterState) -> None:
         self.state = state
         self.state_dir = Path(state.settings.state_dir)
+        self._launchers: dict[int, subprocess.Popen] = {}  # `ray start` processes started here
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -837,7 +839,7 @@ class LocalCluster:
 
     def _start_ray_node(self, index: int) -> None:
         node, config = self._node(index), self.settings
-        argv = [_ray_executable(), "start", "--block", f"--temp-dir={node.temp_dir}", "--disable-usage-stats",
+        argv = [_ray_executable(), "start", f"--temp-dir={node.temp_dir}", "--disable-usage-stats",
                 f"--node-ip-address={node.address}", f"--num-cpus={node.num_cpus:g}", f"--num-gpus={node.num_gpus}",
                 f"--object-store-memory={config.object_store_bytes}", *self._node_ports(index)]
         if index == 0:
@@ -846,17 +848,18 @@ class LocalCluster:
                      f"--ray-client-server-port={config.base_port + 9}"]
         else:
             argv += [f"--address={self.gcs_address}"]
-        node.pid = self._spawn(node, argv, Path(node.log))
+        self._launchers[index] = self._spawn(node, argv, Path(node.log))
+        node.pid = self._launchers[index].pid
         self._save()
 
-    def _spawn(self, node: NodeState, argv: list[str], log: Path, cwd: Path | None = None) -> int:
+    def _spawn(self, node: NodeState, argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
         prefix = ["ip", "netns", "exec", node.namespace] if node.namespace else []
         with open(log, "ab") as out:
             # A session of its own: a Ctrl-C in the terminal of `up` does not reach the node, and
             # loopback mode finds the node's processes by session.
             process = subprocess.Popen([*prefix, *argv], env=self.node_env(), stdin=subprocess.DEVNULL,
                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
-        return process.pid
+        return process
 
     def _launch_redis(self) -> None:
         redis_state = self._redis()
@@ -872,7 +875,8 @@ class LocalCluster:
         if executable is None:
             raise ClusterError("redis-server not found on PATH (Debian: apt-get install -y redis-server; "
                                "`make setup` runs scripts/ensure_redis.sh)")
-        redis_state.pid = self._spawn(self._node(0), [executable, redis_state.config], Path(redis_state.log), cwd=data_dir)
+        redis_state.pid = self._spawn(self._node(0), [executable, redis_state.config], Path(redis_state.log),
+                                      cwd=data_dir).pid
         self._save()
         deadline = time.monotonic() + _REDIS_TIMEOUT_S
         while not self.redis_alive():
@@ -889,32 +893,42 @@ class LocalCluster:
         return self.node_pids(index) - {redis_pid}
 
     def _wait_for_nodes(self, starting: Sequence[int]) -> None:
-        """Wait until Ray reports every node alive. A node whose ``ray start`` gives up (Ray waits
-        only 30 s for its raylet, which a loaded machine can exceed) is cleaned up and started
-        again, at most :data:`_START_ATTEMPTS` times."""
+        """Wait until Ray reports the nodes in ``starting`` (and those already up) alive.
+
+        ``ray start`` runs without ``--block``: it gives up after a fixed 30 s when the raylet is
+        slow to register (a loaded machine), but the processes it started keep running and the
+        node often joins a little later. A node whose ``ray start`` failed and that has not
+        joined :data:`_JOIN_GRACE_S` later is cleaned up and started again, at most
+        :data:`_START_ATTEMPTS` times in all; the whole wait is bounded.
+        """
         wanted = 1 + sum(1 for node in self.state.nodes[1:] if node.index in starting or self._ray_pids(node.index))
         attempts = dict.fromkeys(starting, 1)
-        deadline, alive, last_error = time.monotonic() + _NODE_TIMEOUT_S, 0, ""
+        failed_at: dict[int, float] = {}
+        deadline = time.monotonic() + _NODE_TIMEOUT_S * _START_ATTEMPTS
+        alive, last_error = [], ""
         while time.monotonic() < deadline:
-            for index in starting:
-                node = self._node(index)
-                if node.pid and not _alive(node.pid):
-                    _reap({node.pid})
-                    if attempts[index] >= _START_ATTEMPTS:
-                        raise ClusterError(f"{node.role} ({node.address}) did not start ({attempts[index]} attempts); "
-                                           f"log {node.log}:\n" + _tail(Path(node.log)))
-                    _terminate(lambda index=index: self._ray_pids(index))
-                    attempts[index] += 1
-                    self._start_ray_node(index)
-                    deadline = max(deadline, time.monotonic() + _NODE_TIMEOUT_S / 2)
             try:
-                alive = len(self.alive_nodes())
-                if alive >= wanted:
+                alive = self.alive_node_addresses()
+                if len(alive) >= wanted:
                     return
             except (OSError, ValueError, KeyError) as error:
                 last_error = str(error)
+            for index in starting:
+                node, launcher = self._node(index), self._launchers.get(index)
+                if launcher is None or launcher.poll() in (None, 0) or (self.netns and node.address in alive):
+                    continue
+                failed_at.setdefault(index, time.monotonic())
+                if time.monotonic() - failed_at[index] < _JOIN_GRACE_S and self._ray_pids(index):
+                    continue
+                if attempts[index] >= _START_ATTEMPTS:
+                    raise ClusterError(f"{node.role} ({node.address}) did not start ({attempts[index]} attempts); "
+                                       f"log {node.log}:\n" + _tail(Path(node.log)))
+                _terminate(lambda index=index: self._ray_pids(index))
+                attempts[index] += 1
+                del failed_at[index]
+                self._start_ray_node(index)
             time.sleep(1)
-        raise ClusterError(f"only {alive} of {wanted} Ray nodes alive after {_NODE_TIMEOUT_S:g} s "
+        raise ClusterError(f"only {len(alive)} of {wanted} Ray nodes alive after {_NODE_TIMEOUT_S * _START_ATTEMPTS:g} s "
                            f"(dashboard {self.dashboard_url}: {last_error or 'answers'}; logs in {self.state_dir})")
 
 
