@@ -63,7 +63,7 @@ def test_alpha_one_trains_on_hard_labels_without_teacher_logits():
                       val_images=images[:16], val_labels=labels[:16])
     assert [r["epoch"] for r in history] == [1, 2]
     assert "train_ce" in history[0] and "train_kd" not in history[0]
-    assert 0.0 <= history[-1]["val_auc"] <= 1.0
+    assert history[-1]["val_auc"] >= 0.9  # the square's side is learnt (measured 1.0 on seeds 0-2)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -260,7 +260,7 @@ def test_weight_soup_forks_branches_and_serves_their_average():
 
 def test_weight_soup_with_weight_averaged_branches_and_a_stop_before_the_fork():
     _, history, _ = soup_run(2, ema_epochs=1.0)
-    assert history[-1]["branches"] == 2 and 0.0 <= history[-1]["val_auc"] <= 1.0
+    assert history[-1]["branches"] == 2 and history[-1]["val_auc"] >= 0.9  # measured 1.0
     images, labels, teachers = tiny_data()
     cfg = config(alpha=0.5, epochs=4, branches=2)
     history = distill(build_student(META, cfg), cfg, train_images=images, train_labels=labels,
