@@ -63,8 +63,10 @@ def variants(losses: list[str], num_classes: int, standardization: str) -> dict[
         ValueError: ``--standardization on`` for a set with fewer than three classes.
     """
     if standardization == "on" and num_classes < MIN_STANDARDIZED_CLASSES:
-        raise ValueError(f"--standardization on: logit standardization needs at least {MIN_STANDARDIZED_CLASSES} "
-                         f"classes, this set has {num_classes} (use auto or off)")
+        raise ValueError(
+            f"--standardization on: logit standardization needs at least {MIN_STANDARDIZED_CLASSES} "
+            f"classes, this set has {num_classes} (use auto or off)"
+        )
     out: dict[str, dict[str, Any]] = {"ce": {"alpha": 1.0, "loss": None, "logit_standardization": False}}
     for loss in losses:
         out[loss] = {"loss": loss, "logit_standardization": False}
@@ -102,8 +104,10 @@ def markdown(report: dict[str, Any]) -> str:
         s = report["summary"][name]
         per_seed = " | ".join(f"{r['test_auc']:.4f} / {r['test_acc']:.4f}" for r in runs)
         marker = " (best val)" if name == report["best_by_val"] else ""
-        lines.append(f"| {name}{marker} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± "
-                     f"{s['test_auc_std']:.4f} | {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {per_seed} |")
+        lines.append(
+            f"| {name}{marker} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± "
+            f"{s['test_auc_std']:.4f} | {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {per_seed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -118,8 +122,12 @@ def result_line(dataset: str, summary: dict[str, dict[str, float]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loss_ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)")
-    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(CLASSIFICATION_LOSSES))
     parser.add_argument("--standardization", default="auto", help="auto (>= 3 classes), on or off")
@@ -175,16 +183,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data_ref, cache, augment = retraining_inputs(spec, results, dataset)
             task = ray.remote(num_cpus=1)(kd_gain_run)
-            refs = {(name, seed): task.remote(config.model_copy(update={**update, "seed": seed}).model_dump_json(), meta,
-                                              [data_ref], cache, augment, spec.export.latency_runs)
-                    for name, update in chosen.items() for seed in args.seeds}
-            log(f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
-                f"{', '.join(chosen)} x seeds {args.seeds}")
+            refs = {
+                (name, seed): task.remote(
+                    config.model_copy(update={**update, "seed": seed}).model_dump_json(),
+                    meta,
+                    [data_ref],
+                    cache,
+                    augment,
+                    spec.export.latency_runs,
+                )
+                for name, update in chosen.items()
+                for seed in args.seeds
+            }
+            log(
+                f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
+                f"{', '.join(chosen)} x seeds {args.seeds}"
+            )
             for (name, seed), ref in refs.items():
                 run = ray.get(ref)
                 runs.setdefault(name, []).append(run)
-                log(f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
-                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)")
+                log(
+                    f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
+                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)"
+                )
         finally:
             if started_ray:
                 ray.shutdown()
@@ -196,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - started,
         "dataset": args.data.stem,
         "seeds": args.seeds,
-        "config": {k: v for k, v in config.model_dump().items()
-                   if k not in ("seed", "loss", "logit_standardization", "teacher_weights")},
+        "config": {
+            k: v
+            for k, v in config.model_dump().items()
+            if k not in ("seed", "loss", "logit_standardization", "teacher_weights")
+        },
         "runs": runs,
         "summary": summary,
         "best_by_val": best_by_val(summary),

@@ -26,16 +26,18 @@ def operating_point_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for point in points:
         name = point["name"]
         val, measured = point.get("val") or {}, test.get(name) or {}
-        rows.append({
-            "operating point": name + (" (served)" if name == served else ""),
-            "threshold": point.get("threshold"),
-            "val sensitivity": val.get("sensitivity"),
-            "val specificity": val.get("specificity"),
-            "test sensitivity": measured.get("sensitivity"),
-            "test specificity": measured.get("specificity"),
-            "test acc": measured.get("acc"),
-            "test balanced acc": measured.get("balanced_acc"),
-        })
+        rows.append(
+            {
+                "operating point": name + (" (served)" if name == served else ""),
+                "threshold": point.get("threshold"),
+                "val sensitivity": val.get("sensitivity"),
+                "val specificity": val.get("specificity"),
+                "test sensitivity": measured.get("sensitivity"),
+                "test specificity": measured.get("specificity"),
+                "test acc": measured.get("acc"),
+                "test balanced acc": measured.get("balanced_acc"),
+            }
+        )
     return rows
 
 
@@ -46,8 +48,10 @@ def calibration_summary(results: dict[str, Any]) -> str:
     if not calibration:
         return ""
     test = best.get("test_metrics") or {}
-    text = (f"Probabilities calibrated by temperature scaling on val: T = {calibration['temperature']:.3f}; "
-            f"ECE (15 bins) on val {_fmt(calibration.get('ece_before'))} → {_fmt(calibration.get('ece_after'))}")
+    text = (
+        f"Probabilities calibrated by temperature scaling on val: T = {calibration['temperature']:.3f}; "
+        f"ECE (15 bins) on val {_fmt(calibration.get('ece_before'))} → {_fmt(calibration.get('ece_after'))}"
+    )
     if test.get("ece_calibrated") is not None:
         text += f", on test {_fmt(test.get('ece'))} → {_fmt(test.get('ece_calibrated'))}"
     return html.escape(text + ".")
@@ -58,16 +62,19 @@ def selection_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     selection = results.get("selection") or {}
     rows = []
     for candidate in selection.get("candidates", []):
-        rows.append({
-            "trial": candidate["trial_id"] + (" (served)" if candidate["trial_id"] == selection.get("chosen") else ""),
-            selection.get("quality", "quality"): candidate["quality"],
-            "gap": candidate["gap"],
-            "gap SE": candidate.get("gap_se"),
-            "tied": "yes" if candidate["tied"] else "",
-            "val acc at the operating point": candidate["decision_acc"],
-            "latency_ms": candidate.get("latency_ms"),
-            "model_bytes": candidate.get("model_bytes"),
-        })
+        rows.append(
+            {
+                "trial": candidate["trial_id"]
+                + (" (served)" if candidate["trial_id"] == selection.get("chosen") else ""),
+                selection.get("quality", "quality"): candidate["quality"],
+                "gap": candidate["gap"],
+                "gap SE": candidate.get("gap_se"),
+                "tied": "yes" if candidate["tied"] else "",
+                "val acc at the operating point": candidate["decision_acc"],
+                "latency_ms": candidate.get("latency_ms"),
+                "model_bytes": candidate.get("model_bytes"),
+            }
+        )
     return rows
 
 

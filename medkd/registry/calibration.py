@@ -74,8 +74,10 @@ class OperatingPoint(BaseModel):
         if self.kind == ARGMAX:
             return (probs >= MULTILABEL_THRESHOLD).astype(np.int64) if multilabel else probs.argmax(axis=1)
         if multilabel or probs.shape[1] != 2 or self.threshold is None or self.positive_class is None:
-            raise ValueError(f"operating point {self.name!r}: a threshold applies to binary single-label probabilities "
-                             f"(N, 2) only, got shape {probs.shape}{' (multi-label)' if multilabel else ''}")
+            raise ValueError(
+                f"operating point {self.name!r}: a threshold applies to binary single-label probabilities "
+                f"(N, 2) only, got shape {probs.shape}{' (multi-label)' if multilabel else ''}"
+            )
         positive = probs[:, self.positive_class] >= self.threshold
         return np.where(positive, self.positive_class, 1 - self.positive_class)
 
@@ -88,11 +90,14 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0, *, mu
         >>> calibrated_probabilities(np.array([[0.0, 2.0]]), 2.0).round(3).tolist()
         [[0.269, 0.731]]
     """
-    return probabilities(np.asarray(logits, dtype=np.float64).reshape(len(logits), -1), multilabel=multilabel,
-                         temperature=temperature)
+    return probabilities(
+        np.asarray(logits, dtype=np.float64).reshape(len(logits), -1), multilabel=multilabel, temperature=temperature
+    )
 
 
-def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float, *, multilabel: bool = False) -> float:
+def negative_log_likelihood(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, *, multilabel: bool = False
+) -> float:
     """Mean NLL of ``labels`` under ``logits / temperature`` (BCE averaged over labels for multi-label)."""
     probs = np.clip(calibrated_probabilities(logits, temperature, multilabel=multilabel), 1e-12, 1.0)
     if multilabel:
@@ -151,8 +156,9 @@ def _ece(logits: np.ndarray, labels: np.ndarray, temperature: float, multilabel:
     return float(classification_metrics(probs, labels, multilabel=multilabel)["ece"])
 
 
-def decision_metrics(decisions: np.ndarray, labels: np.ndarray, *, num_classes: int, multilabel: bool = False,
-                     positive_class: int = 1) -> dict[str, float]:
+def decision_metrics(
+    decisions: np.ndarray, labels: np.ndarray, *, num_classes: int, multilabel: bool = False, positive_class: int = 1
+) -> dict[str, float]:
     """Accuracy, balanced accuracy and (binary: of ``positive_class``; otherwise macro) sensitivity and
     specificity of decisions.
 
@@ -166,20 +172,34 @@ def decision_metrics(decisions: np.ndarray, labels: np.ndarray, *, num_classes: 
         predicted = decisions.astype(bool)
         sens = _mean_ratio((truth & predicted).sum(0), truth.sum(0))
         spec = _mean_ratio((~truth & ~predicted).sum(0), (~truth).sum(0))
-        return {"acc": float(np.mean(truth == predicted)), "balanced_acc": (sens + spec) / 2,
-                "sensitivity": sens, "specificity": spec}
+        return {
+            "acc": float(np.mean(truth == predicted)),
+            "balanced_acc": (sens + spec) / 2,
+            "sensitivity": sens,
+            "specificity": spec,
+        }
     truth = np.asarray(labels).reshape(-1).astype(np.int64)
     per_sens = [_ratio(np.sum((truth == k) & (decisions == k)), np.sum(truth == k)) for k in range(num_classes)]
     per_spec = [_ratio(np.sum((truth != k) & (decisions != k)), np.sum(truth != k)) for k in range(num_classes)]
     binary = num_classes == 2
     sens = per_sens[positive_class] if binary else _nanmean(per_sens)
     spec = per_spec[positive_class] if binary else _nanmean(per_spec)
-    return {"acc": float(np.mean(truth == decisions)), "balanced_acc": _nanmean(per_sens),
-            "sensitivity": sens, "specificity": spec}
+    return {
+        "acc": float(np.mean(truth == decisions)),
+        "balanced_acc": _nanmean(per_sens),
+        "sensitivity": sens,
+        "specificity": spec,
+    }
 
 
-def choose_operating_points(probs: np.ndarray, labels: np.ndarray, *, multilabel: bool = False,
-                            target_sensitivity: float | None = None, positive_class: int = 1) -> list[OperatingPoint]:
+def choose_operating_points(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    multilabel: bool = False,
+    target_sensitivity: float | None = None,
+    positive_class: int = 1,
+) -> list[OperatingPoint]:
     """The operating points chosen on val: ``argmax`` and, for a binary task with a target, the
     highest threshold on ``p[positive_class]`` whose val sensitivity is at least the target.
 
@@ -201,21 +221,33 @@ def choose_operating_points(probs: np.ndarray, labels: np.ndarray, *, multilabel
     probs = np.asarray(probs, dtype=np.float64)
     num_classes = probs.shape[1]
     argmax = OperatingPoint(name=ARGMAX, kind="argmax")
-    argmax.val = decision_metrics(argmax.decide(probs, multilabel=multilabel), labels, num_classes=num_classes,
-                                  multilabel=multilabel, positive_class=positive_class)
+    argmax.val = decision_metrics(
+        argmax.decide(probs, multilabel=multilabel),
+        labels,
+        num_classes=num_classes,
+        multilabel=multilabel,
+        positive_class=positive_class,
+    )
     points = [argmax]
     if target_sensitivity is None:
         return points
     if multilabel or num_classes != 2:
-        raise ValueError(f"export.target_sensitivity: a sensitivity threshold needs a binary single-label task, this one "
-                         f"has {num_classes} {'labels' if multilabel else 'classes'}")
+        raise ValueError(
+            f"export.target_sensitivity: a sensitivity threshold needs a binary single-label task, this one "
+            f"has {num_classes} {'labels' if multilabel else 'classes'}"
+        )
     truth = np.asarray(labels).reshape(-1) == positive_class
     if not truth.any():
         raise ValueError(f"export.target_sensitivity: val has no sample of the positive class {positive_class}")
     scores = np.sort(probs[truth, positive_class])[::-1]
     needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
-    point = OperatingPoint(name=f"sensitivity>={target_sensitivity:.2f}", kind="threshold", threshold=float(scores[needed - 1]),
-                           positive_class=positive_class, target_sensitivity=target_sensitivity)
+    point = OperatingPoint(
+        name=f"sensitivity>={target_sensitivity:.2f}",
+        kind="threshold",
+        threshold=float(scores[needed - 1]),
+        positive_class=positive_class,
+        target_sensitivity=target_sensitivity,
+    )
     point.val = decision_metrics(point.decide(probs), labels, num_classes=2, positive_class=positive_class)
     return points + [point]
 
@@ -225,7 +257,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def _mean_ratio(numerators: np.ndarray, denominators: np.ndarray) -> float:
-    return _nanmean([_ratio(n, d) for n, d in zip(numerators, denominators)])
+    return _nanmean([_ratio(n, d) for n, d in zip(numerators, denominators, strict=True)])
 
 
 def _nanmean(values: list[float]) -> float:
@@ -233,5 +265,14 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(defined)) if defined else float("nan")
 
 
-__all__ = ["ARGMAX", "Calibration", "ECE_BINS", "OperatingPoint", "calibrated_probabilities", "choose_operating_points",
-           "decision_metrics", "fit_calibration", "negative_log_likelihood"]
+__all__ = [
+    "ARGMAX",
+    "Calibration",
+    "ECE_BINS",
+    "OperatingPoint",
+    "calibrated_probabilities",
+    "choose_operating_points",
+    "decision_metrics",
+    "fit_calibration",
+    "negative_log_likelihood",
+]

@@ -205,7 +205,8 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
     started = time.perf_counter()
     logits = OnnxModel(target / MODEL_FILE, threads=1).predict(test[0])
     test_metrics = evaluate_logits(logits, test[1], meta)
-    decisions = _calibrate(spec, target, dataset, meta, test_logits=logits, test_labels=test[1], test_metrics=test_metrics)
+    decisions = _calibrate(spec, target, dataset, meta, test_logits=logits, test_labels=test[1],
+                           test_metrics=test_metrics)
     candidate = json.loads((target / CANDIDATE_FILE).read_text())
     val_metrics = candidate["metrics"]
     metadata = {
@@ -276,10 +277,9 @@ def _calibrate(spec: Any, target: Path, dataset: Any, meta: DatasetMeta, *, test
     val = dataset.splits["val"]
     val_logits = OnnxModel(target / MODEL_FILE, threads=1).predict(val.images)
     calibration = fit_calibration(val_logits, val.labels, multilabel=meta.multilabel)
-    binary = not meta.multilabel and meta.num_classes == 2
-    goal = spec.export.target_sensitivity if binary else None
-    points = choose_operating_points(calibrated_probabilities(val_logits, calibration.temperature, multilabel=meta.multilabel),
-                                     val.labels, multilabel=meta.multilabel, target_sensitivity=goal,
+    goal = spec.export.target_sensitivity  # a multi-class or multi-label task refuses it, naming the field
+    val_probs = calibrated_probabilities(val_logits, calibration.temperature, multilabel=meta.multilabel)
+    points = choose_operating_points(val_probs, val.labels, multilabel=meta.multilabel, target_sensitivity=goal,
                                      positive_class=spec.export.positive_class)
     test_probs = calibrated_probabilities(test_logits, calibration.temperature, multilabel=meta.multilabel)
     test_metrics["ece_calibrated"] = evaluate_logits(test_logits / calibration.temperature, test_labels, meta)["ece"]

@@ -72,7 +72,9 @@ class ModelMetadata(BaseModel):
     num_classes: int = Field(ge=1)
     class_names: list[str] | None = None
     input: InputMeta
-    calibration: Calibration | None = Field(None, description="temperature scaling fitted on val; None: raw probabilities")
+    calibration: Calibration | None = Field(
+        None, description="temperature scaling fitted on val; None: raw probabilities"
+    )
     operating_points: list[OperatingPoint] = Field(default_factory=list, description="chosen on val by the export")
     operating_point: str = Field(ARGMAX, description="the operating point whose decision the endpoint returns")
 
@@ -134,7 +136,7 @@ class ModelMetadata(BaseModel):
         point = self.served_point()
         decisions = point.decide(probabilities, multilabel=self.multilabel)
         results = []
-        for row, decision in zip(probabilities, decisions):
+        for row, decision in zip(probabilities, decisions, strict=True):
             predicted = int(row.argmax()) if self.multilabel else int(decision)
             result: dict[str, Any] = {
                 "probabilities": row.tolist(),

@@ -32,11 +32,14 @@ TIE_STANDARD_ERRORS = 1.0
 
 def selection_rule(quality: str, target_sensitivity: float | None = None) -> str:
     """The rule in words, for ``results.json`` and the report."""
-    point = (f"the threshold reaching val sensitivity {target_sensitivity:g}" if target_sensitivity is not None
-             else "argmax")
-    return (f"highest {quality}; trials within {TIE_STANDARD_ERRORS:g} standard error of the best (paired bootstrap of "
-            f"the val split, {BOOTSTRAP_RESAMPLES} resamples) are tied, and among tied trials the highest val accuracy "
-            f"at the served operating point ({point}) wins, then the lowest latency_ms, then the smallest model_bytes")
+    point = (
+        f"the threshold reaching val sensitivity {target_sensitivity:g}" if target_sensitivity is not None else "argmax"
+    )
+    return (
+        f"highest {quality}; trials within {TIE_STANDARD_ERRORS:g} standard error of the best (paired bootstrap of "
+        f"the val split, {BOOTSTRAP_RESAMPLES} resamples) are tied, and among tied trials the highest val accuracy "
+        f"at the served operating point ({point}) wins, then the lowest latency_ms, then the smallest model_bytes"
+    )
 
 
 class CandidateScore(BaseModel):
@@ -61,7 +64,9 @@ class Selection(BaseModel):
     candidates: list[CandidateScore]
 
 
-def auc_resamples(probs: np.ndarray, labels: np.ndarray, indices: np.ndarray, *, multilabel: bool = False) -> np.ndarray:
+def auc_resamples(
+    probs: np.ndarray, labels: np.ndarray, indices: np.ndarray, *, multilabel: bool = False
+) -> np.ndarray:
     """AUC on each row of ``indices`` (resamples of the val split), as the MedMNIST evaluator defines it:
     binary on ``p[:, 1]``, macro one-vs-rest over classes, mean over labels for multi-label. A class
     absent from a resample is left out of its mean.
@@ -146,22 +151,35 @@ def select_trial(
         if trial.trial_id == best.trial_id:
             se, tied = None, True
         else:
-            differences = (best_auc[1:] - auc[1:])
+            differences = best_auc[1:] - auc[1:]
             differences = differences[~np.isnan(differences)]
             se = float(np.std(differences, ddof=1)) if len(differences) > 1 else 0.0
             tied = gap <= TIE_STANDARD_ERRORS * se
         probs = np.asarray(val_probs[trial.trial_id], dtype=np.float64)
-        point = choose_operating_points(probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity,
-                                        positive_class=positive_class)[-1]
+        point = choose_operating_points(
+            probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity, positive_class=positive_class
+        )[-1]
         metrics = getattr(trial, "metrics", {}) or {}
-        scores.append(CandidateScore(trial_id=trial.trial_id, quality=float(auc[0]), gap=gap, gap_se=se, tied=tied,
-                                     decision_acc=float(point.val["acc"]), latency_ms=_number(metrics.get("latency_ms")),
-                                     model_bytes=_number(metrics.get("model_bytes"))))
+        scores.append(
+            CandidateScore(
+                trial_id=trial.trial_id,
+                quality=float(auc[0]),
+                gap=gap,
+                gap_se=se,
+                tied=tied,
+                decision_acc=float(point.val["acc"]),
+                latency_ms=_number(metrics.get("latency_ms")),
+                model_bytes=_number(metrics.get("model_bytes")),
+            )
+        )
     scores.sort(key=lambda s: (-s.quality, s.trial_id))
     tied = [s for s in scores if s.tied]
-    chosen = min(tied, key=lambda s: (-s.decision_acc, _cost(s.latency_ms), _cost(s.model_bytes), -s.quality, s.trial_id))
-    return Selection(chosen=chosen.trial_id, rule=selection_rule(quality, target_sensitivity), quality=quality,
-                     candidates=scores)
+    chosen = min(
+        tied, key=lambda s: (-s.decision_acc, _cost(s.latency_ms), _cost(s.model_bytes), -s.quality, s.trial_id)
+    )
+    return Selection(
+        chosen=chosen.trial_id, rule=selection_rule(quality, target_sensitivity), quality=quality, candidates=scores
+    )
 
 
 def _number(value: Any) -> float | None:

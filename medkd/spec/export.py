@@ -20,4 +20,6 @@ class ExportSpec(StrictModel):
         description="binary tasks: the served decision is the highest threshold on the calibrated probability of "
                     "positive_class whose val sensitivity reaches this (None: argmax)",
     )
-    positive_class: int = Field(1, ge=0, le=1, description="binary tasks: the class whose detection counts as sensitivity")
+    positive_class: int = Field(
+        1, ge=0, le=1, description="binary tasks: the class whose detection counts as sensitivity"
+    )

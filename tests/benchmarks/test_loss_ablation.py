@@ -22,24 +22,35 @@ def test_variants_add_standardization_only_where_it_means_something():
 
 def test_summary_result_line_and_choice_by_val():
     runs = {
-        "ce": [{"val_auc": 0.80, "test_auc": 0.85, "test_acc": 0.80}, {"val_auc": 0.82, "test_auc": 0.87, "test_acc": 0.84}],
-        "dkd+ls": [{"val_auc": 0.90, "test_auc": 0.84, "test_acc": 0.82}, {"val_auc": 0.90, "test_auc": 0.86, "test_acc": 0.82}],
+        "ce": [
+            {"val_auc": 0.80, "test_auc": 0.85, "test_acc": 0.80},
+            {"val_auc": 0.82, "test_auc": 0.87, "test_acc": 0.84},
+        ],
+        "dkd+ls": [
+            {"val_auc": 0.90, "test_auc": 0.84, "test_acc": 0.82},
+            {"val_auc": 0.90, "test_auc": 0.86, "test_acc": 0.82},
+        ],
     }
     summary = {name: summarise(r) for name, r in runs.items()}
     assert summary["ce"]["test_acc"] == pytest.approx(0.82) and summary["dkd+ls"]["val_auc_std"] == 0.0
     assert best_by_val(summary) == "dkd+ls"  # by val, even though its test AUC is lower
     line = result_line("bloodmnist", summary)
-    assert line == ("RESULT dataset=bloodmnist ce_test_auc=0.8600 ce_test_acc=0.8200 dkd_ls_test_auc=0.8500 "
-                    "dkd_ls_test_acc=0.8200 best_by_val=dkd+ls")
+    assert line == (
+        "RESULT dataset=bloodmnist ce_test_auc=0.8600 ce_test_acc=0.8200 dkd_ls_test_auc=0.8500 "
+        "dkd_ls_test_acc=0.8200 best_by_val=dkd+ls"
+    )
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--losses", "fitnet"], "--losses: unknown ['fitnet']"),
-    (["--losses", "dkd", "dkd"], "--losses: each loss once"),
-    (["--standardization", "maybe"], "--standardization must be auto, on or off"),
-    (["--seeds", "1", "1"], "--seeds: each seed once"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--losses", "fitnet"], "--losses: unknown ['fitnet']"),
+        (["--losses", "dkd", "dkd"], "--losses: each loss once"),
+        (["--standardization", "maybe"], "--standardization must be auto, on or off"),
+        (["--seeds", "1", "1"], "--seeds: each seed once"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+    ],
+)
 def test_bad_arguments_name_the_flag(tmp_path, capsys, extra, message):
     (tmp_path / "results.json").write_text("{}")
     (tmp_path / "redis").mkdir()

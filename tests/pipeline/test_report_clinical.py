@@ -6,22 +6,56 @@ from medkd.pipeline.report import write_report
 from medkd.pipeline.report_clinical import calibration_summary, operating_point_rows, selection_rows, selection_rule
 
 BEST = {
-    "trial_id": "b", "params": 50_000, "config": {"student": "resnet_tiny"},
+    "trial_id": "b",
+    "params": 50_000,
+    "config": {"student": "resnet_tiny"},
     "calibration": {"temperature": 1.8, "ece_before": 0.12, "ece_after": 0.03},
     "operating_point": "sensitivity>=0.90",
     "operating_points": [
         {"name": "argmax", "kind": "argmax", "val": {"sensitivity": 0.8, "specificity": 0.9}},
-        {"name": "sensitivity>=0.90", "kind": "threshold", "threshold": 0.31, "val": {"sensitivity": 0.92, "specificity": 0.7}},
+        {
+            "name": "sensitivity>=0.90",
+            "kind": "threshold",
+            "threshold": 0.31,
+            "val": {"sensitivity": 0.92, "specificity": 0.7},
+        },
     ],
-    "test_metrics": {"ece": 0.1, "ece_calibrated": 0.04, "operating_points": {
-        "argmax": {"sensitivity": 0.78, "specificity": 0.91, "acc": 0.86, "balanced_acc": 0.845},
-        "sensitivity>=0.90": {"sensitivity": 0.9, "specificity": 0.72, "acc": 0.8, "balanced_acc": 0.81}}},
+    "test_metrics": {
+        "ece": 0.1,
+        "ece_calibrated": 0.04,
+        "operating_points": {
+            "argmax": {"sensitivity": 0.78, "specificity": 0.91, "acc": 0.86, "balanced_acc": 0.845},
+            "sensitivity>=0.90": {"sensitivity": 0.9, "specificity": 0.72, "acc": 0.8, "balanced_acc": 0.81},
+        },
+    },
 }
-SELECTION = {"chosen": "b", "quality": "val_auc", "rule": "highest val_auc; ties within 1 SE ...", "candidates": [
-    {"trial_id": "a", "quality": 0.9124, "gap": 0.0, "gap_se": None, "tied": True, "decision_acc": 0.80,
-     "latency_ms": 0.2, "model_bytes": 1000},
-    {"trial_id": "b", "quality": 0.9123, "gap": 0.0001, "gap_se": 0.01, "tied": True, "decision_acc": 0.85,
-     "latency_ms": 0.3, "model_bytes": 1000}]}
+SELECTION = {
+    "chosen": "b",
+    "quality": "val_auc",
+    "rule": "highest val_auc; ties within 1 SE ...",
+    "candidates": [
+        {
+            "trial_id": "a",
+            "quality": 0.9124,
+            "gap": 0.0,
+            "gap_se": None,
+            "tied": True,
+            "decision_acc": 0.80,
+            "latency_ms": 0.2,
+            "model_bytes": 1000,
+        },
+        {
+            "trial_id": "b",
+            "quality": 0.9123,
+            "gap": 0.0001,
+            "gap_se": 0.01,
+            "tied": True,
+            "decision_acc": 0.85,
+            "latency_ms": 0.3,
+            "model_bytes": 1000,
+        },
+    ],
+}
 
 
 def test_operating_point_rows_show_val_choice_and_test_result():

@@ -12,15 +12,21 @@ from medkd.pipeline.report import pareto_figure, pareto_plot  # noqa: E402
 
 
 def trial(trial_id: str, auc: float, latency: float, *, final: bool, pareto: bool = False) -> dict:
-    return {"trial_id": trial_id, "status": "completed" if final else "stopped early", "final": final, "pareto": pareto,
-            "metrics": {"val_auc": auc, "latency_ms": latency, "params": 50_000}, "config": {}}
+    return {
+        "trial_id": trial_id,
+        "status": "completed" if final else "stopped early",
+        "final": final,
+        "pareto": pareto,
+        "metrics": {"val_auc": auc, "latency_ms": latency, "params": 50_000},
+        "config": {},
+    }
 
 
 RESULTS = {
     "search": {"objectives": [{"metric": "val_auc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]},
     "trials": [trial("a", 0.91230, 0.21, final=True, pareto=True), trial("b", 0.91240, 0.25, final=True, pareto=True)]
-              + [trial(f"s{i}", 0.85 + i / 100, 0.1 + i / 50, final=False) for i in range(7)]
-              + [{"trial_id": "e", "status": "error", "final": False, "metrics": {}, "config": {}}],
+    + [trial(f"s{i}", 0.85 + i / 100, 0.1 + i / 50, final=False) for i in range(7)]
+    + [{"trial_id": "e", "status": "error", "final": False, "metrics": {}, "config": {}}],
     "best": {"trial_id": "b"},
 }
 

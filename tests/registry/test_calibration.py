@@ -113,21 +113,41 @@ INPUT = {"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28]}
 
 
 def metadata(**fields) -> ModelMetadata:
-    return ModelMetadata.model_validate({"model_id": "m", "task": "classification", "num_classes": 2,
-                                         "class_names": ["benign", "malignant"], "input": INPUT, **fields})
+    return ModelMetadata.model_validate(
+        {
+            "model_id": "m",
+            "task": "classification",
+            "num_classes": 2,
+            "class_names": ["benign", "malignant"],
+            "input": INPUT,
+            **fields,
+        }
+    )
 
 
 def test_classify_returns_calibrated_probabilities_and_the_threshold_decision():
-    point = {"name": "sensitivity>=0.90", "kind": "threshold", "threshold": 0.3, "positive_class": 1,
-             "target_sensitivity": 0.9}
-    meta = metadata(calibration={"temperature": 2.0}, operating_points=[{"name": "argmax", "kind": "argmax"}, point],
-                    operating_point="sensitivity>=0.90")
+    point = {
+        "name": "sensitivity>=0.90",
+        "kind": "threshold",
+        "threshold": 0.3,
+        "positive_class": 1,
+        "target_sensitivity": 0.9,
+    }
+    meta = metadata(
+        calibration={"temperature": 2.0},
+        operating_points=[{"name": "argmax", "kind": "argmax"}, point],
+        operating_point="sensitivity>=0.90",
+    )
     logits = np.array([[0.0, -1.2], [0.0, -2.0], [0.0, 3.0]])
     answers = meta.classify(logits)
     expected = calibrated_probabilities(logits, 2.0)
     np.testing.assert_allclose([a["probabilities"] for a in answers], expected)
     assert expected[0, 1] > 0.3 > expected[1, 1]  # p(malignant) 0.354 and 0.269 at T = 2
-    assert [a["predicted_label"] for a in answers] == ["malignant", "benign", "malignant"]  # argmax would say benign first
+    assert [a["predicted_label"] for a in answers] == [
+        "malignant",
+        "benign",
+        "malignant",
+    ]  # argmax would say benign first
     assert answers[0]["operating_point"] == "sensitivity>=0.90" and answers[0]["threshold"] == 0.3
 
 
@@ -138,8 +158,16 @@ def test_classify_without_calibration_is_the_plain_argmax():
 
 
 def test_multilabel_classify_calibrates_each_label():
-    meta = ModelMetadata.model_validate({"model_id": "m", "task": "classification", "num_classes": 3, "multilabel": True,
-                                         "input": INPUT, "calibration": {"temperature": 4.0}})
+    meta = ModelMetadata.model_validate(
+        {
+            "model_id": "m",
+            "task": "classification",
+            "num_classes": 3,
+            "multilabel": True,
+            "input": INPUT,
+            "calibration": {"temperature": 4.0},
+        }
+    )
     answer = meta.classify(np.array([[4.0, -1.0, 0.5]]))[0]
     np.testing.assert_allclose(answer["probabilities"], 1 / (1 + np.exp(-np.array([1.0, -0.25, 0.125]))))
     assert answer["predicted_labels"] == ["0", "2"]
@@ -150,7 +178,15 @@ def test_metadata_refuses_an_unknown_or_impossible_operating_point():
         metadata(operating_point="youden")
     point = {"name": "t", "kind": "threshold", "threshold": 0.3, "positive_class": 1}
     with pytest.raises(ValidationError, match="needs a binary single-label model"):
-        ModelMetadata.model_validate({"model_id": "m", "task": "classification", "num_classes": 3, "input": INPUT,
-                                      "operating_points": [point], "operating_point": "t"})
+        ModelMetadata.model_validate(
+            {
+                "model_id": "m",
+                "task": "classification",
+                "num_classes": 3,
+                "input": INPUT,
+                "operating_points": [point],
+                "operating_point": "t",
+            }
+        )
     with pytest.raises(ValidationError, match="temperature"):
         metadata(calibration={"temperature": 0.0})

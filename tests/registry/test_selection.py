@@ -36,7 +36,8 @@ def test_auc_matches_sklearn_for_binary_multiclass_and_multilabel():
     assert auc_resamples(probs, labels, np.arange(80)[None])[0] == pytest.approx(expected)
     binary = rng.integers(0, 2, 80)
     assert auc_resamples(binary_probs(probs[:, 0]), binary, np.arange(80)[None])[0] == pytest.approx(
-        roc_auc_score(binary, probs[:, 0]))
+        roc_auc_score(binary, probs[:, 0])
+    )
     multi = rng.integers(0, 2, (80, 3))
     expected = np.mean([roc_auc_score(multi[:, k], probs[:, k]) for k in range(3)])
     assert auc_resamples(probs[:, :3], multi, np.arange(80)[None], multilabel=True)[0] == pytest.approx(expected)
@@ -58,8 +59,9 @@ def test_a_tie_within_noise_goes_to_the_better_decision(val):
 def test_a_tie_with_equal_decisions_goes_to_the_cheaper_model(val):
     labels, score = val
     probs = binary_probs(score)
-    selection = select_trial([trial("slow", latency=3.0), trial("fast", latency=1.0)], {"slow": probs, "fast": probs.copy()},
-                             labels)
+    selection = select_trial(
+        [trial("slow", latency=3.0), trial("fast", latency=1.0)], {"slow": probs, "fast": probs.copy()}, labels
+    )
     assert {c.trial_id for c in selection.candidates if c.tied} == {"slow", "fast"}
     assert selection.chosen == "fast"
 
@@ -68,7 +70,9 @@ def test_a_gap_beyond_the_noise_keeps_the_best_quality(val):
     labels, score = val
     good = binary_probs(score)
     poor = binary_probs(np.clip(0.5 + (score - 0.5) * 0.2 + np.random.default_rng(3).normal(0, 0.2, len(score)), 0, 1))
-    selection = select_trial([trial("good", latency=9.0), trial("poor", latency=0.1)], {"good": good, "poor": poor}, labels)
+    selection = select_trial(
+        [trial("good", latency=9.0), trial("poor", latency=0.1)], {"good": good, "poor": poor}, labels
+    )
     poor_score = next(c for c in selection.candidates if c.trial_id == "poor")
     assert poor_score.gap > poor_score.gap_se and not poor_score.tied
     assert selection.chosen == "good" and selection.candidates[0].trial_id == "good"
@@ -118,8 +122,14 @@ def onnx_trial(tmp_path, trial_id: str, scale: float, latency: float) -> TrialRe
     directory = tmp_path / trial_id
     directory.mkdir()
     export_onnx(Scaled(scale), torch.zeros(2, 1, 4, 4), directory / "model.onnx")
-    return TrialRecord(trial_id=trial_id, status="completed", config={}, final=True, checkpoint=str(directory),
-                       metrics={"val_auc": 0.9, "latency_ms": latency, "model_bytes": 100})
+    return TrialRecord(
+        trial_id=trial_id,
+        status="completed",
+        config={},
+        final=True,
+        checkpoint=str(directory),
+        metrics={"val_auc": 0.9, "latency_ms": latency, "model_bytes": 100},
+    )
 
 
 def val_split(n: int = 120) -> tuple[np.ndarray, np.ndarray]:
@@ -133,8 +143,13 @@ def test_export_selection_reads_each_trials_model_and_breaks_the_tie_by_latency(
     images, labels = val_split()
     # Same ranking of the val images (same AUC), different confidence: a tie, and argmax decides alike.
     trials = [onnx_trial(tmp_path, "slow", 40.0, latency=2.0), onnx_trial(tmp_path, "fast", 5.0, latency=1.0)]
-    outcome = SearchOutcome(fingerprint="f", experiment_path=str(tmp_path), trials=trials, pareto=["slow"],
-                            objectives=[{"metric": "val_auc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}])
+    outcome = SearchOutcome(
+        fingerprint="f",
+        experiment_path=str(tmp_path),
+        trials=trials,
+        pareto=["slow"],
+        objectives=[{"metric": "val_auc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}],
+    )
     chosen, selection = select_for_export(outcome, "best", SelectionEvidence(images, labels))
     assert chosen.trial_id == "fast" and selection.chosen == "fast"  # off the Pareto front, tied, cheaper
     assert all(c.tied for c in selection.candidates)
@@ -146,13 +161,15 @@ def test_export_calibrates_the_served_model_and_scores_its_operating_points(tmp_
     images, labels = val_split()
     trial = onnx_trial(tmp_path, "t", 200.0, latency=1.0)  # very over-confident
     dataset = SimpleNamespace(splits={"val": SimpleNamespace(images=images, labels=labels[:, None])})
-    meta = DatasetMeta(task="classification", multilabel=False, num_classes=2, in_channels=1, spatial_dims=2,
-                       image_size=(4, 4))
+    meta = DatasetMeta(
+        task="classification", multilabel=False, num_classes=2, in_channels=1, spatial_dims=2, image_size=(4, 4)
+    )
     spec = SimpleNamespace(export=ExportSpec(target_sensitivity=0.9, positive_class=1))
     test_metrics: dict = {}
     logits = np.stack([np.zeros(len(images)), 200.0 * (images.mean(axis=(1, 2, 3)) - 0.5)], 1)
-    fields = _calibrate(spec, tmp_path / "t", dataset, meta, test_logits=logits, test_labels=labels[:, None],
-                        test_metrics=test_metrics)
+    fields = _calibrate(
+        spec, tmp_path / "t", dataset, meta, test_logits=logits, test_labels=labels[:, None], test_metrics=test_metrics
+    )
     assert fields["calibration"]["temperature"] > 1
     assert fields["calibration"]["ece_after"] < fields["calibration"]["ece_before"]
     assert [p["name"] for p in fields["operating_points"]] == ["argmax", "sensitivity>=0.90"]
@@ -160,3 +177,28 @@ def test_export_calibrates_the_served_model_and_scores_its_operating_points(tmp_
     assert test_metrics["operating_points"]["sensitivity>=0.90"]["sensitivity"] >= 0.9
     assert test_metrics["ece_calibrated"] < 0.2
     assert trial.checkpoint
+
+
+def test_a_target_sensitivity_on_a_multilabel_task_is_refused_by_name(tmp_path):
+    images, labels = val_split()
+    trial = onnx_trial(tmp_path, "t", 5.0, latency=1.0)
+    two_labels = np.stack([labels, 1 - labels], axis=1)
+    dataset = SimpleNamespace(splits={"val": SimpleNamespace(images=images, labels=two_labels)})
+    meta = DatasetMeta(
+        task="classification", multilabel=True, num_classes=2, in_channels=1, spatial_dims=2, image_size=(4, 4)
+    )
+    spec = SimpleNamespace(export=ExportSpec(target_sensitivity=0.9))
+    logits = np.zeros((len(images), 2))
+    with pytest.raises(
+        ValueError, match="export.target_sensitivity: a sensitivity threshold needs a binary single-label"
+    ):
+        _calibrate(
+            spec,
+            tmp_path / "t",
+            dataset,
+            meta,
+            test_logits=logits,
+            test_labels=two_labels,
+            test_metrics={},
+        )
+    assert trial.final

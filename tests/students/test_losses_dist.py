@@ -60,7 +60,9 @@ def test_binary_dist_learns_from_the_intra_class_term_only():
     grads = {}
     for name, weights in {"inter": (1.0, 0.0), "intra": (0.0, 1.0)}.items():
         student = (torch.randn(8, 2, generator=torch.Generator().manual_seed(1))).requires_grad_()
-        loss, _ = create_loss("dist", alpha=0.0, inter_weight=weights[0], intra_weight=weights[1])(student, teacher, labels)
+        loss, _ = create_loss("dist", alpha=0.0, inter_weight=weights[0], intra_weight=weights[1])(
+            student, teacher, labels
+        )
         loss.backward()
         grads[name] = student.grad.abs().sum().item()
     assert grads["intra"] > 1.0 and grads["inter"] < 1e-4 * grads["intra"]

@@ -22,7 +22,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def reference_dkd(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, alpha: float, beta: float, t: float) -> float:
+def reference_dkd(
+    student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, alpha: float, beta: float, t: float
+) -> float:
     """mdistiller's dkd_loss in NumPy (the -1000 mask, batch-mean, T^2 included)."""
     gt = np.zeros_like(student, dtype=bool)
     gt[np.arange(len(labels)), labels] = True
@@ -69,7 +71,9 @@ def test_binary_dkd_is_hinton_kd():
     student, teachers = torch.randn(8, 2, generator=gen), torch.randn(2, 8, 2, generator=gen) * 2
     labels = torch.randint(0, 2, (8,), generator=gen)
     kd, _ = create_loss("hinton_kd", temperature=3.0, alpha=0.4, aggregation="confidence")(student, teachers, labels)
-    dkd, _ = create_loss("dkd", temperature=3.0, alpha=0.4, aggregation="confidence", nckd_weight=8.0)(student, teachers, labels)
+    dkd, _ = create_loss("dkd", temperature=3.0, alpha=0.4, aggregation="confidence", nckd_weight=8.0)(
+        student, teachers, labels
+    )
     torch.testing.assert_close(dkd, kd, rtol=1e-5, atol=1e-6)
 
 
@@ -80,7 +84,8 @@ def test_identical_teachers_aggregate_to_one_and_weights_select_a_teacher():
     single, _ = create_loss("dkd", alpha=0.0)(student, teacher[None], labels)
     twice, _ = create_loss("dkd", alpha=0.0)(student, torch.stack([teacher, teacher]), labels)
     chosen, _ = create_loss("dkd", alpha=0.0, aggregation="weighted", teacher_weights=[1.0, 0.0])(
-        student, torch.stack([teacher, other]), labels)
+        student, torch.stack([teacher, other]), labels
+    )
     torch.testing.assert_close(twice, single)
     torch.testing.assert_close(chosen, single)
 

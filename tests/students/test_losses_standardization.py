@@ -34,7 +34,8 @@ def test_kd_with_standardization_matches_numpy():
     p = np.exp(zt) / np.exp(zt).sum(1, keepdims=True)
     expected = t**2 * (p * (np.log(p) - log_q)).sum(1).mean()
     loss, _ = create_loss("hinton_kd", temperature=t, alpha=0.0, logit_standardization=True)(
-        torch.tensor(student), torch.tensor(teacher)[None], torch.tensor([0, 2]))
+        torch.tensor(student), torch.tensor(teacher)[None], torch.tensor([0, 2])
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-6)  # the aggregation works in float32
 
 
@@ -49,7 +50,9 @@ def test_standardized_kd_ignores_the_students_logit_scale(name):
     base, _ = standardized(student, teachers, labels)
     scaled, _ = standardized(3.0 * student + 1.5, teachers, labels)
     torch.testing.assert_close(scaled, base, rtol=1e-4, atol=1e-5)
-    assert abs(plain(3.0 * student + 1.5, teachers, labels)[0].item() - plain(student, teachers, labels)[0].item()) > 1e-3
+    assert (
+        abs(plain(3.0 * student + 1.5, teachers, labels)[0].item() - plain(student, teachers, labels)[0].item()) > 1e-3
+    )
 
 
 @pytest.mark.parametrize("name", ["hinton_kd", "dkd", "dist"])
@@ -59,8 +62,9 @@ def test_standardized_losses_train_with_every_aggregation(name):
     labels = torch.randint(0, 4, (6,), generator=gen)
     for aggregation, weights in (("mean", None), ("weighted", [1.0, 2.0, 0.5]), ("confidence", [0.2, 0.3, 0.5])):
         student = torch.randn(6, 4, generator=gen).requires_grad_()
-        loss, parts = create_loss(name, alpha=0.3, aggregation=aggregation, teacher_weights=weights,
-                                  logit_standardization=True)(student, teachers, labels)
+        loss, parts = create_loss(
+            name, alpha=0.3, aggregation=aggregation, teacher_weights=weights, logit_standardization=True
+        )(student, teachers, labels)
         loss.backward()
         assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0, aggregation
         assert np.isfinite(parts["kd"])
@@ -70,14 +74,17 @@ def test_pixel_kd_standardizes_per_pixel():
     gen = torch.Generator().manual_seed(2)
     student = torch.randn(2, 3, 4, 4, generator=gen).requires_grad_()
     loss, _ = create_loss("pixel_kd", alpha=0.0, logit_standardization=True)(
-        student, torch.randn(1, 2, 3, 4, 4, generator=gen), torch.randint(0, 3, (2, 4, 4), generator=gen))
+        student, torch.randn(1, 2, 3, 4, 4, generator=gen), torch.randint(0, 3, (2, 4, 4), generator=gen)
+    )
     loss.backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
 def test_standardization_refuses_binary_and_multilabel_logits():
     with pytest.raises(ValueError, match="logit_standardization needs at least 3 classes.*2"):
-        create_loss("hinton_kd", logit_standardization=True)(torch.zeros(4, 2), torch.zeros(1, 4, 2), torch.zeros(4, dtype=torch.long))
+        create_loss("hinton_kd", logit_standardization=True)(
+            torch.zeros(4, 2), torch.zeros(1, 4, 2), torch.zeros(4, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="logit_standardization needs a softmax"):
         create_loss("multilabel_kd", logit_standardization=True)
     with pytest.raises(ValueError, match="logit_standardization must be true or false"):
@@ -90,8 +97,14 @@ def test_the_new_families_are_registered():
     assert "logit_standardization=True" in repr(create_loss("dist", logit_standardization=True))
 
 
-META = {"task": "classification", "multilabel": False, "num_classes": 8, "spatial_dims": 2, "in_channels": 3,
-        "image_size": [28, 28]}
+META = {
+    "task": "classification",
+    "multilabel": False,
+    "num_classes": 8,
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "image_size": [28, 28],
+}
 
 
 def test_distill_config_builds_the_chosen_loss_and_defaults_to_hinton_kd():

@@ -84,21 +84,25 @@ class DISTLoss(HintonKDLoss):
         inter_weight: float = 1.0,
         intra_weight: float = 1.0,
     ) -> None:
-        super().__init__(temperature, alpha, aggregation, teacher_weights, class_weights, label_smoothing,
-                         logit_standardization)
+        super().__init__(
+            temperature, alpha, aggregation, teacher_weights, class_weights, label_smoothing, logit_standardization
+        )
         self.inter_weight = check_weight(inter_weight, "inter_weight")
         self.intra_weight = check_weight(intra_weight, "intra_weight")
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if student_logits.ndim != 2:
-            raise ValueError(f"student_logits must be (N, C) for dist (single-label classification), "
-                             f"got shape {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"student_logits must be (N, C) for dist (single-label classification), "
+                f"got shape {tuple(student_logits.shape)}"
+            )
         super()._check_shapes(student_logits, teacher_logits)
 
     def kd_loss(self, student_logits: Tensor, soft_target: Tensor) -> Tensor:
         student_probs = F.softmax(student_logits / self.temperature, dim=1)
-        return (self.inter_weight * inter_class_relation(student_probs, soft_target)
-                + self.intra_weight * intra_class_relation(student_probs, soft_target))
+        return self.inter_weight * inter_class_relation(
+            student_probs, soft_target
+        ) + self.intra_weight * intra_class_relation(student_probs, soft_target)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", inter_weight={self.inter_weight}, intra_weight={self.intra_weight}"

@@ -109,15 +109,18 @@ class DKDLoss(HintonKDLoss):
         tckd_weight: float = DEFAULT_TCKD_WEIGHT,
         nckd_weight: float = DEFAULT_NCKD_WEIGHT,
     ) -> None:
-        super().__init__(temperature, alpha, aggregation, teacher_weights, class_weights, label_smoothing,
-                         logit_standardization)
+        super().__init__(
+            temperature, alpha, aggregation, teacher_weights, class_weights, label_smoothing, logit_standardization
+        )
         self.tckd_weight = check_weight(tckd_weight, "tckd_weight")
         self.nckd_weight = check_weight(nckd_weight, "nckd_weight")
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if student_logits.ndim != 2:
-            raise ValueError(f"student_logits must be (N, C) for dkd (single-label classification), "
-                             f"got shape {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"student_logits must be (N, C) for dkd (single-label classification), "
+                f"got shape {tuple(student_logits.shape)}"
+            )
         super()._check_shapes(student_logits, teacher_logits)
 
     def kd_term(self, student_logits: Tensor, soft_target: Tensor, targets: Tensor) -> Tensor:

@@ -15,8 +15,9 @@ from medkd.students.losses.standardization import check_standardizable
 CLASSIFICATION_LOSSES: tuple[str, ...] = ("hinton_kd", "dkd", "dist")
 
 
-def resolve_loss_name(task: str, multilabel: bool, num_classes: int, *, loss: str | None = None,
-                      logit_standardization: bool = False) -> str:
+def resolve_loss_name(
+    task: str, multilabel: bool, num_classes: int, *, loss: str | None = None, logit_standardization: bool = False
+) -> str:
     """The registered loss a student of this task trains with, after checking the choice.
 
     Args:
@@ -48,14 +49,16 @@ def resolve_loss_name(task: str, multilabel: bool, num_classes: int, *, loss: st
         name = loss
     if logit_standardization:
         if multilabel:
-            raise ValueError("logit_standardization needs a softmax over classes; multi-label tasks use one sigmoid "
-                             "per label")
+            raise ValueError(
+                "logit_standardization needs a softmax over classes; multi-label tasks use one sigmoid per label"
+            )
         check_standardizable(num_classes)
     return name
 
 
-def check_loss_space(losses: list[str] | None, standardization: list[bool] | None, *, task: str, multilabel: bool,
-                     num_classes: int) -> None:
+def check_loss_space(
+    losses: list[str] | None, standardization: list[bool] | None, *, task: str, multilabel: bool, num_classes: int
+) -> None:
     """Check every combination a search may draw (``search.space.loss`` x ``logit_standardization``).
 
     Raises:
@@ -63,7 +66,8 @@ def check_loss_space(losses: list[str] | None, standardization: list[bool] | Non
             task cannot train with.
 
     Examples:
-        >>> check_loss_space(["hinton_kd", "dkd"], [False, True], task="classification", multilabel=False, num_classes=8)
+        >>> check_loss_space(["hinton_kd", "dkd"], [False, True], task="classification", multilabel=False,
+        ...                  num_classes=8)
     """
     for loss in losses or [None]:
         for standardize in standardization or [False]:
