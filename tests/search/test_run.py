@@ -72,4 +72,4 @@ def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once
     (soup_branches, soup_records), (tune_branches, tune_records) = calls
     assert soup_branches == 2 and {1, 2} <= set(soup_records)
     assert tune_branches == 1 and set(tune_records) == {None}
-    assert (tmp_path / "model.onnx").is_file() and 0.0 <= metrics["val_auc"] <= 1.0
+    assert (tmp_path / "model.onnx").is_file() and metrics["val_auc"] >= 0.9  # images = noise + label: learnt
