@@ -21,6 +21,7 @@ from medkd.core.progress import Progress, RemoteEvents
 from medkd.core.metrics import classification_metrics, ensemble_probabilities
 from medkd.data import load_dataset
 from medkd.pipeline.demo import demo_request
+from medkd.pipeline.results import RESULTS_FILE, Results, StageRecord
 from medkd.pipeline.report import print_results_table, write_report
 from medkd.registry.export import choose, export_models, selection_evidence
 from medkd.search.context import search_context
@@ -36,27 +37,10 @@ from medkd.spec.job import JobSpec
 from medkd.data.meta import DatasetMeta
 
 STAGES = ("teachers", "soft_labels", "search", "final", "export", "serve", "report")
-RESULTS_FILE = "results.json"
 
 
 class PipelineError(RuntimeError):
     """A stage failed; everything computed before it is kept."""
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def init_ray(spec: JobSpec) -> bool:
@@ -92,7 +76,7 @@ class Pipeline:
         self.keep_serving = keep_serving
         self.serve_enabled = serve and spec.serve.enabled
         self.output_dir = Path(spec.output_dir).resolve()
-        self.results: dict[str, Any] = {"job": spec.name, "job_fingerprint": spec.fingerprint(), "stages": {}}
+        self.results = Results(job=spec.name, job_fingerprint=spec.fingerprint())
 
     # ------------------------------------------------------------------ helpers
 
@@ -102,21 +86,17 @@ class Pipeline:
             try:
                 status = fn()
             except Exception as error:
-                self.results["stages"][name] = {"status": "failed", "seconds": time.perf_counter() - started,
-                                                "error": f"{type(error).__name__}: {error}"}
+                self.results.stages[name] = StageRecord(status="failed", seconds=round(time.perf_counter() - started, 2),
+                                                        error=f"{type(error).__name__}: {error}")
                 self._write_results()
                 raise
             seconds = time.perf_counter() - started
-            self.results["stages"][name] = {"status": status, "seconds": round(seconds, 2)}
+            self.results.stages[name] = StageRecord(status=status, seconds=round(seconds, 2))
             self.progress.line(f"   {name}: {status} ({seconds:.1f}s)")
 
     def _write_results(self) -> Path:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / RESULTS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_json_safe(self.results), indent=2))
-        tmp.replace(path)
-        return path
+        return self.results.write(self.output_dir)
 
     # ------------------------------------------------------------------ run
 
@@ -132,7 +112,7 @@ class Pipeline:
         dataset = load_dataset(spec.data)  # validated before any training starts
         self.dataset, self.meta = dataset, DatasetMeta.of(dataset)
         summary = dataset.summary()
-        self.results["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint, "task": dataset.task,
+        self.results.dataset = {"name": dataset.name, "fingerprint": dataset.fingerprint, "task": dataset.task,
                                    "multilabel": dataset.multilabel, "image_size": list(dataset.image_size),
                                    "class_names": list(dataset.class_names), **summary}
         sizes = {k: len(v.images) for k, v in dataset.splits.items()}
@@ -171,10 +151,10 @@ class Pipeline:
             self._write_results()
             if self.keep_serving and self.serve_enabled:
                 self._serve_until_interrupted()
-        return self.results
+        return self.results.as_dict()
 
     def _serve_until_interrupted(self) -> None:
-        self.progress.line(f"serving at {self.results['serve']['url']} — press Ctrl-C to stop")
+        self.progress.line(f"serving at {self.results.serve['url']} — press Ctrl-C to stop")
         try:
             while True:
                 time.sleep(3600)
@@ -190,7 +170,7 @@ class Pipeline:
             self.spec, self.dataset, self.data_ref, output_dir=self.output_dir,
             storage_path=self.storage_path, progress=self.progress, events=self.events,
         )
-        self.results["teachers"] = [
+        self.results.teachers = [
             {"name": t.name, "model": t.model, "family": t.family, "params": t.params, "fingerprint": t.fingerprint,
              "checkpoint": t.checkpoint, "epochs_run": t.epochs_run, "best_epoch": t.best_epoch,
              "train_seconds": round(t.train_seconds, 1), "status": status[t.name], "history": t.history}
@@ -215,7 +195,7 @@ class Pipeline:
 
         logits = {t.name: {s: self.cache.fetch(t.fingerprint, self.dataset.fingerprint, s) for s in ("val", "test")}
                   for t in self.teachers}
-        for entry in self.results["teachers"]:
+        for entry in self.results.teachers:
             for split in ("val", "test"):
                 entry[f"{split}_metrics"] = evaluate_logits(logits[entry["name"]][split], self.dataset.splits[split].labels, self.meta)
         ensemble = {}
@@ -228,9 +208,9 @@ class Pipeline:
                 probs = ensemble_probabilities(stacked, multilabel=self.meta.multilabel)
 
                 ensemble[split] = classification_metrics(probs, self.dataset.splits[split].labels, multilabel=self.meta.multilabel)
-        self.results["ensemble"] = {f"{s}_metrics": m for s, m in ensemble.items()}
+        self.results.ensemble = {f"{s}_metrics": m for s, m in ensemble.items()}
         hits_after, misses_after = self._cache_counters()
-        self.results["soft_labels"] = {
+        self.results.soft_labels = {
             "namespace": spec.cache.namespace,
             "encoding": spec.cache.encoding,
             "teachers": report,
@@ -260,15 +240,15 @@ class Pipeline:
                 self.spec, meta=self.meta, data_ref=self.data_ref, teacher_fps=teacher_fps,
                 dataset_fp=self.dataset.fingerprint, cache_url=self.cache_url, storage_path=self.storage_path,
                 progress=self.progress, events=self.events, resume=self.resume,
-                views=self.results["soft_labels"].get("views"), teachers=self.teachers,
+                views=self.results.soft_labels.get("views"), teachers=self.teachers,
             )
             if any(t.final for t in self.outcome.trials):
                 outcome_path.parent.mkdir(parents=True, exist_ok=True)
                 outcome_path.write_text(self.outcome.model_dump_json(indent=2))
             status = "ran"
-        self.results["search"] = {"fingerprint": self.outcome.fingerprint, "experiment_path": self.outcome.experiment_path,
+        self.results.search = {"fingerprint": self.outcome.fingerprint, "experiment_path": self.outcome.experiment_path,
                                   "objectives": self.outcome.objectives, "pareto": self.outcome.pareto}
-        self.results["trials"] = [t.model_dump() for t in self.outcome.trials]
+        self.results.trials = [t.model_dump() for t in self.outcome.trials]
         return status
 
     def _final(self) -> str:
@@ -278,21 +258,21 @@ class Pipeline:
         context = search_context(self.spec, meta=self.meta, data_ref=self.data_ref,
                                  teacher_fps=[t.fingerprint for t in self.teachers], dataset_fp=self.dataset.fingerprint,
                                  cache_url=self.cache_url, events=self.events,
-                                 views=self.results["soft_labels"].get("views"), teachers=self.teachers)
+                                 views=self.results.soft_labels.get("views"), teachers=self.teachers)
         self.final, status = train_final(self.spec, self.outcome, choose(self.outcome, self.spec.export.select,
                                                                  selection_evidence(self.spec, self.dataset, self.meta)),
                                          context=context, output_dir=self.output_dir, progress=self.progress)
-        self.results["final"] = self.final.model_dump()
+        self.results.final = self.final.model_dump()
         return status
 
     def _export(self) -> str:
         exported = export_models(self.spec, self.outcome, dataset=self.dataset, meta=self.meta, teachers=self.teachers,
-                                 soft_labels=self.results["soft_labels"]["teachers"], output_dir=self.output_dir,
+                                 soft_labels=self.results.soft_labels["teachers"], output_dir=self.output_dir,
                                  progress=self.progress, final=self.final)
         selected = exported["selected"]
         metadata = json.loads((Path(selected["path"]) / "metadata.json").read_text())
         self.model_dir = Path(selected["path"])
-        self.results["best"] = {
+        self.results.best = {
             "model_id": selected["model_id"],
             "trial_id": selected["trial_id"],
             "config": metadata["config"],
@@ -309,22 +289,22 @@ class Pipeline:
             "operating_points": metadata.get("operating_points"),
             "operating_point": metadata.get("operating_point"),
         }
-        self.results["selection"] = exported["selection"]
-        self.results["pareto_models"] = exported["pareto"]
+        self.results.selection = exported["selection"]
+        self.results.pareto_models = exported["pareto"]
         return "ran"
 
     def _serve(self) -> str:
         if not self.serve_enabled:
-            self.results["serve"] = {"enabled": False}
+            self.results.serve = {"enabled": False}
             return "skipped"
 
         url = deploy(self.model_dir, self.spec.serve)
-        self.progress.line(f"  serving {self.results['best']['model_id']} at {url}")
+        self.progress.line(f"  serving {self.results.best['model_id']} at {url}")
         try:
             answer = demo_request(url, self.dataset, self.output_dir)
             truth = "" if answer["true_label"] is None else f", true label {answer['true_label']}"
             self.progress.line(f"  demo request (test image 0{truth}): {answer['answer']}")
-            self.results["serve"] = {"url": url, "replicas": {"min": self.spec.serve.min_replicas,
+            self.results.serve = {"url": url, "replicas": {"min": self.spec.serve.min_replicas,
                                                               "max": self.spec.serve.max_replicas},
                                      "demo": answer, "kept_running": self.keep_serving}
         finally:
@@ -334,10 +314,10 @@ class Pipeline:
 
     def _report(self) -> str:
         self._write_results()
-        path = write_report(self.results, self.output_dir)
-        self.results["report"] = str(path)
+        path = write_report(self.results.as_dict(), self.output_dir)
+        self.results.report = str(path)
         self._write_results()
-        print_results_table(self.results, self.progress)
+        print_results_table(self.results.as_dict(), self.progress)
         self.progress.line(f"results: {self.output_dir / RESULTS_FILE}")
         self.progress.line(f"report:  {path}")
         return "ran"
