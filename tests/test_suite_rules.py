@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import pytest_collection_modifyitems
+from tests.conftest import pytest_collection_modifyitems, shared_data_file
 
 
 def _timeout_of(node: pytest.Item) -> float:
@@ -51,3 +51,14 @@ def test_slow_tests_keep_a_timeout_of_their_own() -> None:
     pytest_collection_modifyitems(None, [own, default])  # type: ignore[arg-type]
     assert own.get_closest_marker("timeout").args == (1800,)
     assert default.get_closest_marker("timeout").args[0] > 300
+
+
+def test_a_missing_data_file_fails_in_ci_and_skips_elsewhere(tmp_path, monkeypatch) -> None:
+    (tmp_path / "present.npz").write_bytes(b"x")
+    assert shared_data_file("present.npz", tmp_path) == tmp_path / "present.npz"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing.npz"):
+        shared_data_file("missing.npz", tmp_path)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="missing.npz"):
+        shared_data_file("missing.npz", tmp_path)
