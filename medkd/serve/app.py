@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from medkd.serve.guards import bearer_token
-from medkd.serve.ingress import DEPLOYMENT_NAME, MedkdServer
+from medkd.serve.ingress import DEPLOYMENT_NAME, PROBE_TIMEOUT_S, MedkdServer
 from medkd.serve.model_store import ModelDirError, collect_models, load_model_dir, resolve_model_dir
 from medkd.spec.serve import ServeConfig
 
@@ -70,7 +70,7 @@ def build_app(model_dir: Path | str, config: ServeConfig | None = None) -> serve
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
         ray_actor_options=config.ray_actor_options(),
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
-        health_check_timeout_s=config.request_timeout_s + 5.0,
+        health_check_timeout_s=max(config.request_timeout_s, PROBE_TIMEOUT_S) + 5.0,
     )
     return deployment.bind(bundle.model_dump(), config.model_dump(mode="json"), token)
 

@@ -41,6 +41,8 @@ from medkd.spec.serve import ServeConfig
 logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAME = "MedkdModel"
+PROBE_TIMEOUT_S = 10.0
+"""Shortest time an ONNX call may run before check_health calls the session wedged."""
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _IMAGE_TYPES = ["image/png", "image/jpeg", "application/x-npy", "application/dicom", "application/octet-stream"]
 _IMAGE_BODY = {
@@ -326,7 +328,7 @@ class MedkdServer:
     async def check_health(self) -> None:
         """Serve's health check: fails when an ONNX call hangs, so Serve replaces the replica."""
         busy = self._busy_since
-        limit = self._config.request_timeout_s
+        limit = max(self._config.request_timeout_s, PROBE_TIMEOUT_S)
         if busy is not None and time.monotonic() - busy > limit:
             raise RuntimeError(f"ONNX Runtime call running for {time.monotonic() - busy:.0f} s > {limit:g} s: wedged")
         if busy is None:
