@@ -130,3 +130,12 @@ class SearchSpec(StrictModel):
     @property
     def final_training(self) -> bool:
         return self.final_epochs is not None or self.final_branches is not None
+
+    def trial_resources(self) -> dict[str, float]:
+        """Ray resources of one search trial (``tune.with_resources``).
+
+        Examples:
+            >>> SearchSpec(cpus_per_trial=2, gpus_per_trial=0.5).trial_resources()
+            {'cpu': 2.0, 'gpu': 0.5}
+        """
+        return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
