@@ -15,6 +15,7 @@ import torch
 
 import ray
 
+from medkd.core.devices import reserved_gpu_device
 from medkd.core.progress import Progress
 from medkd.core.fingerprint import fingerprint
 from medkd.data import apply_view, sample_view_params
@@ -23,6 +24,10 @@ from medkd.teachers.train import TeacherArtifact, load_teacher_model
 from medkd.data.meta import DatasetMeta
 
 SPLITS = ("train", "val", "test")
+
+
+#: What asks for the GPU of soft-label inference (named when a declared GPU is unusable).
+SOFTLABELS_GPU_FIELD = "soft-label inference (it asks for a GPU whenever the cluster declares one)"
 
 
 def cache_teacher_spec(artifact: TeacherArtifact) -> dict[str, Any]:
@@ -34,7 +39,7 @@ def cache_teacher_spec(artifact: TeacherArtifact) -> dict[str, Any]:
 def _teacher_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, splits: list[str]) -> dict[str, np.ndarray]:
     artifact = TeacherArtifact.model_validate_json(artifact_json)
     torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = reserved_gpu_device(SOFTLABELS_GPU_FIELD)
     model = load_teacher_model(artifact, meta).to(device)
     data = ray.get(data_ref_list[0])
     return {split: predict(model, data[split][0], 128, device) for split in splits}
@@ -166,7 +171,7 @@ def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: D
 def _teacher_view_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, params: list[list[dict]]) -> list[np.ndarray]:
     artifact = TeacherArtifact.model_validate_json(artifact_json)
     torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = reserved_gpu_device(SOFTLABELS_GPU_FIELD)
     model = load_teacher_model(artifact, meta).to(device)
     images = ray.get(data_ref_list[0])["train"][0]
     return [predict(model, apply_view(images, view), 128, device) for view in params]

@@ -22,6 +22,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
+from medkd.core.devices import probe_reserved_gpus
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
 from medkd.teachers.faults import (
@@ -132,6 +133,10 @@ def train_one_teacher(
     run_name = f"teacher-{teacher.name}-{teacher_fp}"
     elastic = teacher.min_workers is not None and teacher.min_workers < teacher.num_workers
     nodes_before = alive_nodes()
+    use_gpu = _use_gpu(teacher.use_gpu)
+    if use_gpu:  # on a node whose declared GPU is unusable, Train's NCCL set-up would fail opaquely
+        probe_reserved_gpus(f"teachers[{teacher.name}].use_gpu", workers=teacher.num_workers,
+                            cpus_per_worker=teacher.cpus_per_worker)
     trainer = TorchTrainer(
         train_teacher_loop,
         train_loop_config={
@@ -144,7 +149,7 @@ def train_one_teacher(
             # Elastic: after a lost node, Train restarts from the last checkpoint with as many
             # workers as the cluster still places (at least min_workers).
             num_workers=(teacher.min_workers, teacher.num_workers) if elastic else teacher.num_workers,
-            use_gpu=_use_gpu(teacher.use_gpu),
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": teacher.cpus_per_worker},
         ),
         run_config=RunConfig(
