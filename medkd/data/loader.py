@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import TypeAdapter
 
 # Importing the adapter modules registers them.
@@ -15,7 +13,7 @@ from medkd.spec.data import DataSpec
 _DATA_SPEC = TypeAdapter(DataSpec)
 
 
-def load_dataset(spec: Any) -> Dataset:
+def load_dataset(spec: DataSpec) -> Dataset:
     """Load, check, normalise and fingerprint the data a spec describes.
 
     Args:

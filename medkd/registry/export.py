@@ -33,6 +33,7 @@ from medkd.registry.layout import METADATA_FILE, registry_dir, select_model
 from medkd.registry.selection import Selection, select_trial
 from medkd.search.outcome import SearchOutcome, TrialRecord
 from medkd.data.meta import DatasetMeta
+from medkd.spec.job import JobSpec
 
 
 
@@ -75,7 +76,7 @@ class SelectionEvidence:
         return self._probs[trial.trial_id]
 
 
-def selection_evidence(spec: Any, dataset: Any, meta: DatasetMeta) -> SelectionEvidence | None:
+def selection_evidence(spec: JobSpec, dataset: Any, meta: DatasetMeta) -> SelectionEvidence | None:
     """The evidence for :func:`choose` (None for segmentation: Dice has no bootstrap here, the order stays)."""
     if meta.task != "classification":
         return None
@@ -117,7 +118,7 @@ def choose(outcome: SearchOutcome, select: str | int, evidence: SelectionEvidenc
 
 
 def export_models(
-    spec: Any,
+    spec: JobSpec,
     outcome: SearchOutcome,
     *,
     dataset: Any,
@@ -263,7 +264,7 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
     (target / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
-def _calibrate(spec: Any, target: Path, dataset: Any, meta: DatasetMeta, *, test_logits: np.ndarray,
+def _calibrate(spec: JobSpec, target: Path, dataset: Any, meta: DatasetMeta, *, test_logits: np.ndarray,
                test_labels: np.ndarray, test_metrics: dict[str, Any]) -> dict[str, Any]:
     """Temperature scaling and operating points fitted on val for the served model, scored on test.
 

@@ -40,6 +40,7 @@ from medkd.search.context import TrialContext
 from medkd.search.outcome import SearchOutcome, TrialRecord
 from medkd.search.recipe import teacher_logits_source, train_candidate, trial_augmentation
 from medkd.students.distill import build_student
+from medkd.spec.job import JobSpec
 
 FINAL_DIR = "final"
 RECORD_FILE = "final.json"
@@ -77,7 +78,7 @@ def _val_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train_final(
-    spec: Any,
+    spec: JobSpec,
     outcome: SearchOutcome,
     trial: TrialRecord,
     *,

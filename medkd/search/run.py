@@ -39,6 +39,7 @@ from medkd.search.context import TrialContext, search_context
 from medkd.search.outcome import SearchOutcome, TrialRecord, collect_outcome, pareto_front  # noqa: F401  (re-exported)
 from medkd.search.recipe import calibration_samples, teacher_logits_source, train_candidate, trial_augmentation
 from medkd.search.space import define_space, teacher_prior, trial_distill_config
+from medkd.spec.job import JobSpec
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
 
@@ -128,7 +129,7 @@ class TrialProgress(tune.Callback):
 # --------------------------------------------------------------------------- the stage
 
 
-def search_fingerprint(spec: Any, teacher_fps: list[str], dataset_fp: str) -> str:
+def search_fingerprint(spec: JobSpec, teacher_fps: list[str], dataset_fp: str) -> str:
     parts = ["search", spec.search.fingerprint_fields(), teacher_fps, dataset_fp, spec.seed, spec.export.latency_runs]
     if spec.cache.views:
         # Students train on the cached views: another search. Appended only when on, so the
@@ -138,7 +139,7 @@ def search_fingerprint(spec: Any, teacher_fps: list[str], dataset_fp: str) -> st
 
 
 def run_search(
-    spec: Any,
+    spec: JobSpec,
     *,
     meta: DatasetMeta,
     data_ref: Any,

@@ -35,6 +35,7 @@ from medkd.teachers.faults import (
 from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
 from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
 from medkd.data.meta import DatasetMeta
+from medkd.spec.job import JobSpec
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s)
 # and takes at most one report per poll; the last report and the end of a run each wait for a
@@ -249,7 +250,7 @@ def check_teachers(teachers: list[Any], meta: DatasetMeta) -> None:
 
 
 def train_teachers(
-    spec: Any,
+    spec: JobSpec,
     dataset: Any,
     data_ref: Any,
     *,
