@@ -112,6 +112,8 @@ def cache_teacher_logits(
             "teacher_fp": artifact.fingerprint,
             "splits": per_split,
             "seconds": round(time.perf_counter() - started, 2),
+            # The node that published them (this driver's); trials on other nodes read them.
+            "written_from": ray.util.get_node_ip_address() if ran else None,
         }
         progress.soft_labels(artifact.name, "cached" if ran else "skipped")
     return report

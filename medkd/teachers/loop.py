@@ -288,6 +288,7 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
             "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - started,
             "workers": world,  # fewer than num_workers after an elastic restart on a smaller cluster
+            "node": ray.util.get_node_ip_address(),  # where rank 0 ran this epoch (results.json shows it)
         }
         state["history"].append(record)
         stop = teacher["patience"] is not None and state["bad_epochs"] >= teacher["patience"]
