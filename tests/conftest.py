@@ -1,7 +1,7 @@
 """Shared fixtures: one real local Ray cluster and one real redis-server per test session.
 
 Tests that are not about Ray's token authentication run their cluster with auth disabled
-(RAY-NOTES: token auth is on by default in ray 2.60).
+(token auth is on by default in ray 2.60).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def init_ray(spec: JobSpec) -> bool:
             address="local",
             num_cpus=spec.ray.num_cpus,
             num_gpus=spec.ray.num_gpus,
-            include_dashboard=True,  # Train's cleanup needs the state API (RAY-NOTES 2)
+            include_dashboard=True,  # Train's cleanup needs the state API: without it an early-stopped trial never frees its CPU
             dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=False,

@@ -65,7 +65,7 @@ class TeacherArtifact(BaseModel):
 
 
 def teacher_fingerprint(teacher: Any, dataset_fp: str, seed: int, task: str) -> str:
-    """Hash of (teacher spec, dataset fingerprint, training config, seed) — DESIGN.md."""
+    """Hash of (teacher spec, dataset fingerprint, training config, seed): see ARCHITECTURE.md, "Fingerprints"."""
     return fingerprint("teacher", teacher.training_fingerprint_fields(), dataset_fp, seed, task)
 
 

@@ -1,7 +1,7 @@
 """medkd.cli.jobs against a real Ray head node with token authentication on.
 
 The module starts its own head (``ray start --head --block``) on 127.0.0.1 with every port chosen
-explicitly, its own --temp-dir (so no ``ray_current_cluster`` file lands in /tmp/ray, RAY-NOTES 5)
+explicitly, its own --temp-dir (so no ``ray_current_cluster`` file lands in /tmp/ray: a stale one makes a plain ray.init() try to join a dead cluster)
 and ``RAY_AUTH_MODE=token`` with a random token in its environment only. At the end it kills
 exactly the processes of that head: the session ``ray start`` leads plus their descendants (job
 drivers run in sessions of their own). Never ``ray stop``.
@@ -134,7 +134,7 @@ def head():
     flags = ["--port", "--node-manager-port", "--object-manager-port", "--dashboard-port",
              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
              "--ray-client-server-port", "--runtime-env-agent-port"]
-    ports = dict(zip(flags, free_ports(len(flags))))  # all explicit and distinct, outside 10002-19999 (RAY-NOTES 7)
+    ports = dict(zip(flags, free_ports(len(flags))))  # all explicit and distinct, outside 10002-19999 (the range Ray keeps for its workers)
     dashboard_port = ports["--dashboard-port"]
     env = {
         key: value
