@@ -380,11 +380,11 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize the trailing spatial axes of ``(C, *spatial)`` (2D or 3D), linear, antialiased.
 
-    Pillow's ``BILINEAR`` filter on float32 data, one axis at a time (width, height, then depth;
-    Pillow's own 2D resize is these same two passes): a triangle filter widened by the
-    downscale factor when shrinking, plain bilinear when enlarging (half-pixel centres, edges
-    clamped). The same as ``torch.nn.functional.interpolate(mode="bilinear", antialias=True,
-    align_corners=False)`` in 2D.
+    Pillow's ``BILINEAR`` filter on float32 data, each (height, width) plane and then depth
+    (Pillow's separable filter, one more pass): a triangle filter widened by the downscale factor
+    when shrinking, plain bilinear when enlarging (half-pixel centres, edges clamped). The same as
+    ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)``
+    in 2D.
 
     Args:
         image: ``(C, H, W)`` or ``(C, H, W, D)``, any numeric dtype.
@@ -403,20 +403,26 @@ def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     out = np.array(image, dtype=np.float32, order="C", copy=True)
     if len(size) not in (2, 3) or out.ndim != len(size) + 1:
         raise ValueError(f"resize: expected (C, *spatial) with {len(size)} spatial axes, got shape {out.shape}")
-    for axis in (2, 1, 3)[: len(size)]:
-        if out.shape[axis] != size[axis - 1]:
-            out = _resize_axis(out, axis, size[axis - 1])
+    if out.shape[1:] == size:
+        return out
+    if out.shape[1:3] != size[:2]:
+        out = _resize_planes(out, size[:2])
+    if len(size) == 3 and out.shape[3] != size[2]:
+        channels, height, width, depth = out.shape
+        rows = out.reshape(channels, height * width, depth)  # each row: one voxel column along depth
+        out = _resize_planes(rows, (height * width, size[2])).reshape(channels, height, width, size[2])
     return out
 
 
-def _resize_axis(array: np.ndarray, axis: int, new_size: int) -> np.ndarray:
-    """One axis resized by Pillow: every line along ``axis`` is a row of one float32 image whose
-    width alone changes (so Pillow runs only its horizontal pass)."""
-    moved = np.moveaxis(array, axis, -1)
-    rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1])
-    resized = Image.fromarray(rows).resize((new_size, rows.shape[0]), Image.Resampling.BILINEAR)
-    lines = np.asarray(resized, dtype=np.float32).reshape(*moved.shape[:-1], new_size)
-    return np.ascontiguousarray(np.moveaxis(lines, -1, axis))
+def _resize_planes(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize the two axes after the first of ``(N, H, W)`` or ``(N, H, W, D)`` with Pillow."""
+    height, width = size
+    out = np.empty(array.shape[:1] + size + array.shape[3:], dtype=np.float32)
+    for index in np.ndindex(array.shape[:1] + array.shape[3:]):
+        plane_index = (index[0], slice(None), slice(None), *index[1:])
+        plane = Image.fromarray(np.ascontiguousarray(array[plane_index]))
+        out[plane_index] = np.asarray(plane.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return out
 
 
 def rescale_intensities(
