@@ -222,19 +222,24 @@ def confusion_plot(matrix: list[list[int]], class_names: list[str], title: str) 
 
 @dataclass
 class ReportTable:
-    """A table of ``rows`` (dicts; the first row's keys are the columns), numbers formatted by the report."""
+    """A table of ``rows`` (dicts; every key of any row is a column, in order of appearance).
+
+    Numbers are formatted by the report (4 decimals, or ``digits[column]``), a missing value is "–".
+    """
 
     rows: list[dict[str, Any]]
     caption: str | None = None
+    digits: dict[str, int] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
-        return list(self.rows[0].keys()) if self.rows else []
+        return list(dict.fromkeys(key for row in self.rows for key in row))
 
     @property
     def cells(self) -> list[list[tuple[str, bool]]]:
         """Per row, per column: the formatted value and whether it is a number (right-aligned)."""
-        return [[(_fmt(row.get(c)), isinstance(row.get(c), (int, float))) for c in self.columns] for row in self.rows]
+        return [[(_fmt(row.get(c), self.digits.get(c, 4)), isinstance(row.get(c), (int, float))) for c in self.columns]
+                for row in self.rows]
 
 
 @dataclass
@@ -345,8 +350,8 @@ def served_section(results: dict[str, Any]) -> ReportSection | None:
 
 def stages_section(results: dict[str, Any]) -> ReportSection:
     """What each pipeline stage did (ran / skipped / failed) and how long it took."""
-    return ReportSection("Stages", tables=[ReportTable([{"stage": name, **info}
-                                                         for name, info in results.get("stages", {}).items()])])
+    rows = [{"stage": name, **info} for name, info in results.get("stages", {}).items()]
+    return ReportSection("Stages", tables=[ReportTable(rows, digits={"seconds": 1})])
 
 
 #: The report's sections in order, by name; each builder may return None (nothing to show).

@@ -81,3 +81,11 @@ def test_the_template_is_package_data():
     assert (files("medkd.pipeline") / "templates" / "report.html.j2").is_file()
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     assert "templates/*.j2" in config["tool"]["setuptools"]["package-data"]["medkd.pipeline"]
+
+
+def test_a_failed_stage_shows_its_error_and_seconds_have_one_decimal():
+    results = {"job": "j", "stages": {"teachers": {"status": "ran", "seconds": 516.25},
+                                      "soft_labels": {"status": "failed", "seconds": 168.12, "error": "TypeError: x"}}}
+    page = render_report(results)
+    assert "<th>error</th>" in page and "<td>TypeError: x</td>" in page
+    assert '<td class="num">516.2</td>' in page and '<td class="num">168.1</td>' in page
