@@ -161,17 +161,24 @@ def training_failure_message(teacher: Any, error: BaseException, *, lost: dict[s
         if not isinstance(cause, NodeLostError):  # that one names them already
             parts.append(f"node(s) lost during its training: {describe_nodes(lost)}")
         if teacher.min_workers is None or teacher.min_workers >= teacher.num_workers:
-            parts.append(f"the nodes left cannot place its {teacher.num_workers} worker(s) of "
-                         f"{teacher.cpus_per_worker:g} CPU: add a node, or set min_workers below num_workers "
-                         "to go on with fewer workers")
+            parts.append(
+                f"the nodes left cannot place its {teacher.num_workers} worker(s) of "
+                f"{teacher.cpus_per_worker:g} CPU: add a node, or set min_workers below num_workers "
+                "to go on with fewer workers"
+            )
         else:
-            parts.append(f"the nodes left cannot place even min_workers={teacher.min_workers} worker(s) of "
-                         f"{teacher.cpus_per_worker:g} CPU: add a node")
+            parts.append(
+                f"the nodes left cannot place even min_workers={teacher.min_workers} worker(s) of "
+                f"{teacher.cpus_per_worker:g} CPU: add a node"
+            )
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        parts.append(f"its last checkpoint (epoch {checkpoint[1]}) is {checkpoint[0]}; run the job again "
-                     "(`medkd run JOB.yaml`, or re-submit it) and this teacher resumes from there")
+        parts.append(
+            f"its last checkpoint (epoch {checkpoint[1]}) is {checkpoint[0]}; run the job again "
+            "(`medkd run JOB.yaml`, or re-submit it) and this teacher resumes from there"
+        )
     else:
-        parts.append(f"no checkpoint is registered in {run_dir}; running the job again starts this teacher "
-                     "from scratch")
+        parts.append(
+            f"no checkpoint is registered in {run_dir}; running the job again starts this teacher from scratch"
+        )
     return "; ".join(parts)

@@ -22,6 +22,7 @@ SCENARIO_TIMEOUT_S = 420  # bounded; ~90 s on a quiet 2-CPU machine, several min
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
 def test_elastic_teacher_finishes_on_the_node_left(tmp_path):
     outcome = run_in_subprocess(tmp_path / "elastic", "elastic", SCENARIO_TIMEOUT_S)
     assert outcome["ok"], outcome.get("error")
@@ -39,6 +40,7 @@ def test_elastic_teacher_finishes_on_the_node_left(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
 def test_fixed_teacher_fails_in_bounded_time_naming_the_node_and_checkpoint(tmp_path):
     outcome = run_in_subprocess(tmp_path / "fixed", "fixed", SCENARIO_TIMEOUT_S)
     assert outcome["ok"], outcome.get("error")  # ok: it failed, as it must

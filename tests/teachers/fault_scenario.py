@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
 from medkd.data.meta import DatasetMeta
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -112,7 +113,7 @@ def run(output: Path, timeout_s: float, mode: str = "replace") -> dict[str, Any]
         head_node_args={
             "num_cpus": 0,  # the driver and Train's controller only: training must run elsewhere
             "gcs_server_port": free_port(),
-            "include_dashboard": True,  # Train's cleanup uses the state API (RAY-NOTES 2)
+            "include_dashboard": True,  # Train's cleanup uses the state API: without it an early-stopped trial never frees its CPU
             "dashboard_host": "127.0.0.1",
             "dashboard_port": free_port(),
         },
@@ -132,8 +133,13 @@ def run(output: Path, timeout_s: float, mode: str = "replace") -> dict[str, Any]
         def fit() -> None:
             try:
                 result["artifact"] = train_one_teacher(
-                    teacher, teacher_fp=teacher_fp, seed=0, meta=meta, data_ref=data_ref,
-                    output_dir=output, storage_path=str(storage),
+                    teacher,
+                    teacher_fp=teacher_fp,
+                    seed=0,
+                    meta=meta,
+                    data_ref=data_ref,
+                    output_dir=output,
+                    storage_path=str(storage),
                 )
             except BaseException as error:  # reported by the main thread
                 result["error"] = f"{type(error).__name__}: {error}"
@@ -150,7 +156,8 @@ def run(output: Path, timeout_s: float, mode: str = "replace") -> dict[str, Any]
         if not thread.is_alive():
             raise RuntimeError(f"training ended before the node could be removed: {result}")
         on_first_node = [
-            a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True)
+            a
+            for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], detail=True)
             if a.node_id == first_node_id and "RayTrainWorker" in (a.class_name or "")
         ]
         registered_at_kill = registered_epoch(run_dir)
@@ -205,7 +212,11 @@ def run(output: Path, timeout_s: float, mode: str = "replace") -> dict[str, Any]
             "seconds": round(time.perf_counter() - started, 1),
         }
     except Exception as error:
-        outcome = {"ok": False, "error": f"{type(error).__name__}: {error}", "seconds": round(time.perf_counter() - started, 1)}
+        outcome = {
+            "ok": False,
+            "error": f"{type(error).__name__}: {error}",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -227,9 +238,22 @@ def run_in_subprocess(output: Path, mode: str, timeout_s: float) -> dict[str, An
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"})
     with open(log_path, "wb") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "tests.teachers.fault_scenario", "--output", str(output),
-             "--timeout", str(timeout_s), "--mode", mode],
-            cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "tests.teachers.fault_scenario",
+                "--output",
+                str(output),
+                "--timeout",
+                str(timeout_s),
+                "--mode",
+                mode,
+            ],
+            cwd=repo,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             child.wait(timeout=timeout_s + 60)
