@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medkd-installed
 JOB ?= examples/quickstart.yaml
 
-.PHONY: demo test test-fast lint setup redis clean-runs help
+.PHONY: demo test test-fast lint setup redis iproute2 clean-runs help
 
 help:
 	@echo "make demo   - set up, then run $(JOB) end to end (teachers, cache, search, export, serve)"
@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) redis
+setup: $(STAMP) redis iproute2
 
 redis:
 	@sh scripts/ensure_redis.sh
+
+iproute2:
+	@sh scripts/ensure_iproute2.sh
 
 demo: setup
 	$(BIN)/medkd run $(JOB)
