@@ -7,6 +7,8 @@ from typing import Any, Literal, Union
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from medkd.spec.base import StrictModel, fingerprint_dump
+from medkd.core.errors import field_error
+from medkd.spec import catalog
 from medkd.spec.catalog import check_name
 from medkd.spec.data import AugmentSpec
 
@@ -51,7 +53,7 @@ class SearchSpace(StrictModel):
     quantize: list[str] = Field(
         default_factory=lambda: ["int8_static"], min_length=1
     )
-    loss: list[Literal["hinton_kd", "dkd", "dist"]] | None = Field(
+    loss: list[str] | None = Field(
         None, min_length=1,
         description="logit distillation loss of single-label classification students (Hinton KD, DKD, DIST); "
                     "None: Hinton KD",
@@ -67,6 +69,18 @@ class SearchSpace(StrictModel):
     def _registered_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
         kind = {"student": "student", "aggregation": "aggregation", "quantize": "quantization mode"}[info.field_name]
         return [check_name(kind, name) for name in value]
+
+    @field_validator("loss")
+    @classmethod
+    def _single_label_losses(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            check_name("loss", name)
+            applies_to = catalog.info("loss", name)["applies_to"]
+            if applies_to != "single_label":
+                offered = ", ".join(n for n in catalog.names("loss") if catalog.info("loss", n)["applies_to"] == "single_label")
+                raise field_error(f"{name!r} is a {applies_to} loss; the search chooses among single-label "
+                                  f"classification losses: {offered}")
+        return value
 
 
 # Space dimensions added after searches were fingerprinted: left out of the fingerprint while unset.

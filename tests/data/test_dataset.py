@@ -123,7 +123,7 @@ def test_stratified_sample_size_is_exact():
 
 def test_registry():
     assert {"synthetic", "medmnist", "folder", "decathlon"} <= set(available_adapters())
-    with pytest.raises(ValueError, match="no data adapter for kind 'nope'"):
+    with pytest.raises(ValueError, match="unknown data adapter 'nope'; known data adapters: decathlon, folder, medmnist, synthetic"):
         get_adapter("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_adapter("synthetic")(lambda spec: None)

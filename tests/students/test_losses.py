@@ -64,7 +64,7 @@ def test_registering_a_taken_loss_name_is_refused():
         pass
 
     with pytest.raises(ValueError, match="already registered"):
-        register_loss("hinton_kd")(Other)
+        register_loss("hinton_kd", applies_to="single_label")(Other)
 
 
 # ----------------------------------------------------------------------------- Hinton KD

@@ -54,7 +54,7 @@ def intra_class_relation(student_probs: Tensor, teacher_probs: Tensor) -> Tensor
     return inter_class_relation(student_probs.transpose(0, 1), teacher_probs.transpose(0, 1))
 
 
-@register_loss("dist")
+@register_loss("dist", applies_to="single_label")
 class DISTLoss(HintonKDLoss):
     """DIST: ``alpha * CE + (1 - alpha) * T^2 * (inter_weight * inter + intra_weight * intra)``.
 

@@ -78,7 +78,7 @@ def dkd_parts(student_logits: Tensor, soft_target: Tensor, labels: Tensor, tempe
     return tckd, nckd
 
 
-@register_loss("dkd")
+@register_loss("dkd", applies_to="single_label")
 class DKDLoss(HintonKDLoss):
     """DKD: ``alpha * CE + (1 - alpha) * T^2 * (tckd_weight * TCKD + nckd_weight * NCKD)``.
 

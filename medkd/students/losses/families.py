@@ -8,11 +8,13 @@ message naming the setting, instead of failing inside a trial.
 
 from __future__ import annotations
 
+from medkd.students.losses import dist, dkd  # noqa: F401  (registers the single-label losses)
 from medkd.students.losses.kd import default_loss_name
+from medkd.students.losses.registry import LOSSES
 from medkd.students.losses.standardization import check_standardizable
 
 # The logit losses the search may choose from for single-label classification.
-CLASSIFICATION_LOSSES: tuple[str, ...] = ("hinton_kd", "dkd", "dist")
+CLASSIFICATION_LOSSES: tuple[str, ...] = tuple(LOSSES.names(applies_to="single_label"))
 
 
 def resolve_loss_name(

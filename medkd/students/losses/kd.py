@@ -174,7 +174,7 @@ class DistillationLoss(nn.Module):
         return text + (", logit_standardization=True" if self.logit_standardization else "")
 
 
-@register_loss("hinton_kd")
+@register_loss("hinton_kd", applies_to="single_label")
 class HintonKDLoss(DistillationLoss):
     """Hinton KD for single-label classification: ``alpha * CE + (1 - alpha) * T^2 * KL``.
 
@@ -224,7 +224,7 @@ class HintonKDLoss(DistillationLoss):
         return _categorical_kl(soft_target, log_q).mean()
 
 
-@register_loss("multilabel_kd")
+@register_loss("multilabel_kd", applies_to="multilabel")
 class MultiLabelKDLoss(DistillationLoss):
     """Multi-label KD: ``alpha * BCE + (1 - alpha) * T^2 * mean_label KL(Bern_teacher || Bern_student)``.
 
@@ -267,7 +267,7 @@ class MultiLabelKDLoss(DistillationLoss):
         return _bernoulli_kl(soft_target, student_logits / self.temperature).mean()
 
 
-@register_loss("pixel_kd")
+@register_loss("pixel_kd", applies_to="segmentation")
 class PixelKDLoss(DistillationLoss):
     """Pixel-wise KD for segmentation: ``alpha * DiceCE + (1 - alpha) * T^2 * mean_pixel KL``.
 

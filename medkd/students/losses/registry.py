@@ -2,7 +2,7 @@
 
 Register a class (or factory) with a decorator and build it by name::
 
-    @register_loss("my_kd")
+    @register_loss("my_kd", applies_to="single_label")
     class MyKD(nn.Module): ...
 
     loss = create_loss("my_kd", temperature=4.0)
@@ -11,7 +11,7 @@ Register a class (or factory) with a decorator and build it by name::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from torch import nn
 
@@ -23,9 +23,19 @@ LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", plural="losses")
 AGGREGATIONS: Registry[Callable[..., nn.Module]] = Registry("aggregation")
 
 
-def register_loss(name: str) -> Callable[[FactoryT], FactoryT]:
-    """Decorator registering a distillation loss class under ``name``."""
-    return LOSSES.register(name)
+LossTarget = Literal["single_label", "multilabel", "segmentation"]
+
+
+def register_loss(name: str, *, applies_to: LossTarget) -> Callable[[FactoryT], FactoryT]:
+    """Decorator registering a distillation loss class under ``name``.
+
+    Args:
+        name: the registry name.
+        applies_to: the outputs the loss distils: "single_label" (softmax over classes),
+            "multilabel" (a sigmoid per label) or "segmentation" (per-pixel softmax). The search's
+            ``loss`` dimension offers the single-label ones.
+    """
+    return LOSSES.register(name, applies_to=applies_to)
 
 
 def create_loss(name: str, **kwargs) -> nn.Module:
