@@ -37,6 +37,11 @@ def test_catalog_file_is_generated_from_the_registries() -> None:
         ({"search": {"space": {"student": ["unet_small"]}}}, None,
          r"search\.space\.student: 'unet_small' is a segmentation student but task is 'classification'; "
          r"classification students: mobilenet_tiny, resnet_tiny, vit_micro"),
+        ({"search": {"space": {"loss": ["fitnet"]}}}, None,
+         r"search\.space\.loss: unknown loss 'fitnet'; known losses: dist, dkd, hinton_kd, multilabel_kd, pixel_kd"),
+        ({"search": {"space": {"loss": ["pixel_kd"]}}}, None,
+         r"search\.space\.loss: 'pixel_kd' is a segmentation loss; the search chooses among single-label "
+         r"classification losses: dist, dkd, hinton_kd"),
         ({"teachers": [{"name": "t1", "model": "unet"}]}, None,
          r"teachers\[0\]\.model: 'unet' is a segmentation teacher but task is 'classification'"),
     ],
