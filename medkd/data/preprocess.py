@@ -5,6 +5,10 @@ The data adapters (``medkd.data.folder``, ``medkd.data.decathlon``, and the norm
 nothing else, so an image gives the same model input whether it was read from a training folder
 or posted to the endpoint.
 
+Why one module: it *is* the contract between training and serving; one file to read when a
+clinician asks what happens to their DICOM, and one place to change it (a change here moves the
+fingerprints of folder and Decathlon datasets, deliberately).
+
 The steps, in this order:
 
 1. **Decode** (:func:`decode_pil`, :func:`decode_dicom`) to one array in a *display* unit:
