@@ -70,7 +70,7 @@ BRIDGE_HOST = 254
 _LOCK_PATH = Path("/tmp/medkd-netns.lock")
 _RAY_WORKER_PORTS = range(10002, 20000)
 _NODE_TIMEOUT_S = 120.0
-_START_ATTEMPTS = 3
+_START_ATTEMPTS = 5
 _JOIN_GRACE_S = 60.0
 _REDIS_TIMEOUT_S = 20.0
 _TERM_GRACE_S = 5.0
@@ -800,9 +800,11 @@ class LocalCluster:
             self._launch_redis()
         self._start_ray_node(0)
         self._wait_for_nodes([0])
+        # One node at a time: on a loaded machine, start-ups side by side push each other past
+        # the raylet's fixed 15 s wait for its dashboard agent (ray-project/ray#65983).
         for index in range(1, config.workers + 1):
             self._start_ray_node(index)
-        self._wait_for_nodes(range(1, config.workers + 1))
+            self._wait_for_nodes([index])
 
     def _octet(self) -> int:
         return int(self.state.subnet.split(".")[2])
@@ -892,13 +894,25 @@ class LocalCluster:
         redis_pid = self.state.redis.pid if self.state.redis is not None else None
         return self.node_pids(index) - {redis_pid}
 
+    def _raylet_alive(self, index: int) -> bool:
+        """Whether node ``index`` still has a raylet (without one it can never join)."""
+        for pid in self._ray_pids(index):
+            try:
+                if b"/raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
     def _wait_for_nodes(self, starting: Sequence[int]) -> None:
         """Wait until Ray reports the nodes in ``starting`` (and those already up) alive.
 
         ``ray start`` runs without ``--block``: it gives up after a fixed 30 s when the raylet is
         slow to register (a loaded machine), but the processes it started keep running and the
-        node often joins a little later. A node whose ``ray start`` failed and that has not
-        joined :data:`_JOIN_GRACE_S` later is cleaned up and started again, at most
+        node often joins a little later. On a loaded machine the raylet may also exit because its
+        dashboard agent took longer than a fixed 15 s to start (ray-project/ray#65983). A node
+        whose ``ray start`` failed and that has no raylet left, or has not joined
+        :data:`_JOIN_GRACE_S` later, is cleaned up and started again, at most
         :data:`_START_ATTEMPTS` times in all; the whole wait is bounded.
         """
         wanted = 1 + sum(1 for node in self.state.nodes[1:] if node.index in starting or self._ray_pids(node.index))
@@ -918,7 +932,7 @@ class LocalCluster:
                 if launcher is None or launcher.poll() in (None, 0) or (self.netns and node.address in alive):
                     continue
                 failed_at.setdefault(index, time.monotonic())
-                if time.monotonic() - failed_at[index] < _JOIN_GRACE_S and self._ray_pids(index):
+                if time.monotonic() - failed_at[index] < _JOIN_GRACE_S and self._raylet_alive(index):
                     continue
                 if attempts[index] >= _START_ATTEMPTS:
                     raise ClusterError(f"{node.role} ({node.address}) did not start ({attempts[index]} attempts); "
