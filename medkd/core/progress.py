@@ -57,7 +57,7 @@ class TrialBoard:
         >>> board = TrialBoard(total=3, metric="val_auc")
         >>> board.finish("t1", "done", 0.8); board.finish("t2", "stopped", 0.9)
         >>> board.summary()
-        '2/3 trials: 1 done, 1 stopped, 0 failed, 0 running; best val_auc=0.9 (t2)'
+        '1 done, 1 stopped; best val_auc=0.9 (t2)'
     """
 
     total: int = 0
@@ -84,8 +84,9 @@ class TrialBoard:
             self.best = (trial, float(value))
 
     def summary(self) -> str:
-        counts = ", ".join(f"{count} {name}" for name, count in self.ended.items())
-        text = f"{self.finished}/{self.total} trials: {counts}, {len(self.running)} running"
+        """Short enough for one bar on an 80-column terminal: non-zero counts and the best so far."""
+        counts = [f"{count} {name}" for name, count in (*self.ended.items(), ("running", len(self.running))) if count]
+        text = ", ".join(counts) or "waiting"
         if self.best is not None and self.metric:
             text += f"; best {self.metric}={self.best[1]:.4g} ({self.best[0]})"
         return text
@@ -283,7 +284,7 @@ class Progress:
         self.line(f"  trial {board.finished}/{board.total} {_TRIAL_WORDS[status]} ({trial}): {shown}{best}")
 
     def _update_search(self) -> None:
-        self._show(self._search_tasks, "search", f"  search: {self.trials.summary()}", self.trials.finished,
+        self._show(self._search_tasks, "search", f"  trials: {self.trials.summary()}", self.trials.finished,
                    self.trials.total)
 
     # ------------------------------------------------------------------ remote events
