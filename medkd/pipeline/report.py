@@ -37,6 +37,8 @@ def _quality_keys(results: dict[str, Any]) -> list[str]:
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "–"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 10_000:
+        value = int(value)  # a byte or parameter count that went through a float
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, int) and abs(value) >= 10_000:

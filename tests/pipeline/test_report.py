@@ -89,3 +89,9 @@ def test_a_failed_stage_shows_its_error_and_seconds_have_one_decimal():
     page = render_report(results)
     assert "<th>error</th>" in page and "<td>TypeError: x</td>" in page
     assert '<td class="num">516.2</td>' in page and '<td class="num">168.1</td>' in page
+
+
+def test_counts_that_went_through_a_float_print_as_counts():
+    page = render_report({"job": "j", "stages": {}, "selection": {"rule": "r", "chosen": "a", "candidates": [
+        {"trial_id": "a", "quality": 0.9, "gap": 0.0, "tied": False, "decision_acc": 0.8, "model_bytes": 595429.0}]}})
+    assert '<td class="num">595,429</td>' in page
