@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 
 TrialEnd = Literal["done", "stopped", "failed"]
 SoftLabelStatus = Literal["computing", "cached", "skipped"]
@@ -135,7 +136,11 @@ class Progress:
         if live and not quiet:
             self._console = console or Console(file=self._stream)
             self._bars = RichProgress(
-                TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+                # Descriptions are cut (…) to leave room for the bar and the count, even at 80 columns;
+                # the log lines above carry the times.
+                TextColumn("{task.description}", table_column=Column(
+                    max_width=max(30, self._console.width - 20), no_wrap=True, overflow="ellipsis")),
+                BarColumn(bar_width=12), MofNCompleteColumn(),
                 console=self._console, transient=False, redirect_stdout=False, redirect_stderr=False,
             )
         self._started = False
@@ -232,8 +237,9 @@ class Progress:
         else:
             text = "skipped, all splits found in cache"
         self.line(f"  soft labels {teacher}: {text}")
+        brief = {"computing": f"computing {','.join(splits)}", "cached": "published", "skipped": "found in cache"}
         with self._lock:
-            self._show(self._soft_label_tasks, teacher, f"  soft labels {teacher}: {text}",
+            self._show(self._soft_label_tasks, teacher, f"  soft labels {teacher}: {brief[status]}",
                        0 if status == "computing" else 1, 1)
 
     # ------------------------------------------------------------------ trials

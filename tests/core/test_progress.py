@@ -80,7 +80,7 @@ def test_live_bars_on_a_terminal_show_stage_teachers_trials_and_soft_labels() ->
     assert "stage 3/7 search" in screen
     assert "teacher cnn  val_auc=0.880" in screen and "3/3" in screen
     assert "teacher cnn  val_auc=0.710 train_loss=0.500" in screen  # one short line per bar
-    assert "soft labels cnn: computed and cached" in screen
+    assert "soft labels cnn: computing train,val,test" in screen and "soft labels cnn: published" in screen
     assert "trials: 1 done, 1 stopped, 1 failed, 1 running; best val_auc=0.93 (a_00001)" in screen and "3/4" in screen
     assert "distill_trial_a_00003  val_auc=0.5000" in screen
     assert "a message from a trial" in screen  # log lines are printed above the bars
@@ -117,3 +117,18 @@ def test_live_bars_never_closed_still_restore_the_cursor_at_exit() -> None:
             "Progress(console=Console(force_terminal=True)).line('x')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "\x1b[?25l" in out and out.rindex("\x1b[?25h") > out.rindex("\x1b[?25l")  # hidden, then shown again
+
+
+def test_live_bars_fit_an_80_column_terminal() -> None:
+    buffer = io.StringIO()
+    progress = Progress(console=Console(file=buffer, force_terminal=True, width=80, color_system=None))
+    progress.trials_started(8, metric="val_auc")
+    progress.soft_labels("a_teacher_with_a_long_name", "skipped")
+    for trial in range(5):
+        progress.trial_finished(f"trial_{trial:05d}_with_a_long_id", "done", {"val_auc": 0.5 + trial / 10})
+    progress.close()
+    last_frame = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).split("\r")[-1].splitlines()
+    bars = [line for line in last_frame if "trials:" in line or "soft labels" in line]
+    assert len(bars) == 2 and all(len(line) <= 80 for line in bars)
+    assert all(re.search(r"━[━╸ ]* \d+/\d+$", line.rstrip()) for line in bars)  # bar and count visible
+    assert "best val_auc=0.9" in bars[1] or "best val_auc=0.9" in bars[0]
