@@ -107,7 +107,7 @@ def test_rayjob_entrypoint_is_a_valid_medkd_run_of_a_baked_in_example():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["medkd", "run"]
     args = build_parser().parse_args(argv[1:])
-    assert args.handler.__name__ == "cmd_run" and args.no_serve
+    assert args.handler == "medkd.cli.run:run" and args.no_serve
     spec_in_image = Path(args.spec)
     assert spec_in_image.parts[:3] == ("/", "app", "examples")  # cluster/Dockerfile copies examples/ to /app
     local_spec = REPO_ROOT / "examples" / spec_in_image.name

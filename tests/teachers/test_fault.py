@@ -63,6 +63,8 @@ def test_the_cli_prints_a_teacher_failure_as_its_message_not_a_traceback(capsys,
     def failing_run(args):
         raise TeacherTrainingError(message)
 
-    monkeypatch.setattr(cli, "cmd_run", failing_run)  # the parser built by main() picks it up
+    from medkd.cli import run as run_command
+
+    monkeypatch.setattr(run_command, "run", failing_run)  # main() loads the run command by name
     assert cli.main(["run", "job.yaml"]) == 1
     assert capsys.readouterr().err.strip() == f"error: {message}"
