@@ -8,7 +8,6 @@ by fingerprints, so a re-run or a crashed run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import ExitStack
@@ -21,8 +20,11 @@ from medkd.core.progress import Progress, RemoteEvents
 from medkd.core.metrics import classification_metrics, ensemble_probabilities
 from medkd.data import load_dataset
 from medkd.pipeline.demo import demo_request
+from medkd.pipeline.leftovers import end_leftovers_of_dead_driver, record_driver
 from medkd.pipeline.results import RESULTS_FILE, Results, StageRecord
 from medkd.pipeline.report import print_results_table, write_report
+from medkd.registry.layout import METADATA_FILE, MODEL_FILE
+from medkd.registry.metadata import ModelMetadata
 from medkd.registry.export import choose, export_models, selection_evidence
 from medkd.search.context import search_context
 from medkd.search.final import train_final
@@ -107,6 +109,10 @@ class Pipeline:
         spec = self.spec
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "job.json").write_text(spec.model_dump_json(indent=2))
+        left = end_leftovers_of_dead_driver(self.output_dir)
+        if left is not None and left[1]:
+            self.progress.line(f"ended {len(left[1])} process(es) left by the killed run of this job "
+                               f"(driver pid {left[0].pid}): {left[1]}")
         self.progress.line(f"job {spec.name} ({spec.fingerprint()}) -> {self.output_dir}")
 
         dataset = load_dataset(spec.data)  # validated before any training starts
@@ -131,8 +137,14 @@ class Pipeline:
             self.cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
             self.cache_url = cache_url
 
-            if init_ray(spec):
+            started_ray = init_ray(spec)
+            if started_ray:
                 stack.callback(ray.shutdown)
+            # The session of the local cluster this driver started (not one it joined): what a
+            # killed driver leaves behind.
+            local = started_ray and not (spec.ray.address or os.environ.get("RAY_ADDRESS"))
+            node = getattr(ray._private.worker, "_global_node", None) if local else None
+            record_driver(self.output_dir, node.get_session_dir_path() if node is not None else None)
             self.storage_path = spec.ray.storage_path or str(self.output_dir / "ray")
             resources = ray.cluster_resources()
             self.progress.line(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
@@ -270,24 +282,25 @@ class Pipeline:
                                  soft_labels=self.results.soft_labels["teachers"], output_dir=self.output_dir,
                                  progress=self.progress, final=self.final)
         selected = exported["selected"]
-        metadata = json.loads((Path(selected["path"]) / "metadata.json").read_text())
         self.model_dir = Path(selected["path"])
+        metadata = ModelMetadata.model_validate_json((self.model_dir / METADATA_FILE).read_text())
+        dump = metadata.model_dump(mode="json")
         self.results.best = {
             "model_id": selected["model_id"],
             "trial_id": selected["trial_id"],
-            "config": metadata["config"],
-            "params": metadata["metrics"]["params"],
-            "onnx_path": str(self.model_dir / "model.onnx"),
-            "size_bytes": metadata["metrics"]["model_bytes"],
-            "fp32_bytes": metadata["metrics"]["fp32_bytes"],
-            "latency_ms": metadata["metrics"]["latency_ms"],
-            "val_metrics": metadata["metrics"]["val"],
-            "test_metrics": metadata["metrics"]["test"],
-            "parity": metadata["parity"],
-            "final_training": metadata.get("final_training"),
-            "calibration": metadata.get("calibration"),
-            "operating_points": metadata.get("operating_points"),
-            "operating_point": metadata.get("operating_point"),
+            "config": metadata.config,
+            "params": metadata.metrics.params,
+            "onnx_path": str(self.model_dir / MODEL_FILE),
+            "size_bytes": metadata.metrics.model_bytes,
+            "fp32_bytes": metadata.metrics.fp32_bytes,
+            "latency_ms": metadata.metrics.latency_ms,
+            "val_metrics": metadata.metrics.val,
+            "test_metrics": metadata.metrics.test,
+            "parity": dump["parity"],
+            "final_training": dump["final_training"],
+            "calibration": dump["calibration"],
+            "operating_points": dump["operating_points"],
+            "operating_point": metadata.operating_point,
         }
         self.results.selection = exported["selection"]
         self.results.pareto_models = exported["pareto"]

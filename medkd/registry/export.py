@@ -29,6 +29,7 @@ from medkd.registry.calibration import (
     decision_metrics,
     fit_calibration,
 )
+from medkd.registry.metadata import ModelMetadata
 from medkd.registry.layout import METADATA_FILE, registry_dir, select_model
 from medkd.registry.selection import Selection, select_trial
 from medkd.search.outcome import SearchOutcome, TrialRecord
@@ -157,19 +158,19 @@ def export_models(
             _write_metadata(spec, trial, target, model_id=model_id, rank=rank, dataset=dataset, meta=meta,
                             teachers=teachers, soft_labels=soft_labels, outcome=outcome, test=(test_x, test_y),
                             final=trained_again)
-        metadata = json.loads((target / METADATA_FILE).read_text())
+        metadata = ModelMetadata.model_validate_json((target / METADATA_FILE).read_text())
         exported.append({"model_id": model_id, "pareto_rank": rank, "trial_id": trial.trial_id,
-                         "path": str(target), "metrics": metadata["metrics"]})
+                         "path": str(target), "metrics": metadata.metrics.model_dump()})
         if trial.trial_id == chosen.trial_id:
             select_model(output_dir, model_id)
-            parity = metadata["parity"]
+            parity = metadata.parity
             progress.line(
-                f"  selected {model_id}: parity ONNX vs PyTorch max|diff|={parity['max_abs_diff']:.2e} "
-                f"(bound {spec.export.parity_atol:g}), decision agreement {parity['argmax_agreement']:.3f}"
+                f"  selected {model_id}: parity ONNX vs PyTorch max|diff|={parity.max_abs_diff:.2e} "
+                f"(bound {spec.export.parity_atol:g}), decision agreement {parity.argmax_agreement:.3f}"
             )
-            if parity["max_abs_diff"] > spec.export.parity_atol:
+            if parity.max_abs_diff > spec.export.parity_atol:
                 raise ExportError(
-                    f"{model_id}: ONNX and PyTorch logits differ by {parity['max_abs_diff']:.3g} "
+                    f"{model_id}: ONNX and PyTorch logits differ by {parity.max_abs_diff:.3g} "
                     f"> export.parity_atol={spec.export.parity_atol:g}"
                 )
     progress.line(f"  exported {len(exported)} model(s) to {registry}")
@@ -261,7 +262,7 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
         "files": {"model": MODEL_FILE, "fp32": FP32_FILE, "state_dict": STATE_FILE},
         "export_seconds": time.perf_counter() - started,
     }
-    (target / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    (target / METADATA_FILE).write_text(ModelMetadata.model_validate(_plain(metadata)).model_dump_json(indent=2))
 
 
 def _calibrate(spec: JobSpec, target: Path, dataset: Any, meta: DatasetMeta, *, test_logits: np.ndarray,

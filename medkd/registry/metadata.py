@@ -57,11 +57,62 @@ class InputMeta(BaseModel):
         return value
 
 
-class ModelMetadata(BaseModel):
-    """The ``metadata.json`` the export stage writes beside ``model.onnx``.
+class TeacherLineage(BaseModel):
+    """A teacher the student learnt from, and where its soft labels are cached."""
 
-    Only the fields serving needs are typed; lineage (teachers, trial, metrics, ...) is kept
-    as given and returned by ``GET /metadata``.
+    name: str
+    model: str
+    family: str
+    fingerprint: str
+    params: int
+    cache_keys: dict[str, str] = Field(default_factory=dict)
+
+
+class SearchLineage(BaseModel):
+    """The search trial the model comes from."""
+
+    fingerprint: str
+    trial_id: str
+    pareto_rank: int | None = Field(None, description="None: exported beside the front (tied with its best)")
+    objectives: list[dict[str, str]] = Field(default_factory=list)
+
+
+class FinalTrainingLineage(BaseModel):
+    """The selected configuration trained again after the search (``search.final_*``)."""
+
+    fingerprint: str
+    epochs: int
+    search_epochs: int
+    branches: int = 1
+    search_val: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelMetrics(BaseModel):
+    """Quality of the compressed model (val from its training, test scored by the export) and its cost."""
+
+    val: dict[str, Any] = Field(default_factory=dict)
+    test: dict[str, Any] = Field(default_factory=dict)
+    latency_ms: float
+    params: int
+    model_bytes: int
+    fp32_bytes: int | None = None
+
+
+class Parity(BaseModel):
+    """ONNX vs PyTorch on the same inputs."""
+
+    max_abs_diff: float
+    argmax_agreement: float | None = None
+    compressed_argmax_agreement: float | None = None
+
+
+class ModelMetadata(BaseModel):
+    """The ``metadata.json`` the export stage writes beside ``model.onnx`` and the server reads.
+
+    The serving contract (task, classes, input, calibration, operating points) and the lineage
+    (job, dataset, teachers, search trial, final training, metrics, parity) are typed; lineage
+    fields are optional so that a model exported by hand (or by an older medkd) still serves.
+    Unknown fields are kept and returned by ``GET /metadata``.
     """
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
@@ -77,6 +128,18 @@ class ModelMetadata(BaseModel):
     )
     operating_points: list[OperatingPoint] = Field(default_factory=list, description="chosen on val by the export")
     operating_point: str = Field(ARGMAX, description="the operating point whose decision the endpoint returns")
+    created_at: str | None = None
+    job: str | None = None
+    job_fingerprint: str | None = None
+    dataset: dict[str, str] | None = None
+    teachers: list[TeacherLineage] = Field(default_factory=list)
+    search: SearchLineage | None = None
+    final_training: FinalTrainingLineage | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    metrics: ModelMetrics | None = None
+    parity: Parity | None = None
+    files: dict[str, str] = Field(default_factory=dict)
+    export_seconds: float | None = None
 
     @model_validator(mode="after")
     def _served_point_exists(self) -> "ModelMetadata":
