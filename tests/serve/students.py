@@ -48,7 +48,7 @@ def export_student(directory: Path, *, seed: int, model_id: str, rank: int = 0, 
                   "mean": [0.5], "std": [0.5]},
         "search": {"fingerprint": search, "trial_id": f"trial-{seed}", "pareto_rank": rank},
         "metrics": {"val": {"val_auc": 0.8 - rank / 10}, "test": {"auc": 0.7}, "latency_ms": 0.1 + rank,
-                    "params": 100 + seed},
+                    "params": 100 + seed, "model_bytes": (directory / "model.onnx").stat().st_size},
     }
     (directory / "metadata.json").write_text(json.dumps(metadata))
     return directory

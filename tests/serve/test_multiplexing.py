@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -169,15 +171,42 @@ def test_hostile_bodies_are_refused_from_their_headers(urls):
     assert status == 200 and answer["model_id"] == "student-0"
 
 
-def test_request_timeout_is_a_504_without_exception_text(ray_session, run):
+def test_timeout_is_a_504_and_a_full_queue_a_503_with_retry_after(ray_session, run):
     run_dir, _ = run
     config = ServeConfig(port=free_port(), min_replicas=1, max_replicas=1, cpus_per_replica=0.25,
-                         route_prefix="/slow", request_timeout_s=0.001)
+                         route_prefix="/slow", request_timeout_s=0.001, max_ongoing_requests=1, max_batch_size=1,
+                         max_queued_requests=1, retry_after_s=2)
     url = deploy(run_dir, config, app_name="medkd-test-timeout")
+    body = encode_npy(RNG.integers(0, 256, (64, 28, 28), np.uint8))
     try:
-        status, body, _ = call(url + "/predict/batch", body=encode_npy(RNG.integers(0, 256, (64, 28, 28), np.uint8)),
-                               content_type="application/x-npy")
-        error = json.loads(body)
+        status, payload, _ = call(url + "/predict/batch", body=body, content_type="application/x-npy")
+        error = json.loads(payload)
         assert status == 504 and "request_timeout_s=0.001" in error["error"] and "Traceback" not in error["error"]
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            answers = list(pool.map(lambda _: call(url + "/predict/batch", body=body, content_type="application/x-npy"),
+                                    range(24)))
+        statuses = Counter(status for status, _, _ in answers)
+        assert set(statuses) <= {503, 504} and statuses[503] > 0, statuses
+        assert all(headers.get("retry-after") == "2" for status, _, headers in answers if status == 503)
     finally:
         undeploy("medkd-test-timeout")
+
+
+def test_request_metrics_reach_rays_prometheus_endpoint(urls):
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port  # the node's Prometheus exporter
+    predict(urls["open"], RNG.integers(0, 256, (28, 28), dtype=np.uint8), serve_multiplexed_model_id="student-1")
+    wanted = ("medkd_serve_requests_total", "medkd_serve_latency_ms", "medkd_serve_batch_images",
+              "medkd_serve_queue_length")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        status, body, _ = call(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        text = body.decode(errors="replace")
+        if status == 200 and all(name in text for name in wanted) and 'model="student-1"' in text:
+            break
+        time.sleep(2)
+    requests_lines = [line for line in text.splitlines() if "medkd_serve_requests_total{" in line]
+    assert any('route="/predict"' in line and 'status="200"' in line and 'model="student-1"' in line
+               for line in requests_lines), requests_lines[:10]
+    assert all(name in text for name in wanted)
