@@ -533,6 +533,9 @@ class LocalCluster:
         env.update(
             RAY_AUTH_MODE=self.settings.auth,
             RAY_USAGE_STATS_ENABLED="0",
+            # Every node of a local cluster sees the whole machine's memory: Ray's memory monitor
+            # would kill this cluster's tasks for what other programs use. The kernel still guards.
+            RAY_memory_monitor_refresh_ms="0",
             PATH=f"{Path(_ray_executable()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         if self.token_file:
