@@ -25,6 +25,7 @@ from tests.conftest import free_port
 from tests.serve.images import make_dicom, png_bytes
 
 CLASS_NAMES = ["malignant", "benign"]
+TEACHER = {"name": "cnn", "model": "resnet18", "family": "cnn", "fingerprint": "abc", "params": 1000, "cache_keys": {}}
 CLS_APP, SEG_APP = "medkd-test-cls", "medkd-test-seg"
 RNG = np.random.default_rng(7)
 
@@ -63,9 +64,9 @@ def classifier_dir(tmp_path_factory) -> Path:
         "class_names": CLASS_NAMES,
         "num_classes": 2,
         "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
-        "teachers": [{"name": "cnn", "fingerprint": "abc"}],
+        "teachers": [TEACHER],
         "trial": {"width": 4},
-        "metrics": {"val_auc": 0.5},
+        "metrics": {"val": {"val_auc": 0.5}, "latency_ms": 1.0, "params": 86, "model_bytes": 2000},
     }
     return export_model(net, torch.randn(2, 1, 28, 28), tmp_path_factory.mktemp("classifier"), metadata)
 
@@ -246,7 +247,7 @@ def test_health_and_metadata(served):
     metadata = client.metadata()
     assert metadata["model_id"] == "tiny-cnn-test"
     assert metadata["class_names"] == CLASS_NAMES
-    assert metadata["teachers"] == [{"name": "cnn", "fingerprint": "abc"}]
+    assert metadata["teachers"] == [TEACHER]
     assert metadata["serving"]["input_shape"] == [None, 1, 28, 28]
     assert metadata["serving"]["output_shape"] == [None, 2]
     assert metadata["serving"]["max_batch_size"] == 8
