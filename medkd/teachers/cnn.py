@@ -1,4 +1,4 @@
-"""Family "cnn": ResNet-10/18/34/50 and DenseNet-121 classifiers, 2D and 3D.
+"""Family "cnn": ResNet-10/18/34/50, DenseNet-121 and EfficientNet-B0 classifiers, 2D and 3D.
 
 The networks are MONAI's (``monai.networks.nets.ResNet`` / ``DenseNet121``) rather than
 torchvision's: MONAI builds every layer through ``Conv[Conv.CONV, spatial_dims]``, so one code
@@ -10,7 +10,8 @@ pool) divide the resolution by 4 before the first block, which would leave a 28x
 image at 1x1 (ResNet) or nothing at all (DenseNet) by the last stage. For inputs of at most
 ``SMALL_INPUT_MAX_SIZE`` voxels along their shortest axis the stem is a 3x3 stride-1 conv without
 max pool, as in CIFAR ResNets and the MedMNIST v2 baselines, so 28x28 ends at 4x4 (ResNet) or
-3x3 (DenseNet).
+3x3 (DenseNet). EfficientNet-B0 (32x downsampling with its stride-2 stem) keeps its stem conv
+but at stride 1 for small inputs, so 28x28 ends at 2x2 instead of 1x1.
 
 Examples::
 
@@ -27,7 +28,8 @@ from collections.abc import Callable
 from typing import Literal
 
 from monai.networks.layers.factories import Conv
-from monai.networks.nets import DenseNet121, ResNet
+from monai.networks.nets import DenseNet121, EfficientNet, ResNet
+from monai.networks.nets.efficientnet import _make_same_padder, efficientnet_params
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck, get_inplanes
 from torch import nn
 
@@ -109,7 +111,13 @@ def _resnet(
 
 @register_teacher("cnn")
 def resnet10(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: tuple[int, ...], dropout: float = 0.0, stem: Stem = "auto"
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, ...],
+    dropout: float = 0.0,
+    stem: Stem = "auto",
 ) -> nn.Module:
     """ResNet-10 (basic blocks, 1-1-1-1): the cheapest CNN teacher.
 
@@ -117,13 +125,28 @@ def resnet10(
         dropout: dropout before the final linear layer.
         stem: "auto" (small stem up to 64 voxels along the shortest axis), "small" or "imagenet".
     """
-    return _resnet("resnet10", ResNetBlock, [1, 1, 1, 1], spatial_dims=spatial_dims, in_channels=in_channels,
-                   num_classes=num_classes, image_size=image_size, dropout=dropout, stem=stem)
+    return _resnet(
+        "resnet10",
+        ResNetBlock,
+        [1, 1, 1, 1],
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        dropout=dropout,
+        stem=stem,
+    )
 
 
 @register_teacher("cnn")
 def resnet18(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: tuple[int, ...], dropout: float = 0.0, stem: Stem = "auto"
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, ...],
+    dropout: float = 0.0,
+    stem: Stem = "auto",
 ) -> nn.Module:
     """ResNet-18 (basic blocks, 2-2-2-2), the MedMNIST v2 reference baseline.
 
@@ -131,13 +154,28 @@ def resnet18(
         dropout: dropout before the final linear layer.
         stem: "auto" (small stem up to 64 voxels along the shortest axis), "small" or "imagenet".
     """
-    return _resnet("resnet18", ResNetBlock, [2, 2, 2, 2], spatial_dims=spatial_dims, in_channels=in_channels,
-                   num_classes=num_classes, image_size=image_size, dropout=dropout, stem=stem)
+    return _resnet(
+        "resnet18",
+        ResNetBlock,
+        [2, 2, 2, 2],
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        dropout=dropout,
+        stem=stem,
+    )
 
 
 @register_teacher("cnn")
 def resnet34(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: tuple[int, ...], dropout: float = 0.0, stem: Stem = "auto"
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, ...],
+    dropout: float = 0.0,
+    stem: Stem = "auto",
 ) -> nn.Module:
     """ResNet-34 (basic blocks, 3-4-6-3).
 
@@ -145,13 +183,28 @@ def resnet34(
         dropout: dropout before the final linear layer.
         stem: "auto" (small stem up to 64 voxels along the shortest axis), "small" or "imagenet".
     """
-    return _resnet("resnet34", ResNetBlock, [3, 4, 6, 3], spatial_dims=spatial_dims, in_channels=in_channels,
-                   num_classes=num_classes, image_size=image_size, dropout=dropout, stem=stem)
+    return _resnet(
+        "resnet34",
+        ResNetBlock,
+        [3, 4, 6, 3],
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        dropout=dropout,
+        stem=stem,
+    )
 
 
 @register_teacher("cnn")
 def resnet50(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: tuple[int, ...], dropout: float = 0.0, stem: Stem = "auto"
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, ...],
+    dropout: float = 0.0,
+    stem: Stem = "auto",
 ) -> nn.Module:
     """ResNet-50 (bottleneck blocks, 3-4-6-3).
 
@@ -159,13 +212,28 @@ def resnet50(
         dropout: dropout before the final linear layer.
         stem: "auto" (small stem up to 64 voxels along the shortest axis), "small" or "imagenet".
     """
-    return _resnet("resnet50", ResNetBottleneck, [3, 4, 6, 3], spatial_dims=spatial_dims, in_channels=in_channels,
-                   num_classes=num_classes, image_size=image_size, dropout=dropout, stem=stem)
+    return _resnet(
+        "resnet50",
+        ResNetBottleneck,
+        [3, 4, 6, 3],
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        dropout=dropout,
+        stem=stem,
+    )
 
 
 @register_teacher("cnn")
 def densenet121(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: tuple[int, ...], dropout: float = 0.0, stem: Stem = "auto"
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, ...],
+    dropout: float = 0.0,
+    stem: Stem = "auto",
 ) -> nn.Module:
     """DenseNet-121 (growth rate 32, blocks 6-12-24-16).
 
@@ -187,4 +255,75 @@ def densenet121(
         model.features.conv0 = small_conv
         model.features.pool0 = nn.Identity()
     model.class_layers.out = _classifier(model.class_layers.out.in_features, num_classes, dropout)
+    return model
+
+
+# MONAI's EfficientNetBN hard-codes these block strings and builds its "same" padding for 224
+# pixels; medkd builds the same B0 through EfficientNet so the padding follows the real input size.
+EFFICIENTNET_B0_BLOCKS = (
+    "r1_k3_s11_e1_i32_o16_se0.25",
+    "r2_k3_s22_e6_i16_o24_se0.25",
+    "r2_k5_s22_e6_i24_o40_se0.25",
+    "r3_k3_s22_e6_i40_o80_se0.25",
+    "r3_k5_s11_e6_i80_o112_se0.25",
+    "r4_k5_s22_e6_i112_o192_se0.25",
+    "r1_k3_s11_e6_i192_o320_se0.25",
+)
+
+
+@register_teacher("cnn")
+def efficientnet_b0(
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, ...],
+    dropout: float = 0.0,
+    drop_connect: float = 0.2,
+    stem: Stem = "auto",
+) -> nn.Module:
+    """EfficientNet-B0 (MBConv blocks with squeeze-excitation, 5.3 M parameters in 2D at 1000 classes).
+
+    A different inductive bias from the ResNets and DenseNet (depthwise convs, SE attention,
+    swish), which is what an ensemble gains from. Weights are freshly initialised (never
+    downloaded). "Same" padding is computed for ``min(image_size)``: exact for square and cubic
+    inputs (every MedMNIST size); on other shapes an odd axis may end one voxel shorter.
+
+    Args:
+        dropout: dropout before the final linear layer (B0's ImageNet recipe uses 0.2).
+        drop_connect: stochastic-depth rate of the last MBConv block (scaled linearly from 0 for
+            the first), 0.2 as in B0.
+        stem: "auto" (stride-1 stem up to 64 voxels along the shortest axis), "small" or "imagenet".
+
+    Examples::
+
+        >>> net = create_teacher("efficientnet_b0", spatial_dims=3, in_channels=1, num_classes=11,
+        ...                      image_size=28, dropout=0.2)
+    """
+    dropout = check_fraction(dropout, "dropout")
+    drop_connect = check_fraction(drop_connect, "drop_connect")
+    concrete = resolve_stem(stem, image_size)
+    width, depth, _imagenet_size, _dropout, _drop_connect = efficientnet_params["efficientnet-b0"]
+    size = min(image_size)
+    model = EfficientNet(
+        list(EFFICIENTNET_B0_BLOCKS),
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        width_coefficient=width,
+        depth_coefficient=depth,
+        dropout_rate=0.0,
+        # With the small stem, build for twice the size so that every block after the stem is
+        # padded for the real feature size, then give the stem stride 1.
+        image_size=2 * size if concrete == "small" else size,
+        drop_connect_rate=drop_connect,
+    )
+    if concrete == "small":
+        model._conv_stem.stride = (1,) * spatial_dims
+        model._conv_stem_padding = _make_same_padder(model._conv_stem, [size] * spatial_dims)
+    # Plain swish: MONAI's memory-efficient one is a custom autograd Function ONNX cannot export.
+    model.set_swish(memory_efficient=False)
+    model._dropout = nn.Identity()
+    model._fc = _classifier(model._fc.in_features, num_classes, dropout)
+    nn.init.zeros_(model._fc[1].bias)
     return model
