@@ -68,7 +68,7 @@ class ServeConfig(BaseModel):
     target_ongoing_requests: float = Field(4, gt=0)
     max_ongoing_requests: int = Field(32, ge=1)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
     cpus_per_replica: float = Field(0.5, ge=0)
     gpus_per_replica: float = Field(0, ge=0)
     upscale_delay_s: float = Field(5, ge=0)
