@@ -108,7 +108,9 @@ def local_ray(num_cpus: int = 2, **init_kwargs: Any) -> Iterator[Any]:
 
 
 @contextmanager
-def managed_redis(data_dir: Path, password: str | None = None, password_env: str | None = PASSWORD_ENV) -> Iterator[Any]:
+def managed_redis(
+    data_dir: Path, password: str | None = None, password_env: str | None = PASSWORD_ENV
+) -> Iterator[Any]:
     """A medkd-managed redis-server on 127.0.0.1 for the ``with`` block, stopped on the way out.
 
     Its data lives in ``data_dir``, so a re-run finds the soft labels of an earlier one. With
@@ -272,8 +274,9 @@ def load_average() -> str:
     return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def results_section(title: str, *, command: str, body: str, result: str, date: str | None = None,
-                    load: str | None = None) -> str:
+def results_section(
+    title: str, *, command: str, body: str, result: str, date: str | None = None, load: str | None = None
+) -> str:
     """A ``benchmarks/RESULTS.md`` section: heading, command, date and load, the body, the RESULT line.
 
     Examples:
@@ -281,8 +284,8 @@ def results_section(title: str, *, command: str, body: str, result: str, date: s
         ...                       date="2026-12-05 07:00 UTC", load="1.0, 1.0, 1.0"))
         ## Cache (2026-12-05 07:00 UTC)
         <BLANKLINE>
-        Command: `python -m benchmarks.x`  
-        Load average (1, 5, 15 min): 1.0, 1.0, 1.0
+        - Command: `python -m benchmarks.x`
+        - Load average (1, 5, 15 min): 1.0, 1.0, 1.0
         <BLANKLINE>
         | a |
         <BLANKLINE>
@@ -291,19 +294,21 @@ def results_section(title: str, *, command: str, body: str, result: str, date: s
         ```
         <BLANKLINE>
     """
-    return "\n".join([
-        f"## {title} ({date or utc_date()})",
-        "",
-        f"Command: `{command}`  ",
-        f"Load average (1, 5, 15 min): {load or load_average()}",
-        "",
-        body.rstrip("\n"),
-        "",
-        "```",
-        result,
-        "```",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"## {title} ({date or utc_date()})",
+            "",
+            f"- Command: `{command}`",
+            f"- Load average (1, 5, 15 min): {load or load_average()}",
+            "",
+            body.rstrip("\n"),
+            "",
+            "```",
+            result,
+            "```",
+            "",
+        ]
+    )
 
 
 def append_section(text: str, path: Path = RESULTS_FILE) -> Path:

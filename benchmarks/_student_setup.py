@@ -84,9 +84,11 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
     if args.epochs not in (None, "auto"):
         overrides["search.epochs"] = int(args.epochs)
     if dataset is not None and args.teachers == "recipe":
-        overrides["teachers"] = teacher_recipe(n_train=len(dataset.splits["train"].images),
-                                               class_names=list(dataset.class_names),
-                                               image_size=list(dataset.image_size))
+        overrides["teachers"] = teacher_recipe(
+            n_train=len(dataset.splits["train"].images),
+            class_names=list(dataset.class_names),
+            image_size=list(dataset.image_size),
+        )
     for text in args.set or []:
         key, value = parse_override(text)
         overrides[key] = value
@@ -128,6 +130,7 @@ def without_flips(spec: Any) -> Any:
     image would carry the wrong label, for the template's teachers (``--teachers spec``) as for
     the students and their cached views (the recipe's teachers already have no flips).
     """
+
     def off(augment: Any) -> Any:
         return augment.model_copy(update={"flip": 0.0}) if augment is not None and augment.flip > 0 else augment
 
@@ -136,26 +139,42 @@ def without_flips(spec: Any) -> Any:
     return spec.model_copy(update={"teachers": teachers, "search": search})
 
 
-def spec_options(data: Path, spec: Path = DEFAULT_SPEC, output: str | Path | None = None, *, trials: int | None = None,
-                 epochs: str = "auto", teachers: str = "recipe", overrides: list[str] | None = None) -> argparse.Namespace:
+def spec_options(
+    data: Path,
+    spec: Path = DEFAULT_SPEC,
+    output: str | Path | None = None,
+    *,
+    trials: int | None = None,
+    epochs: str = "auto",
+    teachers: str = "recipe",
+    overrides: list[str] | None = None,
+) -> argparse.Namespace:
     """The options :func:`build_spec` reads, as ``python -m benchmarks.students`` parses them (its defaults)."""
-    return argparse.Namespace(data=data, spec=spec, output=None if output is None else str(output), trials=trials,
-                              epochs=epochs, teachers=teachers, set=overrides)
+    return argparse.Namespace(
+        data=data,
+        spec=spec,
+        output=None if output is None else str(output),
+        trials=trials,
+        epochs=epochs,
+        teachers=teachers,
+        set=overrides,
+    )
 
 
 # --------------------------------------------------------------------------- retraining
 
 
-def kd_gain_run(config_json: str, meta: DatasetMeta, data_refs: list, cache: dict[str, Any], augment: dict | None,
-                latency_runs: int) -> dict[str, Any]:
+def kd_gain_run(
+    config_json: str, meta: DatasetMeta, data_refs: list, cache: dict[str, Any], augment: dict | None, latency_runs: int
+) -> dict[str, Any]:
     """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
     import torch
 
+    from medkd.search.recipe import train_candidate, trial_augmentation
+    from medkd.softlabels.reading import cached_teacher_logits, cached_views
     from medkd.softlabels.store import SoftLabelCache
     from medkd.students.compression import OnnxModel
     from medkd.students.distill import DistillConfig, build_student, evaluate_logits
-    from medkd.search.recipe import train_candidate, trial_augmentation
-    from medkd.softlabels.reading import cached_teacher_logits, cached_views
 
     torch.set_num_threads(1)
     config = DistillConfig.model_validate_json(config_json)
@@ -166,19 +185,39 @@ def kd_gain_run(config_json: str, meta: DatasetMeta, data_refs: list, cache: dic
         source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
         teacher_logits = cached_teacher_logits(source, cache["teacher_fps"], cache["dataset_fp"], segmentation=False)
         if cache.get("views"):
-            views = cached_views(source, cache["teacher_fps"], cache["views"]["views_dataset_fp"],
-                                 cache["views"]["views"], segmentation=False)
+            views = cached_views(
+                source,
+                cache["teacher_fps"],
+                cache["views"]["views_dataset_fp"],
+                cache["views"]["views"],
+                segmentation=False,
+            )
     augmentation = trial_augmentation(augment, meta, config.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
-        metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
-                                  teacher_logits=teacher_logits, augment=augmentation, directory=Path(directory),
-                                  latency_runs=latency_runs, views=views)
+        metrics = train_candidate(
+            build_student(meta, config),
+            config,
+            meta=meta,
+            train=data["train"],
+            val=data["val"],
+            teacher_logits=teacher_logits,
+            augment=augmentation,
+            directory=Path(directory),
+            latency_runs=latency_runs,
+            views=views,
+        )
         served = OnnxModel(Path(directory) / "model.onnx", threads=1)
         test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta)
-    return {"seed": config.seed, "alpha": config.alpha, "test_auc": float(test["auc"]), "test_acc": float(test["acc"]),
-            "val_auc": float(metrics.get("val_auc", float("nan"))), "params": metrics["params"],
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "seed": config.seed,
+        "alpha": config.alpha,
+        "test_auc": float(test["auc"]),
+        "test_acc": float(test["acc"]),
+        "val_auc": float(metrics.get("val_auc", float("nan"))),
+        "params": metrics["params"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def ray_get(ref: Any) -> Any:
@@ -194,8 +233,11 @@ def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple
 
     data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
     cache = {
-        "url": spec.cache.redis_url, "namespace": spec.cache.namespace, "password_env": spec.cache.password_env,
-        "dataset_fp": dataset.fingerprint, "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+        "url": spec.cache.redis_url,
+        "namespace": spec.cache.namespace,
+        "password_env": spec.cache.password_env,
+        "dataset_fp": dataset.fingerprint,
+        "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
         "views": results["soft_labels"].get("views"),
     }
     augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None

@@ -68,8 +68,14 @@ def test_data_dir_follows_medkd_data_dir(monkeypatch, tmp_path):
 def test_results_section_is_appended_after_what_is_there(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Earlier section\nkept\n")
-    section = harness.results_section("Cache speed-up", command="python -m benchmarks.cache_speedup", body="| a | b |\n",
-                                      result="RESULT a=1", date="2026-12-05 07:00 UTC", load="1.0, 0.5, 0.2")
+    section = harness.results_section(
+        "Cache speed-up",
+        command="python -m benchmarks.cache_speedup",
+        body="| a | b |\n",
+        result="RESULT a=1",
+        date="2026-12-05 07:00 UTC",
+        load="1.0, 0.5, 0.2",
+    )
     harness.append_section(section, results)
     text = results.read_text()
     assert text.startswith("# Results\n\n## Earlier section\nkept\n\n## Cache speed-up (2026-12-05 07:00 UTC)\n")

@@ -36,8 +36,14 @@ def quickstart():
 def train_and_test(dataset, meta: DatasetMeta, train_labels: np.ndarray, seed: int = 0) -> dict:
     config = DistillConfig(student="resnet_tiny", width=0.5, epochs=5, batch_size=64, alpha=1.0, seed=seed)
     model = build_student(meta, config)
-    distill(model, config, train_images=dataset.splits["train"].images, train_labels=train_labels,
-            teacher_logits=None, meta=meta)
+    distill(
+        model,
+        config,
+        train_images=dataset.splits["train"].images,
+        train_labels=train_labels,
+        teacher_logits=None,
+        meta=meta,
+    )
     test = dataset.splits["test"]
     return evaluate_logits(predict_logits(model, test.images), test.labels, meta)
 

@@ -8,23 +8,40 @@ import torch
 
 from medkd.spec.teachers import TeacherSpec
 from medkd.teachers import create_teacher
-from medkd.teachers.recipe import auto_epochs, image_cost, laterality_specific, teacher_recipe, vit_hidden_size, vit_patch_size
+from medkd.teachers.recipe import (
+    auto_epochs,
+    image_cost,
+    laterality_specific,
+    teacher_recipe,
+    vit_hidden_size,
+    vit_patch_size,
+)
 
 
-@pytest.mark.parametrize(("image_size", "in_channels", "num_classes"), [
-    ([28, 28], 1, 2),        # BreastMNIST
-    ([28, 28], 3, 7),        # DermaMNIST
-    ([64, 64], 1, 2),        # PneumoniaMNIST at 64 px
-    ([28, 28, 28], 1, 11),   # OrganMNIST3D
-], ids=["2d-grey", "2d-rgb", "2d-64", "3d"])
+@pytest.mark.parametrize(
+    ("image_size", "in_channels", "num_classes"),
+    [
+        ([28, 28], 1, 2),  # BreastMNIST
+        ([28, 28], 3, 7),  # DermaMNIST
+        ([64, 64], 1, 2),  # PneumoniaMNIST at 64 px
+        ([28, 28, 28], 1, 11),  # OrganMNIST3D
+    ],
+    ids=["2d-grey", "2d-rgb", "2d-64", "3d"],
+)
 def test_recipe_teachers_are_valid_specs_whose_models_run_on_the_data(image_size, in_channels, num_classes):
     teachers = teacher_recipe(n_train=240, class_names=[str(i) for i in range(num_classes)], image_size=image_size)
     specs = [TeacherSpec.model_validate(t) for t in teachers]
     assert [(s.name, s.model) for s in specs] == [("cnn", "resnet18"), ("vit", "vit")]
     x = torch.randn(1, in_channels, *image_size)
     for spec in specs:
-        model = create_teacher(spec.model, spatial_dims=len(image_size), in_channels=in_channels,
-                               num_classes=num_classes, image_size=image_size, **spec.model_kwargs).eval()
+        model = create_teacher(
+            spec.model,
+            spatial_dims=len(image_size),
+            in_channels=in_channels,
+            num_classes=num_classes,
+            image_size=image_size,
+            **spec.model_kwargs,
+        ).eval()
         with torch.no_grad():
             assert model(x).shape == (1, num_classes), spec.name
 
