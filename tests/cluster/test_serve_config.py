@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from medkd.cli.main import main
+from medkd.registry.metadata import ModelMetadata
 from medkd.serve.serve_config import APP_BUILDER, ServeConfigError, serve_config, serve_config_yaml
 from medkd.spec.serve import ServeConfig
 from tests.conftest import REPO_ROOT, free_ports
@@ -95,11 +96,11 @@ def _tiny_run_dir(root: Path) -> Path:
     torch.onnx.export(net, (torch.randn(2, 1, 28, 28),), str(export / "model.onnx"), dynamo=True, external_data=False,
                       input_names=["image"], output_names=["logits"],
                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},), verbose=False)
-    (export / "metadata.json").write_text(json.dumps({
-        "model_id": "tiny-serve-config", "task": "classification", "multilabel": False, "class_names": CLASS_NAMES,
-        "num_classes": 2, "metrics": {"val_auc": 0.5},
-        "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
-    }))
+    metadata = ModelMetadata(  # the export's own model: what a served metadata.json must hold
+        model_id="tiny-serve-config", task="classification", multilabel=False, class_names=CLASS_NAMES, num_classes=2,
+        input={"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
+    )
+    (export / "metadata.json").write_text(metadata.model_dump_json(exclude_none=True))
     (root / "models" / "SELECTED").write_text("tiny\n")
     return root
 
