@@ -1,4 +1,5 @@
-"""End to end: `run_job` on a tiny synthetic spec against real Ray, Redis, ONNX Runtime and Serve."""
+"""End to end: `run_job` on the quickstart's synthetic data with tiny budgets, against real Ray, Redis,
+ONNX Runtime and Serve; the teachers and the served student must have learnt (floors below)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,30 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medkd.pipeline.runner import run_job
 from medkd.spec.job import parse_spec
 from tests.conftest import free_port
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+#: The quickstart's data section (768 / 192 / 192 images, 3 classes), so the floors below hold for
+#: the data the quickstart really trains on.
+QUICKSTART_DATA = yaml.safe_load(QUICKSTART.read_text())["data"]
+# Learning floors of tiny_job (1 epoch per teacher and per trial), from one run on seed 0
+# (2026-12-05): CNN teacher test AUC 0.938, ViT 0.624 (one epoch is too little for a ViT),
+# their ensemble 0.941; the two trials' val AUC 0.889 and 0.802. A student trained on shuffled
+# labels stays near 0.5 (tests/students/test_learning.py), so the floors can only be met by learning.
+CNN_TEACHER_AUC_FLOOR = 0.85
+ENSEMBLE_AUC_FLOOR = 0.85
+STUDENT_AUC_FLOOR = 0.70
 
 
 def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
     raw = {
         "name": "tiny",
         "seed": 0,
-        "data": {"kind": "synthetic", "num_train": 96, "num_val": 48, "num_test": 48, "image_size": 28, "num_classes": 3},
+        "data": dict(QUICKSTART_DATA),
         "teachers": [
             {"name": "cnn", "model": "resnet10", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
             {"name": "vit", "model": "vit_tiny", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
@@ -36,6 +50,7 @@ def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three runs of the pipeline
 def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys):
     spec = parse_spec(tiny_job(tmp_path, redis_url))
     run_job(spec)
@@ -43,9 +58,12 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
 
     assert results["dataset"]["fingerprint"]
     assert {t["name"] for t in results["teachers"]} == {"cnn", "vit"}
-    for teacher in results["teachers"]:
-        assert 0.0 <= teacher["test_metrics"]["auc"] <= 1.0
-        assert teacher["params"] > 100_000
+    teachers = {t["name"]: t for t in results["teachers"]}
+    assert all(t["params"] > 100_000 for t in teachers.values())
+    assert teachers["cnn"]["test_metrics"]["auc"] >= CNN_TEACHER_AUC_FLOOR, teachers["cnn"]["test_metrics"]
+    # One epoch leaves the ViT barely above chance (test AUC 0.62 measured): it must still be above it.
+    assert teachers["vit"]["test_metrics"]["auc"] > 0.5, teachers["vit"]["test_metrics"]
+    assert results["ensemble"]["test_metrics"]["auc"] >= ENSEMBLE_AUC_FLOOR, results["ensemble"]["test_metrics"]
     assert results["soft_labels"]["misses"] == 6 and results["soft_labels"]["bytes"] > 0
     assert results["soft_labels"]["views"]["computed"] == 2 and results["soft_labels"]["views"]["cached"] == 0
     assert len(results["trials"]) == 2 and all(t["config"]["student"] == "resnet_tiny" for t in results["trials"])
@@ -53,7 +71,7 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     best = results["best"]
     assert Path(best["onnx_path"]).is_file() and best["size_bytes"] == Path(best["onnx_path"]).stat().st_size
     assert best["latency_ms"] > 0 and best["parity"]["max_abs_diff"] < 1e-3
-    assert 0.0 <= best["test_metrics"]["auc"] <= 1.0
+    assert best["test_metrics"]["auc"] >= STUDENT_AUC_FLOOR, best["test_metrics"]  # the served INT8 student
     metadata = json.loads((Path(best["onnx_path"]).parent / "metadata.json").read_text())
     assert [t["fingerprint"] for t in metadata["teachers"]] == [t["fingerprint"] for t in results["teachers"]]
     assert all(key.startswith(f"test-{tmp_path.name}:") for t in metadata["teachers"] for key in t["cache_keys"].values())
