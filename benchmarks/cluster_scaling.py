@@ -11,7 +11,8 @@ own address on a private bridge, and the cluster's Redis beside the head.
   submitted through the Jobs API (``medkd submit``) with a fixed trial count, ASHA off
   (``search.scheduler=none``), ``max_concurrent=2`` and 1 CPU per trial, ``--no-serve``. First
   on the two worker nodes; then worker 2 is killed (SIGKILL by its recorded pids) and the same
-  job is submitted again with a fresh output directory, so every trial must run on worker 1.
+  job is submitted again with a fresh output directory holding a copy of the trained teachers
+  (so teachers and soft labels are reused), and every trial must run on worker 1.
   The figure is the ratio of the search stage's seconds (``results.json``,
   ``stages.search.seconds``): 1 node / 2 nodes.
 * **Cache bulk read, remote vs local.** A driver on the head publishes one split of logits
@@ -75,7 +76,7 @@ def run_job(cluster: LocalCluster, output_dir: Path, args: argparse.Namespace) -
 
 
 def _trial_nodes(results: dict) -> list[str]:
-    return [trial["metrics"].get("node_ip", "?") for trial in results["search"]["trials"]]
+    return [trial["metrics"].get("node_ip", "?") for trial in results["trials"]]
 
 
 def _wait_alive(cluster: LocalCluster, wanted: int, timeout: float = 120) -> None:
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cluster.kill_node(2)
         _wait_alive(cluster, 2)
+        # The same teachers (found, not retrained; their soft labels are in the cluster's Redis):
+        # only the search has to run again, now on one worker node.
+        shutil.copytree(cluster.shared_dir / "runs" / "two_nodes" / "teachers",
+                        cluster.shared_dir / "runs" / "one_node" / "teachers")
         one = run_job(cluster, cluster.shared_dir / "runs" / "one_node", args)
         one_s = one["stages"]["search"]["seconds"]
         print(f"search on 1 worker node:  {one_s:.1f} s, trials on {sorted(set(_trial_nodes(one)))}", flush=True)

@@ -18,7 +18,8 @@ import redis
 from medkd.cli.cluster import ClusterError, LocalCluster, ClusterSettings, REDIS_PASSWORD_ENV
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+# Each cluster start takes 40-60 s, and minutes on a loaded machine (Ray's own waits and restarts).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROBE = textwrap.dedent(
     """
@@ -188,3 +189,21 @@ def test_ports_in_rays_worker_range_are_refused_naming_the_setting():
     with pytest.raises(ClusterError, match="MEDKD_REDIS_PORT=12000 lies in Ray's worker port range"):
         LocalCluster.up(workers=1, netns=True, state_dir="/tmp/mkdnever", redis_port=12000)
     assert not Path("/tmp/mkdnever").exists()
+
+
+def test_loopback_mode_runs_the_same_code_without_namespaces():
+    """Without --netns every node is on 127.0.0.1 with its own ports; down ends every process."""
+    state_dir = Path("/tmp") / f"mkdlo{os.getpid()}"
+    cluster = LocalCluster.up(workers=1, netns=False, state_dir=state_dir, gcs_port=26579, dashboard_port=28465,
+                              base_port=26600, redis_port=26590)
+    try:
+        assert cluster.node_addresses == ["127.0.0.1", "127.0.0.1"]
+        assert cluster.state.subnet is None and all(node.namespace is None for node in cluster.state.nodes)
+        assert len(cluster.alive_nodes()) == 2
+        assert cluster.redis_url == "redis://127.0.0.1:26590/0" and cluster.redis_alive()
+        pids = cluster.node_pids(0) | cluster.node_pids(1)
+        assert cluster.node_pids(1) and not cluster.node_pids(1) & cluster.node_pids(0)
+    finally:
+        cluster.down()
+    assert not [pid for pid in pids if _running(pid)]
+    subprocess.run(["rm", "-rf", str(state_dir)], check=True)
