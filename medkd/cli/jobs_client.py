@@ -46,6 +46,8 @@ from medkd.cli.staging import (
 )
 
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+AGENT_WAIT_S = 60.0  # how long submit_job waits for a just-started head's job agent
+_NO_AGENT = "No available agent to submit job"
 _TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
@@ -251,16 +253,25 @@ def submit_job(
         command = entrypoint or default_entrypoint(stage.spec_relpath, extra_args)
         job_id = submission_id or f"medkd-{job_slug(raw, spec_path)}-{secrets.token_hex(4)}"
         metadata = {"medkd_spec": stage.spec_relpath.as_posix(), "medkd_job": job_slug(raw, spec_path)}
-        with _translate_errors(connection.address, connection.token):
-            return connection.client.submit_job(
-                entrypoint=command,
-                submission_id=job_id,
-                runtime_env=runtime_env,
-                metadata=metadata,
-                entrypoint_num_cpus=entrypoint_num_cpus,
-                entrypoint_num_gpus=entrypoint_num_gpus,
-                entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
-            )
+        # A head that has just started answers 500 "No available agent to submit job, please try
+        # again later" until its job agent is up (seen on a loaded machine): wait for it, bounded.
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                with _translate_errors(connection.address, connection.token):
+                    return connection.client.submit_job(
+                        entrypoint=command,
+                        submission_id=job_id,
+                        runtime_env=runtime_env,
+                        metadata=metadata,
+                        entrypoint_num_cpus=entrypoint_num_cpus,
+                        entrypoint_num_gpus=entrypoint_num_gpus,
+                        entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
+                    )
+            except JobsError as error:
+                if _NO_AGENT not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)
 
 
 def _iso(milliseconds: int | None) -> str | None:
