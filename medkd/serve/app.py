@@ -33,8 +33,17 @@ from medkd.serve.model_store import ModelDirError, collect_models, load_model_di
 from medkd.spec.serve import ServeConfig
 
 __all__ = [
-    "DEPLOYMENT_NAME", "MedkdServer", "ModelDirError", "app_builder", "build_app", "deploy", "load_model_dir",
-    "resolve_model_dir", "serve_until_stopped", "undeploy", "wait_until_healthy",
+    "DEPLOYMENT_NAME",
+    "MedkdServer",
+    "ModelDirError",
+    "app_builder",
+    "build_app",
+    "deploy",
+    "load_model_dir",
+    "resolve_model_dir",
+    "serve_until_stopped",
+    "undeploy",
+    "wait_until_healthy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,8 +112,13 @@ def _serve_http_address(config: ServeConfig) -> tuple[str, int]:
     except Exception:  # noqa: BLE001 - private API moved: assume our own options were applied
         return config.host, config.port
     if (host, port) != (config.host, config.port):
-        logger.warning("medkd: Serve was already running on %s:%s; serving there instead of %s:%s",
-                       host, port, config.host, config.port)
+        logger.warning(
+            "medkd: Serve was already running on %s:%s; serving there instead of %s:%s",
+            host,
+            port,
+            config.host,
+            config.port,
+        )
     return host, port
 
 
@@ -128,8 +142,9 @@ def wait_until_healthy(base_url: str, *, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{base_url}/healthz did not answer 200 within {timeout_s:.0f} s: {last_error}")
 
 
-def deploy(model_dir: Path | str, config: ServeConfig | None = None, *, app_name: str = "medkd",
-           blocking: bool = False) -> str:
+def deploy(
+    model_dir: Path | str, config: ServeConfig | None = None, *, app_name: str = "medkd", blocking: bool = False
+) -> str:
     """Deploy the models on Ray Serve (starting Serve if needed) and return the base URL.
 
     Args:
@@ -146,8 +161,9 @@ def deploy(model_dir: Path | str, config: ServeConfig | None = None, *, app_name
     """
     config = config or ServeConfig()
     application = build_app(model_dir, config)
-    serve.start(http_options={"host": config.host, "port": config.port,
-                              "request_timeout_s": config.request_timeout_s + 5.0})
+    serve.start(
+        http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s + 5.0}
+    )
     host, port = _serve_http_address(config)
     base_url = config.model_copy(update={"host": host, "port": port}).local_url()
     serve.run(application, name=app_name, route_prefix=config.route_prefix, blocking=False)

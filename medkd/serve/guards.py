@@ -29,11 +29,18 @@ import numpy as np
 from pydantic import SecretStr
 
 from medkd.registry.metadata import InputMeta
-from medkd.serve.codecs import CONTENT_TYPES, PayloadTooLarge, RequestError, media_type, sniff_format
-from medkd.serve.codecs import encode_npy  # noqa: F401 - used by the module's example
+from medkd.serve.codecs import (
+    CONTENT_TYPES,
+    PayloadTooLarge,
+    RequestError,
+    encode_npy,  # noqa: F401 - used by the module's example
+    media_type,
+    sniff_format,
+)
 
 MAX_JSON_DEPTH = 8
 """Deepest JSON nesting accepted: ``{"instances": [{"image": [C][H][W][D]}]}`` needs 7."""
+
 
 class Unauthorized(RequestError):
     status = 401

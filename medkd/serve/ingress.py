@@ -14,24 +14,19 @@ Routes: ``POST /predict``, ``POST /predict/batch``, ``GET /healthz``, ``GET /rea
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPBearer
+from fastapi import Depends, Query, Request
 from pydantic import SecretStr
 from ray import serve
-from ray.serve import context as serve_context
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from medkd.serve import responses as answers
+from medkd.serve.api import ERRORS, IMAGE_BODY, api, bearer, json_response, request_id
 from medkd.serve.codecs import PayloadTooLarge, RequestError, decode_batch, decode_image, encode_npy, preprocess
 from medkd.serve.guards import Limits, Unauthorized, UnknownModel, authorized, check_before_decoding, check_image_count
 from medkd.serve.metrics import ServeMetrics
@@ -43,65 +38,6 @@ logger = logging.getLogger("ray.serve")
 DEPLOYMENT_NAME = "MedkdModel"
 PROBE_TIMEOUT_S = 10.0
 """Shortest time an ONNX call may run before check_health calls the session wedged."""
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_IMAGE_TYPES = ["image/png", "image/jpeg", "application/x-npy", "application/dicom", "application/octet-stream"]
-_IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            **{media: {"schema": {"type": "string", "format": "binary"}} for media in _IMAGE_TYPES},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "image": {"type": "array", "items": {}}, "instances": {"type": "array", "items": {}}}}},
-        },
-    }
-}
-_ERRORS = {code: {"model": answers.ErrorAnswer} for code in (400, 401, 404, 413, 415, 503, 504)}
-
-api = FastAPI(
-    title="medkd",
-    summary="Distilled medical-imaging students served with Ray Serve",
-    description="Send one image (PNG, JPEG, NPY, DICOM or JSON) to `/predict`, a stack to `/predict/batch`. "
-    "Pick a model with the `serve_multiplexed_model_id` header or `?model=`; `GET /models` lists them.",
-)
-_bearer = HTTPBearer(auto_error=False, description="Needed when the endpoint runs with serve.auth_token_env")
-
-
-def _json(payload: dict[str, Any], status: int = 200, request_id: str = "") -> Response:
-    # Serve itself answers the request id in X-Request-Id; request_id is in the body.
-    return Response(answers.json_body(payload), status_code=status, media_type="application/json")
-
-
-def _request_id(request: Request) -> str:
-    """Serve's id of this request (it answers it in ``X-Request-Id`` and tags its logs with it)."""
-    try:
-        serve_id = serve_context._get_serve_request_context().request_id  # private API: fall back below
-    except Exception:  # noqa: BLE001
-        serve_id = ""
-    given = request.headers.get("x-request-id", "")
-    return serve_id or (given if _REQUEST_ID.match(given) else uuid.uuid4().hex)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
-    root, path = request.scope.get("root_path", ""), request.url.path
-    path = path[len(root):] if root and path.startswith(root) else path
-    if error.status_code == 404:
-        routes = [f"{method.upper()} {route}" for route, item in request.app.openapi()["paths"].items() for method in item]
-        message = f"no route {request.method} {path}; routes: {', '.join(routes)}"
-    elif error.status_code == 405:
-        allowed = {key.lower(): value for key, value in (error.headers or {}).items()}
-        message = f"{request.method} {path} is not allowed; use {allowed.get('allow', 'another method')}"
-    else:
-        message = str(error.detail)
-    return Response(answers.error_body(message, error.status_code, _request_id(request)), status_code=error.status_code,
-                    media_type="application/json", headers=error.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError) -> Response:
-    problems = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
-    return Response(answers.error_body(problems, 422, _request_id(request)), status_code=422,
-                    media_type="application/json")
 
 
 def _images_in(items: list[tuple[str, np.ndarray]]) -> int:
@@ -147,60 +83,106 @@ class MedkdServer:
 
     @api.get("/healthz", response_model=answers.Health, summary="Liveness (no authentication)")
     async def healthz(self) -> Response:
-        return _json({"status": "ok", "replica": self._replica})
+        return json_response({"status": "ok", "replica": self._replica})
 
-    @api.get("/readyz", response_model=answers.Readiness, responses=_ERRORS, dependencies=[Depends(_bearer)],
-             summary="Readiness: the default model is loaded and one warm inference is done")
+    @api.get(
+        "/readyz",
+        response_model=answers.Readiness,
+        responses=ERRORS,
+        dependencies=[Depends(bearer)],
+        summary="Readiness: the default model is loaded and one warm inference is done",
+    )
     async def readyz(self, request: Request) -> Response:
         return await self._handle(request, "/readyz", self._readiness)
 
-    @api.get("/models", response_model=answers.ModelList, responses=_ERRORS, dependencies=[Depends(_bearer)],
-             summary="Every served model with its metrics, size and latency from the registry")
+    @api.get(
+        "/models",
+        response_model=answers.ModelList,
+        responses=ERRORS,
+        dependencies=[Depends(bearer)],
+        summary="Every served model with its metrics, size and latency from the registry",
+    )
     async def models(self, request: Request) -> Response:
         async def work(rid: str, used: list[str]) -> Response:
             default = self._bundle.default_id
             listed = [model.describe(default=mid == default) for mid, model in self._loaded.items()]
-            return _json({"default": default, "models": listed}, request_id=rid)
+            return json_response({"default": default, "models": listed}, request_id=rid)
 
         return await self._handle(request, "/models", work)
 
-    @api.get("/metadata", responses=_ERRORS, dependencies=[Depends(_bearer)],
-             summary="A model's metadata.json plus serving details")
+    @api.get(
+        "/metadata",
+        responses=ERRORS,
+        dependencies=[Depends(bearer)],
+        summary="A model's metadata.json plus serving details",
+    )
     async def metadata(self, request: Request, model: str | None = Query(None, max_length=256)) -> Response:
         async def work(rid: str, used: list[str]) -> Response:
             loaded = self._loaded[self._model_id(model, used)]
             serving = {
-                "replica": self._replica, "input_name": loaded.input_name,
+                "replica": self._replica,
+                "input_name": loaded.input_name,
                 "input_shape": [None, loaded.metadata.input.in_channels, *loaded.metadata.input.image_size],
-                "output_shape": [None, *loaded.output_shape], "providers": loaded.session.get_providers(),
-                **self._config.model_dump(include={"max_batch_size", "batch_wait_timeout_s", "max_body_bytes",
-                                                   "max_images_per_request", "max_decoded_bytes", "request_timeout_s"}),
+                "output_shape": [None, *loaded.output_shape],
+                "providers": loaded.session.get_providers(),
+                **self._config.model_dump(
+                    include={
+                        "max_batch_size",
+                        "batch_wait_timeout_s",
+                        "max_body_bytes",
+                        "max_images_per_request",
+                        "max_decoded_bytes",
+                        "request_timeout_s",
+                    }
+                ),
             }
-            return _json({**loaded.raw_metadata, "serving": serving}, request_id=rid)
+            return json_response({**loaded.raw_metadata, "serving": serving}, request_id=rid)
 
         return await self._handle(request, "/metadata", work)
 
-    @api.get("/stats", responses=_ERRORS, dependencies=[Depends(_bearer)], summary="This replica's counters")
+    @api.get("/stats", responses=ERRORS, dependencies=[Depends(bearer)], summary="This replica's counters")
     async def stats(self, request: Request) -> Response:
         async def work(rid: str, used: list[str]) -> Response:
-            return _json({"replica": self._replica, "max_batch_size": self._config.max_batch_size,
-                          **self._metrics.snapshot()}, request_id=rid)
+            return json_response(
+                {"replica": self._replica, "max_batch_size": self._config.max_batch_size, **self._metrics.snapshot()},
+                request_id=rid,
+            )
 
         return await self._handle(request, "/stats", work)
 
-    @api.post("/predict", response_model=answers.Prediction, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
-              dependencies=[Depends(_bearer)], summary="Predict one image")
-    async def predict(self, request: Request, model: str | None = Query(None, max_length=256),
-                      mask: str | None = Query(None, pattern="^(list|npy_b64)$")) -> Response:
+    @api.post(
+        "/predict",
+        response_model=answers.Prediction,
+        responses=ERRORS,
+        openapi_extra=IMAGE_BODY,
+        dependencies=[Depends(bearer)],
+        summary="Predict one image",
+    )
+    async def predict(
+        self,
+        request: Request,
+        model: str | None = Query(None, max_length=256),
+        mask: str | None = Query(None, pattern="^(list|npy_b64)$"),
+    ) -> Response:
         async def work(rid: str, used: list[str]) -> Response:
             return await self._predict(request, rid, self._model_id(model, used), batch=False, mask=mask)
 
         return await self._handle(request, "/predict", work)
 
-    @api.post("/predict/batch", response_model=answers.BatchPrediction, responses=_ERRORS,
-              openapi_extra=_IMAGE_BODY, dependencies=[Depends(_bearer)], summary="Predict a stack of images")
-    async def predict_batch(self, request: Request, model: str | None = Query(None, max_length=256),
-                            mask: str | None = Query(None, pattern="^(list|npy_b64)$")) -> Response:
+    @api.post(
+        "/predict/batch",
+        response_model=answers.BatchPrediction,
+        responses=ERRORS,
+        openapi_extra=IMAGE_BODY,
+        dependencies=[Depends(bearer)],
+        summary="Predict a stack of images",
+    )
+    async def predict_batch(
+        self,
+        request: Request,
+        model: str | None = Query(None, max_length=256),
+        mask: str | None = Query(None, pattern="^(list|npy_b64)$"),
+    ) -> Response:
         async def work(rid: str, used: list[str]) -> Response:
             return await self._predict(request, rid, self._model_id(model, used), batch=True, mask=mask)
 
@@ -211,7 +193,7 @@ class MedkdServer:
     async def _handle(self, request: Request, route: str, work) -> Response:
         """Auth, request id, timeout, metrics and error answers shared by every route."""
         started = time.perf_counter()
-        rid = _request_id(request)
+        rid = request_id(request)
         used: list[str] = []
         self._metrics.started()
         try:
@@ -220,16 +202,25 @@ class MedkdServer:
             response = await asyncio.wait_for(work(rid, used), timeout=self._config.request_timeout_s)
         except RequestError as error:
             headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-            response = Response(answers.error_body(error.message, error.status, rid), status_code=error.status,
-                                media_type="application/json", headers=headers)
+            response = Response(
+                answers.error_body(error.message, error.status, rid),
+                status_code=error.status,
+                media_type="application/json",
+                headers=headers,
+            )
         except TimeoutError:
             message = f"request took longer than request_timeout_s={self._config.request_timeout_s:g}"
             response = Response(answers.error_body(message, 504, rid), status_code=504, media_type="application/json")
         except Exception:  # noqa: BLE001 - logged with the request id; the client gets no exception text
             logger.exception("medkd: request %s to %s failed", rid, route)
-            response = Response(answers.error_body(f"internal error; see the server log for request {rid}", 500, rid),
-                                status_code=500, media_type="application/json")
-        self._metrics.request(route, response.status_code, used[0] if used else "", (time.perf_counter() - started) * 1e3)
+            response = Response(
+                answers.error_body(f"internal error; see the server log for request {rid}", 500, rid),
+                status_code=500,
+                media_type="application/json",
+            )
+        self._metrics.request(
+            route, response.status_code, used[0] if used else "", (time.perf_counter() - started) * 1e3
+        )
         return response
 
     def _model_id(self, query_model: str | None, used: list[str]) -> str:
@@ -244,9 +235,13 @@ class MedkdServer:
 
     async def _readiness(self, rid: str, used: list[str]) -> Response:
         ready = self._bundle.default_id in self._loaded and self._warm_ms is not None
-        payload = {"ready": ready, "default_model": self._bundle.default_id,
-                   "warm_inference_ms": self._warm_ms, "models": sorted(self._loaded)}
-        return _json(payload, 200 if ready else 503, rid)
+        payload = {
+            "ready": ready,
+            "default_model": self._bundle.default_id,
+            "warm_inference_ms": self._warm_ms,
+            "models": sorted(self._loaded),
+        }
+        return json_response(payload, 200 if ready else 503, rid)
 
     async def _predict(self, request: Request, rid: str, model_id: str, *, batch: bool, mask: str | None) -> Response:
         started = time.perf_counter()
@@ -256,20 +251,26 @@ class MedkdServer:
         loop = asyncio.get_running_loop()
         inputs = await loop.run_in_executor(self._decoder, self._decode, body, content_type, loaded, batch, rid)
         size = self._config.max_batch_size
-        chunks = [inputs[start:start + size] for start in range(0, len(inputs), size)]
+        chunks = [inputs[start : start + size] for start in range(0, len(inputs), size)]
         outputs = await asyncio.gather(*(self._infer((model_id, chunk)) for chunk in chunks))
         logits = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         meta = loaded.metadata
         if meta.task == "segmentation" and answers.NPY_MEDIA_TYPE in request.headers.get("accept", ""):
             masks = answers.segmentation_masks(logits, meta)
-            return Response(encode_npy(masks if batch else masks[0]), media_type=answers.NPY_MEDIA_TYPE,
-                            headers={"X-Model-Id": model_id})
+            return Response(
+                encode_npy(masks if batch else masks[0]),
+                media_type=answers.NPY_MEDIA_TYPE,
+                headers={"X-Model-Id": model_id},
+            )
         results = answers.predictions(logits, meta, masks_as_list=mask == "list")
-        payload: dict[str, Any] = {"model_id": model_id, "class_names": [meta.label(i) for i in range(meta.num_classes)],
-                                   "request_id": rid}
+        payload: dict[str, Any] = {
+            "model_id": model_id,
+            "class_names": [meta.label(i) for i in range(meta.num_classes)],
+            "request_id": rid,
+        }
         payload.update({"count": len(results), "predictions": results} if batch else results[0])
         payload["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
-        return _json(payload, request_id=rid)
+        return json_response(payload, request_id=rid)
 
     def _decode(self, body: bytes, content_type: str | None, loaded: LoadedModel, batch: bool, rid: str) -> np.ndarray:
         """Body to a preprocessed batch ``(N, C, *spatial)`` (runs in the decoder pool)."""
@@ -277,8 +278,11 @@ class MedkdServer:
         try:
             check_before_decoding(body, content_type, batch=batch, input_meta=meta, limits=self._limits)
             max_bytes = self._config.max_body_bytes
-            images = (decode_batch(body, content_type, max_bytes=max_bytes) if batch
-                      else [decode_image(body, content_type, max_bytes=max_bytes)])
+            images = (
+                decode_batch(body, content_type, max_bytes=max_bytes)
+                if batch
+                else [decode_image(body, content_type, max_bytes=max_bytes)]
+            )
             check_image_count(len(images), meta, self._limits)
             return np.stack([preprocess(image, meta) for image in images])
         except RequestError:
@@ -314,7 +318,7 @@ class MedkdServer:
             batch = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
             outputs = await loop.run_in_executor(self._executor, self._run, loaded, batch)
             self._metrics.batch(model_id, len(batch))
-            for i, part in zip(indices, np.split(outputs, np.cumsum([len(c) for c in chunks])[:-1])):
+            for i, part in zip(indices, np.split(outputs, np.cumsum([len(c) for c in chunks])[:-1]), strict=True):
                 results[i] = part
         return results  # type: ignore[return-value]
 

@@ -30,16 +30,21 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         self._requests = ray_metrics.Counter(
-            "medkd_serve_requests_total", "Requests answered, by route, HTTP status and model.",
+            "medkd_serve_requests_total",
+            "Requests answered, by route, HTTP status and model.",
             tag_keys=("route", "status", "model"),
         )
         self._latency = ray_metrics.Histogram(
-            "medkd_serve_latency_ms", "Time a request spent in the replica (ms).",
-            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route", "model"),
+            "medkd_serve_latency_ms",
+            "Time a request spent in the replica (ms).",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("route", "model"),
         )
         self._batch = ray_metrics.Histogram(
-            "medkd_serve_batch_images", "Images per ONNX Runtime call.",
-            boundaries=BATCH_BOUNDARIES, tag_keys=("model",),
+            "medkd_serve_batch_images",
+            "Images per ONNX Runtime call.",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=("model",),
         )
         self._queue = ray_metrics.Gauge("medkd_serve_queue_length", "Requests in the replica not answered yet.")
         self.in_flight = 0

@@ -125,5 +125,7 @@ def segmentation_output(mask: np.ndarray, metadata: ModelMetadata, *, as_list: b
 def predictions(logits: np.ndarray, metadata: ModelMetadata, *, masks_as_list: bool) -> list[dict[str, Any]]:
     """Per-image answers of a model call."""
     if metadata.task == "segmentation":
-        return [segmentation_output(mask, metadata, as_list=masks_as_list) for mask in segmentation_masks(logits, metadata)]
+        return [
+            segmentation_output(mask, metadata, as_list=masks_as_list) for mask in segmentation_masks(logits, metadata)
+        ]
     return metadata.classify(logits)

@@ -27,8 +27,10 @@ def export_student(directory: Path, *, seed: int, model_id: str, rank: int = 0, 
     weight = (rng.standard_normal((IMAGE_SIZE * IMAGE_SIZE, 2)) * 0.05).astype(np.float32)
     bias = rng.standard_normal(2).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"])],
+        [
+            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+            helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]),
+        ],
         "student",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, IMAGE_SIZE, IMAGE_SIZE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
@@ -44,11 +46,22 @@ def export_student(directory: Path, *, seed: int, model_id: str, rank: int = 0, 
         "multilabel": False,
         "num_classes": 2,
         "class_names": CLASS_NAMES,
-        "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [IMAGE_SIZE, IMAGE_SIZE], "scale": 1 / 255,
-                  "mean": [0.5], "std": [0.5]},
+        "input": {
+            "in_channels": 1,
+            "spatial_dims": 2,
+            "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+            "scale": 1 / 255,
+            "mean": [0.5],
+            "std": [0.5],
+        },
         "search": {"fingerprint": search, "trial_id": f"trial-{seed}", "pareto_rank": rank},
-        "metrics": {"val": {"val_auc": 0.8 - rank / 10}, "test": {"auc": 0.7}, "latency_ms": 0.1 + rank,
-                    "params": 100 + seed, "model_bytes": (directory / "model.onnx").stat().st_size},
+        "metrics": {
+            "val": {"val_auc": 0.8 - rank / 10},
+            "test": {"auc": 0.7},
+            "latency_ms": 0.1 + rank,
+            "params": 100 + seed,
+            "model_bytes": (directory / "model.onnx").stat().st_size,
+        },
     }
     (directory / "metadata.json").write_text(json.dumps(metadata))
     return directory
@@ -74,8 +87,15 @@ def expected_probabilities(model_dir: Path, images: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def call(url: str, *, body: bytes | None = None, content_type: str | None = None,
-         headers: dict[str, str] | None = None, method: str | None = None, timeout: float = 30) -> tuple[int, bytes, dict]:
+def call(
+    url: str,
+    *,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
+    timeout: float = 30,
+) -> tuple[int, bytes, dict]:
     """One HTTP request; returns status, body and lower-cased headers (errors included)."""
     request = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
     if content_type:
@@ -112,8 +132,12 @@ def replica_pids(app_name: str) -> list[int]:
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                         limit=1000, raise_on_missing_output=False)
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("state", "=", "ALIVE")],
+        limit=1000,
+        raise_on_missing_output=False,
+    )
     return [actor.pid for actor in actors if actor.class_name.startswith(f"ServeReplica:{app_name}:") and actor.pid]
 
 
@@ -124,4 +148,3 @@ def running_replicas(app_name: str, deployment: str) -> int:
     if application is None or deployment not in application.deployments:
         return 0
     return int(application.deployments[deployment].replica_states.get("RUNNING", 0))
-

@@ -32,8 +32,15 @@ BINARY_TYPES = ("image/png", "image/jpeg", "application/x-npy", "application/dic
 
 
 def fuzz_settings(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+
 
 RSS_GROWTH_LIMIT = 400 * 1024 * 1024
 
@@ -44,9 +51,18 @@ for _media in BINARY_TYPES:
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     run_dir, ids = make_run(tmp_path_factory.mktemp("run"), 2)
-    config = ServeConfig(port=free_port(), route_prefix="/fuzz", min_replicas=1, max_replicas=1, cpus_per_replica=0.25,
-                         max_batch_size=8, batch_wait_timeout_s=0.001, max_images_per_request=32,
-                         max_decoded_bytes=8 * 1024 * 1024, max_body_bytes=4 * 1024 * 1024)
+    config = ServeConfig(
+        port=free_port(),
+        route_prefix="/fuzz",
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=0.25,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.001,
+        max_images_per_request=32,
+        max_decoded_bytes=8 * 1024 * 1024,
+        max_body_bytes=4 * 1024 * 1024,
+    )
     url = deploy(run_dir, config, app_name=APP)
     try:
         yield url, run_dir, ids
@@ -56,6 +72,7 @@ def served(ray_session, tmp_path_factory):
 
 def png_bomb(side: int) -> bytes:
     """A valid PNG header claiming ``side`` x ``side`` pixels over a small zlib stream of zeros."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
@@ -88,8 +105,11 @@ HOSTILE = [
     ("/predict", "application/json", b"[" * 200_000 + b"]" * 200_000),
     ("/predict", "application/json", b'{"image": ' + b"[" * 50 + b"1" + b"]" * 50 + b"}"),
     ("/predict", "application/json", b'{"image": "' + b"A" * 100_000 + b'"}'),
-    ("/predict", "application/x-npy", b"\x93NUMPY\x01\x00\x76\x00{'descr': '|O', 'fortran_order': False, 'shape': (3,), }"
-     + b" " * 60 + b"\n"),
+    (
+        "/predict",
+        "application/x-npy",
+        b"\x93NUMPY\x01\x00\x76\x00{'descr': '|O', 'fortran_order': False, 'shape': (3,), }" + b" " * 60 + b"\n",
+    ),
     ("/predict", "application/dicom", b"\x00" * 128 + b"DICM" + b"\xff" * 500),
     ("/predict", "image/png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),
 ]
@@ -112,9 +132,20 @@ def mutated_requests(draw):
         elif kind == "insert":
             data[position:position] = draw(st.binary(min_size=1, max_size=64))
         elif kind == "delete":
-            del data[position:position + draw(st.integers(1, 64))]
-    content_type = draw(st.sampled_from([content_type, content_type, "application/octet-stream", "text/plain", "",
-                                         "image/gif", "application/json; charset=utf-8"]))
+            del data[position : position + draw(st.integers(1, 64))]
+    content_type = draw(
+        st.sampled_from(
+            [
+                content_type,
+                content_type,
+                "application/octet-stream",
+                "text/plain",
+                "",
+                "image/gif",
+                "application/json; charset=utf-8",
+            ]
+        )
+    )
     return route, content_type, bytes(data)
 
 
@@ -136,6 +167,7 @@ def test_fuzzing_never_gets_a_5xx_and_memory_stays_bounded(served):
     for operation in schema.get_all_operations():
         operation = operation.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @fuzz_settings(40)
             @given(case=operation.as_strategy(generation_mode=mode))
             def schemathesis_case(case):

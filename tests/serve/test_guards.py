@@ -95,8 +95,13 @@ def test_collect_models_serves_the_pareto_students_of_the_selected_search(tmp_pa
 
 def test_classify_is_the_one_post_processing():
     def meta(**fields) -> ModelMetadata:
-        base = {"model_id": "m", "task": "classification", "num_classes": 2, "class_names": ["a", "b"],
-                "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [4, 4]}}
+        base = {
+            "model_id": "m",
+            "task": "classification",
+            "num_classes": 2,
+            "class_names": ["a", "b"],
+            "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [4, 4]},
+        }
         return ModelMetadata.model_validate({**base, **fields})
 
     softmax = meta().classify(np.array([[0.0, np.log(3.0)]]))[0]

@@ -54,9 +54,25 @@ def test_sigterm_drains_and_leaves_no_ray_process_behind(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "medkd.cli.main", "serve", str(run_dir), "--port", str(port), "--max-replicas", "1",
-         "--set", "cpus_per_replica=0.25"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "medkd.cli.main",
+            "serve",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--max-replicas",
+            "1",
+            "--set",
+            "cpus_per_replica=0.25",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     ray_processes: dict[int, str] = {}
     output: list[str] = []
@@ -78,8 +94,11 @@ def test_sigterm_drains_and_leaves_no_ray_process_behind(tmp_path):
         # A request in flight while SIGTERM arrives is answered (Serve drains before it stops).
         in_flight: list[int] = []
         batch = encode_npy(np.zeros((200, 28, 28), np.uint8))
-        sender = threading.Thread(target=lambda: in_flight.append(
-            call(url + "/predict/batch", body=batch, content_type="application/x-npy", timeout=60)[0]))
+        sender = threading.Thread(
+            target=lambda: in_flight.append(
+                call(url + "/predict/batch", body=batch, content_type="application/x-npy", timeout=60)[0]
+            )
+        )
         sender.start()
         time.sleep(0.05)
         process.send_signal(signal.SIGTERM)

@@ -33,9 +33,19 @@ IMAGE = np.random.default_rng(5).integers(0, 256, (28, 28), dtype=np.uint8)
 def served(ray_session, tmp_path_factory):
     run_dir, ids = make_run(tmp_path_factory.mktemp("run"), 1)
     config = ServeConfig(
-        port=free_port(), route_prefix="/load", min_replicas=1, max_replicas=2, cpus_per_replica=0.2,
-        target_ongoing_requests=1, max_ongoing_requests=8, max_batch_size=4, batch_wait_timeout_s=0.002,
-        upscale_delay_s=1, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+        port=free_port(),
+        route_prefix="/load",
+        min_replicas=1,
+        max_replicas=2,
+        cpus_per_replica=0.2,
+        target_ongoing_requests=1,
+        max_ongoing_requests=8,
+        max_batch_size=4,
+        batch_wait_timeout_s=0.002,
+        upscale_delay_s=1,
+        downscale_delay_s=3,
+        metrics_interval_s=0.5,
+        look_back_period_s=2,
     )
     url = deploy(run_dir, config, app_name=APP)
     try:
@@ -62,10 +72,12 @@ class Load:
                 continue
             phase = self.phase
             try:
-                async with session.post(self.url, data=self.body, headers={"Content-Type": "application/x-npy"}) as answer:
+                async with session.post(
+                    self.url, data=self.body, headers={"Content-Type": "application/x-npy"}
+                ) as answer:
                     await answer.read()
                     outcome = answer.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            except (TimeoutError, aiohttp.ClientError) as error:
                 outcome = type(error).__name__
             self.outcomes.setdefault(phase, Counter())[outcome] += 1
 
@@ -137,8 +149,13 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent(served):
         killed.append(victim)
         assert await wait_for(lambda: not pid_alive(victim), 10)
         replaced = await wait_for(
-            lambda: len(pids := replica_pids(APP)) == 2 and victim not in pids
-            and running_replicas(APP, DEPLOYMENT_NAME) == 2, PHASE_LIMIT_S)
+            lambda: (
+                len(pids := replica_pids(APP)) == 2
+                and victim not in pids
+                and running_replicas(APP, DEPLOYMENT_NAME) == 2
+            ),
+            PHASE_LIMIT_S,
+        )
         assert replaced, "Serve did not replace the killed replica"
         await asyncio.sleep(3)
 

@@ -34,15 +34,26 @@ def run(tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def urls(ray_session, run, monkeypatch_module):
     run_dir, _ = run
-    config = ServeConfig(port=free_port(), min_replicas=1, max_replicas=1, cpus_per_replica=0.25,
-                         max_batch_size=8, batch_wait_timeout_s=0.002, max_images_per_request=64,
-                         max_decoded_bytes=4 * 1024 * 1024, max_body_bytes=8 * 1024 * 1024)
+    config = ServeConfig(
+        port=free_port(),
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=0.25,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.002,
+        max_images_per_request=64,
+        max_decoded_bytes=4 * 1024 * 1024,
+        max_body_bytes=8 * 1024 * 1024,
+    )
     monkeypatch_module.setenv(TOKEN_ENV, TOKEN)
     try:
         yield {
             "open": deploy(run_dir, config, app_name=APP),
-            "auth": deploy(run_dir, config.model_copy(update={"route_prefix": "/secure", "auth_token_env": TOKEN_ENV}),
-                           app_name=AUTH_APP),
+            "auth": deploy(
+                run_dir,
+                config.model_copy(update={"route_prefix": "/secure", "auth_token_env": TOKEN_ENV}),
+                app_name=AUTH_APP,
+            ),
         }
     finally:
         undeploy(AUTH_APP)
@@ -72,8 +83,9 @@ def test_each_request_reaches_the_model_it_names(urls, run):
         got = np.array([p["probabilities"] for p in by_header["predictions"]])
         assert np.max(np.abs(got - expected)) < 1e-5, model_id
         assert by_header["model_id"] == model_id and by_header["class_names"] == ["malignant", "benign"]
-        status, body, _ = call(f"{urls['open']}/predict?model={model_id}", body=encode_npy(images[0]),
-                               content_type="application/x-npy")
+        status, body, _ = call(
+            f"{urls['open']}/predict?model={model_id}", body=encode_npy(images[0]), content_type="application/x-npy"
+        )
         single = json.loads(body)
         assert status == 200 and single["model_id"] == model_id
         assert np.max(np.abs(np.array(single["probabilities"]) - expected[0])) < 1e-5
@@ -87,16 +99,23 @@ def test_default_is_the_selected_model_and_unknown_ids_are_404(urls, run):
     image = RNG.integers(0, 256, (28, 28), dtype=np.uint8)
     status, answer = predict(urls["open"], image)
     assert status == 200 and answer["model_id"] == ids[0]
-    for headers, url in (({"serve_multiplexed_model_id": "nope"}, urls["open"] + "/predict"),
-                         ({}, urls["open"] + "/predict?model=old-search")):
-        status, body, response_headers = call(url, body=encode_npy(image), content_type="application/x-npy",
-                                              headers=headers)
+    for headers, url in (
+        ({"serve_multiplexed_model_id": "nope"}, urls["open"] + "/predict"),
+        ({}, urls["open"] + "/predict?model=old-search"),
+    ):
+        status, body, response_headers = call(
+            url, body=encode_npy(image), content_type="application/x-npy", headers=headers
+        )
         error = json.loads(body)
         assert status == 404, error
         assert all(model_id in error["error"] for model_id in ids), error  # names the known ids
         assert error["request_id"] == response_headers["x-request-id"]
-    status, body, _ = call(urls["open"] + "/predict?model=student-1", body=encode_npy(image),
-                           content_type="application/x-npy", headers={"serve_multiplexed_model_id": "student-2"})
+    status, body, _ = call(
+        urls["open"] + "/predict?model=student-1",
+        body=encode_npy(image),
+        content_type="application/x-npy",
+        headers={"serve_multiplexed_model_id": "student-2"},
+    )
     assert status == 400 and "disagree" in json.loads(body)["error"]
 
 
@@ -137,13 +156,15 @@ def test_bearer_token_guards_every_route_but_healthz(urls):
     assert call(secure + "/healthz")[0] == 200
     for route, body in (("/readyz", None), ("/models", None), ("/metadata", None), ("/predict", image)):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-            status, payload, response_headers = call(secure + route, body=body, content_type="application/x-npy",
-                                                     headers=headers)
+            status, payload, response_headers = call(
+                secure + route, body=body, content_type="application/x-npy", headers=headers
+            )
             assert status == 401, (route, headers)
             assert response_headers["www-authenticate"] == "Bearer"
             assert TOKEN.encode() not in payload
-        status, payload, _ = call(secure + route, body=body, content_type="application/x-npy",
-                                  headers={"Authorization": f"Bearer {TOKEN}"})
+        status, payload, _ = call(
+            secure + route, body=body, content_type="application/x-npy", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
         assert status == 200, (route, payload)
 
 
@@ -151,11 +172,13 @@ def test_hostile_bodies_are_refused_from_their_headers(urls):
     url = urls["open"]
     started = time.monotonic()
     # The reported attack: a 2 MB NPY of 2,000,000 1x1 images.
-    status, body, _ = call(url + "/predict/batch", body=encode_npy(np.zeros((2_000_000, 1, 1), np.uint8)),
-                           content_type="application/x-npy")
+    status, body, _ = call(
+        url + "/predict/batch", body=encode_npy(np.zeros((2_000_000, 1, 1), np.uint8)), content_type="application/x-npy"
+    )
     assert status == 413 and "max_images_per_request=64" in json.loads(body)["error"]
-    status, body, _ = call(url + "/predict/batch", body=encode_npy(np.zeros((60, 200, 200), np.uint8)),
-                           content_type="application/x-npy")
+    status, body, _ = call(
+        url + "/predict/batch", body=encode_npy(np.zeros((60, 200, 200), np.uint8)), content_type="application/x-npy"
+    )
     assert status == 413 and "max_decoded_bytes=4194304" in json.loads(body)["error"]
     bomb = png_bytes(np.zeros((6000, 6000), np.uint8))  # ~35 kB compressed, 36 M pixels
     status, body, _ = call(url + "/predict", body=bomb, content_type="image/png")
@@ -173,9 +196,18 @@ def test_hostile_bodies_are_refused_from_their_headers(urls):
 
 def test_timeout_is_a_504_and_a_full_queue_a_503_with_retry_after(ray_session, run):
     run_dir, _ = run
-    config = ServeConfig(port=free_port(), min_replicas=1, max_replicas=1, cpus_per_replica=0.25,
-                         route_prefix="/slow", request_timeout_s=0.001, max_ongoing_requests=1, max_batch_size=1,
-                         max_queued_requests=1, retry_after_s=2)
+    config = ServeConfig(
+        port=free_port(),
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=0.25,
+        route_prefix="/slow",
+        request_timeout_s=0.001,
+        max_ongoing_requests=1,
+        max_batch_size=1,
+        max_queued_requests=1,
+        retry_after_s=2,
+    )
     url = deploy(run_dir, config, app_name="medkd-test-timeout")
     body = encode_npy(RNG.integers(0, 256, (64, 28, 28), np.uint8))
     try:
@@ -183,8 +215,9 @@ def test_timeout_is_a_504_and_a_full_queue_a_503_with_retry_after(ray_session, r
         error = json.loads(payload)
         assert status == 504 and "request_timeout_s=0.001" in error["error"] and "Traceback" not in error["error"]
         with ThreadPoolExecutor(max_workers=24) as pool:
-            answers = list(pool.map(lambda _: call(url + "/predict/batch", body=body, content_type="application/x-npy"),
-                                    range(24)))
+            answers = list(
+                pool.map(lambda _: call(url + "/predict/batch", body=body, content_type="application/x-npy"), range(24))
+            )
         statuses = Counter(status for status, _, _ in answers)
         assert set(statuses) <= {503, 504} and statuses[503] > 0, statuses
         assert all(headers.get("retry-after") == "2" for status, _, headers in answers if status == 503)
@@ -197,8 +230,12 @@ def test_request_metrics_reach_rays_prometheus_endpoint(urls):
 
     port = ray._private.worker.global_worker.node.metrics_export_port  # the node's Prometheus exporter
     predict(urls["open"], RNG.integers(0, 256, (28, 28), dtype=np.uint8), serve_multiplexed_model_id="student-1")
-    wanted = ("medkd_serve_requests_total", "medkd_serve_latency_ms", "medkd_serve_batch_images",
-              "medkd_serve_queue_length")
+    wanted = (
+        "medkd_serve_requests_total",
+        "medkd_serve_latency_ms",
+        "medkd_serve_batch_images",
+        "medkd_serve_queue_length",
+    )
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         status, body, _ = call(f"http://127.0.0.1:{port}/metrics", timeout=10)
@@ -207,6 +244,7 @@ def test_request_metrics_reach_rays_prometheus_endpoint(urls):
             break
         time.sleep(2)
     requests_lines = [line for line in text.splitlines() if "medkd_serve_requests_total{" in line]
-    assert any('route="/predict"' in line and 'status="200"' in line and 'model="student-1"' in line
-               for line in requests_lines), requests_lines[:10]
+    assert any(
+        'route="/predict"' in line and 'status="200"' in line and 'model="student-1"' in line for line in requests_lines
+    ), requests_lines[:10]
     assert all(name in text for name in wanted)
