@@ -385,9 +385,38 @@ def calibration_section(results: dict[str, Any]) -> ReportSection | None:
                          tables=[points])
 
 
+def contribution_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per teacher: the ensemble's val metrics without it and what it adds (leave-one-out)."""
+    ensemble = results.get("ensemble") or {}
+    table = ensemble.get("leave_one_out") or {}
+    distilled = ensemble.get("distilled")
+    rows = []
+    for name, entry in (table.get("teachers") or {}).items():
+        without, gain = entry.get("without") or {}, entry.get("contribution") or {}
+        rows.append({"teacher": name, "distilled": "yes" if distilled is None or name in distilled else "no",
+                     "val_auc_without": without.get("auc"), "auc_gain": gain.get("auc"),
+                     "val_acc_without": without.get("acc"), "acc_gain": gain.get("acc")})
+    return rows
+
+
+def contribution_section(results: dict[str, Any]) -> ReportSection | None:
+    """Each teacher's contribution to the ensemble on val, and which ones the students learn from."""
+    rows = contribution_rows(results)
+    if not rows:
+        return None
+    everyone = results["ensemble"]["leave_one_out"]["all"]
+    paragraph = (f"The equal-weight ensemble of all {len(rows)} teachers reaches val AUC {_fmt(everyone['auc'])} and "
+                 f"val accuracy {_fmt(everyone['acc'])}. A gain is the ensemble's metric minus the metric without "
+                 "that teacher; a teacher with a negative gain hurts the ensemble on val and can be left out of the "
+                 "students' soft labels with teachers[i].distill: false (nothing is retrained).")
+    return ReportSection("Teacher contributions (val, leave-one-out)", level=3, paragraphs=[paragraph],
+                         tables=[ReportTable(rows)])
+
+
 #: Sections other parts of medkd add, by the core section they follow; a builder returns a
 #: :class:`ReportSection`, or None when the results have nothing for it.
 EXTRA_SECTIONS: dict[str, list[SectionBuilder]] = {name: [] for name in CORE_SECTIONS}
+EXTRA_SECTIONS["comparison"].append(contribution_section)
 EXTRA_SECTIONS["search"].append(selection_section)
 EXTRA_SECTIONS["served model"].append(calibration_section)
 

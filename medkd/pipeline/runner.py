@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from medkd.core.contribution import leave_one_out
 from medkd.core.progress import Progress, RemoteEvents
 from medkd.core.metrics import classification_metrics, ensemble_probabilities
 from medkd.data import load_dataset
@@ -26,7 +27,7 @@ from medkd.pipeline.report import print_results_table, write_report
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE
 from medkd.registry.metadata import ModelMetadata
 from medkd.registry.export import choose, export_models, selection_evidence
-from medkd.search.context import search_context
+from medkd.search.context import distilled_teachers, search_context
 from medkd.search.final import train_final
 from medkd.search.run import SearchOutcome, run_search, search_fingerprint
 from medkd.serve.app import deploy, undeploy
@@ -221,6 +222,12 @@ class Pipeline:
 
                 ensemble[split] = classification_metrics(probs, self.dataset.splits[split].labels, multilabel=self.meta.multilabel)
         self.results.ensemble = {f"{s}_metrics": m for s, m in ensemble.items()}
+        self.results.ensemble["distilled"] = [t.name for t in spec.teachers if t.distill]
+        if self.meta.task != "segmentation" and len(self.teachers) > 1:
+            # Evidence for teachers[i].distill, so on val only.
+            self.results.ensemble["leave_one_out"] = {"split": "val", **leave_one_out(
+                {t.name: logits[t.name]["val"] for t in self.teachers}, self.dataset.splits["val"].labels,
+                multilabel=self.meta.multilabel)}
         hits_after, misses_after = self._cache_counters()
         self.results.soft_labels = {
             "namespace": spec.cache.namespace,
@@ -240,7 +247,7 @@ class Pipeline:
         return int(stats.get("hits", 0)), int(stats.get("misses", 0))
 
     def _search(self) -> str:
-        teacher_fps = [t.fingerprint for t in self.teachers]
+        teacher_fps, distilled = distilled_teachers(self.spec, [t.fingerprint for t in self.teachers], self.teachers)
         search_fp = search_fingerprint(self.spec, teacher_fps, self.dataset.fingerprint)
         outcome_path = self.output_dir / "search" / f"{search_fp}.json"
         status = "skipped"
@@ -252,7 +259,7 @@ class Pipeline:
                 self.spec, meta=self.meta, data_ref=self.data_ref, teacher_fps=teacher_fps,
                 dataset_fp=self.dataset.fingerprint, cache_url=self.cache_url, storage_path=self.storage_path,
                 progress=self.progress, events=self.events, resume=self.resume,
-                views=self.results.soft_labels.get("views"), teachers=self.teachers,
+                views=self.results.soft_labels.get("views"), teachers=distilled,
             )
             if any(t.final for t in self.outcome.trials):
                 outcome_path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,10 +59,38 @@ def constant_params(space: Any, num_teachers: int) -> dict[str, Any]:
     return constants
 
 
+def distilled_teachers(spec: JobSpec, teacher_fps: list[str],
+                       teachers: list[Any] | None = None) -> tuple[list[str], list[Any] | None]:
+    """The fingerprints (and artifacts) of the teachers students learn from: ``teachers[i].distill``.
+
+    Args:
+        spec: the job; its teachers with ``distill: false`` are left out.
+        teacher_fps: every trained teacher's fingerprint, in the order of ``teachers``.
+        teachers: the trained teachers' artifacts (anything with a ``name``), needed to match
+            fingerprints to spec entries when a teacher is dropped.
+
+    Raises:
+        ValueError: a teacher is dropped but ``teachers`` does not name one per fingerprint.
+
+    Examples::
+
+        >>> fps, artifacts = distilled_teachers(spec, [t.fingerprint for t in trained], trained)
+    """
+    dropped = {t.name for t in spec.teachers if not t.distill}
+    if not dropped:
+        return teacher_fps, teachers
+    if teachers is None or len(teachers) != len(teacher_fps):
+        raise ValueError("teachers[].distill: false needs the trained teachers (one per fingerprint) to know whose "
+                         "soft labels to leave out")
+    keep = [i for i, teacher in enumerate(teachers) if teacher.name not in dropped]
+    return [teacher_fps[i] for i in keep], [teachers[i] for i in keep]
+
+
 def search_context(spec: JobSpec, *, meta: DatasetMeta, data_ref: Any, teacher_fps: list[str], dataset_fp: str,
                    cache_url: str, events: Any = None, views: dict[str, Any] | None = None,
                    teachers: list[Any] | None = None) -> TrialContext:
     """What a student's training needs besides its config: data, cache access, the search's budget and views."""
+    teacher_fps, teachers = distilled_teachers(spec, teacher_fps, teachers)
     search = spec.search
     return TrialContext(**{
         "meta": meta,

@@ -35,7 +35,7 @@ from medkd.students.distill import (
     quality_metric,
 )
 from medkd.data.meta import DatasetMeta
-from medkd.search.context import TrialContext, search_context
+from medkd.search.context import TrialContext, distilled_teachers, search_context
 from medkd.search.outcome import SearchOutcome, TrialRecord, collect_outcome, pareto_front  # noqa: F401  (re-exported)
 from medkd.search.recipe import calibration_samples, teacher_logits_source, train_candidate, trial_augmentation
 from medkd.search.space import define_space, teacher_prior, trial_distill_config
@@ -154,6 +154,8 @@ def run_search(
     teachers: list[Any] | None = None,
 ) -> SearchOutcome:
     search = spec.search
+    # Only the teachers students learn from: the fingerprint, the prior and the space follow them.
+    teacher_fps, teachers = distilled_teachers(spec, teacher_fps, teachers)
     search_fp = search_fingerprint(spec, teacher_fps, dataset_fp)
     name = f"search-{search_fp}"
     experiment_path = str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path.rstrip('/')}/{name}"

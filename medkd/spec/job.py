@@ -48,6 +48,13 @@ class JobSpec(StrictModel):
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
+    def _some_teacher_distilled(self) -> "JobSpec":
+        if not any(t.distill for t in self.teachers):
+            fields = ", ".join(f"teachers[{i}].distill" for i in range(len(self.teachers)))
+            raise field_error(f"{fields}: at least one teacher must keep distill: true (students need soft labels)")
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
         names = [t.name for t in self.teachers]
         duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -43,6 +43,11 @@ class TeacherSpec(StrictModel):
     mixed_precision: bool = True
     max_failures: int = Field(2, ge=0)
     seed: int | None = None
+    distill: bool = Field(
+        True,
+        description="whether students learn from this teacher's soft labels; false drops it from the soft labels "
+                    "(and the search) without retraining anything, e.g. when leaving it out helps the ensemble on val",
+    )
 
     @model_validator(mode="after")
     def _min_workers_within_num_workers(self) -> "TeacherSpec":
@@ -58,4 +63,5 @@ class TeacherSpec(StrictModel):
     def training_fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not resources)."""
         resources = {"num_workers", "min_workers", "cpus_per_worker", "use_gpu", "max_failures"}
-        return fingerprint_dump(self, exclude={"name", *resources})
+        # distill chooses who students learn from, not the weights: the search fingerprint sees it.
+        return fingerprint_dump(self, exclude={"name", "distill", *resources})
