@@ -6,8 +6,9 @@ through medkd's own code paths — a teacher with ``use_gpu: true`` (Ray Train),
 with ``search.gpus_per_trial: 1`` (Ray Tune, medkd's trial function and resources), the
 soft-label inference task (which asks for a GPU when the cluster has one) — and each must be
 placed on the GPU node (its node id is asserted) and stop there with a clear error naming that
-node and the spec field, instead of silently running on the CPU. CPU work from the same spec
-goes on running.
+node and the spec field, instead of silently running on the CPU. A Serve replica with
+``serve.gpus_per_replica: 1`` (a config from ``medkd serve --config-out``, deployed with
+``serve deploy``) must be placed there too. CPU work from the same spec goes on running.
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ def scenario(output: Path) -> dict[str, Any]:
             out["softlabels"] = f"{type(error).__name__}: {error}"
         out["softlabels_is_gpu_error"] = GpuUnavailableError.__name__ in out["softlabels"]
 
-        # 3. A teacher worker (Ray Train) that asked for a GPU. Last: Ray Train releases a failed
+        # 3. A Serve replica with serve.gpus_per_replica: 1, from a config medkd generates,
+        #    deployed with Ray's own CLI: where does Ray put the replica?
+        out["replica_node_id"] = replica_node(output, cluster.webui_url)
+
+        # 4. A teacher worker (Ray Train) that asked for a GPU. Last: Ray Train releases a failed
         #    worker group's placement group lazily, and the job has failed anyway.
         teacher = TeacherSpec(name="gpu-teacher", model="vit", epochs=1, batch_size=32, cpus_per_worker=1,
                               model_kwargs={"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2},
@@ -98,7 +103,7 @@ def scenario(output: Path) -> dict[str, Any]:
             out["teacher"] = f"{type(error).__name__}: {error}"
         out["teacher_seconds"] = round(time.monotonic() - started, 1)
 
-        # 4. The replica resources a RayService / `medkd serve` asks for.
+        # The replica resources a RayService / `medkd serve` asks for.
         out["replica_options"] = ServeConfig(gpus_per_replica=1, cpus_per_replica=0.5).ray_actor_options()
 
         # CPU work of the same job still runs, and not on the GPU node's GPU slot.
@@ -111,6 +116,32 @@ def scenario(output: Path) -> dict[str, Any]:
         ray.shutdown()
         cluster.shutdown()
     return out
+
+
+def replica_node(output: Path, dashboard: str) -> str | None:
+    """Deploy a tiny model with ``serve.gpus_per_replica: 1`` (``medkd serve --config-out`` +
+    ``serve deploy``) and return the node id of its replica actor (None: none within 120 s)."""
+    from ray.util.state import list_actors
+
+    from medkd.cli.main import main
+    from tests.cluster.test_serve_config import SERVE_CLI, _tiny_run_dir
+
+    config = output / "serve_config.yaml"
+    assert main(["serve", str(_tiny_run_dir(output / "run")), "--port", str(free_port()), "--max-replicas", "1",
+                 "--set", "gpus_per_replica=1", "--set", "cpus_per_replica=0.5", "--config-out", str(config)]) == 0
+    address = f"http://{dashboard}"
+    subprocess.run([SERVE_CLI, "deploy", str(config), "--address", address], check=True, capture_output=True, timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            replicas = [actor for actor in list_actors(address=address, detail=True)
+                        if (actor.class_name or "").startswith("ServeReplica:") and actor.node_id]
+            if replicas:
+                return replicas[0].node_id
+            time.sleep(1)
+        return None
+    finally:
+        subprocess.run([SERVE_CLI, "shutdown", "--address", address, "--yes"], capture_output=True, timeout=120)
 
 
 def _one_line(text: str) -> str:
@@ -132,6 +163,11 @@ def test_gpu_work_lands_on_the_gpu_node_and_stops_there_without_a_cuda_device(tm
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"the GPU scenario did not end within 480 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    finally:
+        try:  # whatever the scenario left behind (e.g. the agents of a node that failed to start)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     assert process.returncode == 0 and lines, f"scenario failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     result = json.loads(lines[-1].removeprefix(RESULT_MARK))
@@ -149,6 +185,7 @@ def test_gpu_work_lands_on_the_gpu_node_and_stops_there_without_a_cuda_device(tm
     assert result["teacher_seconds"] < 300  # fails fast: no retries of a node that cannot train
     assert result["trial_resources"] == {"cpu": 1.0, "gpu": 1.0}
     assert result["replica_options"] == {"num_cpus": 0.5, "num_gpus": 1.0}
+    assert result["replica_node_id"] == gpu_node, "the GPU replica was not placed on the GPU node"
     assert result["cpu_task_ran"]
 
 
