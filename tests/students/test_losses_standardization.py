@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from medkd.data.meta import DatasetMeta
 from medkd.students.distill import DistillConfig, build_distillation_loss
 from medkd.students.losses import create_loss, list_losses, standardize_logits
 from medkd.students.losses.dist import DISTLoss
@@ -97,14 +98,9 @@ def test_the_new_families_are_registered():
     assert "logit_standardization=True" in repr(create_loss("dist", logit_standardization=True))
 
 
-META = {
-    "task": "classification",
-    "multilabel": False,
-    "num_classes": 8,
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "image_size": [28, 28],
-}
+META = DatasetMeta(
+    task="classification", multilabel=False, num_classes=8, spatial_dims=2, in_channels=3, image_size=[28, 28]
+)
 
 
 def test_distill_config_builds_the_chosen_loss_and_defaults_to_hinton_kd():
@@ -116,7 +112,7 @@ def test_distill_config_builds_the_chosen_loss_and_defaults_to_hinton_kd():
 
 def test_loss_choices_that_do_not_fit_the_task_are_refused_by_name():
     with pytest.raises(ValueError, match="loss 'dkd' is for single-label classification; multi-label"):
-        build_distillation_loss({**META, "multilabel": True}, DistillConfig(loss="dkd"))
+        build_distillation_loss(META.model_copy(update={"multilabel": True}), DistillConfig(loss="dkd"))
     with pytest.raises(ValueError, match="loss 'dist' is for single-label classification; segmentation"):
         resolve_loss_name("segmentation", False, 3, loss="dist")
     with pytest.raises(ValueError, match="loss must be one of"):
