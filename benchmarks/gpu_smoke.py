@@ -46,8 +46,10 @@ def cuda_problem() -> str | None:
 
     if torch.cuda.is_available():
         return None
-    return (f"no CUDA device: PyTorch {torch.__version__} (built for CUDA {torch.version.cuda or 'none'}) finds none "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    return (
+        f"no CUDA device: PyTorch {torch.__version__} (built for CUDA {torch.version.cuda or 'none'}) finds none "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})"
+    )
 
 
 def log(message: str) -> None:
@@ -71,10 +73,25 @@ def teacher_epochs(dataset: Any, meta: Any, data_ref: Any, output: Path) -> dict
 
     runs = {}
     for name, use_gpu in (("gpu", True), ("cpu", False)):
-        teacher = TeacherSpec(name=f"smoke-{name}", model="resnet18", epochs=1, batch_size=64, use_gpu=use_gpu,
-                              mixed_precision=True, cpus_per_worker=1, max_failures=0)
-        artifact = train_one_teacher(teacher, teacher_fp=f"gpusmoke{name}", seed=0, meta=meta, data_ref=data_ref,
-                                     output_dir=output, storage_path=str(output / "ray"))
+        teacher = TeacherSpec(
+            name=f"smoke-{name}",
+            model="resnet18",
+            epochs=1,
+            batch_size=64,
+            use_gpu=use_gpu,
+            mixed_precision=True,
+            cpus_per_worker=1,
+            max_failures=0,
+        )
+        artifact = train_one_teacher(
+            teacher,
+            teacher_fp=f"gpusmoke{name}",
+            seed=0,
+            meta=meta,
+            data_ref=data_ref,
+            output_dir=output,
+            storage_path=str(output / "ray"),
+        )
         runs[name] = artifact
         log(f"teacher epoch on {name}: {artifact.train_seconds:.1f}s")
     return runs
@@ -91,7 +108,7 @@ def softlabel_inference(artifact: Any, meta: Any, images: Any) -> dict[str, floa
         device = torch.device(name)
         model = load_teacher_model(artifact, meta).to(device)
         predict(model, images[:128], 128, device)  # warm-up (CUDA context, cuDNN autotune)
-        _, seconds[name] = timed(lambda: predict(model, images, 128, device))
+        _, seconds[name] = timed(lambda model=model, device=device: predict(model, images, 128, device))
         log(f"soft-label inference on {name}: {seconds[name]:.2f}s for {len(images)} images")
     return seconds
 
@@ -119,8 +136,17 @@ def _trial_task(meta: Any, data_refs: list, epochs: int) -> float:
     config = DistillConfig(student="resnet_tiny", epochs=epochs, alpha=1.0, quantize="none")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
-        train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
-                        teacher_logits=None, augment=None, directory=Path(directory), latency_runs=5)
+        train_candidate(
+            build_student(meta, config),
+            config,
+            meta=meta,
+            train=data["train"],
+            val=data["val"],
+            teacher_logits=None,
+            augment=None,
+            directory=Path(directory),
+            latency_runs=5,
+        )
     return time.perf_counter() - started
 
 
@@ -133,12 +159,17 @@ def ort_inference(artifact: Any, meta: Any, images: Any, output: Path) -> dict[s
     from medkd.teachers.train import load_teacher_model
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return (f"n/a (onnxruntime {ort.__version__} has no CUDAExecutionProvider: install onnxruntime-gpu; "
-                f"providers: {', '.join(ort.get_available_providers())})")
+        return (
+            f"n/a (onnxruntime {ort.__version__} has no CUDAExecutionProvider: install onnxruntime-gpu; "
+            f"providers: {', '.join(ort.get_available_providers())})"
+        )
     batch = np.ascontiguousarray(images[:64], dtype=np.float32)
     path = export_onnx(load_teacher_model(artifact, meta).eval(), torch.from_numpy(batch[:2]), output / "teacher.onnx")
     seconds = {}
-    for name, providers in (("gpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]), ("cpu", ["CPUExecutionProvider"])):
+    for name, providers in (
+        ("gpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        ("cpu", ["CPUExecutionProvider"]),
+    ):
         session = ort.InferenceSession(str(path), providers=providers)
         if name == "gpu" and session.get_providers()[0] != "CUDAExecutionProvider":
             return f"n/a (ONNX Runtime fell back to {session.get_providers()[0]})"
@@ -161,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     problem = cuda_problem()
     if problem is not None:
-        print(f"gpu_smoke: {problem}. This benchmark compares GPU and CPU work and needs a machine with a CUDA "
-              "device; nothing was run.", file=sys.stderr, flush=True)
+        print(
+            f"gpu_smoke: {problem}. This benchmark compares GPU and CPU work and needs a machine with a CUDA "
+            "device; nothing was run.",
+            file=sys.stderr,
+            flush=True,
+        )
         return NO_DEVICE_EXIT
 
     import torch
@@ -171,13 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     from medkd.data import SyntheticDataSpec, load_dataset
     from medkd.data.meta import DatasetMeta
 
-    dataset = load_dataset(SyntheticDataSpec(image_size=args.image_size, num_train=args.num_train,
-                                             num_val=256, num_test=64, num_classes=2))
+    dataset = load_dataset(
+        SyntheticDataSpec(image_size=args.image_size, num_train=args.num_train, num_val=256, num_test=64, num_classes=2)
+    )
     meta = DatasetMeta.of(dataset)
     images = dataset.splits["train"].images
     log(f"{torch.cuda.get_device_name(0)}; {len(images)} synthetic images of {args.image_size} px")
-    with tempfile.TemporaryDirectory() as tmp, local_ray(num_cpus=max(2, os.cpu_count() or 2),
-                                                         num_gpus=torch.cuda.device_count()) as ray:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        local_ray(num_cpus=max(2, os.cpu_count() or 2), num_gpus=torch.cuda.device_count()) as ray,
+    ):
         output = Path(tmp)
         data_ref = ray.put(dataset.arrays())
         teachers = teacher_epochs(dataset, meta, data_ref, output)
@@ -187,12 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     ort_ratio = (ort_seconds["cpu"] / ort_seconds["gpu"]) if isinstance(ort_seconds, dict) else None
     if ort_ratio is None:
         log(f"ONNX Runtime: {ort_seconds}")
-    print_result({
-        "teacher_gpu_vs_cpu": teachers["cpu"].train_seconds / teachers["gpu"].train_seconds,
-        "softlabels_gpu_vs_cpu": soft["cpu"] / soft["cuda"],
-        "trial_gpu_vs_cpu": trial["cpu"] / trial["gpu"],
-        "ort_gpu_vs_cpu": ort_ratio if ort_ratio is not None else "n/a",
-    }, digits=2)
+    print_result(
+        {
+            "teacher_gpu_vs_cpu": teachers["cpu"].train_seconds / teachers["gpu"].train_seconds,
+            "softlabels_gpu_vs_cpu": soft["cpu"] / soft["cuda"],
+            "trial_gpu_vs_cpu": trial["cpu"] / trial["gpu"],
+            "ort_gpu_vs_cpu": ort_ratio if ort_ratio is not None else "n/a",
+        },
+        digits=2,
+    )
     return 0
 
 

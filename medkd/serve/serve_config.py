@@ -36,8 +36,9 @@ class ServeConfigError(ValueError):
     """A Serve config medkd cannot write (names the offending value)."""
 
 
-def serve_config(model_dir: str | Path, config: ServeConfig | None = None, *,
-                 app_name: str = DEFAULT_APP_NAME) -> dict[str, Any]:
+def serve_config(
+    model_dir: str | Path, config: ServeConfig | None = None, *, app_name: str = DEFAULT_APP_NAME
+) -> dict[str, Any]:
     """The Serve config (``ServeDeploySchema``) that serves ``model_dir`` with ``config``.
 
     Args:
@@ -79,8 +80,9 @@ def serve_config(model_dir: str | Path, config: ServeConfig | None = None, *,
     return document
 
 
-def serve_config_yaml(model_dir: str | Path, config: ServeConfig | None = None, *,
-                      app_name: str = DEFAULT_APP_NAME) -> str:
+def serve_config_yaml(
+    model_dir: str | Path, config: ServeConfig | None = None, *, app_name: str = DEFAULT_APP_NAME
+) -> str:
     """:func:`serve_config` as YAML text: the file ``serve deploy`` takes, and the text a
     RayService embeds as ``serveConfigV2``.
 
@@ -91,8 +93,9 @@ def serve_config_yaml(model_dir: str | Path, config: ServeConfig | None = None, 
     return yaml.safe_dump(serve_config(model_dir, config, app_name=app_name), sort_keys=False)
 
 
-def write_serve_config(path: str | Path, model_dir: str | Path, config: ServeConfig | None = None, *,
-                       app_name: str = DEFAULT_APP_NAME) -> Path:
+def write_serve_config(
+    path: str | Path, model_dir: str | Path, config: ServeConfig | None = None, *, app_name: str = DEFAULT_APP_NAME
+) -> Path:
     """Write :func:`serve_config_yaml` to ``path`` (parents created) and return the path.
 
     Examples:

@@ -37,8 +37,11 @@ def _by_kind(path: Path, kind: str) -> dict:
 
 
 def _ray_cluster_spec(doc: dict) -> dict:
-    return {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
-            "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
+    return {
+        "RayCluster": lambda d: d["spec"],
+        "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+        "RayService": lambda d: d["spec"]["rayClusterConfig"],
+    }[doc["kind"]](doc)
 
 
 def _ray_containers(cluster: dict) -> list[dict]:
@@ -50,7 +53,9 @@ def _env(container: dict) -> dict:
     return {item["name"]: item for item in container.get("env", [])}
 
 
-@pytest.mark.parametrize("path", sorted(CLUSTER_DIR.rglob("*.yaml")), ids=lambda p: p.relative_to(CLUSTER_DIR).as_posix())
+@pytest.mark.parametrize(
+    "path", sorted(CLUSTER_DIR.rglob("*.yaml")), ids=lambda p: p.relative_to(CLUSTER_DIR).as_posix()
+)
 def test_every_yaml_file_parses(path):
     documents = _documents(path)
     assert documents, f"{path} is empty"
@@ -91,11 +96,17 @@ def test_raycluster_has_head_gpu_and_cpu_groups_and_a_reachable_cache():
     deployment = _by_kind(KUBERAY_DIR / "raycluster.yaml", "Deployment")
     assert service["metadata"]["name"] == "medkd-redis"
     assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
-    claims = {doc["metadata"]["name"] for doc in _documents(KUBERAY_DIR / "raycluster.yaml")
-              if doc["kind"] == "PersistentVolumeClaim"}
-    mounted = {volume["persistentVolumeClaim"]["claimName"]
-               for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-               for volume in group["template"]["spec"].get("volumes", []) if "persistentVolumeClaim" in volume}
+    claims = {
+        doc["metadata"]["name"]
+        for doc in _documents(KUBERAY_DIR / "raycluster.yaml")
+        if doc["kind"] == "PersistentVolumeClaim"
+    }
+    mounted = {
+        volume["persistentVolumeClaim"]["claimName"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for volume in group["template"]["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in volume
+    }
     assert mounted <= claims
 
 
@@ -154,8 +165,11 @@ def test_ray_up_config_passes_the_cluster_launcher_schema():
     validate_config(prepare_config(raw))
     nodes = raw["available_node_types"]
     assert raw["head_node_type"] in nodes
-    gpu_types = [node["node_config"]["InstanceType"] for name, node in nodes.items()
-                 if name != raw["head_node_type"] and node["node_config"]["InstanceType"][0] in "gp"]
+    gpu_types = [
+        node["node_config"]["InstanceType"]
+        for name, node in nodes.items()
+        if name != raw["head_node_type"] and node["node_config"]["InstanceType"][0] in "gp"
+    ]
     assert gpu_types, "no GPU worker type (g*/p* instances)"
     commands = " ".join(raw["setup_commands"])
     assert "-e ~/medkd" in commands and "--python 3.11" in commands
@@ -163,8 +177,11 @@ def test_ray_up_config_passes_the_cluster_launcher_schema():
     assert "**/.venv" in raw["rsync_exclude"]
     for command in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
         assert "ray stop" not in command
-    assert all("RAY_AUTH_MODE=token" in c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
-               if "ray start" in c)
+    assert all(
+        "RAY_AUTH_MODE=token" in c
+        for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+        if "ray start" in c
+    )
 
 
 def test_ray_up_config_keeps_secrets_off_command_lines_and_pipes_nothing_into_a_shell():
@@ -175,7 +192,9 @@ def test_ray_up_config_keeps_secrets_off_command_lines_and_pipes_nothing_into_a_
     commands = [command for key in command_keys for command in raw[key]]
     assert commands
     for command in commands:
-        assert not re.search(r"(curl|wget)[^|;&]*\|\s*(ba|z)?sh\b", command), f"pipes a download into a shell: {command}"
+        assert not re.search(r"(curl|wget)[^|;&]*\|\s*(ba|z)?sh\b", command), (
+            f"pipes a download into a shell: {command}"
+        )
         assert ".bashrc" not in command or "PASSWORD" not in command, f"puts a secret into .bashrc: {command}"
         assert not re.search(r"--requirepass\s", command), f"password on redis-server's command line: {command}"
         assert not re.search(r"redis-cli[^;|&]*\s-a\s", command), f"password on redis-cli's command line: {command}"
@@ -240,7 +259,10 @@ def test_kubernetes_redis_follows_the_caches_eviction_design_and_really_starts(t
     limit_gib = int(container["resources"]["limits"]["memory"].removesuffix("Gi"))
     assert settings["maxmemory"].endswith("gb") and int(settings["maxmemory"][:-2]) < limit_gib  # room for the RDB fork
     assert "REDIS_PASSWORD" not in json.dumps(container.get("env", [])) and "--requirepass" not in json.dumps(container)
-    volumes = {v["name"]: v for v in _by_kind(KUBERAY_DIR / "raycluster.yaml", "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    volumes = {
+        v["name"]: v
+        for v in _by_kind(KUBERAY_DIR / "raycluster.yaml", "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
     assert volumes["secret"]["secret"]["secretName"] == "medkd-redis"  # the secret the README has users create
     assert container["livenessProbe"] and container["readinessProbe"]
     assert any(doc["kind"] == "Service" and doc["metadata"]["name"] == "medkd-redis" for doc in documents)
@@ -250,9 +272,15 @@ def test_kubernetes_redis_follows_the_caches_eviction_design_and_really_starts(t
     for directory in (secret_dir, auth_dir, data_dir, conf_dir):
         directory.mkdir()
     (secret_dir / "password").write_text("s3cret-from-the-secret")
-    local = {"/etc/medkd-redis-secret": str(secret_dir), "/run/medkd-redis": str(auth_dir),
-             "/etc/medkd-redis/": f"{conf_dir}/", "dir /data": f"dir {data_dir}", "port 6379": f"port {port}",
-             "bind 0.0.0.0": "bind 127.0.0.1", "-p 6379": f"-p {port}"}
+    local = {
+        "/etc/medkd-redis-secret": str(secret_dir),
+        "/run/medkd-redis": str(auth_dir),
+        "/etc/medkd-redis/": f"{conf_dir}/",
+        "dir /data": f"dir {data_dir}",
+        "port 6379": f"port {port}",
+        "bind 0.0.0.0": "bind 127.0.0.1",
+        "-p 6379": f"-p {port}",
+    }
 
     def localize(text: str) -> str:
         for old, new in local.items():
@@ -261,7 +289,9 @@ def test_kubernetes_redis_follows_the_caches_eviction_design_and_really_starts(t
 
     (conf_dir / "redis.conf").write_text(localize(conf))
     assert container["command"] == ["sh", "-c"]
-    server = subprocess.Popen(["sh", "-c", localize(container["args"][0])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        ["sh", "-c", localize(container["args"][0])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         client = redis.Redis(host="127.0.0.1", port=port, password="s3cret-from-the-secret")
         for _ in range(100):

@@ -45,9 +45,17 @@ def scenario(output: Path) -> dict[str, Any]:
     from medkd.spec.teachers import TeacherSpec
     from medkd.teachers.train import TeacherArtifact, train_one_teacher
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "gcs_server_port": free_port(), "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "num_gpus": 0,
+            "gcs_server_port": free_port(),
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+        },
+    )
     out: dict[str, Any] = {}
     try:
         gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
@@ -75,9 +83,20 @@ def scenario(output: Path) -> dict[str, Any]:
         out["trial"] = f"{type(trial.error).__name__}: {trial.error}" if trial.error else "finished on the CPU"
 
         # 2. Soft-label inference: a GPU task whenever the cluster declares a GPU.
-        artifact = TeacherArtifact(name="t", model="vit", family="vit", model_kwargs={}, fingerprint="f", params=1,
-                                   checkpoint=str(output / "none.pt"), epochs_run=1, best_epoch=1, best_val=0.5,
-                                   history=[], train_seconds=1.0)
+        artifact = TeacherArtifact(
+            name="t",
+            model="vit",
+            family="vit",
+            model_kwargs={},
+            fingerprint="f",
+            params=1,
+            checkpoint=str(output / "none.pt"),
+            epochs_run=1,
+            best_epoch=1,
+            best_val=0.5,
+            history=[],
+            train_seconds=1.0,
+        )
         try:
             ray.get(teacher_logits_task(artifact, meta, data_ref, ["train"]))
             out["softlabels"] = "finished on the CPU"
@@ -91,13 +110,27 @@ def scenario(output: Path) -> dict[str, Any]:
 
         # 4. A teacher worker (Ray Train) that asked for a GPU. Last: Ray Train releases a failed
         #    worker group's placement group lazily, and the job has failed anyway.
-        teacher = TeacherSpec(name="gpu-teacher", model="vit", epochs=1, batch_size=32, cpus_per_worker=1,
-                              model_kwargs={"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2},
-                              use_gpu=True, max_failures=0)
+        teacher = TeacherSpec(
+            name="gpu-teacher",
+            model="vit",
+            epochs=1,
+            batch_size=32,
+            cpus_per_worker=1,
+            model_kwargs={"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2},
+            use_gpu=True,
+            max_failures=0,
+        )
         started = time.monotonic()
         try:
-            train_one_teacher(teacher, teacher_fp="gpuscenario", seed=0, meta=meta, data_ref=data_ref,
-                              output_dir=output, storage_path=str(output / "ray"))
+            train_one_teacher(
+                teacher,
+                teacher_fp="gpuscenario",
+                seed=0,
+                meta=meta,
+                data_ref=data_ref,
+                output_dir=output,
+                storage_path=str(output / "ray"),
+            )
             out["teacher"] = "finished on the CPU"
         except Exception as error:  # noqa: BLE001 - the message is the result
             out["teacher"] = f"{type(error).__name__}: {error}"
@@ -127,15 +160,37 @@ def replica_node(output: Path, dashboard: str) -> str | None:
     from tests.cluster.test_serve_config import SERVE_CLI, _tiny_run_dir
 
     config = output / "serve_config.yaml"
-    assert main(["serve", str(_tiny_run_dir(output / "run")), "--port", str(free_port()), "--max-replicas", "1",
-                 "--set", "gpus_per_replica=1", "--set", "cpus_per_replica=0.5", "--config-out", str(config)]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                str(_tiny_run_dir(output / "run")),
+                "--port",
+                str(free_port()),
+                "--max-replicas",
+                "1",
+                "--set",
+                "gpus_per_replica=1",
+                "--set",
+                "cpus_per_replica=0.5",
+                "--config-out",
+                str(config),
+            ]
+        )
+        == 0
+    )
     address = f"http://{dashboard}"
-    subprocess.run([SERVE_CLI, "deploy", str(config), "--address", address], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [SERVE_CLI, "deploy", str(config), "--address", address], check=True, capture_output=True, timeout=120
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            replicas = [actor for actor in list_actors(address=address, detail=True)
-                        if (actor.class_name or "").startswith("ServeReplica:") and actor.node_id]
+            replicas = [
+                actor
+                for actor in list_actors(address=address, detail=True)
+                if (actor.class_name or "").startswith("ServeReplica:") and actor.node_id
+            ]
             if replicas:
                 return replicas[0].node_id
             time.sleep(1)
@@ -152,11 +207,20 @@ def _one_line(text: str) -> str:
 @pytest.mark.integration
 def test_gpu_work_lands_on_the_gpu_node_and_stops_there_without_a_cuda_device(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
-    code = (f"import json, sys; from pathlib import Path; from tests.cluster.test_gpu_placement import scenario; "
-            f"print({RESULT_MARK!r} + json.dumps(scenario(Path(sys.argv[1]))), flush=True)")
+    code = (
+        f"import json, sys; from pathlib import Path; from tests.cluster.test_gpu_placement import scenario; "
+        f"print({RESULT_MARK!r} + json.dumps(scenario(Path(sys.argv[1]))), flush=True)"
+    )
     # Its own session: on a timeout the whole group (the cluster's processes too) is ended.
-    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=480)
     except subprocess.TimeoutExpired:
@@ -174,8 +238,11 @@ def test_gpu_work_lands_on_the_gpu_node_and_stops_there_without_a_cuda_device(tm
     gpu_node = result["gpu_node_id"]
     assert result["cluster_gpus"] == 1
 
-    for what, field in [("teacher", "teachers[gpu-teacher].use_gpu"), ("trial", "search.gpus_per_trial"),
-                        ("softlabels", "soft-label inference")]:
+    for what, field in [
+        ("teacher", "teachers[gpu-teacher].use_gpu"),
+        ("trial", "search.gpus_per_trial"),
+        ("softlabels", "soft-label inference"),
+    ]:
         message = _one_line(result[what])
         assert "finished on the CPU" not in message, what
         assert f"{field}" in message and "asked for a GPU" in message, f"{what}: {message[:800]}"

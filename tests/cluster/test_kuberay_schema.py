@@ -27,7 +27,11 @@ KUBERAY_VERSION = "v1.7.0"
 #: Like MEDKD_DATA_DIR for the data: the shared folder beside the checkout, or this variable.
 CRD_DIR = Path(os.environ.get("MEDKD_KUBERAY_CRDS", REPO_ROOT.parent / "shared" / "kuberay-crds"))
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 #: The Kubernetes minor version whose core schemas the other documents must satisfy (KubeRay
 #: v1.7.0 supports 1.27+; a manifest valid for 1.30 is valid for every later 1.x so far).
 KUBERNETES_VERSION = "1.30"
@@ -57,8 +61,11 @@ def strict_structural(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {key: strict_structural(value) for key, value in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -77,13 +84,19 @@ def crd_validator(kind: str) -> jsonschema.protocols.Validator:
 
 
 def _documents() -> list[tuple[str, int, dict]]:
-    return [(path.name, index, doc) for path in sorted(KUBERAY_DIR.glob("*.yaml"))
-            for index, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc is not None]
+    return [
+        (path.name, index, doc)
+        for path in sorted(KUBERAY_DIR.glob("*.yaml"))
+        for index, doc in enumerate(yaml.safe_load_all(path.read_text()))
+        if doc is not None
+    ]
 
 
 def _errors_of(validator: jsonschema.protocols.Validator, doc: dict) -> list[str]:
-    return [f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
-            for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
+        for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 @pytest.mark.parametrize("name, index, doc", _documents(), ids=lambda v: v if isinstance(v, str) else None)
@@ -135,12 +148,17 @@ def test_token_auth_uses_kuberay_auth_options_with_the_documented_secret():
     for name, _, doc in _documents():
         if doc["kind"] not in CRD_FILES:
             continue
-        cluster = {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
-                   "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
+        cluster = {
+            "RayCluster": lambda d: d["spec"],
+            "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+            "RayService": lambda d: d["spec"]["rayClusterConfig"],
+        }[doc["kind"]](doc)
         assert cluster["authOptions"] == {"mode": "token", "secretName": "medkd-ray-auth"}, name
         groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
         env_lists = [cluster.get("autoscalerOptions", {}).get("env", [])]
-        env_lists += [container.get("env", []) for group in groups for container in group["template"]["spec"]["containers"]]
+        env_lists += [
+            container.get("env", []) for group in groups for container in group["template"]["spec"]["containers"]
+        ]
         for env in env_lists:
             assert not {item["name"] for item in env} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, name
         assert f"KubeRay >= {KUBERAY_VERSION.lstrip('v')}" in (KUBERAY_DIR / name).read_text(), name

@@ -38,8 +38,11 @@ def _rayservice() -> dict:
 
 def _documented_command() -> list[str]:
     """The `medkd serve ... --config-out` line the RayService's header tells users to run."""
-    (line,) = [line.removeprefix("#").strip() for line in RAYSERVICE.read_text().splitlines()
-               if line.startswith("#") and "--config-out" in line]
+    (line,) = [
+        line.removeprefix("#").strip()
+        for line in RAYSERVICE.read_text().splitlines()
+        if line.startswith("#") and "--config-out" in line
+    ]
     argv = shlex.split(line)
     assert argv[:2] == ["medkd", "serve"], line
     return argv[1:]
@@ -55,15 +58,18 @@ def test_rayservice_embeds_exactly_what_medkd_generates(tmp_path, capsys):
 
 
 def test_generated_config_is_one_builder_application_with_the_serve_settings():
-    config = ServeConfig(host="0.0.0.0", port=8123, route_prefix="/medkd", max_replicas=4, gpus_per_replica=1,
-                         max_batch_size=8)
+    config = ServeConfig(
+        host="0.0.0.0", port=8123, route_prefix="/medkd", max_replicas=4, gpus_per_replica=1, max_batch_size=8
+    )
     doc = serve_config("/shared/runs/r1", config, app_name="scans")
     assert doc["http_options"] == {"host": "0.0.0.0", "port": 8123}
     (app,) = doc["applications"]
     assert app["name"] == "scans" and app["route_prefix"] == "/medkd" and app["import_path"] == APP_BUILDER
     assert "deployments" not in app  # the builder names and configures its deployments
-    assert app["args"] == {"model_dir": "/shared/runs/r1",
-                           "serve": {"max_replicas": 4, "max_batch_size": 8, "gpus_per_replica": 1.0}}
+    assert app["args"] == {
+        "model_dir": "/shared/runs/r1",
+        "serve": {"max_replicas": 4, "max_batch_size": 8, "gpus_per_replica": 1.0},
+    }
     # The builder gets back exactly this ServeConfig (address fields are the config's own).
     rebuilt = ServeConfig(**app["args"]["serve"], host=config.host, port=config.port, route_prefix=config.route_prefix)
     assert rebuilt == config
@@ -89,16 +95,40 @@ def test_relative_model_dir_and_bad_settings_are_refused_with_the_field_named(tm
 def _tiny_run_dir(root: Path) -> Path:
     """A run's output_dir holding one exported classifier (models/SELECTED names it)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                              torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 2),
+    ).eval()
     export = root / "models" / "tiny"
     export.mkdir(parents=True)
-    torch.onnx.export(net, (torch.randn(2, 1, 28, 28),), str(export / "model.onnx"), dynamo=True, external_data=False,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},), verbose=False)
+    torch.onnx.export(
+        net,
+        (torch.randn(2, 1, 28, 28),),
+        str(export / "model.onnx"),
+        dynamo=True,
+        external_data=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+        verbose=False,
+    )
     metadata = ModelMetadata(  # the export's own model: what a served metadata.json must hold
-        model_id="tiny-serve-config", task="classification", multilabel=False, class_names=CLASS_NAMES, num_classes=2,
-        input={"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
+        model_id="tiny-serve-config",
+        task="classification",
+        multilabel=False,
+        class_names=CLASS_NAMES,
+        num_classes=2,
+        input={
+            "in_channels": 1,
+            "spatial_dims": 2,
+            "image_size": [28, 28],
+            "scale": 1 / 255,
+            "mean": [0.5],
+            "std": [0.5],
+        },
     )
     (export / "metadata.json").write_text(metadata.model_dump_json(exclude_none=True))
     (root / "models" / "SELECTED").write_text("tiny\n")
@@ -122,16 +152,44 @@ def test_serve_deploy_of_the_generated_file_answers_a_prediction(tmp_path):
     run_dir = _tiny_run_dir(tmp_path / "run")
     dashboard_port, http_port = free_ports(2)
     config_file = tmp_path / "serve_config.yaml"
-    assert main(["serve", str(run_dir), "--port", str(http_port), "--max-replicas", "1",
-                 "--set", "cpus_per_replica=0.25", "--config-out", str(config_file)]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                str(run_dir),
+                "--port",
+                str(http_port),
+                "--max-replicas",
+                "1",
+                "--set",
+                "cpus_per_replica=0.25",
+                "--config-out",
+                str(config_file),
+            ]
+        )
+        == 0
+    )
 
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+        },
+    )
     address = f"http://127.0.0.1:{dashboard_port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     try:
-        deployed = subprocess.run([SERVE_CLI, "deploy", str(config_file), "--address", address],
-                                  env=env, capture_output=True, text=True, timeout=120)
+        deployed = subprocess.run(
+            [SERVE_CLI, "deploy", str(config_file), "--address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert deployed.returncode == 0, deployed.stderr
         image = np.random.default_rng(3).integers(0, 256, (28, 28), dtype=np.uint8)
         deadline, status, body = time.monotonic() + 180, 0, b""
@@ -145,11 +203,14 @@ def test_serve_deploy_of_the_generated_file_answers_a_prediction(tmp_path):
             time.sleep(1)
         assert status == 200, f"no prediction within 180 s: {status} {body[:300]!r}"
         answer = json.loads(body)
-        session = ort.InferenceSession(str(run_dir / "models" / "tiny" / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(run_dir / "models" / "tiny" / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         logits = session.run(None, {"image": (((image / 255.0 - 0.5) / 0.5)[None, None]).astype(np.float32)})[0][0]
         assert answer["predicted_label"] == CLASS_NAMES[int(logits.argmax())]
-        status_out = subprocess.run([SERVE_CLI, "status", "--address", address], env=env, capture_output=True,
-                                    text=True, timeout=60)
+        status_out = subprocess.run(
+            [SERVE_CLI, "status", "--address", address], env=env, capture_output=True, text=True, timeout=60
+        )
         apps = yaml.safe_load(status_out.stdout)["applications"]
         assert apps["medkd"]["status"] == "RUNNING"
         assert apps["medkd"]["deployments"], "the builder's deployments are listed"
