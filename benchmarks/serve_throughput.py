@@ -1,30 +1,38 @@
-"""Serving throughput: JSON bodies one at a time vs NPY bodies with dynamic batching.
+"""Serving throughput: medkd on Ray Serve against raw ONNX Runtime and a minimal FastAPI server.
 
-Deploys a tiny CNN (exported to ONNX here) twice on one local Ray Serve instance, then drives
-each application with N concurrent keep-alive HTTP clients on 127.0.0.1 for a fixed time:
+The same exported student, the same cores, one run, interleaved (every concurrency level drives
+each server in turn, so drifting machine load hits all of them alike):
 
-(a) ``json``: ``{"image": [[...floats...]]}`` bodies, ``max_batch_size=1`` (no batching);
-(b) ``npy_batched``: NPY bodies, ``max_batch_size=16`` (dynamic batching across requests);
-(c) ``npy_batch_route``: for reference, client-side batches of 16 images per request to
-    ``/predict/batch`` (throughput in images/s).
+(a) ``raw_ort``: ONNX Runtime in this process, one thread (the limit);
+(b) ``plain``: a minimal FastAPI + uvicorn + ONNX Runtime process (what a user would write);
+(c) ``medkd``: ``medkd.serve`` on Ray Serve as shipped;
+(d) ``medkd_ha``: the same with Ray 2.60's high-throughput options, ``RAY_SERVE_ENABLE_HA_PROXY=1``
+    (Debian's ``haproxy``, see ``scripts/ensure_haproxy.sh``) and ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``.
 
-    python -m benchmarks.serve_throughput [--clients 16] [--seconds 15]
+Single NPY images to ``/predict`` from aiohttp clients on 127.0.0.1 at concurrency 1, 8 and 64
+(req/s, p50, p99), then ``/predict/batch`` with 64 images from 4 clients against in-process ORT
+at batch 64 (images/s). Where the time goes is printed too: the replica's own latency
+(``latency_ms`` in each answer) against what the client saw (the proxy hop and HTTP).
 
-Ends with ``RESULT serve_rps_json=… serve_rps_npy_batched=… speedup=… …``.
+    python -m benchmarks.serve_throughput [--seconds 10] [--model-dir DIR] [--skip-ha]
+
+Ends with ``RESULT serve_vs_plain=… batch_images_vs_raw_ort=… p50_ms_c8=… p99_ms_c64=…
+rps_c64_vs_c8=…`` (medkd as shipped).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the plain server's signatures at runtime.
 import argparse
-import http.client
+import asyncio
+import io
 import json
 import os
+import shutil
+import signal
 import socket
-import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -32,6 +40,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+
+CONCURRENCY = (1, 8, 64)
+BATCH_IMAGES, BATCH_CLIENTS = 64, 4
+START_LIMIT_S = 300.0
 
 
 def free_port() -> int:
@@ -84,123 +96,273 @@ def export_tiny_cnn(directory: Path, image_size: int) -> Path:
     return directory
 
 
-def drive(
-    url: str, body: bytes, content_type: str, *, clients: int, seconds: float, route: str = "/predict", warmup_s: float = 2.0
-) -> dict:
-    """N threads, each with one keep-alive connection, POSTing ``body`` as fast as answered."""
-    parsed = urllib.parse.urlsplit(url)
-    path = parsed.path + route
-    latencies: list[float] = []
-    failures = 0
-    lock = threading.Lock()
-    start_measure = time.perf_counter() + warmup_s
-    stop = start_measure + seconds
-
-    def client() -> None:
-        nonlocal failures
-        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
-        mine, bad = [], 0
-        while True:
-            sent = time.perf_counter()
-            if sent >= stop:
-                break
-            connection.request("POST", path, body, {"Content-Type": content_type})
-            response = connection.getresponse()
-            response.read()
-            done = time.perf_counter()
-            if response.status != 200:
-                bad += 1
-            elif sent >= start_measure:
-                mine.append(done - sent)
-        connection.close()
-        with lock:
-            latencies.extend(mine)
-            failures += bad
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    latencies.sort()
-    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+def summarize(latencies: list[float], seconds: float, failures: int = 0) -> dict:
+    values = np.sort(np.asarray(latencies)) * 1000.0 if latencies else np.array([np.nan])
     return {
         "requests": len(latencies),
         "rps": len(latencies) / seconds,
-        "p50_ms": quantiles[49] * 1000,
-        "p95_ms": quantiles[94] * 1000,
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
         "failures": failures,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--replicas", type=int, default=1, help="min = max replicas of each application")
-    args = parser.parse_args()
+# ----------------------------------------------------------------------------- (a) raw ORT
 
+
+def raw_ort(model_dir: Path, image: np.ndarray, stack: np.ndarray, seconds: float) -> dict:
+    from medkd.serve.model_store import create_session
+
+    session = create_session((model_dir / "model.onnx").read_bytes(), threads=1)
+    results = {}
+    for name, batch in (("single", image[None, None]), ("batch", stack[:, None])):
+        inputs = ((batch.astype(np.float32) / 255.0 - 0.5) / 0.5).astype(np.float32)
+        latencies, stop = [], time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            session.run(None, {"image": inputs})
+            latencies.append(time.perf_counter() - started)
+        results[name] = summarize(latencies, seconds)
+    results["batch_images_per_s"] = results["batch"]["rps"] * len(stack)
+    return results
+
+
+# ----------------------------------------------------------------------------- (b) plain
+
+
+def plain_server(model_dir: str, port: int) -> None:
+    """What a user would write instead of medkd: FastAPI + uvicorn + ONNX Runtime, one process."""
+    import onnxruntime as ort
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(Path(model_dir) / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        image = np.load(io.BytesIO(await request.body()), allow_pickle=False)
+        batch = ((image.astype(np.float32) / 255.0 - 0.5) / 0.5).reshape(1, 1, *image.shape[-2:])
+        logits = session.run(None, {"image": batch})[0][0].astype(np.float64)
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        return JSONResponse({"probabilities": probabilities.tolist(), "predicted_class": int(probabilities.argmax())})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# ----------------------------------------------------------------------------- (c), (d) medkd
+
+
+def medkd_server(model_dir: str, port: int) -> None:
+    """medkd as `medkd serve` runs it, in its own Ray instance (ends it on SIGTERM)."""
     import ray
 
-    from medkd.serve.app import deploy, undeploy
-    from medkd.serve.client import MedkdClient
-    from medkd.serve.codecs import encode_npy
+    from medkd.serve.app import deploy, serve_until_stopped
     from medkd.spec.serve import ServeConfig
 
-    workdir = Path(tempfile.mkdtemp(prefix="medkd-serve-bench-"))
-    model_dir = export_tiny_cnn(workdir / "model", args.image_size)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    base = ServeConfig(port=free_port(), min_replicas=args.replicas, max_replicas=args.replicas)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (args.image_size, args.image_size), dtype=np.uint8)
-    stack = rng.integers(0, 256, (16, args.image_size, args.image_size), dtype=np.uint8)
-    cases = {
-        "json": (
-            base.model_copy(update={"route_prefix": "/json", "max_batch_size": 1}),
-            json.dumps({"image": (image / 255.0).tolist()}).encode(),
-            "application/json",
-            "/predict",
-        ),
-        "npy_batched": (
-            base.model_copy(update={"route_prefix": "/npy", "max_batch_size": 16}),
-            encode_npy(image),
-            "application/x-npy",
-            "/predict",
-        ),
-        "npy_batch_route": (
-            base.model_copy(update={"route_prefix": "/npy", "max_batch_size": 16}),
-            encode_npy(stack),
-            "application/x-npy",
-            "/predict/batch",
-        ),
-    }
-    results = {}
-    try:
-        for name, (config, body, content_type, route) in cases.items():
-            url = deploy(model_dir, config, app_name=f"bench-{name}")
-            results[name] = drive(url, body, content_type, clients=args.clients, seconds=args.seconds, route=route)
-            stats = MedkdClient(url).stats()
-            mean_batch = stats["images"] / max(stats["batches"], 1)
-            print(
-                f"{name:16s} body={len(body):6d} B  {results[name]['rps']:7.1f} req/s  "
-                f"p50={results[name]['p50_ms']:6.1f} ms  p95={results[name]['p95_ms']:6.1f} ms  "
-                f"mean batch={mean_batch:4.1f}  largest={stats['largest_batch']}  "
-                f"failures={results[name]['failures']}",
-                flush=True,
-            )
-            undeploy(f"bench-{name}")
-    finally:
-        for name in cases:
-            undeploy(f"bench-{name}")
-        ray.shutdown()
+    for attempt in range(3):  # on a loaded machine the raylet may miss Ray's fixed 30 s start-up window
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    config = ServeConfig(
+        port=port,
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=0.5,
+        max_ongoing_requests=64,
+        max_queued_requests=1024,
+    )
+    url = deploy(model_dir, config, app_name="bench")
+    print(f"READY {url}", flush=True)
+    serve_until_stopped("bench", shutdown_ray=True)
 
-    rps_json, rps_npy = results["json"]["rps"], results["npy_batched"]["rps"]
+
+def start(role: str, model_dir: Path, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start a server process (``--plain-server`` / ``--medkd-server``) and wait until it answers."""
+    log = Path(tempfile.mkstemp(prefix=f"medkd-bench-{role}-", suffix=".log")[1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.serve_throughput", f"--{role}", str(model_dir), str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_LIMIT_S
+    if role == "medkd-server":
+        for line in process.stdout:
+            if line.startswith("READY "):
+                return process, line.split()[1]
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"{role} did not start; the end of its log ({log}):\n" + log.read_text()[-3000:])
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/docs", timeout=2)
+            return process, url
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{role} did not start")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# ----------------------------------------------------------------------------- load
+
+
+async def drive(url: str, body: bytes, *, clients: int, seconds: float, warmup_s: float = 1.0) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    failures = 0
+    begin = time.perf_counter() + warmup_s
+    end = begin + seconds
+
+    async def client(session) -> None:
+        nonlocal failures
+        while (sent := time.perf_counter()) < end:
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": "application/x-npy"}) as answer:
+                    payload = await answer.read()
+                    ok = answer.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                ok, payload = False, b""
+            if sent < begin:
+                continue
+            if not ok:
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - sent)
+            if len(server_ms) < 2000 and b"latency_ms" in payload:
+                server_ms.append(json.loads(payload)["latency_ms"])
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    result = summarize(latencies, seconds, failures)
+    result["server_p50_ms"] = float(np.median(server_ms)) if server_ms else float("nan")
+    return result
+
+
+def line(name: str, result: dict, unit: str = "req/s") -> str:
+    return (
+        f"{name:28s} {result['rps']:8.1f} {unit}  p50={result['p50_ms']:7.2f} ms  p99={result['p99_ms']:8.2f} ms"
+        f"  in-replica p50={result.get('server_p50_ms', float('nan')):6.2f} ms  failures={result['failures']}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--model-dir", type=Path, help="an exported student (default: a tiny CNN exported here)")
+    parser.add_argument("--skip-ha", action="store_true", help="leave out (d)")
+    parser.add_argument("--plain-server", nargs=2, metavar=("MODEL_DIR", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--medkd-server", nargs=2, metavar=("MODEL_DIR", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_server:
+        return plain_server(args.plain_server[0], int(args.plain_server[1]))
+    if args.medkd_server:
+        return medkd_server(args.medkd_server[0], int(args.medkd_server[1]))
+
+    from medkd.serve.codecs import encode_npy
+
+    workdir = Path(tempfile.mkdtemp(prefix="medkd-serve-bench-"))
+    model_dir = args.model_dir or export_tiny_cnn(workdir / "model", args.image_size)
+    size = json.loads((model_dir / "metadata.json").read_text())["input"]["image_size"]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size, dtype=np.uint8)
+    stack = rng.integers(0, 256, (BATCH_IMAGES, *size), dtype=np.uint8)
+
+    raw = raw_ort(model_dir, image, stack, args.seconds)
+    print(line("(a) raw ORT, 1 image", raw["single"]), flush=True)
+    print(f"(a) raw ORT, batch {BATCH_IMAGES}: {raw['batch_images_per_s']:.0f} images/s", flush=True)
+
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    # HAProxy refuses socket paths over 97 bytes and Ray adds a 56-character directory: keep the base short.
+    ha_dir = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
+    ha_env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": shutil.which("haproxy") or "",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ha_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(ha_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(ha_dir / "server-state"),
+    }
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        servers["plain"] = start("plain-server", model_dir, free_port(), {})
+        servers["medkd"] = start("medkd-server", model_dir, free_port(), {})
+        if not args.skip_ha:
+            if not ha_env["RAY_SERVE_HAPROXY_BINARY_PATH"]:
+                print("(d) skipped: no haproxy binary (run scripts/ensure_haproxy.sh)", flush=True)
+            else:
+                try:
+                    servers["medkd_ha"] = start("medkd-server", model_dir, free_port(), ha_env)
+                except RuntimeError as error:
+                    print(f"(d) failed to start: {error}", flush=True)
+        body = encode_npy(image)
+        for clients in CONCURRENCY:
+            for name, (_, url) in servers.items():
+                results[(name, clients)] = asyncio.run(
+                    drive(url + "/predict", body, clients=clients, seconds=args.seconds)
+                )
+                print(line(f"({name}) c={clients}", results[(name, clients)]), flush=True)
+        batch_body = encode_npy(stack)
+        for name in ("medkd", "medkd_ha"):
+            if name in servers:
+                result = asyncio.run(
+                    drive(servers[name][1] + "/predict/batch", batch_body, clients=BATCH_CLIENTS, seconds=args.seconds)
+                )
+                result["images_per_s"] = result["rps"] * BATCH_IMAGES
+                results[(name, "batch")] = result
+                print(
+                    line(f"({name}) batch {BATCH_IMAGES} x{BATCH_CLIENTS}", result)
+                    + f"  = {result['images_per_s']:.0f} images/s",
+                    flush=True,
+                )
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(ha_dir, ignore_errors=True)
+
+    shipped = {clients: results[("medkd", clients)] for clients in CONCURRENCY}
+    c1 = shipped[1]
     print(
-        f"RESULT serve_rps_json={rps_json:.1f} serve_rps_npy_batched={rps_npy:.1f} "
-        f"speedup={rps_npy / rps_json:.2f} p50_ms_json={results['json']['p50_ms']:.1f} "
-        f"p50_ms_npy_batched={results['npy_batched']['p50_ms']:.1f} "
-        f"images_per_s_batch_route={results['npy_batch_route']['rps'] * len(stack):.0f} clients={args.clients}"
+        f"where the time goes at c=1: client p50 {c1['p50_ms']:.2f} ms, in the replica {c1['server_p50_ms']:.2f} ms "
+        f"(decode, batch wait, ORT, JSON), proxy hop + HTTP {c1['p50_ms'] - c1['server_p50_ms']:.2f} ms",
+        flush=True,
+    )
+    if ("medkd_ha", 8) in results:
+        print(f"(d) vs (c) at c=8: {results[('medkd_ha', 8)]['rps'] / shipped[8]['rps']:.2f}x", flush=True)
+    print(
+        f"RESULT serve_vs_plain={shipped[8]['rps'] / results[('plain', 8)]['rps']:.2f} "
+        f"batch_images_vs_raw_ort={results[('medkd', 'batch')]['images_per_s'] / raw['batch_images_per_s']:.2f} "
+        f"p50_ms_c8={shipped[8]['p50_ms']:.1f} p99_ms_c64={shipped[64]['p99_ms']:.1f} "
+        f"rps_c64_vs_c8={shipped[64]['rps'] / shipped[8]['rps']:.2f}"
     )
 
 
