@@ -50,6 +50,8 @@ def record_driver(output_dir: Path, ray_session_dir: str | None) -> DriverRecord
 def session_processes(session_dir: str, *, exclude: set[int] | None = None) -> list[int]:
     """Pids of live processes with a file open below ``session_dir`` (Ray's logs and sockets)."""
     root = os.path.realpath(session_dir).rstrip("/") + "/"
+    if not session_dir or root.count("/") < 3:  # never "/" or "/tmp/": only a session's own directory
+        raise ValueError(f"not a Ray session directory: {session_dir!r}")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in (exclude or set()):

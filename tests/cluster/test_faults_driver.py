@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medkd.pipeline.leftovers import DRIVER_FILE, DriverRecord, end_leftovers_of_dead_driver, record_driver
+from medkd.pipeline.leftovers import (
+    DRIVER_FILE,
+    DriverRecord,
+    end_leftovers_of_dead_driver,
+    record_driver,
+    session_processes,
+)
 from tests.cluster.medkd_process import MedkdProcess, describe, session_pids, wait_until_gone
 
 NUM_TRIALS = 3
@@ -149,3 +155,9 @@ def test_the_next_run_ends_what_a_dead_driver_left_of_its_ray_session(tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("path", ["", "/", "/tmp"])
+def test_leftover_search_refuses_a_directory_that_is_not_a_session(path):
+    with pytest.raises(ValueError, match="not a Ray session directory"):
+        session_processes(path)
