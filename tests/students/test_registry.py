@@ -207,6 +207,7 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path) -> None:
         )
 
 
+@pytest.mark.slow  # an ONNX export per student: left out of make test-fast (make test runs it)
 @pytest.mark.parametrize("name", CLASSIFIERS + SEGMENTERS)
 def test_onnx_export_matches_torch(name, tmp_path):
     import onnxruntime as ort
@@ -230,6 +231,7 @@ def test_onnx_export_matches_torch(name, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # export + static INT8 calibration per student: left out of make test-fast
 @pytest.mark.parametrize("name", ["resnet_tiny", "mobilenet_tiny"])
 def test_cnn_quantizes_every_conv_to_int8(name, tmp_path):
     import onnx

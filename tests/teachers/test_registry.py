@@ -267,6 +267,7 @@ def test_register_teacher_rejects_bad_builders():
     assert teacher_family("resnet18") == "cnn" and "missing_core" not in list_teachers()
 
 
+@pytest.mark.slow  # ONNX export of full-size teachers: the heaviest unit test (make test runs it)
 @pytest.mark.parametrize("name,dynamic_batch", [("resnet18", True), ("unet", False)])
 def test_onnx_export_matches_torch(name, dynamic_batch, tmp_path):
     import onnxruntime as ort
