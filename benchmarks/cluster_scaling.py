@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medkd.cli.cluster import LocalCluster, NetnsCluster, REDIS_PASSWORD_ENV
+from medkd.cli.cluster import REDIS_PASSWORD_ENV, LocalCluster, NetnsCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = REPO_ROOT / "examples" / "quickstart.yaml"
@@ -50,22 +50,44 @@ JOB_TIMEOUT_S = 1800
 
 
 def _medkd(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medkd.cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=REPO_ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "medkd.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+        timeout=timeout,
+    )
 
 
 def run_job(cluster: LocalCluster, output_dir: Path, args: argparse.Namespace) -> dict:
     """Submit the quickstart job, follow it to its end, return its results.json."""
     overrides = [
-        f"output_dir={output_dir}", *cluster.job_overrides(),
-        f"data.num_train={args.num_train}", "data.num_val=192", "data.num_test=192",
-        "teachers.0.epochs=1", "teachers.1.epochs=1",
-        f"search.num_trials={args.trials}", "search.max_concurrent=2", "search.cpus_per_trial=1",
-        f"search.epochs={args.trial_epochs}", "search.scheduler=none",
+        f"output_dir={output_dir}",
+        *cluster.job_overrides(),
+        f"data.num_train={args.num_train}",
+        "data.num_val=192",
+        "data.num_test=192",
+        "teachers.0.epochs=1",
+        "teachers.1.epochs=1",
+        f"search.num_trials={args.trials}",
+        "search.max_concurrent=2",
+        "search.cpus_per_trial=1",
+        f"search.epochs={args.trial_epochs}",
+        "search.scheduler=none",
     ]
     env = cluster.client_env()
-    submit = _medkd("submit", str(SPEC), "--address", cluster.dashboard_url, "--run-args", "--no-serve",
-                    *[part for item in overrides for part in ("--set", item)], env=env, timeout=300)
+    submit = _medkd(
+        "submit",
+        str(SPEC),
+        "--address",
+        cluster.dashboard_url,
+        "--run-args",
+        "--no-serve",
+        *[part for item in overrides for part in ("--set", item)],
+        env=env,
+        timeout=300,
+    )
     if submit.returncode != 0:
         raise SystemExit(f"medkd submit failed:\n{submit.stderr}")
     job_id = submit.stdout.split()[0]
@@ -96,8 +118,9 @@ def publish_split(url: str, samples: int) -> None:
 
     cache = SoftLabelCache(url, namespace=NAMESPACE, password_env=REDIS_PASSWORD_ENV, lru_bytes=0)
     logits = np.random.default_rng(0).normal(size=(samples, 10)).astype(np.float32)
-    cache.publish(TEACHER_FP, DATASET_FP, "train", logits, teacher_spec={"model": "benchmark"}, encoding="float16",
-                  overwrite=True)
+    cache.publish(
+        TEACHER_FP, DATASET_FP, "train", logits, teacher_spec={"model": "benchmark"}, encoding="float16", overwrite=True
+    )
 
 
 def read_split(url: str, repeats: int) -> None:
@@ -117,15 +140,27 @@ def read_split(url: str, repeats: int) -> None:
 
 def cache_ratio(cluster: LocalCluster, args: argparse.Namespace) -> tuple[float, float, float]:
     me = [sys.executable, "-m", "benchmarks.cluster_scaling"]
-    published = cluster.run_on_node(0, [*me, "--publish", cluster.redis_url, str(args.cache_samples)],
-                                    timeout=300, capture_output=True, text=True, cwd=REPO_ROOT)
+    published = cluster.run_on_node(
+        0,
+        [*me, "--publish", cluster.redis_url, str(args.cache_samples)],
+        timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     if published.returncode != 0:
         raise SystemExit(f"publishing on the head failed:\n{published.stderr[-3000:]}")
     speeds: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(args.read_rounds):
         for node in (0, 1):
-            done = cluster.run_on_node(node, [*me, "--read", cluster.redis_url, "5"], timeout=300,
-                                       capture_output=True, text=True, cwd=REPO_ROOT)
+            done = cluster.run_on_node(
+                node,
+                [*me, "--read", cluster.redis_url, "5"],
+                timeout=300,
+                capture_output=True,
+                text=True,
+                cwd=REPO_ROOT,
+            )
             if done.returncode != 0:
                 raise SystemExit(f"reading on node {node} failed:\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -166,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
     try:
-        print(f"cluster: head {cluster.head_address}, workers {cluster.node_addresses[1:]}, redis {cluster.redis_url}",
-              flush=True)
+        print(
+            f"cluster: head {cluster.head_address}, workers {cluster.node_addresses[1:]}, redis {cluster.redis_url}",
+            flush=True,
+        )
         local, remote, ratio = cache_ratio(cluster, args)
-        print(f"cache bulk read (MGET path, LRU off): head {local:.0f} MB/s, worker 1 (remote) {remote:.0f} MB/s",
-              flush=True)
+        print(
+            f"cache bulk read (MGET path, LRU off): head {local:.0f} MB/s, worker 1 (remote) {remote:.0f} MB/s",
+            flush=True,
+        )
 
         if args.cache_only:
             print(f"RESULT remote_cache_vs_local={ratio:.2f}")
@@ -183,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         _wait_alive(cluster, 2)
         # The same teachers (found, not retrained; their soft labels are in the cluster's Redis):
         # only the search has to run again, now on one worker node.
-        shutil.copytree(cluster.shared_dir / "runs" / "two_nodes" / "teachers",
-                        cluster.shared_dir / "runs" / "one_node" / "teachers")
+        shutil.copytree(
+            cluster.shared_dir / "runs" / "two_nodes" / "teachers",
+            cluster.shared_dir / "runs" / "one_node" / "teachers",
+        )
         one = run_job(cluster, cluster.shared_dir / "runs" / "one_node", args)
         one_s = one["stages"]["search"]["seconds"]
         print(f"search on 1 worker node:  {one_s:.1f} s, trials on {sorted(set(_trial_nodes(one)))}", flush=True)

@@ -50,8 +50,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -108,15 +109,21 @@ class ClusterSettings(BaseModel):
     auth: Literal["token", "disabled"] = "token"
 
     @model_validator(mode="after")
-    def _ports_outside_worker_range(self) -> "ClusterSettings":
+    def _ports_outside_worker_range(self) -> ClusterSettings:
         last_node = self.base_port + 9 + (0 if self.netns else 10 * self.workers)
-        for name, port in (("gcs_port", self.gcs_port), ("dashboard_port", self.dashboard_port),
-                           ("redis_port", self.redis_port), ("base_port", self.base_port),
-                           ("the last node port", last_node)):
+        for name, port in (
+            ("gcs_port", self.gcs_port),
+            ("dashboard_port", self.dashboard_port),
+            ("redis_port", self.redis_port),
+            ("base_port", self.base_port),
+            ("the last node port", last_node),
+        ):
             if not 0 < port < 65536:
                 raise ValueError(f"{_setting_name(name)}={port} is not a valid port")
             if port in _RAY_WORKER_PORTS:
-                raise ValueError(f"{_setting_name(name)}={port} lies in Ray's worker port range 10002-19999; choose another")
+                raise ValueError(
+                    f"{_setting_name(name)}={port} lies in Ray's worker port range 10002-19999; choose another"
+                )
         if self.base_port < _RAY_WORKER_PORTS.start <= last_node:
             raise ValueError(f"node ports {self.base_port}..{last_node} overlap Ray's worker port range 10002-19999")
         return self
@@ -270,8 +277,11 @@ def _disable_ipv6(interface: str, namespace: str | None = None) -> None:
         with contextlib.suppress(OSError):
             Path(setting).write_text("1\n")
         return
-    subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c", f"test ! -e {setting} || echo 1 > {setting}"],
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["ip", "netns", "exec", namespace, "sh", "-c", f"test ! -e {setting} || echo 1 > {setting}"],
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -290,7 +300,9 @@ def namespaces_available() -> str | None:
     if sys.platform != "linux":
         return f"network namespaces need Linux, this is {sys.platform}"
     if os.geteuid() != 0:
-        return "creating network namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); run as root or use loopback mode"
+        return (
+            "creating network namespaces needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); run as root or use loopback mode"
+        )
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed: apt-get install -y iproute2"
     return None
@@ -328,7 +340,9 @@ def _free_subnet_octet() -> int:
         if any(name.startswith(f"mkd{octet}") for name in used_names):
             continue
         return octet
-    raise ClusterError(f"no free {SUBNET_PREFIX}.X.0/24 subnet for X in {SUBNET_OCTETS.start}..{SUBNET_OCTETS.stop - 1}")
+    raise ClusterError(
+        f"no free {SUBNET_PREFIX}.X.0/24 subnet for X in {SUBNET_OCTETS.start}..{SUBNET_OCTETS.stop - 1}"
+    )
 
 
 @contextlib.contextmanager
@@ -383,8 +397,15 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def up(cls, workers: int = 2, cpus_per_worker: float = 1.0, *, netns: bool = False,
-           state_dir: Path | str | None = None, **settings: Any) -> "LocalCluster":
+    def up(
+        cls,
+        workers: int = 2,
+        cpus_per_worker: float = 1.0,
+        *,
+        netns: bool = False,
+        state_dir: Path | str | None = None,
+        **settings: Any,
+    ) -> LocalCluster:
         """Start a head, ``workers`` worker nodes and the Redis; wait until every node is alive.
 
         Args:
@@ -402,25 +423,34 @@ class LocalCluster:
             >>> cluster = LocalCluster.up(workers=1, netns=True)  # doctest: +SKIP
         """
         try:
-            config = ClusterSettings(workers=workers, cpus_per_worker=cpus_per_worker, netns=netns,
-                                     **({"state_dir": Path(state_dir)} if state_dir is not None else {}), **settings)
+            config = ClusterSettings(
+                workers=workers,
+                cpus_per_worker=cpus_per_worker,
+                netns=netns,
+                **({"state_dir": Path(state_dir)} if state_dir is not None else {}),
+                **settings,
+            )
         except ValidationError as error:
             raise ClusterError(_validation_message(error)) from None
         return cls.start(config)
 
     @classmethod
-    def start(cls, config: ClusterSettings) -> "LocalCluster":
+    def start(cls, config: ClusterSettings) -> LocalCluster:
         """:meth:`up` from a :class:`ClusterSettings`."""
         state_dir = Path(config.state_dir).resolve()
         if len(str(state_dir / "nXX")) > _MAX_TEMP_DIR_CHARS:
-            raise ClusterError(f"state_dir {state_dir} is too long for Ray's unix socket paths; use a path under "
-                               f"{_MAX_TEMP_DIR_CHARS - 4} characters such as {DEFAULT_STATE_DIR}")
+            raise ClusterError(
+                f"state_dir {state_dir} is too long for Ray's unix socket paths; use a path under "
+                f"{_MAX_TEMP_DIR_CHARS - 4} characters such as {DEFAULT_STATE_DIR}"
+            )
         if config.netns and (reason := namespaces_available()):
             raise ClusterError(f"cannot create network namespaces: {reason}")
         existing = cls.from_state_dir(state_dir)
         if existing is not None and existing.any_alive():
-            raise ClusterError(f"a cluster is already running from {state_dir}; run `medkd cluster local down "
-                               f"--state-dir {state_dir}` first")
+            raise ClusterError(
+                f"a cluster is already running from {state_dir}; run `medkd cluster local down "
+                f"--state-dir {state_dir}` first"
+            )
         if existing is not None:
             existing.down()
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -438,7 +468,7 @@ class LocalCluster:
         return cluster
 
     @classmethod
-    def from_state_dir(cls, state_dir: Path | str = DEFAULT_STATE_DIR) -> "LocalCluster | None":
+    def from_state_dir(cls, state_dir: Path | str = DEFAULT_STATE_DIR) -> LocalCluster | None:
         """The cluster recorded in ``state_dir``, or None when nothing is recorded there."""
         path = Path(state_dir) / STATE_FILE
         if not path.is_file():
@@ -592,8 +622,9 @@ class LocalCluster:
     def alive_node_addresses(self) -> list[str]:
         return [node["node_ip"] for node in self.alive_nodes()]
 
-    def popen_on_node(self, index: int, argv: Sequence[str], *, env: dict[str, str] | None = None,
-                      **kwargs: Any) -> subprocess.Popen:
+    def popen_on_node(
+        self, index: int, argv: Sequence[str], *, env: dict[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.Popen:
         """Start ``argv`` on node ``index`` (in its namespace), with the node's environment plus
         ``RAY_ADDRESS`` of the cluster (a Ray driver there joins the cluster), plus ``env``."""
         node = self._node(index)
@@ -601,8 +632,9 @@ class LocalCluster:
         prefix = ["ip", "netns", "exec", node.namespace] if node.namespace else []
         return subprocess.Popen([*prefix, *argv], env=full_env, **kwargs)
 
-    def run_on_node(self, index: int, argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None,
-                    **kwargs: Any) -> subprocess.CompletedProcess:
+    def run_on_node(
+        self, index: int, argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.CompletedProcess:
         """:meth:`popen_on_node` and wait (at most ``timeout`` seconds; then kill it and raise)."""
         if kwargs.pop("capture_output", False):
             kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -688,12 +720,16 @@ class LocalCluster:
         ]
         if self.token_file:
             lines.append(f"  export RAY_AUTH_TOKEN_PATH={self.token_file}")
-        submit = f"  medkd submit examples/quickstart.yaml --address {self.dashboard_url} --run-args \\\n" \
-                 f"      --set output_dir={self.shared_dir}/runs/quickstart"
+        submit = (
+            f"  medkd submit examples/quickstart.yaml --address {self.dashboard_url} --run-args \\\n"
+            f"      --set output_dir={self.shared_dir}/runs/quickstart"
+        )
         if self.state.redis is not None:
-            lines += [f"  cache.redis_url:      {self.redis_url}",
-                      f"  cache.password_env:   {REDIS_PASSWORD_ENV} (set on every node; the password is in "
-                      f"{self.redis_password_file})"]
+            lines += [
+                f"  cache.redis_url:      {self.redis_url}",
+                f"  cache.password_env:   {REDIS_PASSWORD_ENV} (set on every node; the password is in "
+                f"{self.redis_password_file})",
+            ]
             submit += " " + " ".join(f"--set {item}" for item in self.job_overrides())
         lines += [submit, f"  medkd cluster local status|down --state-dir {self.state_dir}"]
         return "\n".join(lines)
@@ -751,8 +787,13 @@ class LocalCluster:
         import redis
 
         redis_state = self._redis()
-        return redis.Redis(host=redis_state.address, port=redis_state.port, password=self.redis_password,
-                           socket_timeout=5, socket_connect_timeout=2)
+        return redis.Redis(
+            host=redis_state.address,
+            port=redis_state.port,
+            password=self.redis_password,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+        )
 
     def _address(self, index: int) -> str:
         if not self.netns:
@@ -785,20 +826,30 @@ class LocalCluster:
             role = "head" if index == 0 else f"worker{index}"
             gpus = config.gpus_per_worker[index - 1] if 0 < index <= len(config.gpus_per_worker) else 0
             namespace = f"mkd{self._octet()}-n{index}" if config.netns else None
-            self.state.nodes.append(NodeState(
-                index=index, role=role, address=self._address(index), namespace=namespace,
-                veth=f"mkd{self._octet()}n{index}" if config.netns else None,
-                temp_dir=str(self.state_dir / f"n{index}"), log=str(self.state_dir / f"{role}.log"),
-                num_cpus=config.head_cpus if index == 0 else config.cpus_per_worker, num_gpus=gpus,
-            ))
+            self.state.nodes.append(
+                NodeState(
+                    index=index,
+                    role=role,
+                    address=self._address(index),
+                    namespace=namespace,
+                    veth=f"mkd{self._octet()}n{index}" if config.netns else None,
+                    temp_dir=str(self.state_dir / f"n{index}"),
+                    log=str(self.state_dir / f"{role}.log"),
+                    num_cpus=config.head_cpus if index == 0 else config.cpus_per_worker,
+                    num_gpus=gpus,
+                )
+            )
         if config.netns:
             for node in self.state.nodes:
                 self._create_node_namespace(node)
         self._save()
         if config.redis:
             self.state.redis = RedisState(
-                address=self.head_address, port=config.redis_port, data_dir=str(self.state_dir / "redis"),
-                config=str(self.state_dir / "redis" / "medkd-redis.conf"), log=str(self.state_dir / "redis" / "redis.log"),
+                address=self.head_address,
+                port=config.redis_port,
+                data_dir=str(self.state_dir / "redis"),
+                config=str(self.state_dir / "redis" / "medkd-redis.conf"),
+                log=str(self.state_dir / "redis" / "redis.log"),
             )
             self._launch_redis()
         self._start_ray_node(0)
@@ -838,19 +889,37 @@ class LocalCluster:
 
     def _node_ports(self, index: int) -> list[str]:
         base = self.settings.base_port + (0 if self.netns else 10 * index)
-        return [f"--node-manager-port={base}", f"--object-manager-port={base + 1}",
-                f"--dashboard-agent-listen-port={base + 2}", f"--dashboard-agent-grpc-port={base + 3}",
-                f"--metrics-export-port={base + 4}", f"--runtime-env-agent-port={base + 5}"]
+        return [
+            f"--node-manager-port={base}",
+            f"--object-manager-port={base + 1}",
+            f"--dashboard-agent-listen-port={base + 2}",
+            f"--dashboard-agent-grpc-port={base + 3}",
+            f"--metrics-export-port={base + 4}",
+            f"--runtime-env-agent-port={base + 5}",
+        ]
 
     def _start_ray_node(self, index: int) -> None:
         node, config = self._node(index), self.settings
-        argv = [_ray_executable(), "start", f"--temp-dir={node.temp_dir}", "--disable-usage-stats",
-                f"--node-ip-address={node.address}", f"--num-cpus={node.num_cpus:g}", f"--num-gpus={node.num_gpus}",
-                f"--object-store-memory={config.object_store_bytes}", *self._node_ports(index)]
+        argv = [
+            _ray_executable(),
+            "start",
+            f"--temp-dir={node.temp_dir}",
+            "--disable-usage-stats",
+            f"--node-ip-address={node.address}",
+            f"--num-cpus={node.num_cpus:g}",
+            f"--num-gpus={node.num_gpus}",
+            f"--object-store-memory={config.object_store_bytes}",
+            *self._node_ports(index),
+        ]
         if index == 0:
-            argv += ["--head", f"--port={config.gcs_port}", f"--dashboard-host={node.address}",
-                     f"--dashboard-port={config.dashboard_port}", "--include-dashboard=true",
-                     f"--ray-client-server-port={config.base_port + 9}"]
+            argv += [
+                "--head",
+                f"--port={config.gcs_port}",
+                f"--dashboard-host={node.address}",
+                f"--dashboard-port={config.dashboard_port}",
+                "--include-dashboard=true",
+                f"--ray-client-server-port={config.base_port + 9}",
+            ]
         else:
             argv += [f"--address={self.gcs_address}"]
         self._launchers[index] = self._spawn(node, argv, Path(node.log))
@@ -862,8 +931,15 @@ class LocalCluster:
         with open(log, "ab") as out:
             # A session of its own: a Ctrl-C in the terminal of `up` does not reach the node, and
             # loopback mode finds the node's processes by session.
-            process = subprocess.Popen([*prefix, *argv], env=self.node_env(), stdin=subprocess.DEVNULL,
-                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+            process = subprocess.Popen(
+                [*prefix, *argv],
+                env=self.node_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=cwd,
+            )
         return process
 
     def _launch_redis(self) -> None:
@@ -878,16 +954,20 @@ class LocalCluster:
         _write_private(Path(redis_state.config), text)
         executable = shutil.which("redis-server")
         if executable is None:
-            raise ClusterError("redis-server not found on PATH (Debian: apt-get install -y redis-server; "
-                               "`make setup` runs scripts/ensure_redis.sh)")
-        redis_state.pid = self._spawn(self._node(0), [executable, redis_state.config], Path(redis_state.log),
-                                      cwd=data_dir).pid
+            raise ClusterError(
+                "redis-server not found on PATH (Debian: apt-get install -y redis-server; "
+                "`make setup` runs scripts/ensure_redis.sh)"
+            )
+        redis_state.pid = self._spawn(
+            self._node(0), [executable, redis_state.config], Path(redis_state.log), cwd=data_dir
+        ).pid
         self._save()
         deadline = time.monotonic() + _REDIS_TIMEOUT_S
         while not self.redis_alive():
             if not _alive(redis_state.pid):
-                raise ClusterError(f"redis-server exited while starting; log {redis_state.log}:\n"
-                                   + _tail(Path(redis_state.log)))
+                raise ClusterError(
+                    f"redis-server exited while starting; log {redis_state.log}:\n" + _tail(Path(redis_state.log))
+                )
             if time.monotonic() > deadline:
                 raise ClusterError(f"redis-server did not answer at {self.redis_url} within {_REDIS_TIMEOUT_S:g} s")
             time.sleep(0.1)
@@ -938,15 +1018,19 @@ class LocalCluster:
                 if time.monotonic() - failed_at[index] < _JOIN_GRACE_S and self._raylet_alive(index):
                     continue
                 if attempts[index] >= _START_ATTEMPTS:
-                    raise ClusterError(f"{node.role} ({node.address}) did not start ({attempts[index]} attempts); "
-                                       f"log {node.log}:\n" + _tail(Path(node.log)))
+                    raise ClusterError(
+                        f"{node.role} ({node.address}) did not start ({attempts[index]} attempts); "
+                        f"log {node.log}:\n" + _tail(Path(node.log))
+                    )
                 _terminate(lambda index=index: self._ray_pids(index))
                 attempts[index] += 1
                 del failed_at[index]
                 self._start_ray_node(index)
             time.sleep(1)
-        raise ClusterError(f"only {len(alive)} of {wanted} Ray nodes alive after {_NODE_TIMEOUT_S * _START_ATTEMPTS:g} s "
-                           f"(dashboard {self.dashboard_url}: {last_error or 'answers'}; logs in {self.state_dir})")
+        raise ClusterError(
+            f"only {len(alive)} of {wanted} Ray nodes alive after {_NODE_TIMEOUT_S * _START_ATTEMPTS:g} s "
+            f"(dashboard {self.dashboard_url}: {last_error or 'answers'}; logs in {self.state_dir})"
+        )
 
 
 class NetnsCluster(LocalCluster):
@@ -959,8 +1043,15 @@ class NetnsCluster(LocalCluster):
     """
 
     @classmethod
-    def up(cls, workers: int = 2, cpus_per_worker: float = 1.0, *, netns: bool = True,
-           state_dir: Path | str | None = None, **settings: Any) -> "LocalCluster":
+    def up(
+        cls,
+        workers: int = 2,
+        cpus_per_worker: float = 1.0,
+        *,
+        netns: bool = True,
+        state_dir: Path | str | None = None,
+        **settings: Any,
+    ) -> LocalCluster:
         if not netns:
             raise ClusterError("NetnsCluster.up(netns=False): use LocalCluster.up for a loopback cluster")
         return super().up(workers, cpus_per_worker, netns=True, state_dir=state_dir, **settings)
@@ -1041,19 +1132,30 @@ def add_cluster_parser(subparsers: argparse._SubParsersAction) -> None:
     actions = local.add_subparsers(dest="cluster_action", required=True, metavar="ACTION")
 
     state = argparse.ArgumentParser(add_help=False)
-    state.add_argument("--state-dir", type=Path, default=None,
-                       help=f"pids, token, logs, Ray temp dirs (default $MEDKD_CLUSTER_DIR or {DEFAULT_STATE_DIR})")
+    state.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"pids, token, logs, Ray temp dirs (default $MEDKD_CLUSTER_DIR or {DEFAULT_STATE_DIR})",
+    )
 
     up = actions.add_parser("up", parents=[state], help="start the cluster and its Redis; print how to use it")
     up.add_argument("--netns", action="store_true", help="one network namespace per node on a private bridge (root)")
     up.add_argument("--workers", type=int, default=None, help="worker nodes (default 2)")
     up.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker node (default 1)")
-    up.add_argument("--gpus-per-worker", type=int, nargs="+", default=None, metavar="N",
-                    help="declared GPUs of worker 1, 2, ... (default 0)")
+    up.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="declared GPUs of worker 1, 2, ... (default 0)",
+    )
     up.add_argument("--head-cpus", type=float, default=None, help="CPUs of the head (default 0: drivers only)")
     up.add_argument("--shared-dir", type=Path, default=None, help="outputs every node sees (default STATE/shared)")
     up.add_argument("--no-redis", action="store_true", help="do not start the soft-label Redis")
     up.set_defaults(handler=cmd_up)
     actions.add_parser("down", parents=[state], help="stop every node and the Redis; remove the network").set_defaults(
-        handler=cmd_down)
+        handler=cmd_down
+    )
     actions.add_parser("status", parents=[state], help="nodes alive, Redis, dashboard").set_defaults(handler=cmd_status)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from medkd.cli.cluster import ClusterError, LocalCluster, ClusterSettings, REDIS_PASSWORD_ENV
+from medkd.cli.cluster import REDIS_PASSWORD_ENV, ClusterError, ClusterSettings, LocalCluster
 from tests.conftest import REPO_ROOT
 
 # Each cluster start takes 40-60 s, and minutes on a loaded machine (Ray's own waits and restarts).
@@ -46,8 +46,9 @@ def _running(pid: int) -> bool:
 
 
 def _namespace_view(namespace: str) -> tuple[list[str], str]:
-    links = json.loads(subprocess.run(["ip", "-j", "-n", namespace, "-4", "addr"], capture_output=True,
-                                      text=True, check=True).stdout)
+    links = json.loads(
+        subprocess.run(["ip", "-j", "-n", namespace, "-4", "addr"], capture_output=True, text=True, check=True).stdout
+    )
     routes = subprocess.run(["ip", "-n", namespace, "route"], capture_output=True, text=True, check=True).stdout
     addresses = [info["local"] for link in links for info in link.get("addr_info", [])]
     return addresses, routes
@@ -68,8 +69,14 @@ def test_each_node_has_its_own_address_and_no_way_out(netns_cluster):
 def test_tasks_run_on_both_workers_and_reach_the_redis_over_the_bridge(netns_cluster, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    done = netns_cluster.run_on_node(0, [sys.executable, str(probe)], timeout=120, capture_output=True, text=True,
-                                     env={"PROBE_REDIS_URL": netns_cluster.redis_url})
+    done = netns_cluster.run_on_node(
+        0,
+        [sys.executable, str(probe)],
+        timeout=120,
+        capture_output=True,
+        text=True,
+        env={"PROBE_REDIS_URL": netns_cluster.redis_url},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     workers = netns_cluster.node_addresses[1:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == sorted(workers)
@@ -79,11 +86,18 @@ def test_tasks_run_on_both_workers_and_reach_the_redis_over_the_bridge(netns_clu
 
 def test_redis_listens_only_on_the_head_address(netns_cluster):
     """Inside a worker's namespace 127.0.0.1 is that worker's own loopback: nothing listens there."""
-    script = ("import redis,sys\n"
-              "try:\n redis.Redis(host='127.0.0.1', port=int(sys.argv[1]), socket_connect_timeout=2).ping()\n"
-              "except redis.ConnectionError: print('refused')\n")
-    done = netns_cluster.run_on_node(1, [sys.executable, "-c", script, str(netns_cluster.state.redis.port)],
-                                     timeout=60, capture_output=True, text=True)
+    script = (
+        "import redis,sys\n"
+        "try:\n redis.Redis(host='127.0.0.1', port=int(sys.argv[1]), socket_connect_timeout=2).ping()\n"
+        "except redis.ConnectionError: print('refused')\n"
+    )
+    done = netns_cluster.run_on_node(
+        1,
+        [sys.executable, "-c", script, str(netns_cluster.state.redis.port)],
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
     assert done.stdout.strip() == "refused", done.stderr
     with pytest.raises(redis.AuthenticationError):
         redis.Redis.from_url(netns_cluster.redis_url, password="wrong").ping()
@@ -141,24 +155,31 @@ def test_killed_worker_leaves_the_cluster_and_comes_back(netns_cluster_factory):
 def test_cli_up_status_down_removes_every_trace(tmp_path):
     state_dir = Path("/tmp") / f"mkdcli{os.getpid()}"
     medkd = [sys.executable, "-m", "medkd.cli.main", "cluster", "local"]
-    up = subprocess.run([*medkd, "up", "--netns", "--workers", "1", "--state-dir", str(state_dir)],
-                        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    up = subprocess.run(
+        [*medkd, "up", "--netns", "--workers", "1", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         cluster = LocalCluster.from_state_dir(state_dir)
         assert f"export RAY_AUTH_TOKEN_PATH={state_dir}/auth_token" in up.stdout
         assert f"cache.redis_url:      {cluster.redis_url}" in up.stdout
         assert f"cache.password_env:   {REDIS_PASSWORD_ENV}" in up.stdout
-        status = subprocess.run([*medkd, "status", "--state-dir", str(state_dir)], capture_output=True, text=True,
-                                timeout=60)
+        status = subprocess.run(
+            [*medkd, "status", "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60
+        )
         assert status.returncode == 0 and "ray: 2 node(s) alive" in status.stdout, status.stdout
         assert status.stdout.count("ray: ALIVE") == 2
         pids = cluster.node_pids(0) | cluster.node_pids(1)
         names = [node.namespace for node in cluster.state.nodes] + [cluster.state.bridge]
         assert pids
     finally:
-        down = subprocess.run([*medkd, "down", "--state-dir", str(state_dir)], capture_output=True, text=True,
-                              timeout=120)
+        down = subprocess.run(
+            [*medkd, "down", "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=120
+        )
     assert down.returncode == 0, down.stderr
     assert not [pid for pid in pids if _running(pid)]
     assert not any(Path("/var/run/netns", name).exists() for name in names[:-1])
@@ -177,8 +198,12 @@ def test_cli_up_status_down_removes_every_trace(tmp_path):
     ],
 )
 def test_cli_up_refuses_bad_settings_before_starting(args, message):
-    done = subprocess.run([sys.executable, "-m", "medkd.cli.main", "cluster", "local", "up", "--netns", *args],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "medkd.cli.main", "cluster", "local", "up", "--netns", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and message in done.stderr, done.stderr
     assert not Path("/tmp/" + "x" * 60).exists()
 
@@ -194,8 +219,15 @@ def test_ports_in_rays_worker_range_are_refused_naming_the_setting():
 def test_loopback_mode_runs_the_same_code_without_namespaces():
     """Without --netns every node is on 127.0.0.1 with its own ports; down ends every process."""
     state_dir = Path("/tmp") / f"mkdlo{os.getpid()}"
-    cluster = LocalCluster.up(workers=1, netns=False, state_dir=state_dir, gcs_port=26579, dashboard_port=28465,
-                              base_port=26600, redis_port=26590)
+    cluster = LocalCluster.up(
+        workers=1,
+        netns=False,
+        state_dir=state_dir,
+        gcs_port=26579,
+        dashboard_port=28465,
+        base_port=26600,
+        redis_port=26590,
+    )
     try:
         assert cluster.node_addresses == ["127.0.0.1", "127.0.0.1"]
         assert cluster.state.subnet is None and all(node.namespace is None for node in cluster.state.nodes)
