@@ -43,16 +43,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from medkd.data import Dataset, MedMNISTDataSpec, SyntheticDataSpec, load_dataset
 from medkd.core.fingerprint import fingerprint
+from medkd.data import Dataset, MedMNISTDataSpec, SyntheticDataSpec, load_dataset
+from medkd.data.meta import DatasetMeta
 from medkd.softlabels.redis_server import ManagedRedisServer
 from medkd.softlabels.store import SoftLabelCache
 from medkd.students.distill import (
@@ -65,7 +67,6 @@ from medkd.students.distill import (
 )
 from medkd.students.registry import count_parameters
 from medkd.teachers.registry import create_teacher
-from medkd.data.meta import DatasetMeta
 
 TEACHERS = ("resnet18", "vit_tiny", "resnet34")
 NAMESPACE = "bench-speedup"
@@ -74,6 +75,7 @@ INFERENCE_BATCH = 256
 
 
 # --------------------------------------------------------------------------- round-robin baton
+
 
 class RoundRobin:
     """Lets registered threads run one at a time, in turn: ``wait_turn`` blocks until it is the
@@ -125,8 +127,16 @@ class Variant:
         return sum(self.epoch_seconds)
 
 
-def run_interleaved(variants: list[Variant], base_student: nn.Module, config: DistillConfig, *, threads: int,
-                    train_images: np.ndarray, train_labels: np.ndarray, meta: DatasetMeta) -> None:
+def run_interleaved(
+    variants: list[Variant],
+    base_student: nn.Module,
+    config: DistillConfig,
+    *,
+    threads: int,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    meta: DatasetMeta,
+) -> None:
     """Distill a copy of ``base_student`` per variant, interleaved step by step.
 
     Each variant trains in its own thread; before every step's teacher logits it hands the baton
@@ -162,8 +172,15 @@ def run_interleaved(variants: list[Variant], base_student: nn.Module, config: Di
                 variant.logits_seconds.append(fetching)
                 waited = fetching = 0.0
 
-            distill(variant.student, config, train_images=train_images, train_labels=train_labels,
-                    teacher_logits=gated_logits, meta=meta, on_epoch=end_of_epoch)
+            distill(
+                variant.student,
+                config,
+                train_images=train_images,
+                train_labels=train_labels,
+                teacher_logits=gated_logits,
+                meta=meta,
+                on_epoch=end_of_epoch,
+            )
         except BaseException as error:  # re-raised by the main thread
             variant.error = error
         finally:
@@ -180,6 +197,7 @@ def run_interleaved(variants: list[Variant], base_student: nn.Module, config: Di
 
 
 # --------------------------------------------------------------------------- data and teachers
+
 
 def load_data(size: int, num_train: int, num_val: int, files: dict[int, Path], seed: int) -> tuple[Dataset, str]:
     if size in files:
@@ -210,8 +228,13 @@ def build_teachers(meta: DatasetMeta, seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     teachers = {}
     for name in TEACHERS:
-        teacher = create_teacher(name, spatial_dims=meta.spatial_dims, in_channels=meta.in_channels,
-                                 num_classes=meta.num_classes, image_size=tuple(meta.image_size))
+        teacher = create_teacher(
+            name,
+            spatial_dims=meta.spatial_dims,
+            in_channels=meta.in_channels,
+            num_classes=meta.num_classes,
+            image_size=tuple(meta.image_size),
+        )
         teachers[name] = teacher.eval()
     return teachers
 
@@ -263,6 +286,7 @@ def warm_up(teachers: list[nn.Module], student: nn.Module, images: np.ndarray, b
 
 # --------------------------------------------------------------------------- one size
 
+
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     scale = float(np.abs(reference).max()) or 1.0
     return {
@@ -272,22 +296,33 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     }
 
 
-def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespace, files: dict[int, Path]) -> dict[str, Any]:
+def benchmark_size(
+    server: ManagedRedisServer, size: int, args: argparse.Namespace, files: dict[int, Path]
+) -> dict[str, Any]:
     dataset, source = load_data(size, args.num_train, args.num_val, files, args.seed)
     meta = DatasetMeta.of(dataset)
     train, val = dataset.splits["train"], dataset.splits["val"]
-    config = DistillConfig(student=args.student, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                           temperature=4.0, alpha=0.5)
+    config = DistillConfig(
+        student=args.student, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, temperature=4.0, alpha=0.5
+    )
     teachers = build_teachers(meta, args.seed)
     torch.manual_seed(args.seed)
     base_student = build_student(meta, config)
-    print(f"\n== {size}x{size}: {source}, {len(train)} train / {len(val)} val images, {meta.num_classes} classes; "
-          f"student {config.student} ({count_parameters(base_student) / 1e6:.2f}M params), batch {config.batch_size}, "
-          f"{config.epochs} epochs, torch threads {torch.get_num_threads()}", flush=True)
-    print("   teachers (randomly initialised, eval mode): "
-          + ", ".join(f"{n} ({count_parameters(t) / 1e6:.1f}M)" for n, t in teachers.items()), flush=True)
+    print(
+        f"\n== {size}x{size}: {source}, {len(train)} train / {len(val)} val images, {meta.num_classes} classes; "
+        f"student {config.student} ({count_parameters(base_student) / 1e6:.2f}M params), batch {config.batch_size}, "
+        f"{config.epochs} epochs, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    print(
+        "   teachers (randomly initialised, eval mode): "
+        + ", ".join(f"{n} ({count_parameters(t) / 1e6:.1f}M)" for n, t in teachers.items()),
+        flush=True,
+    )
 
-    in_worker_thread(lambda: warm_up(list(teachers.values()), base_student, train.images, config.batch_size), args.threads)
+    in_worker_thread(
+        lambda: warm_up(list(teachers.values()), base_student, train.images, config.batch_size), args.threads
+    )
     # One-off: teacher inference over the split and publishing (done once per teacher and dataset).
     writer = SoftLabelCache(server.url, namespace=NAMESPACE)
     fps: list[str] = []
@@ -297,11 +332,14 @@ def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespa
     for name, teacher in teachers.items():
         fp = fingerprint("bench-teacher", name, "random-init", args.seed, dataset.fingerprint)
         start = time.perf_counter()
-        logits = in_worker_thread(lambda: predict_logits(teacher, train.images, batch_size=INFERENCE_BATCH), args.threads)
+        logits = in_worker_thread(
+            lambda teacher=teacher: predict_logits(teacher, train.images, batch_size=INFERENCE_BATCH), args.threads
+        )
         infer_s += time.perf_counter() - start
         start = time.perf_counter()
-        manifest = writer.publish(fp, dataset.fingerprint, SPLIT, logits, teacher_spec={"model": name, "init": "random"},
-                                  overwrite=True)
+        manifest = writer.publish(
+            fp, dataset.fingerprint, SPLIT, logits, teacher_spec={"model": name, "init": "random"}, overwrite=True
+        )
         publish_s += time.perf_counter() - start
         stored += manifest.nbytes
         fps.append(fp)
@@ -312,10 +350,12 @@ def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespa
     reader.close()
     online_ref = np.stack([reference[n] for n in teachers])
     teacher_err = float(np.abs(cached - online_ref).max())
-    print(f"   one-off: teacher inference {infer_s:.1f} s + publish {publish_s * 1e3:.0f} ms "
-          f"({len(fps)} entries, {stored / 1e3:.1f} KB in Redis, float16); "
-          f"cached vs float32 teacher logits: max |dz| = {teacher_err:.2e} (|z| <= {np.abs(online_ref).max():.2f})",
-          flush=True)
+    print(
+        f"   one-off: teacher inference {infer_s:.1f} s + publish {publish_s * 1e3:.0f} ms "
+        f"({len(fps)} entries, {stored / 1e3:.1f} KB in Redis, float16); "
+        f"cached vs float32 teacher logits: max |dz| = {teacher_err:.2e} (|z| <= {np.abs(online_ref).max():.2f})",
+        flush=True,
+    )
 
     batch_cache = SoftLabelCache(server.url, namespace=NAMESPACE)
     cold_cache = SoftLabelCache(server.url, namespace=NAMESPACE, lru_bytes=0)
@@ -324,23 +364,42 @@ def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespa
         Variant("online", lambda: online_teacher_logits(list(teachers.values()), train.images)),
         Variant("cache/batch", lambda: cached_batch_logits(batch_cache, fps, dataset.fingerprint)),
         Variant("cache/batch-nolru", lambda: cached_batch_logits(cold_cache, fps, dataset.fingerprint)),
-        Variant("cache/split", lambda: array_teacher_logits(
-            np.stack([split_cache.fetch(fp, dataset.fingerprint, SPLIT) for fp in fps]))),
+        Variant(
+            "cache/split",
+            lambda: array_teacher_logits(np.stack([split_cache.fetch(fp, dataset.fingerprint, SPLIT) for fp in fps])),
+        ),
     ]
-    run_interleaved(variants, base_student, config, threads=args.threads, train_images=train.images,
-                    train_labels=train.labels, meta=meta)
-    reads = {name: dict(cache.counters) for name, cache in
-             (("cache/batch", batch_cache), ("cache/batch-nolru", cold_cache), ("cache/split", split_cache))}
+    run_interleaved(
+        variants,
+        base_student,
+        config,
+        threads=args.threads,
+        train_images=train.images,
+        train_labels=train.labels,
+        meta=meta,
+    )
+    reads = {
+        name: dict(cache.counters)
+        for name, cache in (
+            ("cache/batch", batch_cache),
+            ("cache/batch-nolru", cold_cache),
+            ("cache/split", split_cache),
+        )
+    }
     for cache in (batch_cache, cold_cache, split_cache):
         cache.close()
 
     by_name = {v.name: v for v in variants}
     online = by_name["online"]
     header = "".join(f"{'epoch ' + str(i + 1):>10s}" for i in range(config.epochs))
-    print(f"   training time per epoch (baton waits excluded); 'logits': of the total, getting teacher logits; "
-          f"'setup': once per trial")
-    print(f"   {'variant':18s}{header}{'total':>10s}{'logits':>10s}{'setup':>10s}{'speedup':>9s}"
-          f"   reads (Redis chunks / LRU hits)")
+    print(
+        "   training time per epoch (baton waits excluded); 'logits': of the total, getting teacher logits; "
+        "'setup': once per trial"
+    )
+    print(
+        f"   {'variant':18s}{header}{'total':>10s}{'logits':>10s}{'setup':>10s}{'speedup':>9s}"
+        f"   reads (Redis chunks / LRU hits)"
+    )
     speedups: dict[str, float] = {}
     for variant in variants:
         epochs = "".join(f"{s:9.2f}s" for s in variant.epoch_seconds)
@@ -348,9 +407,11 @@ def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespa
         speedups[variant.name] = ratio
         counters = reads.get(variant.name)
         read_text = f"   {counters['chunk_reads']} / {counters['lru_hits']}" if counters else ""
-        print(f"   {variant.name:18s}{epochs}{variant.total_seconds:9.2f}s{sum(variant.logits_seconds):9.2f}s"
-              f"{variant.setup_seconds * 1e3:8.1f}ms"
-              f"{ratio:8.2f}x{read_text}")
+        print(
+            f"   {variant.name:18s}{epochs}{variant.total_seconds:9.2f}s{sum(variant.logits_seconds):9.2f}s"
+            f"{variant.setup_seconds * 1e3:8.1f}ms"
+            f"{ratio:8.2f}x{read_text}"
+        )
 
     cached_variants = [v for v in variants if v.name != "online"]
     slowest = max(cached_variants, key=lambda v: v.total_seconds)
@@ -362,32 +423,50 @@ def benchmark_size(server: ManagedRedisServer, size: int, args: argparse.Namespa
         return trials * online.total_seconds / (one_off + trials * trial_cached)
 
     print(f"   speedup per epoch (online / slowest cached variant, {slowest.name}): {headline:.2f}x")
-    print(f"   amortised, one-off {one_off:.1f} s included (its teacher inference was measured before the runs, not "
-          f"interleaved; the online run spent {statistics.mean(online.logits_seconds):.1f} s per epoch in teacher "
-          f"forward passes, interleaved), a trial's cache reads included: 1 trial of {config.epochs} epochs {amortised(1):.2f}x, {args.trials} trials "
-          f"{amortised(args.trials):.2f}x, limit {online.total_seconds / trial_cached:.2f}x")
+    print(
+        f"   amortised, one-off {one_off:.1f} s included (its teacher inference was measured before the runs, not "
+        f"interleaved; the online run spent {statistics.mean(online.logits_seconds):.1f} s per epoch in teacher "
+        f"forward passes, interleaved), a trial's cache reads included: 1 trial of {config.epochs} epochs {amortised(1):.2f}x, {args.trials} trials "
+        f"{amortised(args.trials):.2f}x, limit {online.total_seconds / trial_cached:.2f}x"
+    )
 
     student_logits = {v.name: predict_logits(v.student, val.images) for v in variants}
     vs_online = {v.name: agreement(student_logits["online"], student_logits[v.name]) for v in cached_variants}
-    among_cached = max(agreement(student_logits["cache/batch"], student_logits[v.name])["max_abs"] for v in cached_variants)
+    among_cached = max(
+        agreement(student_logits["cache/batch"], student_logits[v.name])["max_abs"] for v in cached_variants
+    )
     worst = max(vs_online.values(), key=lambda a: a["max_abs"])
-    print(f"   student val logits, cached vs online teachers: max |dz| = {worst['max_abs']:.2e} "
-          f"({worst['max_rel']:.1e} of max |z| = {np.abs(student_logits['online']).max():.2f}), "
-          f"argmax agreement {min(a['argmax'] for a in vs_online.values()):.4f}; "
-          f"between the cached variants: max |dz| = {among_cached:.1e}", flush=True)
+    print(
+        f"   student val logits, cached vs online teachers: max |dz| = {worst['max_abs']:.2e} "
+        f"({worst['max_rel']:.1e} of max |z| = {np.abs(student_logits['online']).max():.2f}), "
+        f"argmax agreement {min(a['argmax'] for a in vs_online.values()):.4f}; "
+        f"between the cached variants: max |dz| = {among_cached:.1e}",
+        flush=True,
+    )
     return {
-        "speedup": headline, "speedups": speedups, "amortised_1": amortised(1), "amortised_k": amortised(args.trials),
-        "one_off": one_off, "student_max_abs": worst["max_abs"], "student_argmax": min(a["argmax"] for a in vs_online.values()),
+        "speedup": headline,
+        "speedups": speedups,
+        "amortised_1": amortised(1),
+        "amortised_k": amortised(args.trials),
+        "one_off": one_off,
+        "student_max_abs": worst["max_abs"],
+        "student_argmax": min(a["argmax"] for a in vs_online.values()),
         "among_cached": among_cached,
-        "online_epoch": statistics.mean(online.epoch_seconds), "cached_epoch": statistics.mean(slowest.epoch_seconds),
+        "online_epoch": statistics.mean(online.epoch_seconds),
+        "cached_epoch": statistics.mean(slowest.epoch_seconds),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 64], help="image sizes (synthetic data)")
-    parser.add_argument("--data", type=Path, nargs="*", default=[],
-                        help="MedMNIST .npz files; each replaces the synthetic data of its image size")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="MedMNIST .npz files; each replaces the synthetic data of its image size",
+    )
     parser.add_argument("--num-train", type=int, default=1000)
     parser.add_argument("--num-val", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
@@ -406,9 +485,11 @@ def main() -> None:
     files = medmnist_sizes(args.data)
     sizes = sorted(set(args.sizes) | set(files))
     torch.set_num_threads(args.threads)
-    print(f"cache speedup: 1 student x {len(TEACHERS)} teachers ({', '.join(TEACHERS)}), cached logits vs online "
-          f"teachers; the variants run interleaved step by step (round-robin, one at a time, waits excluded) in one process, so "
-          f"load from other processes hits them alike. CPU, torch threads {args.threads}.")
+    print(
+        f"cache speedup: 1 student x {len(TEACHERS)} teachers ({', '.join(TEACHERS)}), cached logits vs online "
+        f"teachers; the variants run interleaved step by step (round-robin, one at a time, waits excluded) in one process, so "
+        f"load from other processes hits them alike. CPU, torch threads {args.threads}."
+    )
     results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="medkd-bench-") as tmp, ManagedRedisServer(data_dir=Path(tmp)) as server:
         for size in sizes:

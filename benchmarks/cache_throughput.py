@@ -91,22 +91,31 @@ def throughput(server: ManagedRedisServer, batch: int, repeats: int, n_cls: int,
 
     nbytes = sum(len(v) for entry in entries for v in raw.mget(keys[entry]))
     useful = sum(cold.fetch(t, DATASET, s, indices=batches[s]).nbytes for t, s in entries)
-    times = interleaved({"raw": read_raw, "cold": lambda: read_cache(cold), "warm": lambda: read_cache(warm)},
-                        repeats)
+    times = interleaved({"raw": read_raw, "cold": lambda: read_cache(cold), "warm": lambda: read_cache(warm)}, repeats)
     # The ratio is the median over rounds of raw/cache measured back to back: on a shared,
     # loaded machine the paired ratio is far steadier than a ratio of two separate statistics.
     paired = statistics.median(r / c for r, c in zip(times["raw"], times["cold"]))
     (t_cache, m_cache), (t_raw, m_raw), (t_warm, m_warm) = (
-        (min(times[k]), statistics.median(times[k])) for k in ("cold", "raw", "warm"))
+        (min(times[k]), statistics.median(times[k])) for k in ("cold", "raw", "warm")
+    )
     for client in (writer, cold, warm):
         client.close()
     samples = batch * len(TEACHERS)  # one batch of samples, each with logits of 3 teachers x 2 tasks
     return {
-        "stored_mb": nbytes / 1e6, "decoded_mb": useful / 1e6,
-        "t_cache": t_cache, "t_raw": t_raw, "t_warm": t_warm,
-        "m_cache": m_cache, "m_raw": m_raw, "m_warm": m_warm, "paired_ratio": paired,
-        "cache_mb_s": nbytes / t_cache / 1e6, "raw_mb_s": nbytes / t_raw / 1e6,
-        "cache_samples_s": batch / t_cache, "raw_samples_s": batch / t_raw, "warm_samples_s": batch / t_warm,
+        "stored_mb": nbytes / 1e6,
+        "decoded_mb": useful / 1e6,
+        "t_cache": t_cache,
+        "t_raw": t_raw,
+        "t_warm": t_warm,
+        "m_cache": m_cache,
+        "m_raw": m_raw,
+        "m_warm": m_warm,
+        "paired_ratio": paired,
+        "cache_mb_s": nbytes / t_cache / 1e6,
+        "raw_mb_s": nbytes / t_raw / 1e6,
+        "cache_samples_s": batch / t_cache,
+        "raw_samples_s": batch / t_raw,
+        "warm_samples_s": batch / t_warm,
         "teacher_samples": samples,
     }
 
@@ -114,29 +123,50 @@ def throughput(server: ManagedRedisServer, batch: int, repeats: int, n_cls: int,
 def bytes_per_sample(server: ManagedRedisServer) -> list[dict[str, object]]:
     cache = SoftLabelCache(server.url, namespace="bench-size", lru_bytes=0)
     cases = [
-        ("classification C=10", classification_logits(2048, 10, 7), [
-            {"encoding": "float32"}, {}, {"compression": "zlib"}]),
-        ("2D segmentation C=14 64x64", segmentation_logits(16, 14, 64, 7), [
-            {"encoding": "float32"}, {}, {"compression": "zlib"}, {"compression": "lzma"},
-            {"topk": 3}, {"topk": 3, "compression": "zlib"}, {"topk": 5, "compression": "zlib"}]),
+        (
+            "classification C=10",
+            classification_logits(2048, 10, 7),
+            [{"encoding": "float32"}, {}, {"compression": "zlib"}],
+        ),
+        (
+            "2D segmentation C=14 64x64",
+            segmentation_logits(16, 14, 64, 7),
+            [
+                {"encoding": "float32"},
+                {},
+                {"compression": "zlib"},
+                {"compression": "lzma"},
+                {"topk": 3},
+                {"topk": 3, "compression": "zlib"},
+                {"topk": 5, "compression": "zlib"},
+            ],
+        ),
     ]
     rows = []
     for task, logits, variants in cases:
-        for i, options in enumerate(variants):
+        for options in variants:
             split = f"s{len(rows)}"
             manifest = cache.publish("size", DATASET, split, logits, teacher_spec={}, **options)
             start = time.perf_counter()
             decoded = cache.fetch("size", DATASET, split)
             decode_s = time.perf_counter() - start
-            label = options.get("encoding", "float16") + (f"+top{options['topk']}" if "topk" in options else "") + (
-                f"+{options['compression']}" if "compression" in options else "")
-            rows.append({
-                "task": task, "encoding": label, "bytes_per_sample": manifest.nbytes / manifest.num_samples,
-                "max_abs_err": float(np.abs(decoded - logits).max()),
-                "kl_t1": mean_kl(logits, decoded, 1.0), "kl_t4": mean_kl(logits, decoded, 4.0),
-                "argmax_agree": float((decoded.argmax(1) == logits.argmax(1)).mean()),
-                "read_mb_s": logits.nbytes / decode_s / 1e6,
-            })
+            label = (
+                options.get("encoding", "float16")
+                + (f"+top{options['topk']}" if "topk" in options else "")
+                + (f"+{options['compression']}" if "compression" in options else "")
+            )
+            rows.append(
+                {
+                    "task": task,
+                    "encoding": label,
+                    "bytes_per_sample": manifest.nbytes / manifest.num_samples,
+                    "max_abs_err": float(np.abs(decoded - logits).max()),
+                    "kl_t1": mean_kl(logits, decoded, 1.0),
+                    "kl_t4": mean_kl(logits, decoded, 4.0),
+                    "argmax_agree": float((decoded.argmax(1) == logits.argmax(1)).mean()),
+                    "read_mb_s": logits.nbytes / decode_s / 1e6,
+                }
+            )
     cache.purge()
     cache.close()
     return rows
@@ -151,23 +181,35 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="medkd-bench-") as tmp, ManagedRedisServer(data_dir=Path(tmp)) as server:
         result = throughput(server, args.batch, args.repeats, args.cls_samples, args.seg_samples)
-        print(f"batch: {args.batch} shuffled samples x {len(TEACHERS)} teachers x (classification C=10 + "
-              f"segmentation C=4 64x64), float16; {result['stored_mb']:.2f} MB of chunks read, "
-              f"{result['decoded_mb']:.2f} MB float32 returned; best (median) of {args.repeats}, interleaved")
+        print(
+            f"batch: {args.batch} shuffled samples x {len(TEACHERS)} teachers x (classification C=10 + "
+            f"segmentation C=4 64x64), float16; {result['stored_mb']:.2f} MB of chunks read, "
+            f"{result['decoded_mb']:.2f} MB float32 returned; best (median) of {args.repeats}, interleaved"
+        )
         print(f"  paired ratio raw/cache (median over rounds): {result['paired_ratio']:.2f}")
-        print(f"  raw redis-py MGET : {result['t_raw'] * 1e3:7.2f} ms ({result['m_raw'] * 1e3:7.2f})  "
-              f"{result['raw_mb_s']:7.1f} MB/s  {result['raw_samples_s']:8.0f} samples/s")
-        print(f"  cache.fetch (cold): {result['t_cache'] * 1e3:7.2f} ms ({result['m_cache'] * 1e3:7.2f})  "
-              f"{result['cache_mb_s']:7.1f} MB/s  {result['cache_samples_s']:8.0f} samples/s")
-        print(f"  cache.fetch (LRU) : {result['t_warm'] * 1e3:7.2f} ms ({result['m_warm'] * 1e3:7.2f})  "
-              f"{'':>12}  {result['warm_samples_s']:8.0f} samples/s")
+        print(
+            f"  raw redis-py MGET : {result['t_raw'] * 1e3:7.2f} ms ({result['m_raw'] * 1e3:7.2f})  "
+            f"{result['raw_mb_s']:7.1f} MB/s  {result['raw_samples_s']:8.0f} samples/s"
+        )
+        print(
+            f"  cache.fetch (cold): {result['t_cache'] * 1e3:7.2f} ms ({result['m_cache'] * 1e3:7.2f})  "
+            f"{result['cache_mb_s']:7.1f} MB/s  {result['cache_samples_s']:8.0f} samples/s"
+        )
+        print(
+            f"  cache.fetch (LRU) : {result['t_warm'] * 1e3:7.2f} ms ({result['m_warm'] * 1e3:7.2f})  "
+            f"{'':>12}  {result['warm_samples_s']:8.0f} samples/s"
+        )
         rows = bytes_per_sample(server)
         print("\nbytes per sample and error (vs float32 logits):")
-        print(f"  {'task':28s} {'encoding':18s} {'bytes/sample':>12s} {'max|dz|':>8s} {'KL T=1':>9s} {'KL T=4':>9s} "
-              f"{'argmax':>7s} {'read MB/s':>9s}")
+        print(
+            f"  {'task':28s} {'encoding':18s} {'bytes/sample':>12s} {'max|dz|':>8s} {'KL T=1':>9s} {'KL T=4':>9s} "
+            f"{'argmax':>7s} {'read MB/s':>9s}"
+        )
         for r in rows:
-            print(f"  {r['task']:28s} {r['encoding']:18s} {r['bytes_per_sample']:12.1f} {r['max_abs_err']:8.4f} "
-                  f"{r['kl_t1']:9.2e} {r['kl_t4']:9.2e} {r['argmax_agree']:7.4f} {r['read_mb_s']:9.1f}")
+            print(
+                f"  {r['task']:28s} {r['encoding']:18s} {r['bytes_per_sample']:12.1f} {r['max_abs_err']:8.4f} "
+                f"{r['kl_t1']:9.2e} {r['kl_t4']:9.2e} {r['argmax_agree']:7.4f} {r['read_mb_s']:9.1f}"
+            )
     ratio = result["paired_ratio"]
     ratio_best = result["t_raw"] / result["t_cache"]
     by = {(r["task"].split()[0], r["encoding"]): r["bytes_per_sample"] for r in rows}

@@ -116,6 +116,7 @@ def quality(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 def interleaved_latency(paths: dict[str, Path], shape: tuple[int, ...], *, runs: int, rounds: int) -> dict[str, float]:
     """Median over ``rounds`` of each model's median batch-1 latency, the models taking turns."""
+
     def median_ms(path: Path):
         return lambda: measure_latency(path, shape, threads=1, warmup=20, runs=runs).median_ms
 
@@ -141,7 +142,9 @@ def main() -> None:
     started = time.perf_counter()
     train(model, data["train_x"], data["train_y"], epochs=args.epochs, lr=3e-3)
     print(f"data: {source}, train {len(data['train_x'])}, test {len(data['test_x'])}, {classes} classes")
-    print(f"student: {count_parameters(model):,} params, trained {args.epochs} epochs in {time.perf_counter() - started:.1f}s")
+    print(
+        f"student: {count_parameters(model):,} params, trained {args.epochs} epochs in {time.perf_counter() - started:.1f}s"
+    )
 
     with tempfile.TemporaryDirectory(prefix="medkd-bench-") as tmp:
         directory = Path(tmp)
@@ -162,13 +165,19 @@ def main() -> None:
         params = {"fp32": count_parameters(model), "pruned_fp32": count_parameters(pruned)}
         params["int8"], params["pruned_int8"] = params["fp32"], params["pruned_fp32"]
 
-    print(f"export parity (FP32 ONNX vs PyTorch, test split): max |diff| {parity.max_abs_diff:.2e}, "
-          f"argmax agreement {parity.argmax_agreement:.4f}")
-    print(f"\n{'model':<12} {'params':>9} {'bytes':>10} {'batch-1 ms':>11} {'test acc':>9} {'test AUC':>9} {'agree w/ fp32':>14}")
+    print(
+        f"export parity (FP32 ONNX vs PyTorch, test split): max |diff| {parity.max_abs_diff:.2e}, "
+        f"argmax agreement {parity.argmax_agreement:.4f}"
+    )
+    print(
+        f"\n{'model':<12} {'params':>9} {'bytes':>10} {'batch-1 ms':>11} {'test acc':>9} {'test AUC':>9} {'agree w/ fp32':>14}"
+    )
     for name in paths:
         accuracy, auc = quality(logits[name], data["test_y"])
         agreement = float(np.mean(logits[name].argmax(1) == logits["fp32"].argmax(1)))
-        print(f"{name:<12} {params[name]:>9,} {sizes[name]:>10,} {latency[name]:>11.3f} {accuracy:>9.3f} {auc:>9.3f} {agreement:>14.3f}")
+        print(
+            f"{name:<12} {params[name]:>9,} {sizes[name]:>10,} {latency[name]:>11.3f} {accuracy:>9.3f} {auc:>9.3f} {agreement:>14.3f}"
+        )
 
     int8_size_ratio = sizes["int8"] / sizes["fp32"]
     int8_speedup = latency["fp32"] / latency["int8"]

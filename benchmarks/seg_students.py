@@ -100,8 +100,11 @@ def build_spec(args: argparse.Namespace, redis_port: int) -> Any:
     if not teachers:
         raise SpecError(f"{args.spec}: no teacher named {TEACHER_NAME!r} (found {[t.name for t in spec.teachers]})")
     raw = spec.model_dump(mode="json")
-    raw["teachers"] = [teachers[0].model_copy(update={"epochs": args.teacher_epochs, "cpus_per_worker": 1.0,
-                                                      "num_workers": 1}).model_dump(mode="json")]
+    raw["teachers"] = [
+        teachers[0]
+        .model_copy(update={"epochs": args.teacher_epochs, "cpus_per_worker": 1.0, "num_workers": 1})
+        .model_dump(mode="json")
+    ]
     return JobSpec.model_validate(raw)  # re-validated with the one teacher
 
 
@@ -112,39 +115,68 @@ def teacher_stage(spec: Any, dataset: Any, meta: DatasetMeta, cache: Any, progre
     """Train (or find) the teacher with Ray Train, cache its logits, score it from the cache."""
     import ray
 
-    from medkd.students.distill import evaluate_logits
     from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits
+    from medkd.students.distill import evaluate_logits
     from medkd.teachers.train import train_teachers
 
     output_dir = Path(spec.output_dir)
     data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
     started = time.perf_counter()
-    artifacts, status = train_teachers(spec, dataset, data_ref, output_dir=output_dir,
-                                       storage_path=str(output_dir / "ray"), progress=progress)
+    artifacts, status = train_teachers(
+        spec, dataset, data_ref, output_dir=output_dir, storage_path=str(output_dir / "ray"), progress=progress
+    )
     train_seconds = time.perf_counter() - started
     options = {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk}
     started = time.perf_counter()
-    report = cache_teacher_logits(cache, artifacts, dataset_fp=dataset.fingerprint, meta=meta, data_ref=data_ref,
-                                  cache_options=options, progress=progress)
+    report = cache_teacher_logits(
+        cache,
+        artifacts,
+        dataset_fp=dataset.fingerprint,
+        meta=meta,
+        data_ref=data_ref,
+        cache_options=options,
+        progress=progress,
+    )
     views = None
     if spec.cache.views:
         # FKD for segmentation: the teacher's pixel logits on augmented views of train, so the
         # KD student trains on augmented images with targets that moved with them.
-        views = cache_view_logits(cache, artifacts, dataset_fp=dataset.fingerprint, meta=meta, data_ref=data_ref,
-                                  num_train=len(dataset.splits["train"].images), views=spec.cache.views,
-                                  augment=spec.search.augment, seed=spec.seed, cache_options=options,
-                                  progress=progress)
+        views = cache_view_logits(
+            cache,
+            artifacts,
+            dataset_fp=dataset.fingerprint,
+            meta=meta,
+            data_ref=data_ref,
+            num_train=len(dataset.splits["train"].images),
+            views=spec.cache.views,
+            augment=spec.search.augment,
+            seed=spec.seed,
+            cache_options=options,
+            progress=progress,
+        )
     cache_seconds = time.perf_counter() - started
     artifact = artifacts[0]
-    scores = {split: evaluate_logits(cache.fetch(artifact.fingerprint, dataset.fingerprint, split),
-                                     dataset.splits[split].labels, meta) for split in ("val", "test")}
+    scores = {
+        split: evaluate_logits(
+            cache.fetch(artifact.fingerprint, dataset.fingerprint, split), dataset.splits[split].labels, meta
+        )
+        for split in ("val", "test")
+    }
     return {
-        "name": artifact.name, "model": artifact.model, "model_kwargs": artifact.model_kwargs,
-        "fingerprint": artifact.fingerprint, "params": artifact.params, "status": status[artifact.name],
-        "epochs_run": artifact.epochs_run, "best_epoch": artifact.best_epoch, "train_seconds": artifact.train_seconds,
-        "stage_seconds": train_seconds, "soft_label_seconds": cache_seconds,
+        "name": artifact.name,
+        "model": artifact.model,
+        "model_kwargs": artifact.model_kwargs,
+        "fingerprint": artifact.fingerprint,
+        "params": artifact.params,
+        "status": status[artifact.name],
+        "epochs_run": artifact.epochs_run,
+        "best_epoch": artifact.best_epoch,
+        "train_seconds": artifact.train_seconds,
+        "stage_seconds": train_seconds,
+        "soft_label_seconds": cache_seconds,
         "soft_label_bytes": sum(s["bytes"] for s in report[artifact.name]["splits"].values()),
-        "val_dice": float(scores["val"]["dice"]), "test_dice": float(scores["test"]["dice"]),
+        "val_dice": float(scores["val"]["dice"]),
+        "test_dice": float(scores["test"]["dice"]),
         "test_dice_per_class": [float(v) for v in scores["test"]["dice_per_class"]],
         "views": views,
     }
@@ -157,20 +189,39 @@ def student_config(args: argparse.Namespace, spec: Any, seed: int, kd: bool) -> 
     from medkd.students.distill import DistillConfig
 
     return DistillConfig(
-        student=STUDENT, width=args.width, depth=args.depth, temperature=args.temperature,
-        alpha=args.alpha if kd else 1.0, aggregation="mean", lr=args.lr, epochs=args.student_epochs,
-        batch_size=spec.search.batch_size, seed=seed, prune="none", quantize=args.quantize,
+        student=STUDENT,
+        width=args.width,
+        depth=args.depth,
+        temperature=args.temperature,
+        alpha=args.alpha if kd else 1.0,
+        aggregation="mean",
+        lr=args.lr,
+        epochs=args.student_epochs,
+        batch_size=spec.search.batch_size,
+        seed=seed,
+        prune="none",
+        quantize=args.quantize,
     )
 
 
-def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: DatasetMeta, cache: Any,
-                  teacher_fp: str, directory: Path, views: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_student(
+    config: Any,
+    *,
+    kind: str,
+    spec: Any,
+    dataset: Any,
+    meta: DatasetMeta,
+    cache: Any,
+    teacher_fp: str,
+    directory: Path,
+    views: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One student through the search's recipe; test Dice of its compressed and FP32 exports."""
+    from medkd.search.recipe import train_candidate, trial_augmentation
+    from medkd.softlabels.reading import cached_teacher_logits, cached_views
     from medkd.students.candidate import FP32_FILE, MODEL_FILE
     from medkd.students.compression import OnnxModel
     from medkd.students.distill import build_student, evaluate_logits
-    from medkd.search.recipe import train_candidate, trial_augmentation
-    from medkd.softlabels.reading import cached_teacher_logits, cached_views
 
     splits = dataset.splits
     kd = config.alpha < 1
@@ -186,43 +237,80 @@ def train_student(config: Any, *, kind: str, spec: Any, dataset: Any, meta: Data
     def on_epoch(record: dict[str, Any]) -> None:
         history.append(record)
         if record["epoch"] == config.epochs or record["epoch"] % 5 == 0:
-            log(f"    {kind} seed {config.seed}: epoch {record['epoch']}/{config.epochs} "
-                f"val Dice {record.get('val_dice', float('nan')):.4f} ({record['epoch_seconds']:.1f}s/epoch)")
+            log(
+                f"    {kind} seed {config.seed}: epoch {record['epoch']}/{config.epochs} "
+                f"val Dice {record.get('val_dice', float('nan')):.4f} ({record['epoch_seconds']:.1f}s/epoch)"
+            )
 
     started = time.perf_counter()
-    metrics = train_candidate(build_student(meta, config), config, meta=meta,
-                              train=(splits["train"].images, splits["train"].labels),
-                              val=(splits["val"].images, splits["val"].labels),
-                              teacher_logits=teacher_logits, augment=augment, directory=directory,
-                              latency_runs=spec.export.latency_runs, on_epoch=on_epoch, views=fkd_views)
+    metrics = train_candidate(
+        build_student(meta, config),
+        config,
+        meta=meta,
+        train=(splits["train"].images, splits["train"].labels),
+        val=(splits["val"].images, splits["val"].labels),
+        teacher_logits=teacher_logits,
+        augment=augment,
+        directory=directory,
+        latency_runs=spec.export.latency_runs,
+        on_epoch=on_epoch,
+        views=fkd_views,
+    )
     seconds = time.perf_counter() - started
     test_x, test_y = splits["test"].images, splits["test"].labels
     served = evaluate_logits(OnnxModel(directory / MODEL_FILE, threads=1).predict(test_x), test_y, meta)
     fp32 = evaluate_logits(OnnxModel(directory / FP32_FILE, threads=1).predict(test_x), test_y, meta)
     return {
-        "kind": kind, "seed": config.seed, "config": config.model_dump(),
-        "test_dice": float(served["dice"]), "test_dice_per_class": [float(v) for v in served["dice_per_class"]],
-        "test_dice_fp32": float(fp32["dice"]), "val_dice": float(metrics["val_dice"]),
-        "params": int(metrics["params_total"]), "model_bytes": int(metrics["model_bytes"]),
-        "latency_ms": float(metrics["latency_ms"]), "seconds": round(seconds, 1),
+        "kind": kind,
+        "seed": config.seed,
+        "config": config.model_dump(),
+        "test_dice": float(served["dice"]),
+        "test_dice_per_class": [float(v) for v in served["dice_per_class"]],
+        "test_dice_fp32": float(fp32["dice"]),
+        "val_dice": float(metrics["val_dice"]),
+        "params": int(metrics["params_total"]),
+        "model_bytes": int(metrics["model_bytes"]),
+        "latency_ms": float(metrics["latency_ms"]),
+        "seconds": round(seconds, 1),
         "history": [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in history],
     }
 
 
-def student_stage(args: argparse.Namespace, spec: Any, dataset: Any, meta: DatasetMeta, cache: Any,
-                  teacher_fp: str, seeds: list[int], views: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+def student_stage(
+    args: argparse.Namespace,
+    spec: Any,
+    dataset: Any,
+    meta: DatasetMeta,
+    cache: Any,
+    teacher_fp: str,
+    seeds: list[int],
+    views: dict[str, Any] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {"kd": [], "ce": []}
     root = Path(spec.output_dir) / "students"
     for seed in seeds:  # KD and no-KD alternate, so load from other processes hits both alike
         for kind in ("kd", "ce"):
             config = student_config(args, spec, seed, kind == "kd")
-            log(f"  student {kind} seed {seed}: {STUDENT} width {config.width}, alpha {config.alpha}, "
-                f"T {config.temperature}, {config.epochs} epochs, lr {config.lr}, quantize {config.quantize}")
-            run = train_student(config, kind=kind, spec=spec, dataset=dataset, meta=meta, cache=cache,
-                                teacher_fp=teacher_fp, directory=root / f"{kind}-seed{seed}", views=views)
+            log(
+                f"  student {kind} seed {seed}: {STUDENT} width {config.width}, alpha {config.alpha}, "
+                f"T {config.temperature}, {config.epochs} epochs, lr {config.lr}, quantize {config.quantize}"
+            )
+            run = train_student(
+                config,
+                kind=kind,
+                spec=spec,
+                dataset=dataset,
+                meta=meta,
+                cache=cache,
+                teacher_fp=teacher_fp,
+                directory=root / f"{kind}-seed{seed}",
+                views=views,
+            )
             runs[kind].append(run)
-            log(f"  student {kind} seed {seed}: test Dice {run['test_dice']:.4f} ({config.quantize}), "
-                f"{run['test_dice_fp32']:.4f} (FP32 ONNX), val {run['val_dice']:.4f}, {run['seconds']:.0f}s")
+            log(
+                f"  student {kind} seed {seed}: test Dice {run['test_dice']:.4f} ({config.quantize}), "
+                f"{run['test_dice_fp32']:.4f} (FP32 ONNX), val {run['val_dice']:.4f}, {run['seconds']:.0f}s"
+            )
     return runs
 
 
@@ -235,13 +323,15 @@ def summarise(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) ->
         for key in ("test_dice", "test_dice_fp32", "val_dice"):
             summary[f"{kind}_{key}"] = mean_std([r[key] for r in rows])
     student_params = runs["kd"][0]["params"]
-    summary.update({
-        "student_params": student_params,
-        "param_ratio": student_params / teacher["params"],
-        "dice_gap": teacher["test_dice"] - summary["kd_test_dice"][0],
-        "kd_gain_dice": summary["kd_test_dice"][0] - summary["ce_test_dice"][0],
-        "paired_gain": [k["test_dice"] - c["test_dice"] for k, c in zip(runs["kd"], runs["ce"])],
-    })
+    summary.update(
+        {
+            "student_params": student_params,
+            "param_ratio": student_params / teacher["params"],
+            "dice_gap": teacher["test_dice"] - summary["kd_test_dice"][0],
+            "kd_gain_dice": summary["kd_test_dice"][0] - summary["ce_test_dice"][0],
+            "paired_gain": [k["test_dice"] - c["test_dice"] for k, c in zip(runs["kd"], runs["ce"])],
+        }
+    )
     return summary
 
 
@@ -249,7 +339,9 @@ def fmt(pair: tuple[float, float], n: int) -> str:
     return f"{pair[0]:.4f} ± {pair[1]:.4f}" if n > 1 else f"{pair[0]:.4f}"
 
 
-def table(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], args: argparse.Namespace) -> str:
+def table(
+    teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], args: argparse.Namespace
+) -> str:
     n = len(runs["kd"])
     per_class = lambda values: " / ".join(f"{v:.3f}" for v in values)  # noqa: E731
     q = args.quantize
@@ -266,8 +358,10 @@ def table(teacher: dict[str, Any], runs: dict[str, list[dict[str, Any]]], summar
             f"{fmt(summary[f'{kind}_test_dice_fp32'], n)} | {fmt(summary[f'{kind}_val_dice'], n)} | |"
         )
         for run in runs[kind]:
-            lines.append(f"| &nbsp;&nbsp;{kind} seed {run['seed']} | | | {run['test_dice']:.4f} | {run['test_dice_fp32']:.4f} | "
-                         f"{run['val_dice']:.4f} | {per_class(run['test_dice_per_class'])} |")
+            lines.append(
+                f"| &nbsp;&nbsp;{kind} seed {run['seed']} | | | {run['test_dice']:.4f} | {run['test_dice_fp32']:.4f} | "
+                f"{run['val_dice']:.4f} | {per_class(run['test_dice_per_class'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -295,24 +389,33 @@ def result_line(teacher: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.seg_students", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.seg_students",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--image-size", type=int, default=64, help="synthetic image side (pixels)")
     parser.add_argument("--num-train", type=int, default=512, help="training images")
     parser.add_argument("--num-val", type=int, default=128, help="validation images (model selection)")
-    parser.add_argument("--num-test", type=int, default=512, help="test images (reported; more than the spec's 128 to cut test noise)")
+    parser.add_argument(
+        "--num-test", type=int, default=512, help="test images (reported; more than the spec's 128 to cut test noise)"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="student seeds (each trains a KD and a no-KD student)")
     parser.add_argument("--teacher-epochs", type=int, default=60, help="teacher epochs (early stopping per the spec)")
     parser.add_argument("--student-epochs", type=int, default=120, help="epochs of every student")
     parser.add_argument("--width", type=float, default=0.5, help=f"{STUDENT} width multiplier")
-    parser.add_argument("--depth", type=float, default=1.0, help=f"{STUDENT} depth multiplier (levels = round(4 * depth))")
+    parser.add_argument(
+        "--depth", type=float, default=1.0, help=f"{STUDENT} depth multiplier (levels = round(4 * depth))"
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="KD students' hard-loss (Dice+CE) weight, in [0, 1)")
     parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     parser.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate (one-cycle)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8_static", help="student compression")
     parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="segmentation job spec template")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="output folder (teacher, cache, students)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other spec override, e.g. data.difficulty=0.7")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any other spec override, e.g. data.difficulty=0.7"
+    )
     args = parser.parse_args(argv)
     for name in ("image_size", "num_train", "num_val", "num_test", "seeds", "teacher_epochs", "student_epochs"):
         if getattr(args, name) <= 0:
@@ -342,12 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from medkd.core.progress import Progress
     from medkd.data import load_dataset
     from medkd.pipeline.runner import init_ray
-    from medkd.core.progress import Progress
     from medkd.softlabels.store import SoftLabelCache
     from medkd.spec.job import SpecError
-    from medkd.students.distill import build_student, DistillConfig
+    from medkd.students.distill import DistillConfig, build_student
 
     torch.set_num_threads(1)
     try:
@@ -367,11 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     # The password reaches the spec (cache.password_env) through PASSWORD_ENV.
     with managed_redis(output_dir / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(args, redis_port=redis.port)
-        cache = SoftLabelCache(spec.cache.redis_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
+        cache = SoftLabelCache(
+            spec.cache.redis_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env
+        )
         teacher_spec = spec.teachers[0]
-        log(f"teacher {teacher_spec.model} {teacher_spec.model_kwargs}, {teacher_spec.epochs} epochs (patience "
+        log(
+            f"teacher {teacher_spec.model} {teacher_spec.model_kwargs}, {teacher_spec.epochs} epochs (patience "
             f"{teacher_spec.patience}); student {STUDENT} width {args.width} ({probe_params:,} params); "
-            f"redis-server 127.0.0.1:{redis.port}; output {output_dir}")
+            f"redis-server 127.0.0.1:{redis.port}; output {output_dir}"
+        )
         started_ray = init_ray(spec)
         try:
             log("teacher stage: Ray Train (1 worker, 1 CPU), then soft labels -> Redis")
@@ -379,13 +486,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if started_ray:
                 ray.shutdown()
-        log(f"teacher {teacher['status']}: {teacher['params']:,} params, best epoch {teacher['best_epoch']}/"
+        log(
+            f"teacher {teacher['status']}: {teacher['params']:,} params, best epoch {teacher['best_epoch']}/"
             f"{teacher['epochs_run']}, test Dice {teacher['test_dice']:.4f} (val {teacher['val_dice']:.4f}); "
             f"stage {teacher['stage_seconds']:.0f}s, soft labels {teacher['soft_label_seconds']:.0f}s "
-            f"({teacher['soft_label_bytes'] / 2**20:.1f} MiB)")
+            f"({teacher['soft_label_bytes'] / 2**20:.1f} MiB)"
+        )
         if probe_params / teacher["params"] > MAX_PARAM_RATIO:
-            log(f"warning: width {args.width} gives {probe_params / teacher['params']:.3f} of the teacher's parameters, "
-                f"over the 1/5 budget")
+            log(
+                f"warning: width {args.width} gives {probe_params / teacher['params']:.3f} of the teacher's parameters, "
+                f"over the 1/5 budget"
+            )
         seeds = [spec.seed + 1 + i for i in range(args.seeds)]
         log(f"students: seeds {seeds} x (KD, no KD), in this process, 1 torch thread")
         students_started = time.perf_counter()
@@ -398,10 +509,19 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m benchmarks.seg_students " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average_start": load_before, "load_average_end": os.getloadavg(),
-        "data": {"name": dataset.name, "fingerprint": dataset.fingerprint, "sizes": sizes, **spec.data.model_dump(mode="json")},
-        "teacher": teacher, "students": runs, "summary": summary,
-        "wall_seconds": wall, "students_seconds": students_seconds,
+        "load_average_start": load_before,
+        "load_average_end": os.getloadavg(),
+        "data": {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint,
+            "sizes": sizes,
+            **spec.data.model_dump(mode="json"),
+        },
+        "teacher": teacher,
+        "students": runs,
+        "summary": summary,
+        "wall_seconds": wall,
+        "students_seconds": students_seconds,
     }
     report["result_line"] = result_line(teacher, summary)
     text = table(teacher, runs, summary, args)
@@ -410,10 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print()
     print(verdict(summary))
-    trained = "" if teacher["status"] == "ran" else f", {teacher['status']}: trained earlier in {teacher['train_seconds']:.0f}s"
-    print(f"wall {wall:.0f}s (teacher stage {teacher['stage_seconds']:.0f}s{trained}, soft labels {teacher['soft_label_seconds']:.0f}s, "
-          f"students {students_seconds:.0f}s); load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
-          f"report {output_dir / 'seg_students.json'}")
+    trained = (
+        ""
+        if teacher["status"] == "ran"
+        else f", {teacher['status']}: trained earlier in {teacher['train_seconds']:.0f}s"
+    )
+    print(
+        f"wall {wall:.0f}s (teacher stage {teacher['stage_seconds']:.0f}s{trained}, soft labels {teacher['soft_label_seconds']:.0f}s, "
+        f"students {students_seconds:.0f}s); load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
+        f"report {output_dir / 'seg_students.json'}"
+    )
     print(report["result_line"], flush=True)
     return 0
 

@@ -69,25 +69,33 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
         f"- Configuration: {report['config']}",
         "",
-        "| variant | val AUC | test AUC | test ACC | min test AUC | " + " | ".join(f"seed {s} test AUC / ACC" for s in seeds) + " |",
+        "| variant | val AUC | test AUC | test ACC | min test AUC | "
+        + " | ".join(f"seed {s} test AUC / ACC" for s in seeds)
+        + " |",
         "|---|---|---|---|---|" + "---|" * len(seeds),
     ]
     for name, runs in report["runs"].items():
         s = report["summary"][name]
         per_seed = " | ".join(f"{r['test_auc']:.4f} / {r['test_acc']:.4f}" for r in runs)
-        lines.append(f"| {name} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± {s['test_auc_std']:.4f} "
-                     f"| {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {s['min_test_auc']:.4f} | {per_seed} |")
+        lines.append(
+            f"| {name} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± {s['test_auc_std']:.4f} "
+            f"| {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {s['min_test_auc']:.4f} | {per_seed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def result_line(summary: dict[str, dict[str, float]], soup: str) -> str:
     single, chosen = summary["single"], summary[soup]
     parts = {
-        "single_val_auc": single["val_auc"], "single_test_auc": single["test_auc"],
-        "single_test_auc_std": single["test_auc_std"], "single_min_test_auc": single["min_test_auc"],
+        "single_val_auc": single["val_auc"],
+        "single_test_auc": single["test_auc"],
+        "single_test_auc_std": single["test_auc_std"],
+        "single_min_test_auc": single["min_test_auc"],
         "single_test_acc": single["test_acc"],
-        "soup_val_auc": chosen["val_auc"], "soup_test_auc": chosen["test_auc"],
-        "soup_test_auc_std": chosen["test_auc_std"], "soup_min_test_auc": chosen["min_test_auc"],
+        "soup_val_auc": chosen["val_auc"],
+        "soup_test_auc": chosen["test_auc"],
+        "soup_test_auc_std": chosen["test_auc_std"],
+        "soup_min_test_auc": chosen["min_test_auc"],
         "soup_test_acc": chosen["test_acc"],
     }
     return "RESULT " + " ".join(f"{k}={v:.4f}" for k, v in parts.items())
@@ -96,8 +104,12 @@ def result_line(summary: dict[str, dict[str, float]], soup: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)")
-    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--forks", type=float, nargs="+", default=[0.25, 0.5])
@@ -137,16 +149,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data_ref, cache, augment = retraining_inputs(spec, results, dataset)
             task = ray.remote(num_cpus=1)(kd_gain_run)
-            refs = {(name, seed): task.remote(config.model_copy(update={**update, "seed": seed}).model_dump_json(), meta,
-                                              [data_ref], cache, augment, spec.export.latency_runs)
-                    for name, update in variants(args.branches, args.forks).items() for seed in args.seeds}
-            log(f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
-                f"{', '.join(variants(args.branches, args.forks))} x seeds {args.seeds}")
+            refs = {
+                (name, seed): task.remote(
+                    config.model_copy(update={**update, "seed": seed}).model_dump_json(),
+                    meta,
+                    [data_ref],
+                    cache,
+                    augment,
+                    spec.export.latency_runs,
+                )
+                for name, update in variants(args.branches, args.forks).items()
+                for seed in args.seeds
+            }
+            log(
+                f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
+                f"{', '.join(variants(args.branches, args.forks))} x seeds {args.seeds}"
+            )
             for (name, seed), ref in refs.items():
                 run = ray.get(ref)
                 runs.setdefault(name, []).append(run)
-                log(f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
-                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)")
+                log(
+                    f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
+                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)"
+                )
         finally:
             if started_ray:
                 ray.shutdown()

@@ -86,8 +86,18 @@ from benchmarks._student_setup import (  # noqa: E402  (re-exported: the spec of
 )
 from medkd.data.meta import DatasetMeta  # noqa: E402
 
-__all__ = ["SOUP_MAX_TRAIN_SIZE", "build_spec", "main", "parse_args", "published_rows", "search_trials",
-           "student_epochs", "view_count", "with_search", "without_flips"]
+__all__ = [
+    "SOUP_MAX_TRAIN_SIZE",
+    "build_spec",
+    "main",
+    "parse_args",
+    "published_rows",
+    "search_trials",
+    "student_epochs",
+    "view_count",
+    "with_search",
+    "without_flips",
+]
 RESNET18_PARAMS = 11_200_000  # MedMNIST v2's ResNet-18 (28), the parameter budget is 1/10 of it
 
 
@@ -110,17 +120,23 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta,
     task = ray.remote(num_cpus=1)(kd_gain_run)
     configs = {("kd", seed): best.model_copy(update={"seed": seed}) for seed in seeds}
     configs.update({("ce", seed): best.model_copy(update={"seed": seed, "alpha": 1.0}) for seed in seeds})
-    refs = {key: task.remote(cfg.model_dump_json(), meta, [data_ref], cache, augment, spec.export.latency_runs)
-            for key, cfg in configs.items()}
+    refs = {
+        key: task.remote(cfg.model_dump_json(), meta, [data_ref], cache, augment, spec.export.latency_runs)
+        for key, cfg in configs.items()
+    }
     runs: dict[str, list[dict[str, Any]]] = {"kd": [], "ce": []}
     for (kind, seed), ref in refs.items():
         run = ray.get(ref)
         runs[kind].append(run)
-        log(f"  {kind} seed {seed}: INT8 test AUC {run['test_auc']:.4f} ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)")
+        log(
+            f"  {kind} seed {seed}: INT8 test AUC {run['test_auc']:.4f} ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)"
+        )
     summary: dict[str, Any] = {"seeds": seeds, "config": best.model_dump(), "runs": runs}
     for kind in ("kd", "ce"):
         for metric in ("test_auc", "test_acc"):
-            summary[f"{kind}_{metric}_mean"], summary[f"{kind}_{metric}_std"] = mean_std([r[metric] for r in runs[kind]])
+            summary[f"{kind}_{metric}_mean"], summary[f"{kind}_{metric}_std"] = mean_std(
+                [r[metric] for r in runs[kind]]
+            )
     summary["gain_auc"] = summary["kd_test_auc_mean"] - summary["ce_test_auc_mean"]
     summary["gain_acc"] = summary["kd_test_acc_mean"] - summary["ce_test_acc_mean"]
     paired = [k["test_auc"] - c["test_auc"] for k, c in zip(runs["kd"], runs["ce"])]
@@ -132,7 +148,9 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta,
 # --------------------------------------------------------------------------- speed
 
 
-def export_teachers(results: dict[str, Any], output_dir: Path, meta: DatasetMeta, example: np.ndarray) -> dict[str, Path]:
+def export_teachers(
+    results: dict[str, Any], output_dir: Path, meta: DatasetMeta, example: np.ndarray
+) -> dict[str, Path]:
     import torch
 
     from medkd.students.compression import export_onnx
@@ -149,7 +167,9 @@ def export_teachers(results: dict[str, Any], output_dir: Path, meta: DatasetMeta
     return paths
 
 
-def measure_speed(models: dict[str, Path], input_shape: tuple[int, ...], *, threads: int, runs: int, rounds: int) -> dict[str, float]:
+def measure_speed(
+    models: dict[str, Path], input_shape: tuple[int, ...], *, threads: int, runs: int, rounds: int
+) -> dict[str, float]:
     from medkd.students.compression import measure_latency
 
     def median_ms(path: Path) -> Callable[[], float]:
@@ -160,20 +180,32 @@ def measure_speed(models: dict[str, Path], input_shape: tuple[int, ...], *, thre
     return {name: statistics.median(values) for name, values in medians.items()}
 
 
-def speed(results: dict[str, Any], output_dir: Path, meta: DatasetMeta, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
+def speed(
+    results: dict[str, Any], output_dir: Path, meta: DatasetMeta, dataset: Any, args: argparse.Namespace
+) -> dict[str, Any]:
     from medkd.students.compression import model_size_bytes
 
     example = dataset.splits["train"].images[:2]
     teachers = export_teachers(results, output_dir, meta, example)
     student_int8 = Path(results["best"]["onnx_path"])
     student_fp32 = student_int8.with_name("model_fp32.onnx")
-    models = {"student_int8": student_int8, "student_fp32": student_fp32, **{f"teacher_{k}": v for k, v in teachers.items()}}
-    latency = measure_speed(models, (1, *example.shape[1:]), threads=args.threads, runs=args.latency_runs, rounds=args.rounds)
+    models = {
+        "student_int8": student_int8,
+        "student_fp32": student_fp32,
+        **{f"teacher_{k}": v for k, v in teachers.items()},
+    }
+    latency = measure_speed(
+        models, (1, *example.shape[1:]), threads=args.threads, runs=args.latency_runs, rounds=args.rounds
+    )
     ensemble_ms = sum(latency[f"teacher_{name}"] for name in teachers)
     sizes = {name: model_size_bytes(path) for name, path in models.items()}
     return {
-        "threads": args.threads, "runs": args.latency_runs, "rounds": args.rounds,
-        "latency_ms": latency, "bytes": sizes, "ensemble_ms": ensemble_ms,
+        "threads": args.threads,
+        "runs": args.latency_runs,
+        "rounds": args.rounds,
+        "latency_ms": latency,
+        "bytes": sizes,
+        "ensemble_ms": ensemble_ms,
         "ensemble_bytes": sum(sizes[f"teacher_{name}"] for name in teachers),
         "speedup_vs_ensemble": ensemble_ms / latency["student_int8"],
         "int8_vs_fp32_speedup": latency["student_fp32"] / latency["student_int8"],
@@ -227,8 +259,10 @@ def markdown(report: dict[str, Any]) -> str:
     for teacher in r["teachers"]:
         tm = teacher.get("test_metrics", {})
         key = f"teacher_{teacher['name']}"
-        lines.append(f"| teacher {teacher['name']} ({teacher['model']}, FP32) | {tm.get('auc', float('nan')):.4f} | "
-                     f"{tm.get('acc', float('nan')):.4f} | {teacher['params']:,} | {sp['bytes'][key]:,} | {sp['latency_ms'][key]:.2f} |")
+        lines.append(
+            f"| teacher {teacher['name']} ({teacher['model']}, FP32) | {tm.get('auc', float('nan')):.4f} | "
+            f"{tm.get('acc', float('nan')):.4f} | {teacher['params']:,} | {sp['bytes'][key]:,} | {sp['latency_ms'][key]:.2f} |"
+        )
     lines += [
         f"| teacher ensemble (FP32, sum of latencies) | {ens['auc']:.4f} | {ens['acc']:.4f} | "
         f"{sum(t['params'] for t in r['teachers']):,} | {sp['ensemble_bytes']:,} | {sp['ensemble_ms']:.2f} |",
@@ -276,14 +310,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec template (default: %(default)s)")
     parser.add_argument("--output", help="output folder (default: runs/bench-students-<data name>)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the KD-gain comparison (>= 2)")
-    parser.add_argument("--trials", type=int,
-                        help="override search.num_trials (default: the spec's, cut to ~%d student samples over the "
-                             "search, at least %d trials)" % (SEARCH_SAMPLE_BUDGET, MIN_TRIALS))
-    parser.add_argument("--epochs", default="auto",
-                        help="search epochs: an int, or 'auto' (default): ~%d training samples per trial, "
-                             "at least %d epochs, at most the spec's search.epochs" % (STUDENT_SAMPLE_BUDGET, MIN_STUDENT_EPOCHS))
-    parser.add_argument("--teachers", choices=("recipe", "spec"), default="recipe",
-                        help="recipe (default): medkd.teachers.recipe.teacher_recipe for this data; spec: the template's")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        help=f"override search.num_trials (default: the spec's, cut to ~{SEARCH_SAMPLE_BUDGET} student samples "
+        f"over the search, at least {MIN_TRIALS} trials)",
+    )
+    parser.add_argument(
+        "--epochs",
+        default="auto",
+        help=f"search epochs: an int, or 'auto' (default): ~{STUDENT_SAMPLE_BUDGET} training samples per trial, "
+        f"at least {MIN_STUDENT_EPOCHS} epochs, at most the spec's search.epochs",
+    )
+    parser.add_argument(
+        "--teachers",
+        choices=("recipe", "spec"),
+        default="recipe",
+        help="recipe (default): medkd.teachers.recipe.teacher_recipe for this data; spec: the template's",
+    )
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other spec override")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every latency")
     parser.add_argument("--latency-runs", type=int, default=200)
@@ -312,17 +356,21 @@ def main(argv: list[str] | None = None) -> int:
     # The password reaches the spec (cache.password_env) and Ray workers through PASSWORD_ENV.
     with managed_redis(output_dir / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(args, redis_port=redis.port, dataset=dataset)
-        log(f"teachers: {', '.join(f'{t.name}={t.model} x{t.epochs} epochs' for t in spec.teachers)}; "
+        log(
+            f"teachers: {', '.join(f'{t.name}={t.model} x{t.epochs} epochs' for t in spec.teachers)}; "
             f"search: {spec.search.num_trials} trials x {spec.search.epochs} epochs; cached views: {spec.cache.views}; "
-            f"final weight soup: {spec.search.final_branches or 'off'}")
+            f"final weight soup: {spec.search.final_branches or 'off'}"
+        )
         log(f"job {spec.name}: {args.data} -> {output_dir}; redis-server 127.0.0.1:{redis.port}")
         started_ray = init_ray(spec)
         try:
             pipeline_started = time.perf_counter()
             results = run_job(spec, serve=False)
             pipeline_seconds = time.perf_counter() - pipeline_started
-            log(f"pipeline done in {pipeline_seconds:.0f}s; selected {results['best']['model_id']}: INT8 test "
-                f"AUC {results['best']['test_metrics']['auc']:.4f} ACC {results['best']['test_metrics']['acc']:.4f}")
+            log(
+                f"pipeline done in {pipeline_seconds:.0f}s; selected {results['best']['model_id']}: INT8 test "
+                f"AUC {results['best']['test_metrics']['auc']:.4f} ACC {results['best']['test_metrics']['acc']:.4f}"
+            )
             seeds = [spec.seed + 1 + i for i in range(args.seeds)]
             log(f"KD gain: {len(seeds)} seeds x (KD, CE only), Ray tasks of 1 CPU")
             t0 = time.perf_counter()

@@ -18,13 +18,22 @@ from pathlib import Path
 import numpy as np
 
 
-def write_npz(output: Path, *, num_train: int, num_val: int, num_test: int, difficulty: float,
-              num_classes: int, seed: int) -> dict[str, tuple[int, ...]]:
-    from medkd.spec.data import SyntheticDataSpec
+def write_npz(
+    output: Path, *, num_train: int, num_val: int, num_test: int, difficulty: float, num_classes: int, seed: int
+) -> dict[str, tuple[int, ...]]:
     from medkd.data.synthetic import generate_split
+    from medkd.spec.data import SyntheticDataSpec
 
-    spec = SyntheticDataSpec(num_train=num_train, num_val=num_val, num_test=num_test, difficulty=difficulty,
-                             num_classes=num_classes, seed=seed, image_size=28, in_channels=1)
+    spec = SyntheticDataSpec(
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        difficulty=difficulty,
+        num_classes=num_classes,
+        seed=seed,
+        image_size=28,
+        in_channels=1,
+    )
     arrays = {}
     for split in ("train", "val", "test"):
         part = generate_split(spec, split)
@@ -52,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--difficulty must be in [0, 1], got {args.difficulty}")
     if args.output.suffix != ".npz":
         parser.error(f"--output {args.output}: a .npz path expected")
-    shapes = write_npz(args.output, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-                       difficulty=args.difficulty, num_classes=args.num_classes, seed=args.seed)
+    shapes = write_npz(
+        args.output,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test=args.num_test,
+        difficulty=args.difficulty,
+        num_classes=args.num_classes,
+        seed=args.seed,
+    )
     print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
     return 0
 

@@ -59,14 +59,16 @@ def run_seed(
     from medkd.teachers.loop import predict
     from medkd.teachers.train import load_teacher_model, train_teachers
 
-    spec = parse_spec({
-        "name": f"bench-teachers-{dataset.name}-s{seed}",
-        "task": "classification",
-        "seed": seed,
-        "data": {"kind": "synthetic"},  # placeholder: the dataset is passed in already loaded
-        "teachers": teachers,
-        "output_dir": str(output_dir),
-    })
+    spec = parse_spec(
+        {
+            "name": f"bench-teachers-{dataset.name}-s{seed}",
+            "task": "classification",
+            "seed": seed,
+            "data": {"kind": "synthetic"},  # placeholder: the dataset is passed in already loaded
+            "teachers": teachers,
+            "output_dir": str(output_dir),
+        }
+    )
     meta = DatasetMeta.of(dataset)
     started = time.perf_counter()
     artifacts, _ = train_teachers(
@@ -82,13 +84,24 @@ def run_seed(
         logits = predict(load_teacher_model(artifact, meta), test_x, 256, torch.device("cpu"))
         test_logits.append(logits)
         metrics = classification_metrics(probabilities(logits, multilabel=multilabel), test_y, multilabel=multilabel)
-        rows.append({
-            "teacher": artifact.name, "model": artifact.model, "params": artifact.params,
-            "epochs_run": artifact.epochs_run, "best_epoch": artifact.best_epoch, "val_auc": artifact.best_val,
-            "test_auc": metrics["auc"], "test_acc": metrics["acc"], "test_f1": metrics["f1_macro"],
-            "test_ece": metrics["ece"], "train_s": artifact.train_seconds,
-        })
-    ensemble = classification_metrics(ensemble_probabilities(test_logits, multilabel=multilabel), test_y, multilabel=multilabel)
+        rows.append(
+            {
+                "teacher": artifact.name,
+                "model": artifact.model,
+                "params": artifact.params,
+                "epochs_run": artifact.epochs_run,
+                "best_epoch": artifact.best_epoch,
+                "val_auc": artifact.best_val,
+                "test_auc": metrics["auc"],
+                "test_acc": metrics["acc"],
+                "test_f1": metrics["f1_macro"],
+                "test_ece": metrics["ece"],
+                "train_s": artifact.train_seconds,
+            }
+        )
+    ensemble = classification_metrics(
+        ensemble_probabilities(test_logits, multilabel=multilabel), test_y, multilabel=multilabel
+    )
     best = max(rows, key=lambda row: row["val_auc"])
     return {
         "seed": seed,
@@ -127,10 +140,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
             aucs = [r["teachers"][i]["test_auc"] for r in results]
             accs = [r["teachers"][i]["test_acc"] for r in results]
             print(f"mean  {model:<10} test AUC {format_mean_std(aucs)}  test ACC {format_mean_std(accs)}")
-        print(f"mean  {'ensemble':<10} test AUC {format_mean_std([r['ensemble_auc'] for r in results])}  "
-              f"test ACC {format_mean_std([r['ensemble_acc'] for r in results])}")
-        print(f"mean  {'best (val)':<10} test AUC {format_mean_std([r['best_teacher_auc'] for r in results])}  "
-              f"test ACC {format_mean_std([r['best_teacher_acc'] for r in results])}")
+        print(
+            f"mean  {'ensemble':<10} test AUC {format_mean_std([r['ensemble_auc'] for r in results])}  "
+            f"test ACC {format_mean_std([r['ensemble_acc'] for r in results])}"
+        )
+        print(
+            f"mean  {'best (val)':<10} test AUC {format_mean_std([r['best_teacher_auc'] for r in results])}  "
+            f"test ACC {format_mean_std([r['best_teacher_acc'] for r in results])}"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,9 +157,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", default="auto", help="'auto' (sample budget, see module docs) or an int")
     parser.add_argument("--cnn", default="resnet18", help="CNN teacher registry name")
     parser.add_argument("--vit", default="vit", help="ViT teacher registry name")
-    parser.add_argument("--class-weighting", action="store_true",
-                        help="ablation: inverse-frequency class weights in the loss (off in the recipe)")
-    parser.add_argument("--max-train", type=int, default=DEFAULT_MAX_TRAIN, help="stratified cap of the train split (0: all)")
+    parser.add_argument(
+        "--class-weighting",
+        action="store_true",
+        help="ablation: inverse-frequency class weights in the loss (off in the recipe)",
+    )
+    parser.add_argument(
+        "--max-train", type=int, default=DEFAULT_MAX_TRAIN, help="stratified cap of the train split (0: all)"
+    )
     parser.add_argument("--max-val", type=int, default=DEFAULT_MAX_VAL, help="stratified cap of the val split (0: all)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--output", type=Path, default=None, help="keep checkpoints here (default: a temp dir)")
@@ -166,20 +188,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall_started = time.perf_counter()
 
+    from medkd.core.progress import Progress
     from medkd.data import MedMNISTDataSpec, load_dataset
     from medkd.data.medmnist import medmnist_flag
-    from medkd.core.progress import Progress
 
     progress = Progress()
-    dataset = load_dataset(MedMNISTDataSpec(path=args.data.resolve()))  # every data problem is reported here, before Ray starts
+    dataset = load_dataset(
+        MedMNISTDataSpec(path=args.data.resolve())
+    )  # every data problem is reported here, before Ray starts
     if dataset.task != "classification":
         raise SystemExit(f"{args.data}: benchmarks.teachers needs a classification set, got {dataset.task}")
-    caps = {split: cap for split, cap in (("train", args.max_train), ("val", args.max_val)) if cap and len(dataset.splits[split]) > cap}
+    caps = {
+        split: cap
+        for split, cap in (("train", args.max_train), ("val", args.max_val))
+        if cap and len(dataset.splits[split]) > cap
+    }
     if caps:
         dataset = dataset.subset(caps, seed=0)
     sizes = {name: len(split) for name, split in dataset.splits.items()}
-    teachers = teacher_recipe(n_train=sizes["train"], class_names=dataset.class_names, image_size=dataset.image_size,
-                              epochs=args.epochs, cnn=args.cnn, vit=args.vit)
+    teachers = teacher_recipe(
+        n_train=sizes["train"],
+        class_names=dataset.class_names,
+        image_size=dataset.image_size,
+        epochs=args.epochs,
+        cnn=args.cnn,
+        vit=args.vit,
+    )
     if args.class_weighting:  # ablation: inverse-frequency class weights in the loss
         teachers = [{**teacher, "class_weighting": True} for teacher in teachers]
     progress.line(
@@ -197,11 +231,21 @@ def main(argv: list[str] | None = None) -> int:
             root = args.output.resolve() if args.output else Path(tmp)
             for seed in range(args.seeds):
                 progress.line(f"== seed {seed} ==")
-                results.append(run_seed(seed, dataset=dataset, data_ref=data_ref, teachers=teachers,
-                                        output_dir=root / f"seed{seed}", progress=progress))
+                results.append(
+                    run_seed(
+                        seed,
+                        dataset=dataset,
+                        data_ref=data_ref,
+                        teachers=teachers,
+                        output_dir=root / f"seed{seed}",
+                        progress=progress,
+                    )
+                )
                 r = results[-1]
-                progress.line(f"seed {seed}: best teacher ({r['best_teacher']}) test AUC {r['best_teacher_auc']:.3f} "
-                              f"ACC {r['best_teacher_acc']:.3f}; ensemble AUC {r['ensemble_auc']:.3f} ACC {r['ensemble_acc']:.3f}")
+                progress.line(
+                    f"seed {seed}: best teacher ({r['best_teacher']}) test AUC {r['best_teacher_auc']:.3f} "
+                    f"ACC {r['best_teacher_acc']:.3f}; ensemble AUC {r['ensemble_auc']:.3f} ACC {r['ensemble_acc']:.3f}"
+                )
     wall = time.perf_counter() - wall_started
 
     print()
@@ -210,10 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     baseline = PAPER_BASELINES.get(medmnist_flag(args.data))
     if baseline:
         print(f"MedMNIST v2 ResNet-18 (28) test: AUC {baseline[0]:.3f} / ACC {baseline[1]:.3f}")
-    summary = {key: statistics.mean(r[key] for r in results) for key in ("best_teacher_auc", "best_teacher_acc", "ensemble_auc", "ensemble_acc")}
+    summary = {
+        key: statistics.mean(r[key] for r in results)
+        for key in ("best_teacher_auc", "best_teacher_acc", "ensemble_auc", "ensemble_acc")
+    }
     if args.json:
-        args.json.write_text(json.dumps({"data": str(args.data), "sizes": sizes, "teachers": teachers, "results": results,
-                                         "summary": summary, "wall_s": wall}, indent=2, default=float))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "data": str(args.data),
+                    "sizes": sizes,
+                    "teachers": teachers,
+                    "results": results,
+                    "summary": summary,
+                    "wall_s": wall,
+                },
+                indent=2,
+                default=float,
+            )
+        )
     print_result({**summary, "wall_s": f"{wall:.0f}"})
     return 0 if all(math.isfinite(v) for v in summary.values()) else 1
 

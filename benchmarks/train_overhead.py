@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
 from medkd.data.meta import DatasetMeta
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -60,7 +61,9 @@ def teacher_spec(args: argparse.Namespace) -> Any:
     )
 
 
-def train_plain(teacher: dict[str, Any], meta: DatasetMeta, arrays: dict[str, Any], seed: int, threads: int) -> dict[str, Any]:
+def train_plain(
+    teacher: dict[str, Any], meta: DatasetMeta, arrays: dict[str, Any], seed: int, threads: int
+) -> dict[str, Any]:
     """The teacher loop without Ray: same model, optimiser, schedule, loss, batches and validation."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -88,27 +91,54 @@ def train_plain(teacher: dict[str, Any], meta: DatasetMeta, arrays: dict[str, An
     criterion = build_criterion(teacher, meta, train_y)
     generator = torch.Generator()
     dataset = TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y))
-    loader = DataLoader(dataset, batch_size=teacher["batch_size"], shuffle=True, drop_last=len(dataset) > teacher["batch_size"], generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=teacher["batch_size"],
+        shuffle=True,
+        drop_last=len(dataset) > teacher["batch_size"],
+        generator=generator,
+    )
     train_seconds, epoch_seconds, val_auc = [], [], float("nan")
     for epoch in range(teacher["epochs"]):
         generator.manual_seed(seed * 100_003 + epoch)
         epoch_started = time.perf_counter()
-        train_epoch(model, loader, criterion=criterion, optimizer=optimizer, scaler=scaler,
-                    augment=epoch_augmentation(teacher, meta, seed, 0, epoch), meta=meta, device=device, use_amp=False)
+        train_epoch(
+            model,
+            loader,
+            criterion=criterion,
+            optimizer=optimizer,
+            scaler=scaler,
+            augment=epoch_augmentation(teacher, meta, seed, 0, epoch),
+            meta=meta,
+            device=device,
+            use_amp=False,
+        )
         scheduler.step()
         train_seconds.append(time.perf_counter() - epoch_started)
         val_auc = float(validate(model, val_x, val_y, criterion=criterion, meta=meta, device=device)["auc"])
         epoch_seconds.append(time.perf_counter() - epoch_started)
-    return {"total_s": time.perf_counter() - started, "train_s": sum(train_seconds), "loop_s": sum(epoch_seconds), "val_auc": val_auc}
+    return {
+        "total_s": time.perf_counter() - started,
+        "train_s": sum(train_seconds),
+        "loop_s": sum(epoch_seconds),
+        "val_auc": val_auc,
+    }
 
 
-def train_ray(teacher_spec_: Any, meta: DatasetMeta, data_ref: Any, seed: int, output_dir: Path, run: int) -> dict[str, Any]:
+def train_ray(
+    teacher_spec_: Any, meta: DatasetMeta, data_ref: Any, seed: int, output_dir: Path, run: int
+) -> dict[str, Any]:
     from medkd.teachers.train import train_one_teacher
 
     started = time.perf_counter()
     artifact = train_one_teacher(
-        teacher_spec_, teacher_fp=f"overhead{run}", seed=seed, meta=meta, data_ref=data_ref,
-        output_dir=output_dir, storage_path=str(output_dir / "ray"),
+        teacher_spec_,
+        teacher_fp=f"overhead{run}",
+        seed=seed,
+        meta=meta,
+        data_ref=data_ref,
+        output_dir=output_dir,
+        storage_path=str(output_dir / "ray"),
     )
     total = time.perf_counter() - started
     history = artifact.history
@@ -144,18 +174,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from medkd.data import SyntheticDataSpec, load_dataset
 
-    dataset = load_dataset(SyntheticDataSpec(num_train=args.num_train, num_val=args.num_val, num_test=16,
-                                             image_size=args.image_size, num_classes=2))
+    dataset = load_dataset(
+        SyntheticDataSpec(
+            num_train=args.num_train, num_val=args.num_val, num_test=16, image_size=args.image_size, num_classes=2
+        )
+    )
     meta, arrays = DatasetMeta.of(dataset), dataset.arrays()
     spec = teacher_spec(args)
     teacher = spec.model_dump(mode="json")
-    print(f"workload: {args.model}, {args.num_train} train / {args.num_val} val images {args.image_size}x{args.image_size}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {args.threads} thread(s), augment={args.augment}", flush=True)
+    print(
+        f"workload: {args.model}, {args.num_train} train / {args.num_val} val images {args.image_size}x{args.image_size}, "
+        f"{args.epochs} epochs, batch {args.batch_size}, {args.threads} thread(s), augment={args.augment}",
+        flush=True,
+    )
 
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    ray.init(
+        address="local",
+        num_cpus=max(2, args.threads),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+    )
     ray_init = time.perf_counter() - started
     plain_runs, ray_runs = [], []
     try:
@@ -170,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         ray_runs.append(train_ray(spec, meta, data_ref, seed=0, output_dir=Path(tmp), run=pair))
                         run = ray_runs[-1]
-                    print(f"  {side:<5} total {run['total_s']:7.1f}s  epochs {run['loop_s']:7.1f}s  "
-                          f"train {run['train_s']:7.1f}s  val AUC {run['val_auc']:.3f}", flush=True)
+                    print(
+                        f"  {side:<5} total {run['total_s']:7.1f}s  epochs {run['loop_s']:7.1f}s  "
+                        f"train {run['train_s']:7.1f}s  val AUC {run['val_auc']:.3f}",
+                        flush=True,
+                    )
     finally:
         ray.shutdown()
 
@@ -187,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         p, r = median(plain_runs, key), median(ray_runs, key)
         print(f"{label:<22}{p:>8.1f}s{r:>8.1f}s{r / p:>8.3f}")
     print(f"ray fixed cost (start-up, checkpoints, teardown, artifact): {ray_s - median(ray_runs, 'loop_s'):.1f}s")
-    print(f"RESULT train_overhead_ratio={ratio:.3f} plain_s={plain_s:.1f} ray_fit_s={ray_s:.1f} ray_init_s={ray_init:.1f}")
+    print(
+        f"RESULT train_overhead_ratio={ratio:.3f} plain_s={plain_s:.1f} ray_fit_s={ray_s:.1f} ray_init_s={ray_init:.1f}"
+    )
     return 0
 
 

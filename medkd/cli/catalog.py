@@ -28,7 +28,9 @@ def build_catalog() -> dict[str, dict[str, dict[str, Any]]]:
     """``{kind: {name: info}}`` for every registry the spec names things from."""
     registries = all_registries()
     return {
-        kind: {entry.name: {k: _plain(v) for k, v in sorted(entry.info.items())} for entry in registries[kind].entries()}
+        kind: {
+            entry.name: {k: _plain(v) for k, v in sorted(entry.info.items())} for entry in registries[kind].entries()
+        }
         for kind in SPEC_KINDS
     }
 

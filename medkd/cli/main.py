@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from medkd.cli.cluster import add_cluster_parser
 from medkd.cli.jobs import add_jobs_parsers
@@ -39,12 +39,16 @@ def load_handler(handler: Handler | str) -> Handler:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medkd", description="Multi-teacher knowledge distillation for medical imaging")
+    parser = argparse.ArgumentParser(
+        prog="medkd", description="Multi-teacher knowledge distillation for medical imaging"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_spec(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("spec", type=Path, help="job spec (YAML)")
-        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. search.num_trials=2")
+        sub.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a spec field, e.g. search.num_trials=2"
+        )
 
     run = commands.add_parser("run", help="run a job end to end on this machine or RAY_ADDRESS")
     with_spec(run)
@@ -64,11 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--min-replicas", type=int, default=1)
     serve.add_argument("--max-replicas", type=int, default=2)
-    serve.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                       help="any serve: setting of a job spec, e.g. --set max_batch_size=8 --set gpus_per_replica=1")
-    serve.add_argument("--config-out", metavar="FILE",
-                       help="write the Ray Serve config for MODEL_DIR to FILE and exit (deploy it with "
-                            "`serve deploy FILE`; cluster/kuberay/rayservice.yaml embeds one)")
+    serve.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="any serve: setting of a job spec, e.g. --set max_batch_size=8 --set gpus_per_replica=1",
+    )
+    serve.add_argument(
+        "--config-out",
+        metavar="FILE",
+        help="write the Ray Serve config for MODEL_DIR to FILE and exit (deploy it with "
+        "`serve deploy FILE`; cluster/kuberay/rayservice.yaml embeds one)",
+    )
     serve.set_defaults(handler="medkd.cli.serve:serve")
 
     models = commands.add_parser("models", help="list a run's exported Pareto models; --select one to serve")
@@ -105,8 +116,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _known_error(error: Exception) -> str | None:
     """User-facing errors are printed as one message, not a traceback."""
-    names = {"DataValidationError", "DataFileNotFoundError", "ModelDirError", "RedisServerNotFound", "JobsError", "JobsAuthError", "JobsConnectionError",
-             "ExportError", "SearchInterrupted", "TeacherTrainingError", "RedisServerError", "RedisConnectionError", "CacheMissError", "CacheIntegrityError", "RequestError", "ServeRequestError", "ServeConfigError", "ClusterError"}
+    names = {
+        "DataValidationError",
+        "DataFileNotFoundError",
+        "ModelDirError",
+        "RedisServerNotFound",
+        "JobsError",
+        "JobsAuthError",
+        "JobsConnectionError",
+        "ExportError",
+        "SearchInterrupted",
+        "TeacherTrainingError",
+        "RedisServerError",
+        "RedisConnectionError",
+        "CacheMissError",
+        "CacheIntegrityError",
+        "RequestError",
+        "ServeRequestError",
+        "ServeConfigError",
+        "ClusterError",
+    }
     if type(error).__name__ in names or any(c.__name__ in names for c in type(error).__mro__):
         return str(error)
     return None

@@ -30,8 +30,10 @@ def models(args: argparse.Namespace) -> int:
         metrics = model["metrics"]
         quality = {k: v for k, v in metrics["test"].items() if k in ("auc", "acc", "dice")}
         mark = "*" if model["model_id"] == selected else " "
-        print(f"{mark} rank {model['search']['pareto_rank']}  {model['model_id']}  {model['config']['student']} "
-              f"w={model['config']['width']:.2f} {model['config']['quantize']}  params={metrics['params']:,}  "
-              f"bytes={metrics['model_bytes']:,}  latency={metrics['latency_ms']:.3f}ms  "
-              + "  ".join(f"test_{k}={v:.4f}" for k, v in quality.items() if v is not None))
+        print(
+            f"{mark} rank {model['search']['pareto_rank']}  {model['model_id']}  {model['config']['student']} "
+            f"w={model['config']['width']:.2f} {model['config']['quantize']}  params={metrics['params']:,}  "
+            f"bytes={metrics['model_bytes']:,}  latency={metrics['latency_ms']:.3f}ms  "
+            + "  ".join(f"test_{k}={v:.4f}" for k, v in quality.items() if v is not None)
+        )
     return 0

@@ -17,8 +17,12 @@ from medkd.spec.serve import ServeConfig
 
 
 def serve_config_from_args(args: argparse.Namespace):
-    settings = {"host": args.host, "port": args.port, "min_replicas": args.min_replicas,
-                "max_replicas": args.max_replicas}
+    settings = {
+        "host": args.host,
+        "port": args.port,
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+    }
     settings.update(parse_override(text) for text in (args.set or []))
     try:
         return ServeConfig(**settings)
@@ -34,8 +38,10 @@ def write_config(args: argparse.Namespace) -> int:
     if model_dir.exists():
         model_dir = model_dir.resolve()
     path = write_serve_config(args.config_out, model_dir, serve_config_from_args(args))
-    print(f"wrote {path}: deploy it with `serve deploy {path}` (Ray's CLI), or embed it as a RayService's serveConfigV2",
-          flush=True)
+    print(
+        f"wrote {path}: deploy it with `serve deploy {path}` (Ray's CLI), or embed it as a RayService's serveConfigV2",
+        flush=True,
+    )
     return 0
 
 

@@ -88,7 +88,7 @@ class WeightAverage:
         self.model.load_state_dict(state["model"])  # copies in place: the paired tensors stay valid
         self.updates = int(state["updates"])
 
-    def copy(self) -> "WeightAverage":
+    def copy(self) -> WeightAverage:
         """An independent average with the same weights, decay and update count (for a forked run)."""
         twin = WeightAverage.__new__(WeightAverage)
         twin.decay, twin.updates, twin._paired = self.decay, self.updates, None

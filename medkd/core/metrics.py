@@ -111,8 +111,10 @@ def probabilities(logits: np.ndarray, *, multilabel: bool = False, temperature: 
         temperature: logits are divided by it first (> 0), as in knowledge distillation.
     """
     array = _float_array(logits, "logits", min_ndim=2)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     dtype = np.float64 if array.dtype == np.float64 else np.float32
@@ -140,7 +142,9 @@ def ensemble_probabilities(
         multilabel: sigmoid instead of softmax (see :func:`probabilities`).
         weights: one non-negative weight per teacher (normalised here); None means equal.
     """
-    arrays = [_float_array(logits, f"logits_per_teacher[{i}]", min_ndim=2) for i, logits in enumerate(logits_per_teacher)]
+    arrays = [
+        _float_array(logits, f"logits_per_teacher[{i}]", min_ndim=2) for i, logits in enumerate(logits_per_teacher)
+    ]
     if not arrays:
         raise ValueError("logits_per_teacher must hold at least one teacher's logits")
     shapes = {a.shape for a in arrays}
@@ -285,7 +289,8 @@ def classification_metrics(
         ece = _nanmean([expected_calibration_error(confidence[:, k], truth[:, k] == predicted[:, k]) for k in range(c)])
         counts = _per_class_counts(truth, predicted)
         confusion = [
-            [[int(counts["tn"][k]), int(counts["fp"][k])], [int(counts["fn"][k]), int(counts["tp"][k])]] for k in range(c)
+            [[int(counts["tn"][k]), int(counts["fp"][k])], [int(counts["fn"][k]), int(counts["tp"][k])]]
+            for k in range(c)
         ]
     else:
         if c < 2:
@@ -380,7 +385,9 @@ def segmentation_metrics(
         y = y[:, 0]
     expected = (scores.shape[0], *scores.shape[2:])
     if y.shape != expected:
-        raise ValueError(f"labels must have shape {expected} (N, *spatial) to match logits {scores.shape}, got {y.shape}")
+        raise ValueError(
+            f"labels must have shape {expected} (N, *spatial) to match logits {scores.shape}, got {y.shape}"
+        )
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes - 1}], got values in [{y.min()}, {y.max()}]")
 

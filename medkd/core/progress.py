@@ -123,8 +123,14 @@ class Progress:
         True
     """
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False, *, console: Console | None = None,
-                 live: bool | None = None) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        *,
+        console: Console | None = None,
+        live: bool | None = None,
+    ) -> None:
         self._stream = stream or sys.stdout
         self._quiet = quiet
         self._lock = threading.RLock()
@@ -138,10 +144,16 @@ class Progress:
             self._bars = RichProgress(
                 # Descriptions are cut (…) to leave room for the bar and the count, even at 80 columns;
                 # the log lines above carry the times.
-                TextColumn("{task.description}", table_column=Column(
-                    max_width=max(30, self._console.width - 20), no_wrap=True, overflow="ellipsis")),
-                BarColumn(bar_width=12), MofNCompleteColumn(),
-                console=self._console, transient=False, redirect_stdout=False, redirect_stderr=False,
+                TextColumn(
+                    "{task.description}",
+                    table_column=Column(max_width=max(30, self._console.width - 20), no_wrap=True, overflow="ellipsis"),
+                ),
+                BarColumn(bar_width=12),
+                MofNCompleteColumn(),
+                console=self._console,
+                transient=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
             )
         self._started = False
         self._teacher_tasks: dict[str, TaskID] = {}
@@ -221,8 +233,11 @@ class Progress:
             self.line(f"  teacher {teacher}: epoch {epoch}/{epochs} {shown}")
             return
         # A bar has one line: the quality metric and the training loss (val_loss and val_acc stay in the logs).
-        brief = {k: v for k, v in metrics.items() if k == "train_loss" or (k.startswith("val_") and k not in
-                                                                            ("val_loss", "val_acc"))}
+        brief = {
+            k: v
+            for k, v in metrics.items()
+            if k == "train_loss" or (k.startswith("val_") and k not in ("val_loss", "val_acc"))
+        }
         text = " ".join(f"{k}={v:.3f}" for k, v in brief.items() if isinstance(v, float))
         with self._lock:
             self._show(self._teacher_tasks, teacher, f"  teacher {teacher}  {text}", epoch, epochs)
@@ -239,8 +254,13 @@ class Progress:
         self.line(f"  soft labels {teacher}: {text}")
         brief = {"computing": f"computing {','.join(splits)}", "cached": "published", "skipped": "found in cache"}
         with self._lock:
-            self._show(self._soft_label_tasks, teacher, f"  soft labels {teacher}: {brief[status]}",
-                       0 if status == "computing" else 1, 1)
+            self._show(
+                self._soft_label_tasks,
+                teacher,
+                f"  soft labels {teacher}: {brief[status]}",
+                0 if status == "computing" else 1,
+                1,
+            )
 
     # ------------------------------------------------------------------ trials
     def trials_started(self, total: int, *, metric: str | None = None, mode: Literal["max", "min"] = "max") -> None:
@@ -263,8 +283,9 @@ class Progress:
         with self._lock:
             self._show(self._trial_tasks, trial, f"    {trial}  {metric}={value:.4f}", epoch, epochs)
 
-    def trial_finished(self, trial: str, status: TrialEnd, metrics: dict[str, Any], *,
-                       value: float | None = None) -> None:
+    def trial_finished(
+        self, trial: str, status: TrialEnd, metrics: dict[str, Any], *, value: float | None = None
+    ) -> None:
         """A trial ended (``done``, ``stopped`` early, or ``failed``) with its last ``metrics``.
 
         Args:
@@ -290,8 +311,9 @@ class Progress:
         self.line(f"  trial {board.finished}/{board.total} {_TRIAL_WORDS[status]} ({trial}): {shown}{best}")
 
     def _update_search(self) -> None:
-        self._show(self._search_tasks, "search", f"  trials: {self.trials.summary()}", self.trials.finished,
-                   self.trials.total)
+        self._show(
+            self._search_tasks, "search", f"  trials: {self.trials.summary()}", self.trials.finished, self.trials.total
+        )
 
     # ------------------------------------------------------------------ remote events
     def event(self, event: dict[str, Any]) -> None:

@@ -51,8 +51,9 @@ class Entry(Generic[T]):
     def same_definition(self, other: Any) -> bool:
         """True when ``other`` is this entry's object defined again (a reloaded module)."""
         key = (getattr(self.obj, "__module__", None), getattr(self.obj, "__qualname__", None))
-        return self.obj is other or (key[1] is not None and key == (getattr(other, "__module__", None),
-                                                                    getattr(other, "__qualname__", None)))
+        return self.obj is other or (
+            key[1] is not None and key == (getattr(other, "__module__", None), getattr(other, "__qualname__", None))
+        )
 
 
 class Registry(Generic[T]):

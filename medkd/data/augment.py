@@ -162,7 +162,9 @@ def _affine_thetas(affines: Sequence[dict[str, Any]], spatial_shape: Sequence[in
     dims = len(spatial_shape)
     rotation = _rotations(np.asarray([a["rotate"] for a in affines], dtype=np.float64).reshape(len(affines), -1))
     zoom = np.asarray([a["scale"] for a in affines], dtype=np.float64)
-    shift = np.asarray([a["translate"] for a in affines], dtype=np.float64) * np.asarray(spatial_shape, dtype=np.float64)
+    shift = np.asarray([a["translate"] for a in affines], dtype=np.float64) * np.asarray(
+        spatial_shape, dtype=np.float64
+    )
     to_normalised = 2.0 / np.asarray(spatial_shape, dtype=np.float64)
     linear = rotation / zoom[:, None, None]
     theta = np.tile(np.eye(dims + 1), (len(affines), 1, 1))
@@ -190,7 +192,9 @@ def _spatial(x: torch.Tensor, params: Sequence[ViewParams], spatial_dims: int, m
         selected = [i for i, view in enumerate(params) if view["rot90"] % 4 == k]
         if selected:
             if k % 2 and x.shape[-1] != x.shape[-2]:
-                raise ValueError(f"rot90 by {k} quarter turn(s) needs square images, got spatial shape {tuple(x.shape[2:])}")
+                raise ValueError(
+                    f"rot90 by {k} quarter turn(s) needs square images, got spatial shape {tuple(x.shape[2:])}"
+                )
             out = writable()
             out[selected] = torch.rot90(out[selected], k, dims=(-2, -1))
     by_padding: dict[str, list[int]] = {}
@@ -260,7 +264,9 @@ class Augmentation:
     the images and, for segmentation, identically to the masks.
     """
 
-    def __init__(self, spec: AugmentSpec, spatial_dims: int, task: str = "classification", seed: int | None = None) -> None:
+    def __init__(
+        self, spec: AugmentSpec, spatial_dims: int, task: str = "classification", seed: int | None = None
+    ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if task not in _TASKS:

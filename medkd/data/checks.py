@@ -80,9 +80,7 @@ def check_multilabel(labels: np.ndarray, *, source: str, key: str | None = None)
     return labels.astype(np.float32)
 
 
-def check_mask(
-    mask: np.ndarray, num_classes: int, *, source: str, key: str | None = None
-) -> np.ndarray:
+def check_mask(mask: np.ndarray, num_classes: int, *, source: str, key: str | None = None) -> np.ndarray:
     """Segmentation mask -> int64; integral values in ``[0, num_classes)``."""
     where = _where(source, key)
     check_numeric(mask, source=source, key=key, what="labels")

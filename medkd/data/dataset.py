@@ -22,9 +22,9 @@ from typing import Any, Literal
 import numpy as np
 
 from medkd.core.errors import DataValidationError
+from medkd.core.fingerprint import array_digest, fingerprint
 from medkd.data.preprocess import rescale_intensities, standardise
 from medkd.data.splitting import stratified_sample
-from medkd.core.fingerprint import array_digest, fingerprint
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 Task = Literal["classification", "segmentation"]
@@ -44,14 +44,12 @@ class Split:
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
-            raise DataValidationError(
-                f"split has {len(self.images)} images but {len(self.labels)} labels"
-            )
+            raise DataValidationError(f"split has {len(self.images)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def take(self, indices: np.ndarray) -> "Split":
+    def take(self, indices: np.ndarray) -> Split:
         return Split(self.images[indices], self.labels[indices])
 
 
@@ -117,7 +115,7 @@ class Dataset:
         *,
         indices: Mapping[str, Sequence[int] | np.ndarray] | None = None,
         seed: int = 0,
-    ) -> "Dataset":
+    ) -> Dataset:
         """A smaller dataset (e.g. for a quick run); other splits are kept whole.
 
         The preprocessing is kept as is (so a model trained on the subset serves with the same

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from medkd.data.checks import check_mask, check_numeric
-from medkd.data.dataset import SPLITS, RawData, Split
 from medkd.core.errors import DataFileNotFoundError, DataValidationError
+from medkd.data.checks import check_mask, check_numeric
+from medkd.data.dataset import RawData, Split
 from medkd.data.preprocess import resize
 from medkd.data.registry import register_adapter
-from medkd.spec.data import DecathlonDataSpec
 from medkd.data.splitting import stratified_partition
+from medkd.spec.data import DecathlonDataSpec
 
 _LIST_KEYS = {"train": "training", "val": "validation", "test": "test"}
 
@@ -174,7 +174,9 @@ def load_decathlon(spec: DecathlonDataSpec) -> RawData:
             images.append(case_images)
             labels.append(case_labels)
         if not images or sum(len(i) for i in images) == 0:
-            raise DataValidationError(f"{spec.path}: the {split} split is empty ({len(cases)} case(s) with usable samples)")
+            raise DataValidationError(
+                f"{spec.path}: the {split} split is empty ({len(cases)} case(s) with usable samples)"
+            )
         splits[split] = Split(np.concatenate(images), np.concatenate(labels))
 
     train = splits["train"].images

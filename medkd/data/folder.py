@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medkd.data.dataset import SPLITS, RawData, Split
 from medkd.core.errors import DataValidationError
+from medkd.data.dataset import SPLITS, RawData, Split
 from medkd.data.preprocess import EIGHT_BIT_SCALE, ImageError, decode_dicom, decode_pil, scaled_image
 from medkd.data.registry import register_adapter
-from medkd.spec.data import FolderDataSpec
 from medkd.data.splitting import stratified_partition
+from medkd.spec.data import FolderDataSpec
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -132,7 +132,9 @@ def load_folder(spec: FolderDataSpec) -> RawData:
         files, labels, class_names = _scan(root, None)
         images = _load(files, spec)
         train_fraction = 1.0 - spec.val_fraction - spec.test_fraction
-        parts = stratified_partition(labels, len(labels), [train_fraction, spec.val_fraction, spec.test_fraction], spec.seed)
+        parts = stratified_partition(
+            labels, len(labels), [train_fraction, spec.val_fraction, spec.test_fraction], spec.seed
+        )
         splits = {split: Split(images[idx], labels[idx]) for split, idx in zip(SPLITS, parts)}
     return RawData(
         name=spec.name or root.resolve().name,

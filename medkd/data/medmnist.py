@@ -13,31 +13,106 @@ from pathlib import Path
 
 import numpy as np
 
+from medkd.core.errors import DataFileNotFoundError, DataValidationError
 from medkd.data.checks import check_class_labels, check_multilabel, check_pixels
 from medkd.data.dataset import SPLITS, RawData, Split
-from medkd.core.errors import DataFileNotFoundError, DataValidationError
 from medkd.data.registry import register_adapter
-from medkd.spec.data import MEDMNIST_DOWNLOAD_HINT, MedMNISTDataSpec
 from medkd.data.splitting import stratified_sample
+from medkd.spec.data import MEDMNIST_DOWNLOAD_HINT, MedMNISTDataSpec
 
 REQUIRED_KEYS: tuple[str, ...] = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
 
-_ORGAN = ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left", "lung-right", "pancreas", "spleen"]
+_ORGAN = [
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
+]
 #: Class names of the official MedMNIST v2 files (medmnist ``INFO[flag]["label"]``), by file stem.
 KNOWN_CLASS_NAMES: dict[str, list[str]] = {
-    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"],
-    "chestmnist": ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"],
-    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"],
+    "pathmnist": [
+        "adipose",
+        "background",
+        "debris",
+        "lymphocytes",
+        "mucus",
+        "smooth muscle",
+        "normal colon mucosa",
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ],
+    "chestmnist": [
+        "atelectasis",
+        "cardiomegaly",
+        "effusion",
+        "infiltration",
+        "mass",
+        "nodule",
+        "pneumonia",
+        "pneumothorax",
+        "consolidation",
+        "edema",
+        "emphysema",
+        "fibrosis",
+        "pleural",
+        "hernia",
+    ],
+    "dermamnist": [
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ],
     "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
     "pneumoniamnist": ["normal", "pneumonia"],
     "retinamnist": ["0", "1", "2", "3", "4"],
     "breastmnist": ["malignant", "normal, benign"],
-    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte", "neutrophil", "platelet"],
-    "tissuemnist": ["Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule", "Glomerular endothelial cells", "Interstitial endothelial cells", "Leukocytes", "Podocytes", "Proximal Tubule Segments", "Thick Ascending Limb"],
+    "bloodmnist": [
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ],
+    "tissuemnist": [
+        "Collecting Duct, Connecting Tubule",
+        "Distal Convoluted Tubule",
+        "Glomerular endothelial cells",
+        "Interstitial endothelial cells",
+        "Leukocytes",
+        "Podocytes",
+        "Proximal Tubule Segments",
+        "Thick Ascending Limb",
+    ],
     "organamnist": _ORGAN,
     "organcmnist": _ORGAN,
     "organsmnist": _ORGAN,
-    "organmnist3d": ["liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder", "heart", "lung-right", "lung-left", "spleen", "pancreas"],
+    "organmnist3d": [
+        "liver",
+        "kidney-right",
+        "kidney-left",
+        "femur-right",
+        "femur-left",
+        "bladder",
+        "heart",
+        "lung-right",
+        "lung-left",
+        "spleen",
+        "pancreas",
+    ],
     "nodulemnist3d": ["benign", "malignant"],
     "adrenalmnist3d": ["normal", "hyperplasia"],
     "fracturemnist3d": ["buckle rib fracture", "nondisplaced rib fracture", "displaced rib fracture"],
@@ -83,9 +158,13 @@ def read_npz(path: Path, keys: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, np.
                         f"{path} [{key}]: is an object (pickled) array; medkd never unpickles data files, "
                         "store numeric arrays (uint8 images, integer labels)"
                     ) from None
-                raise DataValidationError(f"{path} [{key}]: unreadable array (corrupt or truncated?): {error}") from None
+                raise DataValidationError(
+                    f"{path} [{key}]: unreadable array (corrupt or truncated?): {error}"
+                ) from None
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
-                raise DataValidationError(f"{path} [{key}]: unreadable array (corrupt or truncated?): {error}") from None
+                raise DataValidationError(
+                    f"{path} [{key}]: unreadable array (corrupt or truncated?): {error}"
+                ) from None
     return arrays
 
 
@@ -102,7 +181,9 @@ def _layout(shape: tuple[int, ...], spatial_dims: int | None, path: Path) -> tup
         return (2, True) if spatial_dims == 2 else (3, False)
     if len(shape) == 5:
         if spatial_dims == 2:
-            raise DataValidationError(f"{path} [train_images]: shape {shape} is 3D (N, D, H, W, C) but spatial_dims is 2")
+            raise DataValidationError(
+                f"{path} [train_images]: shape {shape} is 3D (N, D, H, W, C) but spatial_dims is 2"
+            )
         return 3, True
     raise DataValidationError(
         f"{path} [train_images]: shape {shape} is not a MedMNIST layout; expected (N, H, W), (N, H, W, 3) or (N, D, H, W)"
@@ -157,7 +238,9 @@ def load_medmnist(spec: MedMNISTDataSpec) -> RawData:
     else:
         declared = len(spec.class_names) if spec.class_names else None
         for split in SPLITS:
-            labels[split] = check_class_labels(arrays[f"{split}_labels"], declared, source=str(path), key=f"{split}_labels")
+            labels[split] = check_class_labels(
+                arrays[f"{split}_labels"], declared, source=str(path), key=f"{split}_labels"
+            )
         observed = max(int(v.max()) for v in labels.values() if v.size) + 1
         num_classes = declared or max(observed, len(flag_names or []), 2)
     class_names = spec.class_names or (flag_names if flag_names and len(flag_names) == num_classes else None)

@@ -551,8 +551,13 @@ def model_input(
         [[[-1.0, -1.0], [-1.0, -1.0]]]
     """
     scaled = scaled_image(
-        image, in_channels=in_channels, spatial_dims=spatial_dims, image_size=image_size,
-        scale=scale, offset=offset, clip=clip,
+        image,
+        in_channels=in_channels,
+        spatial_dims=spatial_dims,
+        image_size=image_size,
+        scale=scale,
+        offset=offset,
+        clip=clip,
     )
     # InputMeta allows one mean/std for all channels.
     return standardise(scaled, np.broadcast_to(mean, (in_channels,)), np.broadcast_to(std, (in_channels,)))

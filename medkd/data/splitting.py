@@ -14,9 +14,7 @@ def _groups(strata: np.ndarray | None, n: int) -> list[np.ndarray]:
     return [np.flatnonzero(strata == value) for value in np.unique(strata)]
 
 
-def stratified_partition(
-    strata: np.ndarray | None, n: int, fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def stratified_partition(strata: np.ndarray | None, n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Partition ``range(n)`` into ``len(fractions)`` sorted index arrays.
 
     Each stratum (e.g. class) is shuffled with ``seed`` and divided by ``fractions`` (largest

@@ -7,7 +7,8 @@ split, and :class:`CachedViews` for FKD-style cached augmented views.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,10 @@ class CachedViews:
         images = apply_view(images, params)
         if segmentation:
             labels = apply_view_to_masks(labels, params)
-        parts = {k: (teacher_logits(indices[choice == k]) if k == 0 else self.logits(k - 1, indices[choice == k]))
-                 for k in np.unique(choice)}
+        parts = {
+            k: (teacher_logits(indices[choice == k]) if k == 0 else self.logits(k - 1, indices[choice == k]))
+            for k in np.unique(choice)
+        }
         first = next(iter(parts.values()))
         teachers = np.empty((first.shape[0], len(indices), *first.shape[2:]), dtype=np.float32)
         for k, logits in parts.items():

@@ -56,21 +56,43 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for teacher in results.get("teachers", []):
         test = teacher.get("test_metrics", {})
-        rows.append({"model": teacher["name"], "kind": f"teacher ({teacher['model']})", "params": teacher["params"],
-                     **{f"test_{k}": test.get(k) for k in keys}, "latency_ms": None, "size_bytes": None})
+        rows.append(
+            {
+                "model": teacher["name"],
+                "kind": f"teacher ({teacher['model']})",
+                "params": teacher["params"],
+                **{f"test_{k}": test.get(k) for k in keys},
+                "latency_ms": None,
+                "size_bytes": None,
+            }
+        )
     if "ensemble" in results:
         test = results["ensemble"].get("test_metrics", {})
-        rows.append({"model": "ensemble", "kind": _count(len(results.get("teachers", [])), "teacher"),
-                     "params": sum(t["params"] for t in results.get("teachers", [])),
-                     **{f"test_{k}": test.get(k) for k in keys}, "latency_ms": None, "size_bytes": None})
+        rows.append(
+            {
+                "model": "ensemble",
+                "kind": _count(len(results.get("teachers", [])), "teacher"),
+                "params": sum(t["params"] for t in results.get("teachers", [])),
+                **{f"test_{k}": test.get(k) for k in keys},
+                "latency_ms": None,
+                "size_bytes": None,
+            }
+        )
     best = results.get("best")
     if best:
         test = best.get("test_metrics", {})
         config = best.get("config", {})
         kind = f"{config.get('student')} w={_fmt(config.get('width'), 2)} {config.get('quantize')}"
-        rows.append({"model": "student", "kind": kind,
-                     "params": best["params"], **{f"test_{k}": test.get(k) for k in keys},
-                     "latency_ms": best.get("latency_ms"), "size_bytes": best.get("size_bytes")})
+        rows.append(
+            {
+                "model": "student",
+                "kind": kind,
+                "params": best["params"],
+                **{f"test_{k}": test.get(k) for k in keys},
+                "latency_ms": best.get("latency_ms"),
+                "size_bytes": best.get("size_bytes"),
+            }
+        )
     return rows
 
 
@@ -117,11 +139,16 @@ def pareto_figure(results: dict[str, Any]) -> Any:
     if not objectives:
         return None
     quality = next((o["metric"] for o in objectives if o["metric"].startswith("val_")), objectives[0]["metric"])
-    cost = next((o["metric"] for o in objectives if o["metric"] in ("latency_ms", "model_bytes", "params")),
-                "latency_ms")
-    trials = [t for t in results.get("trials", []) if t.get("status") != "error"
-              and isinstance(t["metrics"].get(quality), (int, float))
-              and isinstance(t["metrics"].get(cost), (int, float))]
+    cost = next(
+        (o["metric"] for o in objectives if o["metric"] in ("latency_ms", "model_bytes", "params")), "latency_ms"
+    )
+    trials = [
+        t
+        for t in results.get("trials", [])
+        if t.get("status") != "error"
+        and isinstance(t["metrics"].get(quality), (int, float))
+        and isinstance(t["metrics"].get(cost), (int, float))
+    ]
     if not trials:
         return None
     selected = results.get("best", {}).get("trial_id")
@@ -146,9 +173,10 @@ def pareto_figure(results: dict[str, Any]) -> Any:
     stopped = sum(1 for t in trials if not t.get("final"))
     axis.set_xlabel(f"{cost} (compressed ONNX, batch 1, CPU)")
     axis.set_ylabel(f"{quality} (compressed model; stopped trials: last report)")
-    axis.set_title(f"Search: {_count(len(trials), 'trial')} ({stopped} stopped early, faded); "
-                   "Pareto front red, served ringed",
-                   fontsize=9)
+    axis.set_title(
+        f"Search: {_count(len(trials), 'trial')} ({stopped} stopped early, faded); Pareto front red, served ringed",
+        fontsize=9,
+    )
     axis.grid(alpha=0.3)
     return figure
 
@@ -211,8 +239,15 @@ def confusion_plot(matrix: list[list[int]], class_names: list[str], title: str) 
     axis.set_yticks(range(len(values)), names, fontsize=8)
     for i in range(len(values)):
         for j in range(len(values)):
-            axis.text(j, i, f"{int(values[i, j])}", ha="center", va="center",
-                      color="white" if values[i, j] > values.max() / 2 else "black", fontsize=8)
+            axis.text(
+                j,
+                i,
+                f"{int(values[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if values[i, j] > values.max() / 2 else "black",
+                fontsize=8,
+            )
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(title, fontsize=9)
@@ -240,8 +275,10 @@ class ReportTable:
     @property
     def cells(self) -> list[list[tuple[str, bool]]]:
         """Per row, per column: the formatted value and whether it is a number (right-aligned)."""
-        return [[(_fmt(row.get(c), self.digits.get(c, 4)), isinstance(row.get(c), (int, float))) for c in self.columns]
-                for row in self.rows]
+        return [
+            [(_fmt(row.get(c), self.digits.get(c, 4)), isinstance(row.get(c), (int, float))) for c in self.columns]
+            for row in self.rows
+        ]
 
 
 @dataclass
@@ -293,19 +330,31 @@ def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for trial in results.get("trials", []):
         m, c = trial["metrics"], trial["config"]
-        rows.append({"trial": trial["trial_id"], "status": trial["status"],
-                     "pareto": "★" if trial.get("pareto") else "", "student": c.get("student"),
-                     "width": c.get("width"), "T": c.get("temperature"),
-                     "alpha": c.get("alpha"), "aggregation": c.get("aggregation"), "prune": c.get("prune"),
-                     "quantize": c.get("quantize"),
-                     **{k: m.get(k) for k in ("val_auc", "val_dice", "latency_ms", "params", "model_bytes") if k in m}})
+        rows.append(
+            {
+                "trial": trial["trial_id"],
+                "status": trial["status"],
+                "pareto": "★" if trial.get("pareto") else "",
+                "student": c.get("student"),
+                "width": c.get("width"),
+                "T": c.get("temperature"),
+                "alpha": c.get("alpha"),
+                "aggregation": c.get("aggregation"),
+                "prune": c.get("prune"),
+                "quantize": c.get("quantize"),
+                **{k: m.get(k) for k in ("val_auc", "val_dice", "latency_ms", "params", "model_bytes") if k in m},
+            }
+        )
     return rows
 
 
 def search_section(results: dict[str, Any]) -> ReportSection:
     """The Pareto plot of the search and a table of its trials."""
-    return ReportSection("Search", images=_images((pareto_plot(results), "Pareto front")),
-                         tables=[ReportTable(trial_rows(results), caption="trials")])
+    return ReportSection(
+        "Search",
+        images=_images((pareto_plot(results), "Pareto front")),
+        tables=[ReportTable(trial_rows(results), caption="trials")],
+    )
 
 
 def training_section(results: dict[str, Any]) -> ReportSection:
@@ -331,18 +380,33 @@ def served_section(results: dict[str, Any]) -> ReportSection | None:
     best = results.get("best") or {}
     if not best:
         return None
-    section = ReportSection("Served model", tables=[ReportTable([{
-        "model_id": best.get("model_id"), "onnx": best.get("onnx_path"),
-        "parity max|diff|": (best.get("parity") or {}).get("max_abs_diff"), "size_bytes": best.get("size_bytes"),
-        "fp32_bytes": best.get("fp32_bytes"), "latency_ms": best.get("latency_ms"),
-    }])])
+    section = ReportSection(
+        "Served model",
+        tables=[
+            ReportTable(
+                [
+                    {
+                        "model_id": best.get("model_id"),
+                        "onnx": best.get("onnx_path"),
+                        "parity max|diff|": (best.get("parity") or {}).get("max_abs_diff"),
+                        "size_bytes": best.get("size_bytes"),
+                        "fp32_bytes": best.get("fp32_bytes"),
+                        "latency_ms": best.get("latency_ms"),
+                    }
+                ]
+            )
+        ],
+    )
     final = best.get("final_training")
     if final:
         section.notes.append(
             f"trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']})"
-            + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "") + "; val "
-            + ", ".join(f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
-                        for k, v in best.get("val_metrics", {}).items())
+            + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "")
+            + "; val "
+            + ", ".join(
+                f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"
+                for k, v in best.get("val_metrics", {}).items()
+            )
         )
     serve = results.get("serve", {})
     if serve.get("url"):
@@ -366,12 +430,17 @@ CORE_SECTIONS: dict[str, SectionBuilder] = {
     "stages": stages_section,
 }
 
+
 def selection_section(results: dict[str, Any]) -> ReportSection | None:
     """How the served trial was chosen: the rule and every candidate (:mod:`.report_clinical`)."""
     if not results.get("selection"):
         return None
-    return ReportSection("Selection of the served trial", level=3, paragraphs=[Markup(selection_rule(results))],
-                         tables=[ReportTable(selection_rows(results))])
+    return ReportSection(
+        "Selection of the served trial",
+        level=3,
+        paragraphs=[Markup(selection_rule(results))],
+        tables=[ReportTable(selection_rows(results))],
+    )
 
 
 def calibration_section(results: dict[str, Any]) -> ReportSection | None:
@@ -381,8 +450,9 @@ def calibration_section(results: dict[str, Any]) -> ReportSection | None:
         return None
     summary = calibration_summary(results)
     points = ReportTable(operating_point_rows(results), caption="Operating points (chosen on val)")
-    return ReportSection("Calibration and operating points", paragraphs=[Markup(summary)] if summary else [],
-                         tables=[points])
+    return ReportSection(
+        "Calibration and operating points", paragraphs=[Markup(summary)] if summary else [], tables=[points]
+    )
 
 
 def contribution_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -393,9 +463,16 @@ def contribution_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, entry in (table.get("teachers") or {}).items():
         without, gain = entry.get("without") or {}, entry.get("contribution") or {}
-        rows.append({"teacher": name, "distilled": "yes" if distilled is None or name in distilled else "no",
-                     "val_auc_without": without.get("auc"), "auc_gain": gain.get("auc"),
-                     "val_acc_without": without.get("acc"), "acc_gain": gain.get("acc")})
+        rows.append(
+            {
+                "teacher": name,
+                "distilled": "yes" if distilled is None or name in distilled else "no",
+                "val_auc_without": without.get("auc"),
+                "auc_gain": gain.get("auc"),
+                "val_acc_without": without.get("acc"),
+                "acc_gain": gain.get("acc"),
+            }
+        )
     return rows
 
 
@@ -405,12 +482,15 @@ def contribution_section(results: dict[str, Any]) -> ReportSection | None:
     if not rows:
         return None
     everyone = results["ensemble"]["leave_one_out"]["all"]
-    paragraph = (f"The equal-weight ensemble of all {len(rows)} teachers reaches val AUC {_fmt(everyone['auc'])} and "
-                 f"val accuracy {_fmt(everyone['acc'])}. A gain is the ensemble's metric minus the metric without "
-                 "that teacher; a teacher with a negative gain hurts the ensemble on val and can be left out of the "
-                 "students' soft labels with teachers[i].distill: false (nothing is retrained).")
-    return ReportSection("Teacher contributions (val, leave-one-out)", level=3, paragraphs=[paragraph],
-                         tables=[ReportTable(rows)])
+    paragraph = (
+        f"The equal-weight ensemble of all {len(rows)} teachers reaches val AUC {_fmt(everyone['auc'])} and "
+        f"val accuracy {_fmt(everyone['acc'])}. A gain is the ensemble's metric minus the metric without "
+        "that teacher; a teacher with a negative gain hurts the ensemble on val and can be left out of the "
+        "students' soft labels with teachers[i].distill: false (nothing is retrained)."
+    )
+    return ReportSection(
+        "Teacher contributions (val, leave-one-out)", level=3, paragraphs=[paragraph], tables=[ReportTable(rows)]
+    )
 
 
 #: Sections other parts of medkd add, by the core section they follow; a builder returns a

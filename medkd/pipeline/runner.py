@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from medkd.core.contribution import leave_one_out
-from medkd.core.progress import Progress, RemoteEvents
 from medkd.core.metrics import classification_metrics, ensemble_probabilities
+from medkd.core.progress import Progress, RemoteEvents
 from medkd.data import load_dataset
+from medkd.data.meta import DatasetMeta
 from medkd.pipeline.demo import demo_request
 from medkd.pipeline.leftovers import end_leftovers_of_dead_driver, record_driver
-from medkd.pipeline.results import RESULTS_FILE, Results, StageRecord
 from medkd.pipeline.report import print_results_table, write_report
+from medkd.pipeline.results import RESULTS_FILE, Results, StageRecord
+from medkd.registry.export import choose, export_models, selection_evidence
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE
 from medkd.registry.metadata import ModelMetadata
-from medkd.registry.export import choose, export_models, selection_evidence
 from medkd.search.context import distilled_teachers, search_context
 from medkd.search.final import train_final
 from medkd.search.run import SearchOutcome, run_search, search_fingerprint
@@ -34,10 +36,9 @@ from medkd.serve.app import deploy, undeploy
 from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits
 from medkd.softlabels.redis_server import ManagedRedisServer
 from medkd.softlabels.store import SoftLabelCache
+from medkd.spec.job import JobSpec
 from medkd.students.distill import evaluate_logits
 from medkd.teachers.train import train_teachers
-from medkd.spec.job import JobSpec
-from medkd.data.meta import DatasetMeta
 
 STAGES = ("teachers", "soft_labels", "search", "final", "export", "serve", "report")
 
@@ -71,8 +72,15 @@ def init_ray(spec: JobSpec) -> bool:
 class Pipeline:
     """Runs a job spec end to end."""
 
-    def __init__(self, spec: JobSpec, *, progress: Progress | None = None, resume: bool = False,
-                 keep_serving: bool = False, serve: bool = True) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        progress: Progress | None = None,
+        resume: bool = False,
+        keep_serving: bool = False,
+        serve: bool = True,
+    ) -> None:
         self.spec = spec
         self.progress = progress or Progress()
         self.resume = resume
@@ -89,8 +97,11 @@ class Pipeline:
             try:
                 status = fn()
             except Exception as error:
-                self.results.stages[name] = StageRecord(status="failed", seconds=round(time.perf_counter() - started, 2),
-                                                        error=f"{type(error).__name__}: {error}")
+                self.results.stages[name] = StageRecord(
+                    status="failed",
+                    seconds=round(time.perf_counter() - started, 2),
+                    error=f"{type(error).__name__}: {error}",
+                )
                 self._write_results()
                 raise
             seconds = time.perf_counter() - started
@@ -106,22 +117,29 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         import ray
 
-
         spec = self.spec
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "job.json").write_text(spec.model_dump_json(indent=2))
         left = end_leftovers_of_dead_driver(self.output_dir)
         if left is not None and left[1]:
-            self.progress.line(f"ended {len(left[1])} process(es) left by the killed run of this job "
-                               f"(driver pid {left[0].pid}): {left[1]}")
+            self.progress.line(
+                f"ended {len(left[1])} process(es) left by the killed run of this job "
+                f"(driver pid {left[0].pid}): {left[1]}"
+            )
         self.progress.line(f"job {spec.name} ({spec.fingerprint()}) -> {self.output_dir}")
 
         dataset = load_dataset(spec.data)  # validated before any training starts
         self.dataset, self.meta = dataset, DatasetMeta.of(dataset)
         summary = dataset.summary()
-        self.results.dataset = {"name": dataset.name, "fingerprint": dataset.fingerprint, "task": dataset.task,
-                                   "multilabel": dataset.multilabel, "image_size": list(dataset.image_size),
-                                   "class_names": list(dataset.class_names), **summary}
+        self.results.dataset = {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint,
+            "task": dataset.task,
+            "multilabel": dataset.multilabel,
+            "image_size": list(dataset.image_size),
+            "class_names": list(dataset.class_names),
+            **summary,
+        }
         sizes = {k: len(v.images) for k, v in dataset.splits.items()}
         self.progress.line(f"dataset {dataset.name} ({dataset.fingerprint}): {sizes}, {dataset.num_classes} classes")
 
@@ -180,13 +198,28 @@ class Pipeline:
 
     def _teachers(self) -> str:
         self.teachers, status = train_teachers(
-            self.spec, self.dataset, self.data_ref, output_dir=self.output_dir,
-            storage_path=self.storage_path, progress=self.progress, events=self.events,
+            self.spec,
+            self.dataset,
+            self.data_ref,
+            output_dir=self.output_dir,
+            storage_path=self.storage_path,
+            progress=self.progress,
+            events=self.events,
         )
         self.results.teachers = [
-            {"name": t.name, "model": t.model, "family": t.family, "params": t.params, "fingerprint": t.fingerprint,
-             "checkpoint": t.checkpoint, "epochs_run": t.epochs_run, "best_epoch": t.best_epoch,
-             "train_seconds": round(t.train_seconds, 1), "status": status[t.name], "history": t.history}
+            {
+                "name": t.name,
+                "model": t.model,
+                "family": t.family,
+                "params": t.params,
+                "fingerprint": t.fingerprint,
+                "checkpoint": t.checkpoint,
+                "epochs_run": t.epochs_run,
+                "best_epoch": t.best_epoch,
+                "train_seconds": round(t.train_seconds, 1),
+                "status": status[t.name],
+                "history": t.history,
+            }
             for t in self.teachers
         ]
         return "ran" if any(s == "ran" for s in status.values()) else "skipped"
@@ -195,39 +228,67 @@ class Pipeline:
         spec = self.spec
         options = {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk}
         hits_before, misses_before = self._cache_counters()
-        report = cache_teacher_logits(self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta,
-                                      data_ref=self.data_ref, cache_options=options, progress=self.progress)
+        report = cache_teacher_logits(
+            self.cache,
+            self.teachers,
+            dataset_fp=self.dataset.fingerprint,
+            meta=self.meta,
+            data_ref=self.data_ref,
+            cache_options=options,
+            progress=self.progress,
+        )
         views = None
         if spec.cache.views:
             views = cache_view_logits(
-                self.cache, self.teachers, dataset_fp=self.dataset.fingerprint, meta=self.meta, data_ref=self.data_ref,
-                num_train=len(self.dataset.splits["train"].images), views=spec.cache.views, augment=spec.search.augment,
-                seed=spec.seed, cache_options=options, progress=self.progress,
+                self.cache,
+                self.teachers,
+                dataset_fp=self.dataset.fingerprint,
+                meta=self.meta,
+                data_ref=self.data_ref,
+                num_train=len(self.dataset.splits["train"].images),
+                views=spec.cache.views,
+                augment=spec.search.augment,
+                seed=spec.seed,
+                cache_options=options,
+                progress=self.progress,
             )
         # Teacher quality on val and test comes from the cached logits: no teacher re-runs.
 
-        logits = {t.name: {s: self.cache.fetch(t.fingerprint, self.dataset.fingerprint, s) for s in ("val", "test")}
-                  for t in self.teachers}
+        logits = {
+            t.name: {s: self.cache.fetch(t.fingerprint, self.dataset.fingerprint, s) for s in ("val", "test")}
+            for t in self.teachers
+        }
         for entry in self.results.teachers:
             for split in ("val", "test"):
-                entry[f"{split}_metrics"] = evaluate_logits(logits[entry["name"]][split], self.dataset.splits[split].labels, self.meta)
+                entry[f"{split}_metrics"] = evaluate_logits(
+                    logits[entry["name"]][split], self.dataset.splits[split].labels, self.meta
+                )
         ensemble = {}
         for split in ("val", "test"):
             stacked = [logits[t.name][split] for t in self.teachers]
             if self.meta.task == "segmentation":
                 probs = ensemble_probabilities(stacked)  # mean of per-pixel softmax over teachers
-                ensemble[split] = evaluate_logits(np.log(np.clip(probs, 1e-8, 1.0)), self.dataset.splits[split].labels, self.meta)
+                ensemble[split] = evaluate_logits(
+                    np.log(np.clip(probs, 1e-8, 1.0)), self.dataset.splits[split].labels, self.meta
+                )
             else:
                 probs = ensemble_probabilities(stacked, multilabel=self.meta.multilabel)
 
-                ensemble[split] = classification_metrics(probs, self.dataset.splits[split].labels, multilabel=self.meta.multilabel)
+                ensemble[split] = classification_metrics(
+                    probs, self.dataset.splits[split].labels, multilabel=self.meta.multilabel
+                )
         self.results.ensemble = {f"{s}_metrics": m for s, m in ensemble.items()}
         self.results.ensemble["distilled"] = [t.name for t in spec.teachers if t.distill]
         if self.meta.task != "segmentation" and len(self.teachers) > 1:
             # Evidence for teachers[i].distill, so on val only.
-            self.results.ensemble["leave_one_out"] = {"split": "val", **leave_one_out(
-                {t.name: logits[t.name]["val"] for t in self.teachers}, self.dataset.splits["val"].labels,
-                multilabel=self.meta.multilabel)}
+            self.results.ensemble["leave_one_out"] = {
+                "split": "val",
+                **leave_one_out(
+                    {t.name: logits[t.name]["val"] for t in self.teachers},
+                    self.dataset.splits["val"].labels,
+                    multilabel=self.meta.multilabel,
+                ),
+            }
         hits_after, misses_after = self._cache_counters()
         self.results.soft_labels = {
             "namespace": spec.cache.namespace,
@@ -256,17 +317,29 @@ class Pipeline:
             self.progress.line(f"  search {search_fp}: skipped, {len(self.outcome.trials)} trials found")
         else:
             self.outcome = run_search(
-                self.spec, meta=self.meta, data_ref=self.data_ref, teacher_fps=teacher_fps,
-                dataset_fp=self.dataset.fingerprint, cache_url=self.cache_url, storage_path=self.storage_path,
-                progress=self.progress, events=self.events, resume=self.resume,
-                views=self.results.soft_labels.get("views"), teachers=distilled,
+                self.spec,
+                meta=self.meta,
+                data_ref=self.data_ref,
+                teacher_fps=teacher_fps,
+                dataset_fp=self.dataset.fingerprint,
+                cache_url=self.cache_url,
+                storage_path=self.storage_path,
+                progress=self.progress,
+                events=self.events,
+                resume=self.resume,
+                views=self.results.soft_labels.get("views"),
+                teachers=distilled,
             )
             if any(t.final for t in self.outcome.trials):
                 outcome_path.parent.mkdir(parents=True, exist_ok=True)
                 outcome_path.write_text(self.outcome.model_dump_json(indent=2))
             status = "ran"
-        self.results.search = {"fingerprint": self.outcome.fingerprint, "experiment_path": self.outcome.experiment_path,
-                                  "objectives": self.outcome.objectives, "pareto": self.outcome.pareto}
+        self.results.search = {
+            "fingerprint": self.outcome.fingerprint,
+            "experiment_path": self.outcome.experiment_path,
+            "objectives": self.outcome.objectives,
+            "pareto": self.outcome.pareto,
+        }
         self.results.trials = [t.model_dump() for t in self.outcome.trials]
         return status
 
@@ -274,20 +347,40 @@ class Pipeline:
         self.final = None
         if not self.spec.search.final_training:
             return "skipped"
-        context = search_context(self.spec, meta=self.meta, data_ref=self.data_ref,
-                                 teacher_fps=[t.fingerprint for t in self.teachers], dataset_fp=self.dataset.fingerprint,
-                                 cache_url=self.cache_url, events=self.events,
-                                 views=self.results.soft_labels.get("views"), teachers=self.teachers)
-        self.final, status = train_final(self.spec, self.outcome, choose(self.outcome, self.spec.export.select,
-                                                                 selection_evidence(self.spec, self.dataset, self.meta)),
-                                         context=context, output_dir=self.output_dir, progress=self.progress)
+        context = search_context(
+            self.spec,
+            meta=self.meta,
+            data_ref=self.data_ref,
+            teacher_fps=[t.fingerprint for t in self.teachers],
+            dataset_fp=self.dataset.fingerprint,
+            cache_url=self.cache_url,
+            events=self.events,
+            views=self.results.soft_labels.get("views"),
+            teachers=self.teachers,
+        )
+        self.final, status = train_final(
+            self.spec,
+            self.outcome,
+            choose(self.outcome, self.spec.export.select, selection_evidence(self.spec, self.dataset, self.meta)),
+            context=context,
+            output_dir=self.output_dir,
+            progress=self.progress,
+        )
         self.results.final = self.final.model_dump()
         return status
 
     def _export(self) -> str:
-        exported = export_models(self.spec, self.outcome, dataset=self.dataset, meta=self.meta, teachers=self.teachers,
-                                 soft_labels=self.results.soft_labels["teachers"], output_dir=self.output_dir,
-                                 progress=self.progress, final=self.final)
+        exported = export_models(
+            self.spec,
+            self.outcome,
+            dataset=self.dataset,
+            meta=self.meta,
+            teachers=self.teachers,
+            soft_labels=self.results.soft_labels["teachers"],
+            output_dir=self.output_dir,
+            progress=self.progress,
+            final=self.final,
+        )
         selected = exported["selected"]
         self.model_dir = Path(selected["path"])
         metadata = ModelMetadata.model_validate_json((self.model_dir / METADATA_FILE).read_text())
@@ -324,9 +417,12 @@ class Pipeline:
             answer = demo_request(url, self.dataset, self.output_dir)
             truth = "" if answer["true_label"] is None else f", true label {answer['true_label']}"
             self.progress.line(f"  demo request (test image 0{truth}): {answer['answer']}")
-            self.results.serve = {"url": url, "replicas": {"min": self.spec.serve.min_replicas,
-                                                              "max": self.spec.serve.max_replicas},
-                                     "demo": answer, "kept_running": self.keep_serving}
+            self.results.serve = {
+                "url": url,
+                "replicas": {"min": self.spec.serve.min_replicas, "max": self.spec.serve.max_replicas},
+                "demo": answer,
+                "kept_running": self.keep_serving,
+            }
         finally:
             if not self.keep_serving:
                 undeploy()

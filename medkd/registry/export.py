@@ -16,12 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from medkd.core.files import staged_directory
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress
-from medkd.core.files import staged_directory
-from medkd.students.candidate import CANDIDATE_FILE, CANDIDATE_FILES, FP32_FILE, MODEL_FILE, STATE_FILE
-from medkd.students.compression import OnnxModel
-from medkd.students.distill import evaluate_logits
+from medkd.data.meta import DatasetMeta
 from medkd.registry.calibration import (
     ARGMAX,
     calibrated_probabilities,
@@ -29,13 +27,14 @@ from medkd.registry.calibration import (
     decision_metrics,
     fit_calibration,
 )
-from medkd.registry.metadata import ModelMetadata
 from medkd.registry.layout import METADATA_FILE, registry_dir, select_model
+from medkd.registry.metadata import ModelMetadata
 from medkd.registry.selection import Selection, select_trial
 from medkd.search.outcome import SearchOutcome, TrialRecord
-from medkd.data.meta import DatasetMeta
 from medkd.spec.job import JobSpec
-
+from medkd.students.candidate import CANDIDATE_FILE, CANDIDATE_FILES, FP32_FILE, MODEL_FILE, STATE_FILE
+from medkd.students.compression import OnnxModel
+from medkd.students.distill import evaluate_logits
 
 
 class ExportError(RuntimeError):
@@ -58,8 +57,15 @@ class SelectionEvidence:
         >>> trial = choose(outcome, "best", evidence)  # doctest: +SKIP
     """
 
-    def __init__(self, val_images: np.ndarray, val_labels: np.ndarray, *, multilabel: bool = False,
-                 target_sensitivity: float | None = None, positive_class: int = 1) -> None:
+    def __init__(
+        self,
+        val_images: np.ndarray,
+        val_labels: np.ndarray,
+        *,
+        multilabel: bool = False,
+        target_sensitivity: float | None = None,
+        positive_class: int = 1,
+    ) -> None:
         self.val_images, self.val_labels = val_images, val_labels
         self.multilabel, self.target_sensitivity, self.positive_class = multilabel, target_sensitivity, positive_class
         self._probs: dict[str, np.ndarray] = {}
@@ -82,13 +88,18 @@ def selection_evidence(spec: JobSpec, dataset: Any, meta: DatasetMeta) -> Select
     if meta.task != "classification":
         return None
     val = dataset.splits["val"]
-    return SelectionEvidence(val.images, val.labels, multilabel=meta.multilabel,
-                             target_sensitivity=spec.export.target_sensitivity,
-                             positive_class=spec.export.positive_class)
+    return SelectionEvidence(
+        val.images,
+        val.labels,
+        multilabel=meta.multilabel,
+        target_sensitivity=spec.export.target_sensitivity,
+        positive_class=spec.export.positive_class,
+    )
 
 
-def select_for_export(outcome: SearchOutcome, select: str | int,
-                      evidence: SelectionEvidence | None = None) -> tuple[TrialRecord, Selection | None]:
+def select_for_export(
+    outcome: SearchOutcome, select: str | int, evidence: SelectionEvidence | None = None
+) -> tuple[TrialRecord, Selection | None]:
     """The trial to serve and, for ``select="best"`` with evidence, how it was chosen.
 
     ``"best"`` with evidence: :func:`medkd.registry.selection.select_trial` over every completed trial
@@ -107,9 +118,15 @@ def select_for_export(outcome: SearchOutcome, select: str | int,
     if evidence is None or quality != "val_auc":
         return front[0], None
     completed = [t for t in outcome.trials if t.final and t.checkpoint is not None]
-    selection = select_trial(completed, {t.trial_id: evidence.probabilities(t) for t in completed}, evidence.val_labels,
-                             quality=quality, multilabel=evidence.multilabel,
-                             target_sensitivity=evidence.target_sensitivity, positive_class=evidence.positive_class)
+    selection = select_trial(
+        completed,
+        {t.trial_id: evidence.probabilities(t) for t in completed},
+        evidence.val_labels,
+        quality=quality,
+        multilabel=evidence.multilabel,
+        target_sensitivity=evidence.target_sensitivity,
+        positive_class=evidence.positive_class,
+    )
     return next(t for t in completed if t.trial_id == selection.chosen), selection
 
 
@@ -147,7 +164,9 @@ def export_models(
         candidates.append((None, chosen))  # tied with the best within the val noise, off the front: exported too
     for rank, trial in candidates:
         trained_again = final if final is not None and trial.trial_id == chosen.trial_id else None
-        parts = [outcome.fingerprint, trial.trial_id, trial.config] + ([trained_again.fingerprint] if trained_again else [])
+        parts = [outcome.fingerprint, trial.trial_id, trial.config] + (
+            [trained_again.fingerprint] if trained_again else []
+        )
         model_id = f"{spec.name}-{fingerprint(*parts)}"
         target = registry / model_id
         if not (target / METADATA_FILE).is_file():
@@ -155,12 +174,30 @@ def export_models(
                 _copy_files(Path(trained_again.path), target)
             else:
                 _copy_checkpoint(trial, target)
-            _write_metadata(spec, trial, target, model_id=model_id, rank=rank, dataset=dataset, meta=meta,
-                            teachers=teachers, soft_labels=soft_labels, outcome=outcome, test=(test_x, test_y),
-                            final=trained_again)
+            _write_metadata(
+                spec,
+                trial,
+                target,
+                model_id=model_id,
+                rank=rank,
+                dataset=dataset,
+                meta=meta,
+                teachers=teachers,
+                soft_labels=soft_labels,
+                outcome=outcome,
+                test=(test_x, test_y),
+                final=trained_again,
+            )
         metadata = ModelMetadata.model_validate_json((target / METADATA_FILE).read_text())
-        exported.append({"model_id": model_id, "pareto_rank": rank, "trial_id": trial.trial_id,
-                         "path": str(target), "metrics": metadata.metrics.model_dump()})
+        exported.append(
+            {
+                "model_id": model_id,
+                "pareto_rank": rank,
+                "trial_id": trial.trial_id,
+                "path": str(target),
+                "metrics": metadata.metrics.model_dump(),
+            }
+        )
         if trial.trial_id == chosen.trial_id:
             select_model(output_dir, model_id)
             parity = metadata.parity
@@ -176,14 +213,23 @@ def export_models(
     progress.line(f"  exported {len(exported)} model(s) to {registry}")
     if selection is not None:
         tied = [c.trial_id for c in selection.candidates if c.tied]
-        progress.line(f"  selection: {len(tied)} trial(s) tied within the val noise ({', '.join(tied)}); served "
-                      f"{chosen.trial_id}")
+        progress.line(
+            f"  selection: {len(tied)} trial(s) tied within the val noise ({', '.join(tied)}); served {chosen.trial_id}"
+        )
     selected = next(e for e in exported if e["trial_id"] == chosen.trial_id)
-    return {"selected": selected, "pareto": exported,
-            "selection": selection.model_dump() if selection is not None else {
-                "chosen": chosen.trial_id, "rule": f"export.select = {spec.export.select!r}: the Pareto front's "
-                "best by the first objective" if spec.export.select == "best" else
-                f"export.select = {spec.export.select}: that Pareto index", "candidates": []}}
+    return {
+        "selected": selected,
+        "pareto": exported,
+        "selection": selection.model_dump()
+        if selection is not None
+        else {
+            "chosen": chosen.trial_id,
+            "rule": f"export.select = {spec.export.select!r}: the Pareto front's best by the first objective"
+            if spec.export.select == "best"
+            else f"export.select = {spec.export.select}: that Pareto index",
+            "candidates": [],
+        },
+    }
 
 
 def _copy_checkpoint(trial: TrialRecord, target: Path) -> None:
@@ -202,13 +248,15 @@ def _copy_files(source: Path, target: Path) -> None:
             shutil.copy2(source / name, staging / name)
 
 
-def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teachers, soft_labels, outcome, test,
-                    final=None) -> None:
+def _write_metadata(
+    spec, trial, target, *, model_id, rank, dataset, meta, teachers, soft_labels, outcome, test, final=None
+) -> None:
     started = time.perf_counter()
     logits = OnnxModel(target / MODEL_FILE, threads=1).predict(test[0])
     test_metrics = evaluate_logits(logits, test[1], meta)
-    decisions = _calibrate(spec, target, dataset, meta, test_logits=logits, test_labels=test[1],
-                           test_metrics=test_metrics)
+    decisions = _calibrate(
+        spec, target, dataset, meta, test_logits=logits, test_labels=test[1], test_metrics=test_metrics
+    )
     candidate = json.loads((target / CANDIDATE_FILE).read_text())
     val_metrics = candidate["metrics"]
     metadata = {
@@ -238,12 +286,22 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
             }
             for t in teachers
         ],
-        "search": {"fingerprint": outcome.fingerprint, "trial_id": trial.trial_id, "pareto_rank": rank,
-                   "objectives": outcome.objectives},
+        "search": {
+            "fingerprint": outcome.fingerprint,
+            "trial_id": trial.trial_id,
+            "pareto_rank": rank,
+            "objectives": outcome.objectives,
+        },
         # Trained again after the search (search.final_epochs / final_branches); None: the trial's model.
-        "final_training": None if final is None else {
-            "fingerprint": final.fingerprint, "epochs": final.epochs, "search_epochs": final.search_epochs,
-            "branches": final.branches, "search_val": final.search_val},
+        "final_training": None
+        if final is None
+        else {
+            "fingerprint": final.fingerprint,
+            "epochs": final.epochs,
+            "search_epochs": final.search_epochs,
+            "branches": final.branches,
+            "search_val": final.search_val,
+        },
         "config": candidate["config"],
         "metrics": {
             "val": {k: v for k, v in val_metrics.items() if k.startswith("val_")},
@@ -265,8 +323,16 @@ def _write_metadata(spec, trial, target, *, model_id, rank, dataset, meta, teach
     (target / METADATA_FILE).write_text(ModelMetadata.model_validate(_plain(metadata)).model_dump_json(indent=2))
 
 
-def _calibrate(spec: JobSpec, target: Path, dataset: Any, meta: DatasetMeta, *, test_logits: np.ndarray,
-               test_labels: np.ndarray, test_metrics: dict[str, Any]) -> dict[str, Any]:
+def _calibrate(
+    spec: JobSpec,
+    target: Path,
+    dataset: Any,
+    meta: DatasetMeta,
+    *,
+    test_logits: np.ndarray,
+    test_labels: np.ndarray,
+    test_metrics: dict[str, Any],
+) -> dict[str, Any]:
     """Temperature scaling and operating points fitted on val for the served model, scored on test.
 
     Returns the metadata fields ``calibration``, ``operating_points`` and ``operating_point`` (the
@@ -281,17 +347,30 @@ def _calibrate(spec: JobSpec, target: Path, dataset: Any, meta: DatasetMeta, *, 
     calibration = fit_calibration(val_logits, val.labels, multilabel=meta.multilabel)
     goal = spec.export.target_sensitivity  # a multi-class or multi-label task refuses it, naming the field
     val_probs = calibrated_probabilities(val_logits, calibration.temperature, multilabel=meta.multilabel)
-    points = choose_operating_points(val_probs, val.labels, multilabel=meta.multilabel, target_sensitivity=goal,
-                                     positive_class=spec.export.positive_class)
+    points = choose_operating_points(
+        val_probs,
+        val.labels,
+        multilabel=meta.multilabel,
+        target_sensitivity=goal,
+        positive_class=spec.export.positive_class,
+    )
     test_probs = calibrated_probabilities(test_logits, calibration.temperature, multilabel=meta.multilabel)
     test_metrics["ece_calibrated"] = evaluate_logits(test_logits / calibration.temperature, test_labels, meta)["ece"]
     test_metrics["operating_points"] = {
-        point.name: decision_metrics(point.decide(test_probs, multilabel=meta.multilabel), test_labels,
-                                     num_classes=meta.num_classes, multilabel=meta.multilabel,
-                                     positive_class=spec.export.positive_class)
-        for point in points}
-    return {"calibration": calibration.model_dump(), "operating_points": [p.model_dump() for p in points],
-            "operating_point": points[-1].name if goal is not None else ARGMAX}
+        point.name: decision_metrics(
+            point.decide(test_probs, multilabel=meta.multilabel),
+            test_labels,
+            num_classes=meta.num_classes,
+            multilabel=meta.multilabel,
+            positive_class=spec.export.positive_class,
+        )
+        for point in points
+    }
+    return {
+        "calibration": calibration.model_dump(),
+        "operating_points": [p.model_dump() for p in points],
+        "operating_point": points[-1].name if goal is not None else ARGMAX,
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -142,7 +142,7 @@ class ModelMetadata(BaseModel):
     export_seconds: float | None = None
 
     @model_validator(mode="after")
-    def _served_point_exists(self) -> "ModelMetadata":
+    def _served_point_exists(self) -> ModelMetadata:
         names = [point.name for point in self.operating_points]
         if self.operating_point != ARGMAX and self.operating_point not in names:
             raise ValueError(f"operating_point {self.operating_point!r} is not one of operating_points {names}")

@@ -47,8 +47,20 @@ class TrialContext(BaseModel):
 def constant_params(space: Any, num_teachers: int) -> dict[str, Any]:
     """Values of single-valued dimensions (Optuna only sees dimensions with a choice)."""
     constants: dict[str, Any] = {}
-    for name in ("student", "width", "depth", "lr", "alpha", "temperature", "aggregation", "prune", "prune_amount", "quantize",
-                 "loss", "logit_standardization"):
+    for name in (
+        "student",
+        "width",
+        "depth",
+        "lr",
+        "alpha",
+        "temperature",
+        "aggregation",
+        "prune",
+        "prune_amount",
+        "quantize",
+        "loss",
+        "logit_standardization",
+    ):
         dimension = getattr(space, name)
         if dimension is None:
             continue
@@ -59,8 +71,9 @@ def constant_params(space: Any, num_teachers: int) -> dict[str, Any]:
     return constants
 
 
-def distilled_teachers(spec: JobSpec, teacher_fps: list[str],
-                       teachers: list[Any] | None = None) -> tuple[list[str], list[Any] | None]:
+def distilled_teachers(
+    spec: JobSpec, teacher_fps: list[str], teachers: list[Any] | None = None
+) -> tuple[list[str], list[Any] | None]:
     """The fingerprints (and artifacts) of the teachers students learn from: ``teachers[i].distill``.
 
     Args:
@@ -80,42 +93,59 @@ def distilled_teachers(spec: JobSpec, teacher_fps: list[str],
     if not dropped:
         return teacher_fps, teachers
     if teachers is None or len(teachers) != len(teacher_fps):
-        raise ValueError("teachers[].distill: false needs the trained teachers (one per fingerprint) to know whose "
-                         "soft labels to leave out")
+        raise ValueError(
+            "teachers[].distill: false needs the trained teachers (one per fingerprint) to know whose "
+            "soft labels to leave out"
+        )
     keep = [i for i, teacher in enumerate(teachers) if teacher.name not in dropped]
     return [teacher_fps[i] for i in keep], [teachers[i] for i in keep]
 
 
-def search_context(spec: JobSpec, *, meta: DatasetMeta, data_ref: Any, teacher_fps: list[str], dataset_fp: str,
-                   cache_url: str, events: Any = None, views: dict[str, Any] | None = None,
-                   teachers: list[Any] | None = None) -> TrialContext:
+def search_context(
+    spec: JobSpec,
+    *,
+    meta: DatasetMeta,
+    data_ref: Any,
+    teacher_fps: list[str],
+    dataset_fp: str,
+    cache_url: str,
+    events: Any = None,
+    views: dict[str, Any] | None = None,
+    teachers: list[Any] | None = None,
+) -> TrialContext:
     """What a student's training needs besides its config: data, cache access, the search's budget and views."""
     teacher_fps, teachers = distilled_teachers(spec, teacher_fps, teachers)
     search = spec.search
-    return TrialContext(**{
-        "meta": meta,
-        "data_refs": [data_ref],
-        "cache_url": cache_url,
-        "cache_namespace": spec.cache.namespace,
-        "password_env": spec.cache.password_env,
-        "teacher_fps": teacher_fps,
-        "dataset_fp": dataset_fp,
-        "epochs": search.epochs,
-        "batch_size": search.batch_size,
-        "ema_epochs": search.ema_epochs,
-        "seed": spec.seed if search.seed is None else search.seed,
-        "cpus_per_trial": search.cpus_per_trial,
-        "constants": constant_params(search.space, len(teacher_fps)),
-        "num_teachers": len(teacher_fps),
-        # Tune checks every report carries every objective: cost objectives need estimates
-        # until the compressed model exists (set by the search).
-        "needs_estimates": False,
-        "latency_runs": spec.export.latency_runs,
-        "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
-        "events": events,
-        # FKD: {"views": K, "views_dataset_fp": ..., "seed": ...} from the soft-label stage, or None.
-        "views": views or None,
-        # Lets a trial restore soft labels lost from the cache mid-search from the teacher checkpoints.
-        "teacher_artifacts": [a.model_dump_json() for a in teachers or []],
-        "cache_options": {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk},
-    })
+    return TrialContext(
+        **{
+            "meta": meta,
+            "data_refs": [data_ref],
+            "cache_url": cache_url,
+            "cache_namespace": spec.cache.namespace,
+            "password_env": spec.cache.password_env,
+            "teacher_fps": teacher_fps,
+            "dataset_fp": dataset_fp,
+            "epochs": search.epochs,
+            "batch_size": search.batch_size,
+            "ema_epochs": search.ema_epochs,
+            "seed": spec.seed if search.seed is None else search.seed,
+            "cpus_per_trial": search.cpus_per_trial,
+            "constants": constant_params(search.space, len(teacher_fps)),
+            "num_teachers": len(teacher_fps),
+            # Tune checks every report carries every objective: cost objectives need estimates
+            # until the compressed model exists (set by the search).
+            "needs_estimates": False,
+            "latency_runs": spec.export.latency_runs,
+            "augment": search.augment.model_dump(mode="json") if search.augment is not None else None,
+            "events": events,
+            # FKD: {"views": K, "views_dataset_fp": ..., "seed": ...} from the soft-label stage, or None.
+            "views": views or None,
+            # Lets a trial restore soft labels lost from the cache mid-search from the teacher checkpoints.
+            "teacher_artifacts": [a.model_dump_json() for a in teachers or []],
+            "cache_options": {
+                "encoding": spec.cache.encoding,
+                "compression": spec.cache.compression,
+                "topk": spec.cache.topk,
+            },
+        }
+    )

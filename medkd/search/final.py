@@ -34,13 +34,12 @@ from pydantic import BaseModel
 from medkd.core.files import staged_directory
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
-from medkd.students.candidate import CANDIDATE_FILES
-from medkd.students.distill import DistillConfig, quality_metric
 from medkd.search.context import TrialContext
 from medkd.search.outcome import SearchOutcome, TrialRecord
 from medkd.search.recipe import teacher_logits_source, train_candidate, trial_augmentation
-from medkd.students.distill import build_student
 from medkd.spec.job import JobSpec
+from medkd.students.candidate import CANDIDATE_FILES
+from medkd.students.distill import DistillConfig, build_student, quality_metric
 
 FINAL_DIR = "final"
 RECORD_FILE = "final.json"
@@ -117,30 +116,48 @@ def train_final(
     record_path = target / RECORD_FILE
     if record_path.is_file():
         record = FinalModel.model_validate_json(record_path.read_text())
-        progress.line(f"  final training {final_fp}: found ({record.epochs} epochs, {record.branches} branch(es), "
-                      + ", ".join(f"{k}={v:.4f}" for k, v in record.val.items()) + ")")
+        progress.line(
+            f"  final training {final_fp}: found ({record.epochs} epochs, {record.branches} branch(es), "
+            + ", ".join(f"{k}={v:.4f}" for k, v in record.val.items())
+            + ")"
+        )
         return record, "skipped"
 
     config = DistillConfig.model_validate(trial.config).model_copy(update={"epochs": epochs, "branches": branches})
     cpus = final_cpus(spec.search.cpus_per_trial, spec.search.max_concurrent)
-    soup = f", a soup of {branches} branches forked at epoch {round(epochs * config.fork_fraction)}" if branches > 1 else ""
-    progress.line(f"  final training of trial {trial.trial_id} ({config.student}, width {config.width:.2f}): "
-                  f"{epochs} epochs (search: {search_epochs}){soup}, {cpus:g} CPU")
+    soup = (
+        f", a soup of {branches} branches forked at epoch {round(epochs * config.fork_fraction)}"
+        if branches > 1
+        else ""
+    )
+    progress.line(
+        f"  final training of trial {trial.trial_id} ({config.student}, width {config.width:.2f}): "
+        f"{epochs} epochs (search: {search_epochs}){soup}, {cpus:g} CPU"
+    )
     started = time.perf_counter()
     task = ray.remote(num_cpus=cpus, num_gpus=spec.search.gpus_per_trial, max_retries=1)(final_candidate)
     files, metrics = ray.get(task.remote(config.model_dump_json(), context, cpus))
     seconds = time.perf_counter() - started
 
-    record = FinalModel(fingerprint=final_fp, trial_id=trial.trial_id, path=str(target), epochs=epochs,
-                        search_epochs=search_epochs, branches=branches, val=_val_metrics(metrics),
-                        search_val=_val_metrics(trial.metrics), seconds=round(seconds, 1))
+    record = FinalModel(
+        fingerprint=final_fp,
+        trial_id=trial.trial_id,
+        path=str(target),
+        epochs=epochs,
+        search_epochs=search_epochs,
+        branches=branches,
+        val=_val_metrics(metrics),
+        search_val=_val_metrics(trial.metrics),
+        seconds=round(seconds, 1),
+    )
     with staged_directory(target) as staging:
         for name, content in files.items():
             (staging / name).write_bytes(content)
         (staging / RECORD_FILE).write_text(record.model_dump_json(indent=2))
-    progress.line(f"  final training done in {seconds:.0f}s: "
-                  + ", ".join(f"{k}={v:.4f} (search {record.search_val.get(k, float('nan')):.4f})"
-                              for k, v in record.val.items()))
+    progress.line(
+        f"  final training done in {seconds:.0f}s: "
+        + ", ".join(f"{k}={v:.4f} (search {record.search_val.get(k, float('nan')):.4f})" for k, v in record.val.items())
+    )
     return record, "ran"
 
 
@@ -153,7 +170,6 @@ def final_candidate(config_json: str, context: TrialContext, cpus: float) -> tup
     import ray
     import torch
 
-
     torch.set_num_threads(max(1, int(math.floor(cpus))))
     config = DistillConfig.model_validate_json(config_json)
     meta = context.meta
@@ -163,14 +179,31 @@ def final_candidate(config_json: str, context: TrialContext, cpus: float) -> tup
 
     def on_epoch(record: dict[str, Any]) -> None:
         trial = "final" if "branch" not in record else f"final branch {record['branch']}/{config.branches}"
-        send_event(context.events, {"kind": "trial_epoch", "trial": trial, "epoch": record["epoch"],
-                                       "epochs": config.epochs, "metric": quality_key,
-                                       "value": float(record.get(quality_key, float("nan")))})
+        send_event(
+            context.events,
+            {
+                "kind": "trial_epoch",
+                "trial": trial,
+                "epoch": record["epoch"],
+                "epochs": config.epochs,
+                "metric": quality_key,
+                "value": float(record.get(quality_key, float("nan"))),
+            },
+        )
 
     with tempfile.TemporaryDirectory() as directory:
-        metrics = train_candidate(build_student(meta, config), config, meta=meta, train=data["train"], val=data["val"],
-                                  teacher_logits=teacher_logits,
-                                  augment=trial_augmentation(context.augment, context.meta, config.seed), directory=Path(directory),
-                                  latency_runs=context.latency_runs, on_epoch=on_epoch, views=views)
+        metrics = train_candidate(
+            build_student(meta, config),
+            config,
+            meta=meta,
+            train=data["train"],
+            val=data["val"],
+            teacher_logits=teacher_logits,
+            augment=trial_augmentation(context.augment, context.meta, config.seed),
+            directory=Path(directory),
+            latency_runs=context.latency_runs,
+            on_epoch=on_epoch,
+            views=views,
+        )
         files = {name: (Path(directory) / name).read_bytes() for name in CANDIDATE_FILES}
     return files, metrics

@@ -14,6 +14,7 @@ from medkd.search.context import TrialContext
 from medkd.search.space import trial_distill_config
 from medkd.students.candidate import CANDIDATE_FILE
 
+
 class TrialRecord(BaseModel):
     trial_id: str
     status: str
@@ -48,8 +49,16 @@ def pareto_front(points: list[list[float]], modes: list[str]) -> list[int]:
     return front
 
 
-def collect_outcome(grid: Any, *, search_fp: str, experiment_path: str, metrics: list[str], modes: list[str],
-                    progress: Progress, context: TrialContext) -> SearchOutcome:
+def collect_outcome(
+    grid: Any,
+    *,
+    search_fp: str,
+    experiment_path: str,
+    metrics: list[str],
+    modes: list[str],
+    progress: Progress,
+    context: TrialContext,
+) -> SearchOutcome:
     records: list[TrialRecord] = []
     for result in grid:
         trial_metrics = dict(result.metrics or {})
@@ -60,15 +69,19 @@ def collect_outcome(grid: Any, *, search_fp: str, experiment_path: str, metrics:
             with result.checkpoint.as_directory() as directory:
                 candidate = json.loads((Path(directory) / CANDIDATE_FILE).read_text())
             candidate_config = candidate["config"]
-        keep = {k: v for k, v in trial_metrics.items() if isinstance(v, (int, float, str, bool)) and k not in ("config",)}
-        records.append(TrialRecord(
-            trial_id=trial_id,
-            status="error" if result.error else ("completed" if final else "stopped early"),
-            config=candidate_config,
-            metrics=keep,
-            checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
-            final=final,
-        ))
+        keep = {
+            k: v for k, v in trial_metrics.items() if isinstance(v, (int, float, str, bool)) and k not in ("config",)
+        }
+        records.append(
+            TrialRecord(
+                trial_id=trial_id,
+                status="error" if result.error else ("completed" if final else "stopped early"),
+                config=candidate_config,
+                metrics=keep,
+                checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
+                final=final,
+            )
+        )
     finished = [r for r in records if r.final and all(m in r.metrics for m in metrics)]
     front_ids: list[str] = []
     if finished:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from medkd.data.teacher_logits import CachedViews, TeacherLogitsFn
 from medkd.data import AugmentSpec, build_augmentation
 from medkd.data.meta import DatasetMeta
+from medkd.data.teacher_logits import CachedViews, TeacherLogitsFn
 from medkd.search.context import TrialContext
 from medkd.softlabels.reading import cached_teacher_logits, cached_views
 from medkd.softlabels.recovery import cache_recovery
@@ -41,20 +41,31 @@ def trial_augmentation(augment: dict[str, Any] | None, meta: DatasetMeta, seed: 
     return build_augmentation(spec, meta.spatial_dims, meta.task, seed=seed)
 
 
-def teacher_logits_source(context: TrialContext, train_images: np.ndarray) -> tuple[TeacherLogitsFn, CachedViews | None]:
+def teacher_logits_source(
+    context: TrialContext, train_images: np.ndarray
+) -> tuple[TeacherLogitsFn, CachedViews | None]:
     """The cached teacher logits of train and, with FKD views, of the views (a trial's and the final training's)."""
     cache = SoftLabelCache(context.cache_url, namespace=context.cache_namespace, password_env=context.password_env)
     fps, dataset_fp = context.teacher_fps, context.dataset_fp
     segmentation = context.meta.task == "segmentation"
-    recover = cache_recovery(cache, artifacts=context.teacher_artifacts, dataset_fp=dataset_fp, meta=context.meta,
-                             cache_options=context.cache_options, train_images=train_images, augment=context.augment,
-                             views=context.views, events=context.events)
+    recover = cache_recovery(
+        cache,
+        artifacts=context.teacher_artifacts,
+        dataset_fp=dataset_fp,
+        meta=context.meta,
+        cache_options=context.cache_options,
+        train_images=train_images,
+        augment=context.augment,
+        views=context.views,
+        events=context.events,
+    )
     originals = cached_teacher_logits(cache, fps, dataset_fp, segmentation=segmentation, recover=recover)
     views = context.views
     if not views:
         return originals, None
-    return originals, cached_views(cache, fps, views["views_dataset_fp"], views["views"], segmentation=segmentation,
-                                   recover=recover)
+    return originals, cached_views(
+        cache, fps, views["views_dataset_fp"], views["views"], segmentation=segmentation, recover=recover
+    )
 
 
 def calibration_samples(train_images: np.ndarray, seed: int, size: int = CALIBRATION_SAMPLES) -> np.ndarray:
@@ -90,15 +101,42 @@ def train_candidate(
     calibration = calibration_samples(train_x, config.seed)
     if views is not None:
         augment = None
-    distill(model, config, train_images=train_x, train_labels=train_y, teacher_logits=teacher_logits,
-            meta=meta, val_images=val_x, val_labels=val_y, augment=augment, views=views, on_epoch=on_epoch)
+    distill(
+        model,
+        config,
+        train_images=train_x,
+        train_labels=train_y,
+        teacher_logits=teacher_logits,
+        meta=meta,
+        val_images=val_x,
+        val_labels=val_y,
+        augment=augment,
+        views=views,
+        on_epoch=on_epoch,
+    )
     model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
     if config.prune == "channels" and config.prune_amount > 0:
         finetune = max(1, round(config.epochs * FINETUNE_AFTER_CHANNEL_PRUNING))
         # A short, low-rate fine-tune of the one pruned model: no weight average (its horizon
         # would span most of it), no soup.
-        distill(model, config.model_copy(update={"lr": config.lr / 3, "ema_epochs": None, "branches": 1}),
-                train_images=train_x, train_labels=train_y,
-                teacher_logits=teacher_logits, meta=meta, epochs=finetune, augment=augment, views=views)
-    return export_candidate(model, config, meta=meta, calibration=calibration, val_images=val_x,
-                            val_labels=val_y, directory=directory, latency_runs=latency_runs)
+        distill(
+            model,
+            config.model_copy(update={"lr": config.lr / 3, "ema_epochs": None, "branches": 1}),
+            train_images=train_x,
+            train_labels=train_y,
+            teacher_logits=teacher_logits,
+            meta=meta,
+            epochs=finetune,
+            augment=augment,
+            views=views,
+        )
+    return export_candidate(
+        model,
+        config,
+        meta=meta,
+        calibration=calibration,
+        val_images=val_x,
+        val_labels=val_y,
+        directory=directory,
+        latency_runs=latency_runs,
+    )

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import ray
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -26,29 +25,26 @@ from ray.tune.search.optuna import OptunaSearch
 from medkd.core.devices import require_reserved_gpus
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
-from medkd.softlabels.store import SoftLabelCache
-from medkd.students.candidate import apply_pruning
-from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
-from medkd.students.losses.families import check_loss_space
-from medkd.students.distill import (
-    build_student,
-    quality_metric,
-)
 from medkd.data.meta import DatasetMeta
 from medkd.search.context import TrialContext, distilled_teachers, search_context
 from medkd.search.outcome import SearchOutcome, TrialRecord, collect_outcome, pareto_front  # noqa: F401  (re-exported)
 from medkd.search.recipe import calibration_samples, teacher_logits_source, train_candidate, trial_augmentation
 from medkd.search.space import define_space, teacher_prior, trial_distill_config
+from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import JobSpec
+from medkd.students.candidate import apply_pruning
+from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
+from medkd.students.distill import (
+    build_student,
+    quality_metric,
+)
+from medkd.students.losses.families import check_loss_space
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
 
 
 class SearchInterrupted(RuntimeError):
     """The search stopped before all its trials finished (Ctrl-C, lost driver); resumable."""
-
-
-
 
 
 def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -82,8 +78,17 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     def on_epoch(record: dict[str, Any]) -> None:
         value = float(record.get(quality_key, float("nan")))
-        send_event(context.events, {"kind": "trial_epoch", "trial": trial_name, "epoch": record["epoch"],
-                                       "epochs": config.epochs, "metric": quality_key, "value": value})
+        send_event(
+            context.events,
+            {
+                "kind": "trial_epoch",
+                "trial": trial_name,
+                "epoch": record["epoch"],
+                "epochs": config.epochs,
+                "metric": quality_key,
+                "value": value,
+            },
+        )
         if record["epoch"] < config.epochs:
             # The last epoch is reported once, by the final (compressed, exported) result: an
             # intermediate report there would let ASHA stop a fully trained trial at its last rung
@@ -91,14 +96,24 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
             tune.report({**estimates, **record, quality_key: value if math.isfinite(value) else 0.0, "final": False})
 
     with tempfile.TemporaryDirectory() as directory:
-        metrics = train_candidate(model, config, meta=meta, train=data["train"], val=data["val"],
-                                  teacher_logits=teacher_logits, augment=trial_augmentation(context.augment, context.meta, config.seed),
-                                  directory=Path(directory), latency_runs=context.latency_runs, on_epoch=on_epoch,
-                                  views=views)
+        metrics = train_candidate(
+            model,
+            config,
+            meta=meta,
+            train=data["train"],
+            val=data["val"],
+            teacher_logits=teacher_logits,
+            augment=trial_augmentation(context.augment, context.meta, config.seed),
+            directory=Path(directory),
+            latency_runs=context.latency_runs,
+            on_epoch=on_epoch,
+            views=views,
+        )
         if not math.isfinite(metrics.get(quality_key, float("nan"))):
             metrics[quality_key] = 0.0
-        tune.report({**metrics, "epoch": config.epochs, "final": True},
-                    checkpoint=tune.Checkpoint.from_directory(directory))
+        tune.report(
+            {**metrics, "epoch": config.epochs, "final": True}, checkpoint=tune.Checkpoint.from_directory(directory)
+        )
 
 
 # --------------------------------------------------------------------------- progress
@@ -122,8 +137,6 @@ class TrialProgress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.progress.trial_finished(trial.trial_id, "failed", {})
         self.progress.line(f"    trial {trial.trial_id} failed: see {trial.local_path}")
-
-
 
 
 # --------------------------------------------------------------------------- the stage
@@ -158,24 +171,42 @@ def run_search(
     teacher_fps, teachers = distilled_teachers(spec, teacher_fps, teachers)
     search_fp = search_fingerprint(spec, teacher_fps, dataset_fp)
     name = f"search-{search_fp}"
-    experiment_path = str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path.rstrip('/')}/{name}"
+    experiment_path = (
+        str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path.rstrip('/')}/{name}"
+    )
     metrics = [o.metric for o in search.objectives]
     modes = [o.mode for o in search.objectives]
     quality = next((o for o in search.objectives if o.metric in QUALITY_METRICS), None)
     use_asha = search.scheduler == "asha" and quality is not None
-    context = search_context(spec, meta=meta, data_ref=data_ref, teacher_fps=teacher_fps, dataset_fp=dataset_fp,
-                             cache_url=cache_url, events=events, views=views, teachers=teachers)
+    context = search_context(
+        spec,
+        meta=meta,
+        data_ref=data_ref,
+        teacher_fps=teacher_fps,
+        dataset_fp=dataset_fp,
+        cache_url=cache_url,
+        events=events,
+        views=views,
+        teachers=teachers,
+    )
     context.needs_estimates = any(m not in QUALITY_METRICS for m in metrics)
-    check_loss_space(search.space.loss, search.space.logit_standardization, task=meta.task,
-                     multilabel=meta.multilabel, num_classes=meta.num_classes)
+    check_loss_space(
+        search.space.loss,
+        search.space.logit_standardization,
+        task=meta.task,
+        multilabel=meta.multilabel,
+        num_classes=meta.num_classes,
+    )
     if len(teacher_fps) > 1:
         cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
         val_labels = ray.get(data_ref)["val"][1]
         context.teacher_prior = teacher_prior(
             [cache.fetch(fp, dataset_fp, "val") for fp in teacher_fps], val_labels, meta
         )
-        progress.line("  teacher prior (confidence aggregation, from val skill): "
-                      + ", ".join(f"{w:.2f}" for w in context.teacher_prior))
+        progress.line(
+            "  teacher prior (confidence aggregation, from val skill): "
+            + ", ".join(f"{w:.2f}" for w in context.teacher_prior)
+        )
     trainable = tune.with_resources(
         tune.with_parameters(distill_trial, context=context),
         search.trial_resources(),
@@ -188,7 +219,9 @@ def run_search(
     else:
         if restorable:
             aside = f"{experiment_path}.interrupted-{int(time.time())}"
-            progress.line(f"  an interrupted search exists (use --resume to continue it); starting over, old one kept at {aside}")
+            progress.line(
+                f"  an interrupted search exists (use --resume to continue it); starting over, old one kept at {aside}"
+            )
             os.rename(experiment_path, aside)
         searcher = OptunaSearch(
             space=define_space(search.space, len(teacher_fps)),
@@ -199,17 +232,24 @@ def run_search(
         scheduler = None
         if use_asha:
             scheduler = ASHAScheduler(
-                metric=quality.metric, mode=quality.mode, time_attr="training_iteration",
-                max_t=search.epochs, grace_period=min(search.grace_period, search.epochs),
+                metric=quality.metric,
+                mode=quality.mode,
+                time_attr="training_iteration",
+                max_t=search.epochs,
+                grace_period=min(search.grace_period, search.epochs),
             )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=search.num_trials,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=search.num_trials,
                 max_concurrent_trials=search.max_concurrent,
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, verbose=0,
+                name=name,
+                storage_path=storage_path,
+                verbose=0,
                 callbacks=[TrialProgress(progress, search.num_trials, metrics, modes)],
                 failure_config=tune.FailureConfig(max_failures=1),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -227,7 +267,12 @@ def run_search(
             f"search {name} interrupted after {done}/{search.num_trials} trials; its state is saved in "
             f"{experiment_path} — run the same command with --resume to continue it"
         )
-    return collect_outcome(grid, search_fp=search_fp, experiment_path=experiment_path, metrics=metrics, modes=modes,
-                           progress=progress, context=context)
-
-
+    return collect_outcome(
+        grid,
+        search_fp=search_fp,
+        experiment_path=experiment_path,
+        metrics=metrics,
+        modes=modes,
+        progress=progress,
+        context=context,
+    )

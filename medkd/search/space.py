@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from medkd.data.meta import DatasetMeta
-from medkd.students.distill import DistillConfig, evaluate_logits, quality_metric
 from medkd.search.context import TrialContext
+from medkd.students.distill import DistillConfig, evaluate_logits, quality_metric
+
 
 def _suggest(trial: Any, name: str, dimension: Any) -> Any:
     if isinstance(dimension, list):

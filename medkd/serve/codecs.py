@@ -163,9 +163,7 @@ def _resolve_format(body: bytes, content_type: str | None, max_bytes: int) -> st
     )
 
 
-def decode_image(
-    body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES
-) -> np.ndarray:
+def decode_image(body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> np.ndarray:
     """Decode one image from a request body.
 
     Args:
@@ -188,16 +186,14 @@ def decode_image(
         images = _decode_json(body)
         if len(images) != 1:
             raise RequestError(
-                f'JSON body holds {len(images)} instances; POST /predict takes one image '
+                f"JSON body holds {len(images)} instances; POST /predict takes one image "
                 "(use /predict/batch for several)"
             )
         return images[0]
     return _DECODERS[fmt](body)
 
 
-def decode_batch(
-    body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES
-) -> list[np.ndarray]:
+def decode_batch(body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> list[np.ndarray]:
     """Decode several images: an NPY array of shape ``(N, ...)`` or JSON ``{"instances": [...]}``.
 
     Returns:
@@ -216,7 +212,7 @@ def decode_batch(
         images = list(stack)
     else:
         raise UnsupportedMediaType(
-            f"a batch must be an NPY array of shape (N, ...) or JSON {{\"instances\": [...]}}, "
+            f'a batch must be an NPY array of shape (N, ...) or JSON {{"instances": [...]}}, '
             f"got a {_FORMAT_NAMES[fmt]} body"
         )
     if not images:
@@ -283,8 +279,7 @@ def _decode_npy(body: bytes) -> np.ndarray:
         raise RequestError(f"body is not a valid NPY array: {error}") from None
     if dtype.hasobject:
         raise RequestError(
-            "NPY array holds Python objects (dtype object), which would need unpickling; "
-            "refused: send a numeric array"
+            "NPY array holds Python objects (dtype object), which would need unpickling; refused: send a numeric array"
         )
     if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
         raise RequestError(f"NPY dtype {dtype} is not supported: send bool, integer or float pixels")
@@ -337,7 +332,9 @@ def _decode_json(body: bytes) -> list[np.ndarray]:
             _json_array(item["image"] if isinstance(item, dict) and "image" in item else item, f'"instances"[{i}]')
             for i, item in enumerate(instances)
         ]
-    raise RequestError('JSON body must be an object with "image" (a nested list of pixels) or "instances" (a list of them)')
+    raise RequestError(
+        'JSON body must be an object with "image" (a nested list of pixels) or "instances" (a list of them)'
+    )
 
 
 def _json_array(value: Any, where: str) -> np.ndarray:

@@ -21,13 +21,14 @@ import json
 import re
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
 
 import redis
 
+from medkd.softlabels.manifest import Manifest
 from medkd.softlabels.redis_client import RedisConnectionError
 from medkd.softlabels.redis_server import ManagedRedisServer, RedisServerError
-from medkd.softlabels.manifest import Manifest
 from medkd.softlabels.store import SoftLabelCache
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -69,7 +70,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table; numeric-looking columns are right-aligned."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    numeric = [bool(cells) and all(re.fullmatch(r"[\d.,]+( \w+)?", r[i] or "0") for r in cells) for i in range(len(headers))]
+    numeric = [
+        bool(cells) and all(re.fullmatch(r"[\d.,]+( \w+)?", r[i] or "0") for r in cells) for i in range(len(headers))
+    ]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
@@ -80,11 +83,15 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``cache`` (with ``ls``, ``stats``, ``verify``, ``purge``) on a sub-parsers object."""
     cache = subparsers.add_parser(
-        "cache", help="inspect and manage the soft-label cache",
+        "cache",
+        help="inspect and manage the soft-label cache",
         description="Inspect and manage the soft-label cache (teacher logits in Redis).",
     )
-    cache.add_argument("--redis-url", default=None,
-                       help="redis://, rediss:// or unix:// URL (default: medkd's managed server in $MEDKD_HOME/redis)")
+    cache.add_argument(
+        "--redis-url",
+        default=None,
+        help="redis://, rediss:// or unix:// URL (default: medkd's managed server in $MEDKD_HOME/redis)",
+    )
     cache.add_argument("--password-env", default=None, metavar="VAR", help="environment variable holding the password")
     cache.add_argument("--namespace", default="medkd", help="key namespace (default: medkd)")
     cache.add_argument("--json", action="store_true", help="machine-readable JSON output")
@@ -97,7 +104,9 @@ def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
     verify.add_argument("--teacher", metavar="FP", help="only this teacher fingerprint")
     purge = actions.add_parser("purge", help="delete entries")
     purge.add_argument("--teacher", metavar="FP", help="only this teacher fingerprint")
-    purge.add_argument("--older-than", type=parse_duration, metavar="D", help="only entries older than D (30m, 12h, 7d)")
+    purge.add_argument(
+        "--older-than", type=parse_duration, metavar="D", help="only entries older than D (30m, 12h, 7d)"
+    )
     purge.add_argument("--all", action="store_true", help="required to purge everything (no --teacher/--older-than)")
     for sub in (cache, ls, verify, purge):
         sub.set_defaults(handler=run_cache_command)
@@ -147,10 +156,20 @@ def _emit_json(out: TextIO, payload: Any) -> None:
 
 def _manifest_row(m: Manifest, now: float) -> dict[str, Any]:
     return {
-        "teacher_fp": m.teacher_fp, "dataset_fp": m.dataset_fp, "split": m.split, "view": m.view,
-        "num_samples": m.num_samples, "sample_shape": list(m.sample_shape), "encoding": m.encoding,
-        "topk": m.topk, "compression": m.compression, "nbytes": m.nbytes, "num_chunks": m.num_chunks,
-        "created_at": m.created_at, "age_s": round(now - m.created_at, 1), "generation": m.generation,
+        "teacher_fp": m.teacher_fp,
+        "dataset_fp": m.dataset_fp,
+        "split": m.split,
+        "view": m.view,
+        "num_samples": m.num_samples,
+        "sample_shape": list(m.sample_shape),
+        "encoding": m.encoding,
+        "topk": m.topk,
+        "compression": m.compression,
+        "nbytes": m.nbytes,
+        "num_chunks": m.num_chunks,
+        "created_at": m.created_at,
+        "age_s": round(now - m.created_at, 1),
+        "generation": m.generation,
         "teacher": m.teacher_spec.get("name") or m.teacher_spec.get("model"),
     }
 
@@ -165,14 +184,28 @@ def _ls(cache: SoftLabelCache, args: argparse.Namespace, out: TextIO) -> int:
         out.write("no cached soft labels\n")
         return 0
     table = [
-        [r["teacher_fp"], r["teacher"] or "", r["dataset_fp"], r["split"], "-" if r["view"] is None else r["view"],
-         r["num_samples"], "x".join(map(str, r["sample_shape"])),
-         r["encoding"] + (f"/top{r['topk']}" if r["topk"] else "") + (f"/{r['compression']}" if r["compression"] else ""),
-         format_bytes(r["nbytes"]), format_age(r["age_s"])]
+        [
+            r["teacher_fp"],
+            r["teacher"] or "",
+            r["dataset_fp"],
+            r["split"],
+            "-" if r["view"] is None else r["view"],
+            r["num_samples"],
+            "x".join(map(str, r["sample_shape"])),
+            r["encoding"]
+            + (f"/top{r['topk']}" if r["topk"] else "")
+            + (f"/{r['compression']}" if r["compression"] else ""),
+            format_bytes(r["nbytes"]),
+            format_age(r["age_s"]),
+        ]
         for r in rows
     ]
-    out.write(format_table(["TEACHER", "NAME", "DATASET", "SPLIT", "VIEW", "SAMPLES", "SHAPE", "ENCODING", "SIZE", "AGE"],
-                           table) + "\n")
+    out.write(
+        format_table(
+            ["TEACHER", "NAME", "DATASET", "SPLIT", "VIEW", "SAMPLES", "SHAPE", "ENCODING", "SIZE", "AGE"], table
+        )
+        + "\n"
+    )
     out.write(f"{len(rows)} entries, {format_bytes(sum(r['nbytes'] for r in rows))}\n")
     return 0
 
@@ -188,11 +221,14 @@ def _stats(cache: SoftLabelCache, args: argparse.Namespace, out: TextIO) -> int:
     limit = format_bytes(redis_info["maxmemory"]) if redis_info["maxmemory"] else "no limit"
     out.write(f"entries: {stats['entries']}, {format_bytes(stats['bytes'])} of soft labels\n")
     out.write(f"lookups: {stats['hits']} hits, {stats['misses']} misses{rate}\n")
-    out.write(f"redis:   {format_bytes(redis_info['used_memory'])} used of {limit}, "
-              f"policy {redis_info['maxmemory_policy']}\n")
-    rows = [[teacher, split, format_bytes(nbytes)]
-            for teacher, info in sorted(stats["by_teacher"].items())
-            for split, nbytes in sorted(info["splits"].items())]
+    out.write(
+        f"redis:   {format_bytes(redis_info['used_memory'])} used of {limit}, policy {redis_info['maxmemory_policy']}\n"
+    )
+    rows = [
+        [teacher, split, format_bytes(nbytes)]
+        for teacher, info in sorted(stats["by_teacher"].items())
+        for split, nbytes in sorted(info["splits"].items())
+    ]
     if rows:
         out.write("\n" + format_table(["TEACHER", "SPLIT", "BYTES"], rows) + "\n")
     return 0
@@ -205,8 +241,10 @@ def _verify(cache: SoftLabelCache, args: argparse.Namespace, out: TextIO) -> int
     elif problems:
         rows = [[p.kind, p.prefix, "" if p.chunk is None else p.chunk, p.message] for p in problems]
         out.write(format_table(["PROBLEM", "ENTRY", "CHUNK", "DETAIL"], rows) + "\n")
-        out.write(f"{len(problems)} problem(s); `medkd cache purge --teacher FP` removes an entry, "
-                  "the next run recomputes it\n")
+        out.write(
+            f"{len(problems)} problem(s); `medkd cache purge --teacher FP` removes an entry, "
+            "the next run recomputes it\n"
+        )
     else:
         out.write("all entries verified: no problems\n")
     return 1 if problems else 0

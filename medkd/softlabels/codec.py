@@ -47,8 +47,8 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -210,8 +210,15 @@ def encode_array(array: np.ndarray, *, compression: str | None = None, checksum:
         payload = codec.compress(raw)
     dtype_str = contiguous.dtype.str.encode("ascii")
     fixed = _FIXED.pack(
-        MAGIC, FORMAT_VERSION, codec.codec_id if codec else 0, flags, contiguous.ndim,
-        len(dtype_str), summer.checksum_id, len(payload), contiguous.nbytes,
+        MAGIC,
+        FORMAT_VERSION,
+        codec.codec_id if codec else 0,
+        flags,
+        contiguous.ndim,
+        len(dtype_str),
+        summer.checksum_id,
+        len(payload),
+        contiguous.nbytes,
     )
     shape = struct.pack(f"<{contiguous.ndim}Q", *contiguous.shape)
     digest = summer.digest((fixed, dtype_str, shape, payload))
@@ -221,9 +228,7 @@ def encode_array(array: np.ndarray, *, compression: str | None = None, checksum:
 def _decode_at(data: memoryview, offset: int, copy: bool) -> tuple[np.ndarray, int]:
     end_fixed = offset + HEADER_FIXED_SIZE
     if len(data) < end_fixed:
-        raise ArrayFormatError(
-            f"truncated array header: {len(data) - offset} bytes, need at least {HEADER_FIXED_SIZE}"
-        )
+        raise ArrayFormatError(f"truncated array header: {len(data) - offset} bytes, need at least {HEADER_FIXED_SIZE}")
     magic, version, codec_id, flags, ndim, dtype_len, checksum_id, stored, raw_len = _FIXED.unpack_from(data, offset)
     if magic != MAGIC:
         raise ArrayFormatError(f"not an encoded array (magic {bytes(magic)!r}, expected {MAGIC!r})")
@@ -242,9 +247,7 @@ def _decode_at(data: memoryview, offset: int, copy: bool) -> tuple[np.ndarray, i
     payload_start = shape_start + 8 * ndim
     payload_end = payload_start + stored
     if len(data) < payload_end:
-        raise ArrayFormatError(
-            f"truncated array: {len(data) - offset} bytes, header declares {payload_end - offset}"
-        )
+        raise ArrayFormatError(f"truncated array: {len(data) - offset} bytes, header declares {payload_end - offset}")
     dtype_bytes = data[dtype_start:shape_start]
     shape_bytes = data[shape_start:payload_start]
     payload = data[payload_start:payload_end]
@@ -307,7 +310,9 @@ def decode_array(data: bytes | bytearray | memoryview, *, copy: bool = False) ->
     return array
 
 
-def encode_arrays(arrays: Sequence[np.ndarray], *, compression: str | None = None, checksum: str | None = None) -> bytes:
+def encode_arrays(
+    arrays: Sequence[np.ndarray], *, compression: str | None = None, checksum: str | None = None
+) -> bytes:
     """Several arrays in one value (concatenated encodings; each carries its own length)."""
     return b"".join(encode_array(a, compression=compression, checksum=checksum) for a in arrays)
 

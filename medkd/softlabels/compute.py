@@ -11,17 +11,16 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
-import ray
-
 from medkd.core.devices import reserved_gpu_device
-from medkd.core.progress import Progress
 from medkd.core.fingerprint import fingerprint
+from medkd.core.progress import Progress
 from medkd.data import apply_view, sample_view_params
+from medkd.data.meta import DatasetMeta
 from medkd.teachers.loop import predict
 from medkd.teachers.train import TeacherArtifact, load_teacher_model
-from medkd.data.meta import DatasetMeta
 
 SPLITS = ("train", "val", "test")
 
@@ -36,7 +35,9 @@ def cache_teacher_spec(artifact: TeacherArtifact) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=1)
-def _teacher_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, splits: list[str]) -> dict[str, np.ndarray]:
+def _teacher_logits(
+    artifact_json: str, meta: DatasetMeta, data_ref_list: list, splits: list[str]
+) -> dict[str, np.ndarray]:
     artifact = TeacherArtifact.model_validate_json(artifact_json)
     torch.set_num_threads(1)
     device = reserved_gpu_device(SOFTLABELS_GPU_FIELD)
@@ -53,7 +54,9 @@ def teacher_logits_task(artifact: TeacherArtifact, meta: DatasetMeta, data_ref: 
     return task.remote(artifact.model_dump_json(), meta, [data_ref], list(splits))
 
 
-def teacher_logits_remote(artifact: TeacherArtifact, meta: DatasetMeta, data_ref: Any, splits: list[str]) -> dict[str, np.ndarray]:
+def teacher_logits_remote(
+    artifact: TeacherArtifact, meta: DatasetMeta, data_ref: Any, splits: list[str]
+) -> dict[str, np.ndarray]:
     return ray.get(teacher_logits_task(artifact, meta, data_ref, splits))
 
 
@@ -85,7 +88,10 @@ def cache_teacher_logits(
         computed: dict[str, np.ndarray] = ray.get(launched[artifact.name]) if artifact.name in launched else {}
         per_split = {}
         for split in SPLITS:
-            def compute(split: str = split) -> np.ndarray:
+
+            def compute(
+                split: str = split, computed: dict = computed, artifact: TeacherArtifact = artifact
+            ) -> np.ndarray:
                 if split in computed:
                     return computed[split]
                 # Present at first look but corrupt or evicted since: recompute from the checkpoint.
@@ -137,15 +143,21 @@ def recover_train_logits(
     lets one caller per entry compute while the others wait for its manifest, and returns the
     cached entry without computing when someone already restored it.
     """
+
     def compute() -> np.ndarray:
         model = load_teacher_model(artifact, meta)
         inputs = images if view_params is None else apply_view(images, view_params)
         return predict(model, inputs, 128, torch.device("cpu"))
 
     cache.fetch_or_compute(
-        artifact.fingerprint, dataset_fp, "train", compute,
+        artifact.fingerprint,
+        dataset_fp,
+        "train",
+        compute,
         teacher_spec=cache_teacher_spec(artifact),
-        view=view, view_params=view_params, **cache_options,
+        view=view,
+        view_params=view_params,
+        **cache_options,
     )
 
 
@@ -170,7 +182,9 @@ def view_params(augment: Any, num_samples: int, *, seed: int, view: int, meta: D
 
 
 @ray.remote(num_cpus=1)
-def _teacher_view_logits(artifact_json: str, meta: DatasetMeta, data_ref_list: list, params: list[list[dict]]) -> list[np.ndarray]:
+def _teacher_view_logits(
+    artifact_json: str, meta: DatasetMeta, data_ref_list: list, params: list[list[dict]]
+) -> list[np.ndarray]:
     artifact = TeacherArtifact.model_validate_json(artifact_json)
     torch.set_num_threads(1)
     device = reserved_gpu_device(SOFTLABELS_GPU_FIELD)
@@ -205,7 +219,10 @@ def cache_view_logits(
         missing = [k for k in range(views) if not cache.exists(artifact.fingerprint, dataset_fp, "train", view=k)]
         if missing:
             task = _teacher_view_logits.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
-            launched[artifact.name] = (missing, task.remote(artifact.model_dump_json(), meta, [data_ref], [all_params[k] for k in missing]))
+            launched[artifact.name] = (
+                missing,
+                task.remote(artifact.model_dump_json(), meta, [data_ref], [all_params[k] for k in missing]),
+            )
     if launched:
         progress.line(f"  soft labels: computing {views} augmented view(s) of train for {', '.join(launched)}")
     computed = 0
@@ -214,9 +231,21 @@ def cache_view_logits(
             continue
         missing, ref = launched[artifact.name]
         for k, logits in zip(missing, ray.get(ref)):
-            cache.publish(artifact.fingerprint, dataset_fp, "train", logits, view=k, view_params=all_params[k],
-                          teacher_spec=cache_teacher_spec(artifact),
-                          **cache_options)
+            cache.publish(
+                artifact.fingerprint,
+                dataset_fp,
+                "train",
+                logits,
+                view=k,
+                view_params=all_params[k],
+                teacher_spec=cache_teacher_spec(artifact),
+                **cache_options,
+            )
             computed += 1
-    return {"views": views, "views_dataset_fp": dataset_fp, "seed": seed, "computed": computed,
-            "cached": views * len(artifacts) - computed}
+    return {
+        "views": views,
+        "views_dataset_fp": dataset_fp,
+        "seed": seed,
+        "computed": computed,
+        "cached": views * len(artifacts) - computed,
+    }

@@ -6,7 +6,8 @@ restored through ``recover`` (see :mod:`medkd.softlabels.recovery`) and read aga
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -17,8 +18,15 @@ from medkd.softlabels.store import SoftLabelCache
 RecoverFn = Callable[[int, "int | None"], None]  # (teacher index, view) -> entry restored in the cache
 
 
-def cached_teacher_logits(cache: SoftLabelCache, teacher_fps: list[str], dataset_fp: str, *,
-                          segmentation: bool, view: int | None = None, recover: RecoverFn | None = None) -> TeacherLogitsFn:
+def cached_teacher_logits(
+    cache: SoftLabelCache,
+    teacher_fps: list[str],
+    dataset_fp: str,
+    *,
+    segmentation: bool,
+    view: int | None = None,
+    recover: RecoverFn | None = None,
+) -> TeacherLogitsFn:
     """``indices -> (T, B, ...)`` teacher logits of the training split (or of one cached view) from Redis.
 
     Classification logits are small: the whole split is fetched once. Per-pixel segmentation
@@ -26,6 +34,7 @@ def cached_teacher_logits(cache: SoftLabelCache, teacher_fps: list[str], dataset
     ``recover(teacher_index, view)`` (from the teacher checkpoint) and read again; without
     ``recover`` the cache's error is raised.
     """
+
     def fetch(t: int, indices: np.ndarray | None) -> np.ndarray:
         try:
             return cache.fetch(teacher_fps[t], dataset_fp, "train", indices=indices, view=view)
@@ -40,8 +49,15 @@ def cached_teacher_logits(cache: SoftLabelCache, teacher_fps: list[str], dataset
     return array_teacher_logits(np.stack([fetch(t, None) for t in range(len(teacher_fps))]))
 
 
-def cached_views(cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp: str, num_views: int, *,
-                 segmentation: bool, recover: RecoverFn | None = None) -> CachedViews:
+def cached_views(
+    cache: SoftLabelCache,
+    teacher_fps: list[str],
+    views_dataset_fp: str,
+    num_views: int,
+    *,
+    segmentation: bool,
+    recover: RecoverFn | None = None,
+) -> CachedViews:
     """The FKD views of the soft-label stage (``cache.views``): parameters from the manifests, logits from Redis.
 
     Raises:
@@ -49,6 +65,7 @@ def cached_views(cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp
         ValueError: the teachers' manifests disagree on a view's parameters (they must have seen
             the same augmented images).
     """
+
     def read(k: int) -> tuple[list[Any], list[int]]:
         manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
         return manifests, [t for t, m in enumerate(manifests) if m is None or m.view_params is None]
@@ -61,12 +78,15 @@ def cached_views(cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp
                 recover(t, k)
             manifests, missing = read(k)
         if missing:
-            raise CacheMissError(f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) "
-                                 f"{[teacher_fps[t] for t in missing]}")
+            raise CacheMissError(
+                f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) "
+                f"{[teacher_fps[t] for t in missing]}"
+            )
         if any(manifest.view_params != manifests[0].view_params for manifest in manifests[1:]):
             raise ValueError(f"teachers disagree on the parameters of augmented view {k} of {views_dataset_fp}")
         params.append(manifests[0].view_params)
-    per_view = [cached_teacher_logits(cache, teacher_fps, views_dataset_fp, segmentation=segmentation, view=k,
-                                      recover=recover)
-                for k in range(num_views)]
+    per_view = [
+        cached_teacher_logits(cache, teacher_fps, views_dataset_fp, segmentation=segmentation, view=k, recover=recover)
+        for k in range(num_views)
+    ]
     return CachedViews(params, lambda k, indices: per_view[k](indices))

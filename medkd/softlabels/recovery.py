@@ -15,9 +15,19 @@ from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.data import AugmentSpec
 from medkd.teachers.train import TeacherArtifact
 
-def cache_recovery(cache: SoftLabelCache, *, artifacts: list[str], dataset_fp: str, meta: DatasetMeta,
-                   cache_options: dict[str, Any], train_images: np.ndarray, augment: dict[str, Any] | None = None,
-                   views: dict[str, Any] | None = None, events: Any = None) -> RecoverFn | None:
+
+def cache_recovery(
+    cache: SoftLabelCache,
+    *,
+    artifacts: list[str],
+    dataset_fp: str,
+    meta: DatasetMeta,
+    cache_options: dict[str, Any],
+    train_images: np.ndarray,
+    augment: dict[str, Any] | None = None,
+    views: dict[str, Any] | None = None,
+    events: Any = None,
+) -> RecoverFn | None:
     """``recover(teacher_index, view)``: restore a lost train entry from the teacher's checkpoint.
 
     Args:
@@ -40,15 +50,31 @@ def cache_recovery(cache: SoftLabelCache, *, artifacts: list[str], dataset_fp: s
 
     def recover(t: int, view: int | None) -> None:
         artifact = TeacherArtifact.model_validate_json(artifacts[t])
-        send_event(events, {"kind": "message", "message": f"  soft labels of teacher {artifact.name} "
-                                       f"(train{'' if view is None else f', view {view}'}) lost from the cache: recomputing"})
+        send_event(
+            events,
+            {
+                "kind": "message",
+                "message": f"  soft labels of teacher {artifact.name} "
+                f"(train{'' if view is None else f', view {view}'}) lost from the cache: recomputing",
+            },
+        )
         if view is None:
-            recover_train_logits(cache, artifact, dataset_fp=dataset_fp, meta=meta, images=train_images,
-                                 cache_options=cache_options)
+            recover_train_logits(
+                cache, artifact, dataset_fp=dataset_fp, meta=meta, images=train_images, cache_options=cache_options
+            )
             return
-        params = view_params(AugmentSpec.model_validate(augment), len(train_images), seed=views["seed"],
-                             view=view, meta=meta)
-        recover_train_logits(cache, artifact, dataset_fp=views["views_dataset_fp"], meta=meta, images=train_images,
-                             cache_options=cache_options, view=view, view_params=params)
+        params = view_params(
+            AugmentSpec.model_validate(augment), len(train_images), seed=views["seed"], view=view, meta=meta
+        )
+        recover_train_logits(
+            cache,
+            artifact,
+            dataset_fp=views["views_dataset_fp"],
+            meta=meta,
+            images=train_images,
+            cache_options=cache_options,
+            view=view,
+            view_params=params,
+        )
 
     return recover

@@ -106,9 +106,7 @@ def connect(
     if password_env is not None:
         password = os.environ.get(password_env)
         if not password:
-            raise ValueError(
-                f"password_env={password_env!r}: environment variable {password_env} is not set or empty"
-            )
+            raise ValueError(f"password_env={password_env!r}: environment variable {password_env} is not set or empty")
         kwargs["password"] = password
     try:
         if not url.startswith("unix://"):  # TCP-only options

@@ -41,8 +41,9 @@ import socket
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 from redis.backoff import EqualJitterBackoff
@@ -127,7 +128,11 @@ def _default_maxmemory() -> int:
 def _probe_client(port: int, password: str | None, timeout: float = 1.0) -> redis.Redis:
     """A client for health checks and SHUTDOWN: no retries (the caller polls or waits)."""
     return redis.Redis(
-        host="127.0.0.1", port=port, password=password, socket_timeout=timeout, socket_connect_timeout=1.0,
+        host="127.0.0.1",
+        port=port,
+        password=password,
+        socket_timeout=timeout,
+        socket_connect_timeout=1.0,
         retry=Retry(EqualJitterBackoff(), 0),
     )
 
@@ -207,7 +212,7 @@ class ManagedRedisServer:
         return f"ManagedRedisServer(data_dir={str(self.data_dir)!r}, port={self.port}, {state})"
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "ManagedRedisServer":
+    def start(self) -> ManagedRedisServer:
         """Start redis-server, or attach to the live one that already owns ``data_dir``."""
         if self._pid is not None and self.running:
             return self
@@ -264,7 +269,7 @@ class ManagedRedisServer:
                 os.kill(self._pid, 9)
             self._wait_exit(10.0)
 
-    def __enter__(self) -> "ManagedRedisServer":
+    def __enter__(self) -> ManagedRedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -317,7 +322,9 @@ class ManagedRedisServer:
         if self._requested_port not in (None, port):
             logger.warning(
                 "redis-server for %s already runs on port %s; ignoring requested port %s",
-                self.data_dir, port, self._requested_port,
+                self.data_dir,
+                port,
+                self._requested_port,
             )
         self._pid, self.port, self.password = pid, port, password
         self.owner = not _pid_alive(state.get("owner_pid"))

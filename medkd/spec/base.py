@@ -15,8 +15,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def fingerprint_dump(model: BaseModel, *, exclude: set[str] | None = None,
-                      added_later: tuple[str, ...] = ("ema_epochs",)) -> dict[str, Any]:
+def fingerprint_dump(
+    model: BaseModel, *, exclude: set[str] | None = None, added_later: tuple[str, ...] = ("ema_epochs",)
+) -> dict[str, Any]:
     """``model``'s fields for a fingerprint. Fields ``added_later`` are left out while unset (None),
     so what was fingerprinted before they existed keeps its fingerprint (and its cached results)."""
     fields = model.model_dump(mode="json", exclude=exclude)

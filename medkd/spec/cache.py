@@ -19,7 +19,9 @@ class CacheSpec(StrictModel):
     compression: Literal["zlib", "lzma"] | None = None
     topk: int | None = Field(None, gt=0, description="segmentation: keep the top-k class logits")
     views: int = Field(
-        0, ge=0, le=64,
+        0,
+        ge=0,
+        le=64,
         description="FKD-style: also cache logits for this many augmented views of train (search.augment)",
     )
 

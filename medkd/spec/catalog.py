@@ -53,5 +53,7 @@ def check_name(kind: str, name: str) -> str:
     """``name`` if the ``kind`` registry has it; else a field error listing the known names."""
     known = catalog()[kind]
     if name not in known:
-        raise field_error(f"unknown {kind} {name!r}; known {SPEC_KINDS.get(kind, kind + 's')}: {', '.join(sorted(known))}")
+        raise field_error(
+            f"unknown {kind} {name!r}; known {SPEC_KINDS.get(kind, kind + 's')}: {', '.join(sorted(known))}"
+        )
     return name

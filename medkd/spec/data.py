@@ -13,7 +13,7 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -129,7 +129,7 @@ class FolderDataSpec(_DataSpecBase):
     LOCATION_FIELDS: ClassVar[frozenset[str]] = frozenset({"name", "path"})
 
     @model_validator(mode="after")
-    def _fractions(self) -> "FolderDataSpec":
+    def _fractions(self) -> FolderDataSpec:
         _check_fractions(self.val_fraction, self.test_fraction)
         return self
 
@@ -175,11 +175,9 @@ class DecathlonDataSpec(_DataSpecBase):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DecathlonDataSpec":
+    def _consistent(self) -> DecathlonDataSpec:
         if len(self.image_size) != self.spatial_dims:
-            raise ValueError(
-                f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}"
-            )
+            raise ValueError(f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}")
         low, high = self.intensity_percentiles
         if not 0 <= low < high <= 100:
             raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got {[low, high]}")
@@ -199,7 +197,7 @@ class DecathlonDataSpec(_DataSpecBase):
 
 
 DataSpec = Annotated[
-    Union[SyntheticDataSpec, MedMNISTDataSpec, FolderDataSpec, DecathlonDataSpec],
+    SyntheticDataSpec | MedMNISTDataSpec | FolderDataSpec | DecathlonDataSpec,
     Field(discriminator="kind"),
 ]
 

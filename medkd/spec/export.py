@@ -16,9 +16,11 @@ class ExportSpec(StrictModel):
     parity_atol: float = Field(1e-3, gt=0, description="max |logit difference| ONNX vs PyTorch (fp32)")
     latency_runs: int = Field(50, gt=0)
     target_sensitivity: float | None = Field(
-        None, gt=0, le=1,
+        None,
+        gt=0,
+        le=1,
         description="binary tasks: the served decision is the highest threshold on the calibrated probability of "
-                    "positive_class whose val sensitivity reaches this (None: argmax)",
+        "positive_class whose val sensitivity reaches this (None: argmax)",
     )
     positive_class: int = Field(
         1, ge=0, le=1, description="binary tasks: the class whose detection counts as sensitivity"

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from medkd.core.fingerprint import fingerprint
 from medkd.core.errors import field_error
+from medkd.core.fingerprint import fingerprint
 from medkd.spec import catalog
 from medkd.spec.base import SpecError, StrictModel
 from medkd.spec.cache import CacheSpec
@@ -48,22 +48,26 @@ class JobSpec(StrictModel):
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @model_validator(mode="after")
-    def _some_teacher_distilled(self) -> "JobSpec":
+    def _some_teacher_distilled(self) -> JobSpec:
         if not any(t.distill for t in self.teachers):
             fields = ", ".join(f"teachers[{i}].distill" for i in range(len(self.teachers)))
             raise field_error(f"{fields}: at least one teacher must keep distill: true (students need soft labels)")
         return self
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobSpec":
+    def _consistent(self) -> JobSpec:
         names = [t.name for t in self.teachers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"teachers: duplicate names {duplicates}")
         if self.cache.views and self.search.augment is None:
             raise ValueError("cache.views needs search.augment (the augmentation whose views are cached)")
-        if (self.task == "segmentation" and self.search.augment is not None and self.search.augment.enabled
-                and not self.cache.views):
+        if (
+            self.task == "segmentation"
+            and self.search.augment is not None
+            and self.search.augment.enabled
+            and not self.cache.views
+        ):
             raise ValueError(
                 "search.augment: for segmentation, online augmentation would move the images away from the "
                 "teachers' cached per-pixel logits; set cache.views (K > 0) to train on cached augmented views "
@@ -72,18 +76,25 @@ class JobSpec(StrictModel):
         for where, kind, names in [
             *((f"teachers[{i}].model", "teacher", [t.model]) for i, t in enumerate(self.teachers)),
             # the default student list is for classification; only names the spec gives are checked
-            *([("search.space.student", "student", self.search.space.student)]
-              if "student" in self.search.space.model_fields_set else []),
+            *(
+                [("search.space.student", "student", self.search.space.student)]
+                if "student" in self.search.space.model_fields_set
+                else []
+            ),
         ]:
             for name in names:
                 task = catalog.info(kind, name)["task"]
                 if task != self.task:
                     fitting = ", ".join(n for n in catalog.names(kind) if catalog.info(kind, n)["task"] == self.task)
-                    raise field_error(f"{where}: {name!r} is a {task} {kind} but task is {self.task!r}; "
-                                      f"{self.task} {kind}s: {fitting}")
+                    raise field_error(
+                        f"{where}: {name!r} is a {task} {kind} but task is {self.task!r}; "
+                        f"{self.task} {kind}s: {fitting}"
+                    )
         data_task = getattr(self.data, "task", None)
-        if data_task is not None and data_task != self.task and not (
-            self.task == "classification" and data_task == "multilabel"
+        if (
+            data_task is not None
+            and data_task != self.task
+            and not (self.task == "classification" and data_task == "multilabel")
         ):
             raise ValueError(f"data.task is {data_task!r} but task is {self.task!r}")
         return self
@@ -131,7 +142,9 @@ _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def expand_env(text: str) -> str:
     """``${VAR}`` and ``${VAR:-default}`` in data paths, so specs can point at a data folder."""
-    return _ENV_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
+    return _ENV_VAR.sub(
+        lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text
+    )
 
 
 def parse_spec(raw: dict[str, Any], source: str = "<spec>", base_dir: Path | None = None) -> JobSpec:
@@ -140,7 +153,12 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", base_dir: Path | Non
         raise SpecError(f"{source}: a job spec must be a YAML mapping, got {type(raw).__name__}")
     data = raw.get("data")
     if isinstance(data, dict):
-        raw = {**raw, "data": {k: expand_env(v) if k in ("path", "base_dir") and isinstance(v, str) else v for k, v in data.items()}}
+        raw = {
+            **raw,
+            "data": {
+                k: expand_env(v) if k in ("path", "base_dir") and isinstance(v, str) else v for k, v in data.items()
+            },
+        }
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as error:
@@ -197,8 +215,10 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "<sp
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise SpecError(f"{source}: override {dotted!r}: {where} is not an item of the "
-                                f"{len(node)}-item list {'.'.join(parts[:depth])}")
+                raise SpecError(
+                    f"{source}: override {dotted!r}: {where} is not an item of the "
+                    f"{len(node)}-item list {'.'.join(parts[:depth])}"
+                )
             if last:
                 node[int(part)] = value
             else:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from medkd.spec.base import StrictModel, fingerprint_dump
 from medkd.core.errors import field_error
 from medkd.spec import catalog
+from medkd.spec.base import StrictModel, fingerprint_dump
 from medkd.spec.catalog import check_name
 from medkd.spec.data import AugmentSpec
 
@@ -21,7 +21,7 @@ class Range(StrictModel):
     log: bool = False
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Range":
+    def _ordered(self) -> Range:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
         if self.log and self.low <= 0:
@@ -29,7 +29,7 @@ class Range(StrictModel):
         return self
 
 
-Dimension = Union[Range, list[Any]]
+Dimension = Range | list[Any]
 
 
 class SearchSpace(StrictModel):
@@ -40,9 +40,7 @@ class SearchSpace(StrictModel):
     depth: Dimension = Field(default_factory=lambda: [1.0])
     temperature: Dimension = Field(default_factory=lambda: Range(low=1.0, high=8.0))
     alpha: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.9))
-    aggregation: list[str] = Field(
-        default_factory=lambda: ["mean", "confidence"], min_length=1
-    )
+    aggregation: list[str] = Field(default_factory=lambda: ["mean", "confidence"], min_length=1)
     teacher_weight: Dimension = Field(
         default_factory=lambda: Range(low=0.0, high=1.0),
         description="for 'weighted' aggregation: one weight per teacher drawn from this range",
@@ -50,18 +48,17 @@ class SearchSpace(StrictModel):
     lr: Dimension = Field(default_factory=lambda: Range(low=1e-3, high=1e-2, log=True))
     prune: list[Literal["none", "unstructured", "channels"]] = Field(default_factory=lambda: ["none"])
     prune_amount: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.5))
-    quantize: list[str] = Field(
-        default_factory=lambda: ["int8_static"], min_length=1
-    )
+    quantize: list[str] = Field(default_factory=lambda: ["int8_static"], min_length=1)
     loss: list[str] | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="logit distillation loss of single-label classification students (Hinton KD, DKD, DIST); "
-                    "None: Hinton KD",
+        "None: Hinton KD",
     )
     logit_standardization: list[bool] | None = Field(
-        None, min_length=1,
-        description="z-score the logits in the KD term (CVPR 2024), e.g. [false, true]; needs >= 3 classes; "
-                    "None: off",
+        None,
+        min_length=1,
+        description="z-score the logits in the KD term (CVPR 2024), e.g. [false, true]; needs >= 3 classes; None: off",
     )
 
     @field_validator("student", "aggregation", "quantize")
@@ -77,9 +74,13 @@ class SearchSpace(StrictModel):
             check_name("loss", name)
             applies_to = catalog.info("loss", name)["applies_to"]
             if applies_to != "single_label":
-                offered = ", ".join(n for n in catalog.names("loss") if catalog.info("loss", n)["applies_to"] == "single_label")
-                raise field_error(f"{name!r} is a {applies_to} loss; the search chooses among single-label "
-                                  f"classification losses: {offered}")
+                offered = ", ".join(
+                    n for n in catalog.names("loss") if catalog.info("loss", n)["applies_to"] == "single_label"
+                )
+                raise field_error(
+                    f"{name!r} is a {applies_to} loss; the search chooses among single-label "
+                    f"classification losses: {offered}"
+                )
         return value
 
 
@@ -114,22 +115,25 @@ class SearchSpec(StrictModel):
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(2, gt=0)
     ema_epochs: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="students keep an exponential moving average of their weights over about this many trailing "
-                    "epochs; validation, compression and export use the averaged weights",
+        "epochs; validation, compression and export use the averaged weights",
     )
     final_epochs: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="after the search, the selected student is trained again from scratch for this many epochs "
-                    "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
-                    "and that model is exported and served; None: export the search trial as it is",
+        "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
+        "and that model is exported and served; None: export the search trial as it is",
     )
     final_branches: int | None = Field(
-        None, ge=2,
+        None,
+        ge=2,
         description="after the search, the selected student is trained again as a weight soup: one run to a "
-                    "quarter of its epochs, then this many copies finish it, each with its own data order, and "
-                    "their weights are averaged (BatchNorm statistics recomputed); (1 + 3 * branches) / 4 times a "
-                    "trial's training. Combines with final_epochs; None: no soup",
+        "quarter of its epochs, then this many copies finish it, each with its own data order, and "
+        "their weights are averaged (BatchNorm statistics recomputed); (1 + 3 * branches) / 4 times a "
+        "trial's training. Combines with final_epochs; None: no soup",
     )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None

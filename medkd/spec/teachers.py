@@ -27,16 +27,18 @@ class TeacherSpec(StrictModel):
     class_weighting: bool = False
     patience: int | None = Field(None, gt=0, description="early stopping on the validation metric")
     ema_epochs: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="keep an exponential moving average of the weights over about this many trailing epochs; "
-                    "validation, checkpoint selection and the teacher itself use the averaged weights",
+        "validation, checkpoint selection and the teacher itself use the averaged weights",
     )
     augment: AugmentSpec | None = None
     num_workers: int = Field(1, gt=0)
     min_workers: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="elastic training: when nodes are lost, go on with as few as this many workers (from the last "
-                    "checkpoint) instead of waiting for num_workers; None: always num_workers",
+        "checkpoint) instead of waiting for num_workers; None: always num_workers",
     )
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Literal["auto"] | bool = "auto"
@@ -46,11 +48,11 @@ class TeacherSpec(StrictModel):
     distill: bool = Field(
         True,
         description="whether students learn from this teacher's soft labels; false drops it from the soft labels "
-                    "(and the search) without retraining anything, e.g. when leaving it out helps the ensemble on val",
+        "(and the search) without retraining anything, e.g. when leaving it out helps the ensemble on val",
     )
 
     @model_validator(mode="after")
-    def _min_workers_within_num_workers(self) -> "TeacherSpec":
+    def _min_workers_within_num_workers(self) -> TeacherSpec:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers ({self.num_workers})")
         return self

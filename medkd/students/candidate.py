@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from medkd.data.meta import DatasetMeta
 from medkd.students.compression import (
     OnnxModel,
     check_parity,
@@ -28,7 +29,6 @@ from medkd.students.compression import (
     quantize,
 )
 from medkd.students.distill import DistillConfig, evaluate_logits, quality_metric
-from medkd.data.meta import DatasetMeta
 
 FP32_FILE = "model_fp32.onnx"
 MODEL_FILE = "model.onnx"
@@ -109,7 +109,8 @@ def export_candidate(
         if "acc" in quality:
             metrics["val_acc"] = float(quality["acc"])
         fp32_logits = OnnxModel(fp32_path, threads=1).predict(val_images)
-        metrics["compressed_argmax_agreement"] = decision_agreement(fp32_logits, compressed_logits,
-                                                                    multilabel=bool(meta.multilabel))
+        metrics["compressed_argmax_agreement"] = decision_agreement(
+            fp32_logits, compressed_logits, multilabel=bool(meta.multilabel)
+        )
     (directory / CANDIDATE_FILE).write_text(json.dumps({"config": config.model_dump(), "metrics": metrics}, indent=2))
     return metrics

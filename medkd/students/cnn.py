@@ -107,7 +107,9 @@ def _check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
-def _build_stem(spatial_dims: int, in_channels: int, out_channels: int, image_size: Sequence[int], act: str) -> nn.Sequential:
+def _build_stem(
+    spatial_dims: int, in_channels: int, out_channels: int, image_size: Sequence[int], act: str
+) -> nn.Sequential:
     downsamples = stem_downsamples(image_size)
     layers = [ConvNormAct(spatial_dims, in_channels, out_channels, 3, stride=2 if downsamples else 1, act=act)]
     for _ in range(downsamples - 1):
@@ -198,7 +200,9 @@ class ResNetTiny(_Classifier):
     ) -> None:
         super().__init__()
         if len(channels) == 0 or len(channels) != len(blocks):
-            raise ValueError(f"channels and blocks must be non-empty and of equal length, got {channels!r} and {blocks!r}")
+            raise ValueError(
+                f"channels and blocks must be non-empty and of equal length, got {channels!r} and {blocks!r}"
+            )
         if any(c <= 0 for c in channels) or any(b <= 0 for b in blocks):
             raise ValueError(f"channels and blocks must be positive, got {channels!r} and {blocks!r}")
         widths = [make_divisible(c * width) for c in channels]
@@ -260,9 +264,13 @@ class InvertedResidual(nn.Module):
             self.expand: nn.Module = ConvNormAct(spatial_dims, in_channels, expanded_channels, 1, act=act)
         else:
             self.expand = nn.Identity()
-        self.dw = ConvNormAct(spatial_dims, expanded_channels, expanded_channels, kernel_size, stride, groups=expanded_channels, act=act)
+        self.dw = ConvNormAct(
+            spatial_dims, expanded_channels, expanded_channels, kernel_size, stride, groups=expanded_channels, act=act
+        )
         self.se: nn.Module = (
-            SqueezeExcite(spatial_dims, expanded_channels, make_divisible(expanded_channels / 4)) if use_se else nn.Identity()
+            SqueezeExcite(spatial_dims, expanded_channels, make_divisible(expanded_channels / 4))
+            if use_se
+            else nn.Identity()
         )
         self.project = ConvNormAct(spatial_dims, expanded_channels, out_channels, 1, act=None)
 
@@ -325,7 +333,9 @@ class MobileNetTiny(_Classifier):
             for i in range(scaled_repeats(repeats, depth)):
                 expanded = make_divisible(prev * ratio)
                 blocks.append(
-                    InvertedResidual(spatial_dims, prev, expanded, out_ch, kernel, stride if i == 0 else 1, use_se and se, act)
+                    InvertedResidual(
+                        spatial_dims, prev, expanded, out_ch, kernel, stride if i == 0 else 1, use_se and se, act
+                    )
                 )
                 prev = out_ch
             stages.append(nn.Sequential(*blocks))
@@ -342,7 +352,14 @@ class MobileNetTiny(_Classifier):
 
 @register_student("cnn")
 def resnet_tiny(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: Sequence[int], width: float, depth: float, **kwargs
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: Sequence[int],
+    width: float,
+    depth: float,
+    **kwargs,
 ) -> ResNetTiny:
     """ResNet-tiny: stages of (32, 64, 128) x width channels, 2 x depth basic blocks each.
 
@@ -354,7 +371,14 @@ def resnet_tiny(
 
 @register_student("cnn")
 def mobilenet_tiny(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: Sequence[int], width: float, depth: float, **kwargs
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: Sequence[int],
+    width: float,
+    depth: float,
+    **kwargs,
 ) -> MobileNetTiny:
     """MobileNetV3-tiny: inverted residuals with depthwise convs, hard-swish and SE.
 

@@ -15,19 +15,21 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.core.ema import WeightAverage, ema_decay
+from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
+from medkd.data.meta import DatasetMeta
+from medkd.data.teacher_logits import CachedViews, TeacherLogitsFn, ViewLogitsFn, array_teacher_logits  # noqa: F401  (re-exported)
 from medkd.students.losses import create_loss, resolve_loss_name
 from medkd.students.registry import create_student
-from medkd.data.teacher_logits import CachedViews, TeacherLogitsFn, ViewLogitsFn, array_teacher_logits  # noqa: F401  (re-exported)
-from medkd.data.meta import DatasetMeta
+
 
 class DistillConfig(BaseModel):
     """Everything that determines one student's training (a search trial's configuration)."""
@@ -48,9 +50,13 @@ class DistillConfig(BaseModel):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(64, gt=0)
     ema_epochs: float | None = Field(None, gt=0, description="weight averaging horizon in epochs; None = off")
-    branches: int = Field(1, ge=1, description="weight soup: copies forked from the shared run at fork_fraction of "
-                                               "the epochs, each finishing with its own data order; their weights "
-                                               "are averaged (1 = one run)")
+    branches: int = Field(
+        1,
+        ge=1,
+        description="weight soup: copies forked from the shared run at fork_fraction of "
+        "the epochs, each finishing with its own data order; their weights "
+        "are averaged (1 = one run)",
+    )
     fork_fraction: float = Field(0.25, gt=0, lt=1, description="share of the epochs trained once before the fork")
     seed: int = 0
     prune: str = "none"
@@ -84,8 +90,13 @@ def build_student(meta: DatasetMeta, config: DistillConfig) -> nn.Module:
 
 
 def build_distillation_loss(meta: DatasetMeta, config: DistillConfig) -> nn.Module:
-    name = resolve_loss_name(meta.task, meta.multilabel, meta.num_classes, loss=config.loss,
-                             logit_standardization=config.logit_standardization)
+    name = resolve_loss_name(
+        meta.task,
+        meta.multilabel,
+        meta.num_classes,
+        loss=config.loss,
+        logit_standardization=config.logit_standardization,
+    )
     options = {"logit_standardization": True} if config.logit_standardization else {}
     return create_loss(
         name,
@@ -165,8 +176,10 @@ def distill(
     if teacher_logits is None and config.alpha < 1:
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
     if augment is not None and teacher_logits is not None and meta.task == "segmentation":
-        raise ValueError("augment with teacher_logits misaligns per-pixel KD targets (the cached logits are of the "
-                         "un-augmented images): pass cached views (views=) instead")
+        raise ValueError(
+            "augment with teacher_logits misaligns per-pixel KD targets (the cached logits are of the "
+            "un-augmented images): pass cached views (views=) instead"
+        )
     if views is not None:
         if teacher_logits is None:
             raise ValueError("views need teacher_logits (the original images' logits, view 0)")
@@ -200,8 +213,9 @@ def distill(
                 labels = torch.from_numpy(train_labels[indices])
                 teachers = None
                 if views is not None:
-                    images, labels, logits = views.batch(indices, views.draw(run.rng, len(indices)), images, labels,
-                                                         teacher_logits, segmentation)
+                    images, labels, logits = views.batch(
+                        indices, views.draw(run.rng, len(indices)), images, labels, teacher_logits, segmentation
+                    )
                     teachers = torch.from_numpy(logits)
                 else:
                     if augment is not None:
@@ -258,27 +272,36 @@ def distill(
 class TrainingRun:
     """A model in training with its optimiser, schedule, weight average and data-order RNG."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 average: WeightAverage | None, rng: np.random.Generator, config: DistillConfig, total_steps: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        average: WeightAverage | None,
+        rng: np.random.Generator,
+        config: DistillConfig,
+        total_steps: int,
+    ) -> None:
         self.model, self.optimizer, self.scheduler, self.average, self.rng = model, optimizer, scheduler, average, rng
         self.config, self.total_steps = config, total_steps
 
     @staticmethod
     def _optimizer(model: nn.Module, config: DistillConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                        pct_start=0.15)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15
+        )
         return optimizer, scheduler
 
     @classmethod
-    def start(cls, model: nn.Module, config: DistillConfig, *, total_steps: int, steps_per_epoch: int) -> "TrainingRun":
+    def start(cls, model: nn.Module, config: DistillConfig, *, total_steps: int, steps_per_epoch: int) -> TrainingRun:
         optimizer, scheduler = cls._optimizer(model, config, total_steps)
         # As for the teachers: on a small val split, the average of the last epochs' weights is a
         # steadier model than any one of them (what is validated, compressed and served).
         average = WeightAverage(model, ema_decay(config.ema_epochs, steps_per_epoch)) if config.ema_epochs else None
         return cls(model, optimizer, scheduler, average, np.random.default_rng(config.seed), config, total_steps)
 
-    def fork(self, branch: int) -> "TrainingRun":
+    def fork(self, branch: int) -> TrainingRun:
         """An independent copy that continues the same schedule with its own data order (and dropout)."""
         model = copy.deepcopy(self.model)
         optimizer, scheduler = self._optimizer(model, self.config, self.total_steps)
@@ -288,15 +311,17 @@ class TrainingRun:
         average = None if self.average is None else self.average.copy()
         seed = self.config.seed
         torch.manual_seed(seed * 1_000 + branch)
-        return TrainingRun(model, optimizer, scheduler, average, np.random.default_rng([seed, branch]), self.config,
-                           self.total_steps)
+        return TrainingRun(
+            model, optimizer, scheduler, average, np.random.default_rng([seed, branch]), self.config, self.total_steps
+        )
 
     def result_model(self) -> nn.Module:
         return self.model if self.average is None else self.average.model
 
 
-def _validation(model: nn.Module, val_images: np.ndarray | None, val_labels: np.ndarray | None,
-                meta: DatasetMeta) -> dict[str, float]:
+def _validation(
+    model: nn.Module, val_images: np.ndarray | None, val_labels: np.ndarray | None, meta: DatasetMeta
+) -> dict[str, float]:
     if val_images is None or val_labels is None:
         return {}
     metrics = evaluate_logits(predict_logits(model, val_images), val_labels, meta)
@@ -319,9 +344,14 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
     for state in states[1:]:
         if set(state) != keys:
             raise ValueError(f"state dicts differ in keys: {sorted(keys ^ set(state))}")
-    return {key: (torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
-                  if value.is_floating_point() else value.clone())
-            for key, value in states[0].items()}
+    return {
+        key: (
+            torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+            if value.is_floating_point()
+            else value.clone()
+        )
+        for key, value in states[0].items()
+    }
 
 
 @torch.no_grad()

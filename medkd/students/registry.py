@@ -51,7 +51,9 @@ class StudentEntry:
 STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student")
 
 
-def register_student(family: str, *, task: StudentTask = "classification", name: str | None = None) -> Callable[[BuilderT], BuilderT]:
+def register_student(
+    family: str, *, task: StudentTask = "classification", name: str | None = None
+) -> Callable[[BuilderT], BuilderT]:
     """Decorator that registers a student builder under its function name.
 
     Args:
@@ -95,7 +97,7 @@ def student_family(name: str) -> str:
 
 
 def student_task(name: str) -> StudentTask:
-    """"classification" or "segmentation" for a registered student."""
+    """ "classification" or "segmentation" for a registered student."""
     return _entry(name).task
 
 
@@ -122,7 +124,9 @@ def normalize_image_size(image_size: int | Sequence[int], spatial_dims: int) -> 
     else:
         raise ValueError(f"image_size must be an int or a sequence of ints, got {image_size!r}")
     if len(sizes) != spatial_dims:
-        raise ValueError(f"image_size must have {spatial_dims} entries for spatial_dims={spatial_dims}, got {image_size!r}")
+        raise ValueError(
+            f"image_size must have {spatial_dims} entries for spatial_dims={spatial_dims}, got {image_size!r}"
+        )
     for size in sizes:
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
             raise ValueError(f"image_size entries must be positive integers, got {image_size!r}")
@@ -162,7 +166,11 @@ def create_student(
             (the message names it).
     """
     entry = _entry(name)
-    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral) or spatial_dims not in SUPPORTED_SPATIAL_DIMS:
+    if (
+        isinstance(spatial_dims, bool)
+        or not isinstance(spatial_dims, numbers.Integral)
+        or spatial_dims not in SUPPORTED_SPATIAL_DIMS
+    ):
         raise ValueError(f"spatial_dims must be one of {SUPPORTED_SPATIAL_DIMS}, got {spatial_dims!r}")
     spatial_dims = int(spatial_dims)
     sizes = normalize_image_size(image_size, spatial_dims)

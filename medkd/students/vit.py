@@ -78,7 +78,9 @@ class ViTMicro(nn.Module):
         patches = default_patch_size(image_size) if patch_size is None else patch_size
         patches = (patches,) * spatial_dims if isinstance(patches, int) else tuple(patches)
         if len(patches) != spatial_dims or any(p <= 0 or p > s for p, s in zip(patches, image_size)):
-            raise ValueError(f"patch_size must be positive and at most image_size {tuple(image_size)} per axis, got {patch_size!r}")
+            raise ValueError(
+                f"patch_size must be positive and at most image_size {tuple(image_size)} per axis, got {patch_size!r}"
+            )
 
         self.hidden_size = max(num_heads, round(hidden_size * width / num_heads) * num_heads)
         self.num_layers = max(1, round(num_layers * depth))
@@ -113,7 +115,14 @@ class ViTMicro(nn.Module):
 
 @register_student("vit")
 def vit_micro(
-    *, spatial_dims: int, in_channels: int, num_classes: int, image_size: Sequence[int], width: float, depth: float, **kwargs
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    num_classes: int,
+    image_size: Sequence[int],
+    width: float,
+    depth: float,
+    **kwargs,
 ) -> ViTMicro:
     """ViT-micro: hidden 128 x width (4 heads), 4 x depth layers, MLP ratio 2, ~64 tokens.
 

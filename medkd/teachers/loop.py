@@ -24,19 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ray
-import ray.train
-import ray.train.torch
-
+from medkd.core.ema import WeightAverage, ema_decay
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.data import AugmentSpec, build_augmentation
-from medkd.core.ema import WeightAverage, ema_decay
-from medkd.teachers.registry import create_teacher
 from medkd.data.meta import DatasetMeta
+from medkd.teachers.registry import create_teacher
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -78,7 +77,9 @@ def build_optimizer(model: nn.Module, teacher: dict[str, Any]) -> torch.optim.Op
 def build_scheduler(optimizer: torch.optim.Optimizer, teacher: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per epoch: cosine decay over ``epochs`` (to 1% of ``lr``) or constant."""
     if teacher["scheduler"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=teacher["epochs"], eta_min=teacher["lr"] * 0.01)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=teacher["epochs"], eta_min=teacher["lr"] * 0.01
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -123,7 +124,9 @@ def epoch_augmentation(teacher: dict[str, Any], meta: DatasetMeta, seed: int, ra
     spec = AugmentSpec.model_validate(teacher["augment"])
     if not spec.enabled:
         return None
-    return build_augmentation(spec, meta.spatial_dims, meta.task, seed=np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    return build_augmentation(
+        spec, meta.spatial_dims, meta.task, seed=np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]
+    )
 
 
 def train_epoch(
@@ -183,7 +186,13 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, meta: DatasetMeta) -> dict[
 
 @torch.no_grad()
 def validate(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, criterion: nn.Module, meta: DatasetMeta, device: torch.device
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    criterion: nn.Module,
+    meta: DatasetMeta,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Validation metrics of ``model`` plus ``loss`` (the training criterion, mean per sample)."""
     logits = predict(model, images, VAL_BATCH_SIZE, device)
@@ -191,7 +200,9 @@ def validate(
     total = 0.0
     for start in range(0, len(logits), VAL_BATCH_SIZE):
         batch = torch.from_numpy(logits[start : start + VAL_BATCH_SIZE]).to(device)
-        target = loss_target(torch.from_numpy(labels[start : start + VAL_BATCH_SIZE]).to(device), meta.task, meta.multilabel)
+        target = loss_target(
+            torch.from_numpy(labels[start : start + VAL_BATCH_SIZE]).to(device), meta.task, meta.multilabel
+        )
         total += float(criterion(batch, target)) * len(batch)
     metrics["loss"] = total / max(len(logits), 1)
     return metrics
@@ -232,8 +243,11 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
             # With EMA, MODEL_FILE holds the averaged weights (the teacher); the trained ones are in the state.
-            model.load_state_dict(saved["model"] if "model" in saved else
-                                  torch.load(Path(directory) / MODEL_FILE, weights_only=True, map_location="cpu"))
+            model.load_state_dict(
+                saved["model"]
+                if "model" in saved
+                else torch.load(Path(directory) / MODEL_FILE, weights_only=True, map_location="cpu")
+            )
             saved_average = saved.get("average")
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -248,7 +262,13 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
 
     dataset = TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y))
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=teacher["batch_size"], shuffle=True, drop_last=len(dataset) > teacher["batch_size"], generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=teacher["batch_size"],
+        shuffle=True,
+        drop_last=len(dataset) > teacher["batch_size"],
+        generator=generator,
+    )
     loader = ray.train.torch.prepare_data_loader(loader)
     average = None
     if teacher.get("ema_epochs"):
@@ -265,8 +285,15 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
         train_loss = train_epoch(
-            model, loader, criterion=criterion, optimizer=optimizer, scaler=scaler,
-            augment=epoch_augmentation(teacher, meta, seed, rank, epoch), meta=meta, device=device, use_amp=use_amp,
+            model,
+            loader,
+            criterion=criterion,
+            optimizer=optimizer,
+            scaler=scaler,
+            augment=epoch_augmentation(teacher, meta, seed, rank, epoch),
+            meta=meta,
+            device=device,
+            use_amp=use_amp,
             average=average,
         )
         scheduler.step()
@@ -296,9 +323,12 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         # SYNC upload (bounded: at most one report waits for the controller, which consumes one
         # per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); ASYNC would let fast epochs pile up unbounded
         # checkpoint copies on local disk. The local copy is deleted once it is in storage.
-        ray.train.report({**record, "stopped_early": stop}, checkpoint=reported,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC,
-                         delete_local_checkpoint_after_upload=True)
+        ray.train.report(
+            {**record, "stopped_early": stop},
+            checkpoint=reported,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
         if stop:
             break
 

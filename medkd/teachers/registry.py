@@ -119,7 +119,7 @@ def teacher_family(name: str) -> str:
 
 
 def teacher_task(name: str) -> TeacherTask:
-    """"classification" or "segmentation" for a registered teacher."""
+    """ "classification" or "segmentation" for a registered teacher."""
     return _entry(name).task
 
 
@@ -138,7 +138,9 @@ def normalize_image_size(image_size: int | Sequence[int], spatial_dims: int) -> 
     """``image_size`` as a tuple of ``spatial_dims`` positive ints (an int is broadcast)."""
     sizes = (image_size,) * spatial_dims if isinstance(image_size, int) else tuple(image_size)
     if len(sizes) != spatial_dims:
-        raise ValueError(f"image_size must have {spatial_dims} entries for spatial_dims={spatial_dims}, got {image_size!r}")
+        raise ValueError(
+            f"image_size must have {spatial_dims} entries for spatial_dims={spatial_dims}, got {image_size!r}"
+        )
     for size in sizes:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"image_size entries must be positive integers, got {image_size!r}")

@@ -15,16 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from pydantic import BaseModel
-
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
 from medkd.core.devices import probe_reserved_gpus
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
+from medkd.data.meta import DatasetMeta
+from medkd.spec.job import JobSpec
 from medkd.teachers.faults import (
     LostNodeDeadline,
     TeacherTrainingError,
@@ -32,10 +33,8 @@ from medkd.teachers.faults import (
     lost_node_wait_s,
     training_failure_message,
 )
-from medkd.teachers.loop import MODEL_FILE, META_FILE, train_teacher_loop
+from medkd.teachers.loop import META_FILE, MODEL_FILE, train_teacher_loop
 from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
-from medkd.data.meta import DatasetMeta
-from medkd.spec.job import JobSpec
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s)
 # and takes at most one report per poll; the last report and the end of a run each wait for a
@@ -106,8 +105,13 @@ class _ProgressCallback(UserCallback):
             first = metrics[0]
             send_event(
                 self.queue,
-                {"kind": "teacher_epoch", "teacher": self.teacher, "epoch": first.get("epoch"),
-                 "epochs": self.epochs, "metrics": {k: v for k, v in first.items() if k.startswith(("val_", "train_loss"))}},
+                {
+                    "kind": "teacher_epoch",
+                    "teacher": self.teacher,
+                    "epoch": first.get("epoch"),
+                    "epochs": self.epochs,
+                    "metrics": {k: v for k, v in first.items() if k.startswith(("val_", "train_loss"))},
+                },
             )
 
 
@@ -136,8 +140,9 @@ def train_one_teacher(
     nodes_before = alive_nodes()
     use_gpu = _use_gpu(teacher.use_gpu)
     if use_gpu:  # on a node whose declared GPU is unusable, Train's NCCL set-up would fail opaquely
-        probe_reserved_gpus(f"teachers[{teacher.name}].use_gpu", workers=teacher.num_workers,
-                            cpus_per_worker=teacher.cpus_per_worker)
+        probe_reserved_gpus(
+            f"teachers[{teacher.name}].use_gpu", workers=teacher.num_workers, cpus_per_worker=teacher.cpus_per_worker
+        )
     trainer = TorchTrainer(
         train_teacher_loop,
         train_loop_config={
@@ -160,8 +165,10 @@ def train_one_teacher(
                 num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=teacher.max_failures),
-            callbacks=[_ProgressCallback(events, teacher.name, teacher.epochs),
-                       LostNodeDeadline(nodes_before, wait_s=lost_node_wait_s(), what=f"teacher {teacher.name!r}")],
+            callbacks=[
+                _ProgressCallback(events, teacher.name, teacher.epochs),
+                LostNodeDeadline(nodes_before, wait_s=lost_node_wait_s(), what=f"teacher {teacher.name!r}"),
+            ],
         ),
     )
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
@@ -171,9 +178,14 @@ def train_one_teacher(
             raise result.error
     except TrainingFailedError as error:
         lost = {node_id: address for node_id, address in nodes_before.items() if node_id not in alive_nodes()}
-        raise TeacherTrainingError(training_failure_message(
-            teacher, error, lost=lost, run_dir=Path(storage_path) / run_name)) from error
-    best_checkpoint, best_metrics = max(result.best_checkpoints or [], key=lambda pair: pair[1].get(metric, float("-inf")), default=(result.checkpoint, result.metrics))
+        raise TeacherTrainingError(
+            training_failure_message(teacher, error, lost=lost, run_dir=Path(storage_path) / run_name)
+        ) from error
+    best_checkpoint, best_metrics = max(
+        result.best_checkpoints or [],
+        key=lambda pair: pair[1].get(metric, float("-inf")),
+        default=(result.checkpoint, result.metrics),
+    )
     if best_checkpoint is None:
         raise RuntimeError(f"teacher {teacher.name!r} finished without a checkpoint")
 
@@ -233,9 +245,7 @@ def check_teachers(teachers: list[Any], meta: DatasetMeta) -> None:
         except ValueError as error:
             raise ValueError(f"{where}.model: {error}") from None
         if task != meta.task:
-            raise ValueError(
-                f"{where}.model: {teacher.model!r} is a {task} teacher but the dataset is {meta.task}"
-            )
+            raise ValueError(f"{where}.model: {teacher.model!r} is a {task} teacher but the dataset is {meta.task}")
         try:
             create_teacher(
                 teacher.model,
@@ -299,7 +309,9 @@ def train_teachers(
                     artifacts[name] = future.result()
                     status[name] = "ran"
                     a = artifacts[name]
-                    progress.line(f"  teacher {name}: done in {a.train_seconds:.0f}s, best epoch {a.best_epoch}, val={a.best_val:.4f}")
+                    progress.line(
+                        f"  teacher {name}: done in {a.train_seconds:.0f}s, best epoch {a.best_epoch}, val={a.best_val:.4f}"
+                    )
                 except TeacherTrainingError as error:  # keep the other teachers' results
                     errors.append(str(error))
                 except Exception as error:

@@ -193,9 +193,20 @@ def vit(
         pos_embed_type: "learnable", "sincos" or "none".
         qkv_bias: bias on the query/key/value projection.
     """
-    return _vit(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                patch_size=patch_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers,
-                num_heads=num_heads, dropout=dropout, pos_embed_type=pos_embed_type, qkv_bias=qkv_bias)
+    return _vit(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        mlp_dim=mlp_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        dropout=dropout,
+        pos_embed_type=pos_embed_type,
+        qkv_bias=qkv_bias,
+    )
 
 
 @register_teacher("vit")
@@ -216,9 +227,20 @@ def vit_tiny(
         dropout: dropout in the patch embedding, attention and MLP.
         pos_embed_type: "learnable", "sincos" or "none".
     """
-    return _vit(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                patch_size=patch_size, hidden_size=192, mlp_dim=768, num_layers=12, num_heads=3, dropout=dropout,
-                pos_embed_type=pos_embed_type, qkv_bias=True)
+    return _vit(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=192,
+        mlp_dim=768,
+        num_layers=12,
+        num_heads=3,
+        dropout=dropout,
+        pos_embed_type=pos_embed_type,
+        qkv_bias=True,
+    )
 
 
 @register_teacher("vit")
@@ -239,6 +261,17 @@ def vit_small(
         dropout: dropout in the patch embedding, attention and MLP.
         pos_embed_type: "learnable", "sincos" or "none".
     """
-    return _vit(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                patch_size=patch_size, hidden_size=384, mlp_dim=1536, num_layers=12, num_heads=6, dropout=dropout,
-                pos_embed_type=pos_embed_type, qkv_bias=True)
+    return _vit(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=384,
+        mlp_dim=1536,
+        num_layers=12,
+        num_heads=6,
+        dropout=dropout,
+        pos_embed_type=pos_embed_type,
+        qkv_bias=True,
+    )

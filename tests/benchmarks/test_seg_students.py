@@ -7,16 +7,19 @@ import pytest
 from benchmarks.seg_students import parse_args
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--seeds", "0"], "--seeds must be a positive integer"),
-    (["--image-size", "15"], "--image-size must be an even integer >= 16"),
-    (["--width", "0"], "--width must be in (0, 4]"),
-    (["--depth", "3"], "--depth must be in (0, 2]"),
-    (["--alpha", "1"], "--alpha must be in [0, 1)"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--spec", "/nonexistent/spec.yaml"], "--spec /nonexistent/spec.yaml: file not found"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0"], "--seeds must be a positive integer"),
+        (["--image-size", "15"], "--image-size must be an even integer >= 16"),
+        (["--width", "0"], "--width must be in (0, 4]"),
+        (["--depth", "3"], "--depth must be in (0, 2]"),
+        (["--alpha", "1"], "--alpha must be in [0, 1)"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--spec", "/nonexistent/spec.yaml"], "--spec /nonexistent/spec.yaml: file not found"),
+    ],
+)
 def test_bad_arguments_name_the_flag(capsys, argv, message):
     with pytest.raises(SystemExit):
         parse_args(argv)

@@ -27,11 +27,14 @@ def test_summary_and_result_line():
     assert "soup_test_auc=0.9200 soup_test_auc_std=0.0000 soup_min_test_auc=0.9200" in line
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--branches", "1"], "--branches must be >= 2"),
-    (["--forks", "1.0"], "--forks must be in (0, 1)"),
-    (["--seeds", "0"], "--seeds needs at least two seeds"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--branches", "1"], "--branches must be >= 2"),
+        (["--forks", "1.0"], "--forks must be in (0, 1)"),
+        (["--seeds", "0"], "--seeds needs at least two seeds"),
+    ],
+)
 def test_bad_arguments_name_the_flag(tmp_path, capsys, extra, message):
     (tmp_path / "results.json").write_text("{}")
     (tmp_path / "redis").mkdir()
@@ -60,8 +63,9 @@ def test_data_of_another_run_is_refused_before_anything_starts(tmp_path):
     np.savez(tmp_path / "breastmnist.npz", **arrays)
     run = tmp_path / "run"
     (run / "redis").mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"best": {"config": {"student": "resnet_tiny"}},
-                                                  "dataset": {"fingerprint": "another"}}))
+    (run / "results.json").write_text(
+        json.dumps({"best": {"config": {"student": "resnet_tiny"}}, "dataset": {"fingerprint": "another"}})
+    )
     with pytest.raises(SystemExit, match=r"--data .*breastmnist.npz is not the data of --run .*run"):
         main(["--run", str(run), "--data", str(tmp_path / "breastmnist.npz")])
     assert not (run / "redis" / "medkd-redis.conf").exists()  # no redis-server was started

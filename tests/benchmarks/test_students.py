@@ -54,7 +54,8 @@ def test_flips_are_kept_without_laterality(tmp_path):
 
 def test_published_baseline_row_only_for_its_own_data():
     assert published_rows("breastmnist.npz") == [
-        "| MedMNIST v2 ResNet-18 (28), published | 0.901 (BreastMNIST) | 0.863 (BreastMNIST) | 11.2 M | | |"]
+        "| MedMNIST v2 ResNet-18 (28), published | 0.901 (BreastMNIST) | 0.863 (BreastMNIST) | 11.2 M | | |"
+    ]
     assert published_rows("dermamnist.npz") == []
     assert published_rows("breastmnist_224.npz") == []  # the published numbers are of the 28 px file
 
@@ -64,7 +65,11 @@ def test_search_budgets_count_samples_in_28px_images():
     from medkd.teachers.recipe import image_cost
 
     # BreastMNIST (546 images at 28x28): the template's whole search, as before.
-    assert (student_epochs(546 * image_cost([28, 28]), 40), search_trials(546, 40, 12), view_count(546, 8)) == (40, 12, 8)
+    assert (student_epochs(546 * image_cost([28, 28]), 40), search_trials(546, 40, 12), view_count(546, 8)) == (
+        40,
+        12,
+        8,
+    )
     # 5,000 images at 28x28: the 45-minute budget's 6 epochs, 9 trials, 2 views.
     assert (student_epochs(5000, 40), search_trials(5000, 6, 12), view_count(5000, 8)) == (6, 9, 2)
     # ~1,000 volumes of 28^3 cost as much as 28,000 images: the floors, not 40 epochs x 12 trials.
@@ -72,11 +77,14 @@ def test_search_budgets_count_samples_in_28px_images():
     assert (student_epochs(volumes, 40), search_trials(volumes, 6, 12), view_count(volumes, 8)) == (6, 6, 1)
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--seeds", "1"], "--seeds must be >= 2"),
-    (["--epochs", "ten"], "--epochs must be a positive int or 'auto', got 'ten'"),
-    (["--epochs", "0"], "--epochs must be a positive int or 'auto'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "1"], "--seeds must be >= 2"),
+        (["--epochs", "ten"], "--epochs must be a positive int or 'auto', got 'ten'"),
+        (["--epochs", "0"], "--epochs must be a positive int or 'auto'"),
+    ],
+)
 def test_bad_arguments_name_the_flag(capsys, argv, message):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -115,7 +123,9 @@ def test_breastmnist_spec_keeps_its_fingerprints(breastmnist_path, tmp_path):
     dataset = load_dataset(build_spec(args, redis_port=1).data)
     spec = build_spec(args, redis_port=6390, dataset=dataset)
     assert [(t.name, t.model, t.epochs, t.model_kwargs.get("patch_size")) for t in spec.teachers] == [
-        ("cnn", "resnet18", 40, None), ("vit", "vit", 40, 2)]
+        ("cnn", "resnet18", 40, None),
+        ("vit", "vit", 40, 2),
+    ]
     assert (spec.search.num_trials, spec.search.epochs, spec.cache.views, spec.search.final_branches) == (12, 40, 8, 4)
     teacher_fps = [teacher_fingerprint(t, dataset.fingerprint, spec.seed, spec.task) for t in spec.teachers]
     assert teacher_fps == BREASTMNIST_TEACHER_FPS

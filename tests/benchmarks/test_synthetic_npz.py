@@ -22,10 +22,13 @@ def test_writes_a_medmnist_file_that_loads_deterministically(tmp_path):
     assert {name: len(split.images) for name, split in dataset.splits.items()} == {"train": 20, "val": 6, "test": 8}
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--difficulty", "1.5"], "--difficulty must be in"),
-    (["--num-train", "0"], "--num-train must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--difficulty", "1.5"], "--difficulty must be in"),
+        (["--num-train", "0"], "--num-train must be a positive integer"),
+    ],
+)
 def test_bad_arguments_name_the_flag(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "x.npz"), *argv])

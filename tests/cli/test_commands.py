@@ -34,7 +34,9 @@ def test_every_command_handler_resolves_to_a_function() -> None:
 @pytest.mark.parametrize("argv", [["--help"], ["validate", "--help"], ["run", "--help"]])
 def test_help_does_not_import_torch_or_ray(argv: list[str]) -> None:
     probe = (
-        "import sys\nfrom medkd.cli.main import main\ntry:\n    main(" + repr(argv) + ")\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom medkd.cli.main import main\ntry:\n    main("
+        + repr(argv)
+        + ")\nexcept SystemExit:\n    pass\n"
         "print('HEAVY', sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

@@ -131,16 +131,22 @@ def head():
     # Short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="medkd-jobs-", dir="/tmp"))
     token = secrets.token_hex(16)
-    flags = ["--port", "--node-manager-port", "--object-manager-port", "--dashboard-port",
-             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-             "--ray-client-server-port", "--runtime-env-agent-port"]
-    ports = dict(zip(flags, free_ports(len(flags))))  # all explicit and distinct, outside 10002-19999 (the range Ray keeps for its workers)
+    flags = [
+        "--port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--ray-client-server-port",
+        "--runtime-env-agent-port",
+    ]
+    ports = dict(
+        zip(flags, free_ports(len(flags)))
+    )  # all explicit and distinct, outside 10002-19999 (the range Ray keeps for its workers)
     dashboard_port = ports["--dashboard-port"]
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("RAY_") and key not in ("HOME",)
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_") and key not in ("HOME",)}
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
@@ -151,16 +157,27 @@ def head():
     )
     assert all(not 10002 <= port <= 19999 for port in ports.values())
     command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        "--num-cpus=1", "--num-gpus=0", f"--object-store-memory={100 * 2**20}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        f"--object-store-memory={100 * 2**20}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
     log = temp_dir / "ray-start.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # its session id names every process of this head
         )
     url = f"http://127.0.0.1:{dashboard_port}"
@@ -217,12 +234,19 @@ def project(tmp_path) -> Path:
     return root
 
 
-EXPECTED_UPLOAD = {"pyproject.toml", "probe.py", "pkg/__init__.py", "pkg/data.txt", "pkg/runs/keep.txt", "configs/job.yaml"}
+EXPECTED_UPLOAD = {
+    "pyproject.toml",
+    "probe.py",
+    "pkg/__init__.py",
+    "pkg/data.txt",
+    "pkg/runs/keep.txt",
+    "configs/job.yaml",
+}
 
 
 def _probe_output(text: str) -> dict:
     line = next(line for line in text.splitlines() if line.startswith("PROBE "))
-    return json.loads(line[len("PROBE "):])
+    return json.loads(line[len("PROBE ") :])
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,11 +298,7 @@ def test_resolve_address_precedence_and_bad_values(clean_env, monkeypatch):
 
 
 def _staged_files(stage_root: Path) -> set[str]:
-    return {
-        path.relative_to(stage_root).as_posix()
-        for path in stage_root.rglob("*")
-        if path.is_file()
-    }
+    return {path.relative_to(stage_root).as_posix() for path in stage_root.rglob("*") if path.is_file()}
 
 
 def test_upload_limit_is_the_dashboards():
@@ -384,7 +404,9 @@ def test_missing_token_is_a_clear_auth_error(head, clean_env, capsys, project):
 def test_wrong_token_is_a_clear_auth_error(head, clean_env, monkeypatch):
     url, token = head
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * len(token))
-    with pytest.raises(JobsAuthError, match=f"the Ray cluster at {url} rejected the authentication token from RAY_AUTH_TOKEN"):
+    with pytest.raises(
+        JobsAuthError, match=f"the Ray cluster at {url} rejected the authentication token from RAY_AUTH_TOKEN"
+    ):
         job_status("raysubmit_x", url)
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     token_file = clean_env / "wrong-token"
@@ -405,7 +427,10 @@ def test_submit_uploads_project_and_spec_runs_and_streams_logs(authed, project, 
     monkeypatch.chdir(tmp_path)  # the upload must not depend on the current directory
     spec = project / "configs" / "job.yaml"
     job_id = submit_job(
-        spec, authed, project_dir=project, validate=False,
+        spec,
+        authed,
+        project_dir=project,
+        validate=False,
         env={"MEDKD_PROBE": "42"},
         entrypoint="python probe.py configs/job.yaml --flag",
     )
@@ -435,7 +460,10 @@ def test_stop_a_sleeping_job(authed, project, capsys, tmp_path):
     outside.write_text("name: sleeper\ndata: {path: ../data/x.npz}\n")
     with pytest.warns(JobsSubmitWarning, match=r"data.path='../data/x.npz' is relative"):
         job_id = submit_job(
-            outside, authed, project_dir=project, validate=False,
+            outside,
+            authed,
+            project_dir=project,
+            validate=False,
             entrypoint="python -c \"import time; print('sleeping', flush=True); time.sleep(120)\"",
         )
     assert job_status(job_id, authed)["metadata"]["medkd_spec"] == "sleep.yaml"
@@ -472,14 +500,25 @@ def test_unknown_job_id_is_not_found(authed):
 @pytest.fixture
 def minimal_spec(tmp_path) -> Path:
     path = tmp_path / "jobs-validate.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "jobs-validate",
-        "task": "classification",
-        "data": {"kind": "synthetic", "task": "classification", "image_size": 16, "num_classes": 2,
-                 "num_train": 32, "num_val": 16, "num_test": 16},
-        "teachers": [{"name": "cnn", "model": "resnet18", "epochs": 1}],
-        "output_dir": "runs/jobs-validate",  # relative: `submit` warns (not written by validate)
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "jobs-validate",
+                "task": "classification",
+                "data": {
+                    "kind": "synthetic",
+                    "task": "classification",
+                    "image_size": 16,
+                    "num_classes": 2,
+                    "num_train": 32,
+                    "num_val": 16,
+                    "num_test": 16,
+                },
+                "teachers": [{"name": "cnn", "model": "resnet18", "epochs": 1}],
+                "output_dir": "runs/jobs-validate",  # relative: `submit` warns (not written by validate)
+            }
+        )
+    )
     return path
 
 
@@ -487,10 +526,18 @@ def test_cli_submit_runs_medkd_validate_on_the_cluster(authed, minimal_spec, cap
     """The real project goes up and `medkd validate` runs from it on the cluster."""
     from medkd.cli.main import build_parser
 
-    args = build_parser().parse_args([
-        "submit", str(minimal_spec), "--address", authed, "--project-dir", str(REPO_ROOT),
-        "--submission-id", f"medkd-validate-{secrets.token_hex(3)}",
-    ])
+    args = build_parser().parse_args(
+        [
+            "submit",
+            str(minimal_spec),
+            "--address",
+            authed,
+            "--project-dir",
+            str(REPO_ROOT),
+            "--submission-id",
+            f"medkd-validate-{secrets.token_hex(3)}",
+        ]
+    )
     # `medkd submit` runs `medkd run`; only the command string is swapped for `validate` (fast).
     monkeypatch.setattr(
         jobs_client, "default_entrypoint", lambda relpath, extra: f"python -m medkd.cli.main validate {relpath}"

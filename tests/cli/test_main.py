@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def medkd(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medkd.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "medkd.cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_validate_quickstart():
@@ -38,8 +40,15 @@ def test_validate_check_data_reports_bad_file(tmp_path):
     bad = tmp_path / "broken.npz"
     bad.write_bytes(b"\x00" * 10)
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "data": {"kind": "medmnist", "path": str(bad)},
-                                    "teachers": [{"name": "a", "model": "resnet18"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "data": {"kind": "medmnist", "path": str(bad)},
+                "teachers": [{"name": "a", "model": "resnet18"}],
+            }
+        )
+    )
     result = medkd("validate", str(path), "--check-data")
     assert result.returncode == 1
     assert "broken.npz" in result.stderr and "Traceback" not in result.stderr

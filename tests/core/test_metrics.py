@@ -107,7 +107,9 @@ def test_ensemble_weights_are_normalised(rng):
     expected = (probabilities(logits[0]) + probabilities(logits[1]) + 2 * probabilities(logits[2])) / 4
     np.testing.assert_allclose(weighted, expected, rtol=1e-6)
     multilabel = ensemble_probabilities(logits, multilabel=True)
-    np.testing.assert_allclose(multilabel, np.mean([probabilities(x, multilabel=True) for x in logits], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        multilabel, np.mean([probabilities(x, multilabel=True) for x in logits], axis=0), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,7 +200,9 @@ def test_perfect_and_worst_predictions():
 
 def test_absent_class_is_skipped_not_fatal(rng):
     labels = np.array([0, 1, 0, 1, 1, 0])
-    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    probs = np.array(
+        [[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]
+    )
     m = classification_metrics(probs, labels)
     assert math.isnan(m["per_class_auc"][2])
     assert m["auc"] == pytest.approx(np.mean(m["per_class_auc"][:2]))
@@ -260,7 +264,9 @@ def _logits_for(masks: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def test_identical_masks_score_dice_one_and_hd95_zero():
-    masks = np.stack([_square_mask(24, (2, 2), 6), _square_mask(24, (10, 4), 8) + _square_mask(24, (0, 16), 5, value=2)])
+    masks = np.stack(
+        [_square_mask(24, (2, 2), 6), _square_mask(24, (10, 4), 8) + _square_mask(24, (0, 16), 5, value=2)]
+    )
     m = segmentation_metrics(_logits_for(masks, 3), masks, num_classes=3)
     assert m["classes"] == [1, 2] and m["n"] == 2
     assert m["dice"] == 1.0 and m["dice_per_class"] == [1.0, 1.0]
@@ -287,7 +293,9 @@ def test_dice_and_hd95_by_hand():
     shifts = []
     for shift in (1, 2, 4):
         moved = np.roll(_square_mask(32, (8, 8), 10)[None], shift, axis=2)
-        shifts.append(segmentation_metrics(_logits_for(moved, 2), _square_mask(32, (8, 8), 10)[None], num_classes=2)["hd95"])
+        shifts.append(
+            segmentation_metrics(_logits_for(moved, 2), _square_mask(32, (8, 8), 10)[None], num_classes=2)["hd95"]
+        )
     assert 0 < shifts[0] < shifts[1] < shifts[2] <= 4
 
 

@@ -15,10 +15,18 @@ from medkd.core.progress import Progress, TrialBoard
 
 def _run_a_small_pipeline(progress: Progress) -> None:
     with progress.stage(1, 7, "teachers"):
-        progress.event({"kind": "teacher_epoch", "teacher": "cnn", "epoch": 1, "epochs": 3,
-                        "metrics": {"val_auc": 0.71, "train_loss": 0.5, "epoch": 1}})
-        progress.event({"kind": "teacher_epoch", "teacher": "cnn", "epoch": 3, "epochs": 3,
-                        "metrics": {"val_auc": 0.88}})
+        progress.event(
+            {
+                "kind": "teacher_epoch",
+                "teacher": "cnn",
+                "epoch": 1,
+                "epochs": 3,
+                "metrics": {"val_auc": 0.71, "train_loss": 0.5, "epoch": 1},
+            }
+        )
+        progress.event(
+            {"kind": "teacher_epoch", "teacher": "cnn", "epoch": 3, "epochs": 3, "metrics": {"val_auc": 0.88}}
+        )
     with progress.stage(2, 7, "soft_labels"):
         progress.soft_labels("cnn", "computing", ["train", "val", "test"])
         progress.soft_labels("cnn", "cached")
@@ -27,15 +35,39 @@ def _run_a_small_pipeline(progress: Progress) -> None:
         progress.trials_started(4, metric="val_auc", mode="max")
         for trial in ("a_00000", "a_00001", "a_00002", "a_00003"):
             progress.trial_started(trial)
-        progress.event({"kind": "trial_epoch", "trial": "distill_trial_a_00000", "epoch": 1, "epochs": 2,
-                        "metric": "val_auc", "value": 0.6})
-        progress.event({"kind": "trial_epoch", "trial": "distill_trial_a_00001", "epoch": 2, "epochs": 2,
-                        "metric": "val_auc", "value": 0.7})
+        progress.event(
+            {
+                "kind": "trial_epoch",
+                "trial": "distill_trial_a_00000",
+                "epoch": 1,
+                "epochs": 2,
+                "metric": "val_auc",
+                "value": 0.6,
+            }
+        )
+        progress.event(
+            {
+                "kind": "trial_epoch",
+                "trial": "distill_trial_a_00001",
+                "epoch": 2,
+                "epochs": 2,
+                "metric": "val_auc",
+                "value": 0.7,
+            }
+        )
         progress.trial_finished("a_00000", "done", {"val_auc": 0.81, "size_mb": 0.2})
         progress.trial_finished("a_00001", "stopped", {"val_auc": 0.93})
         progress.trial_finished("a_00002", "failed", {})
-        progress.event({"kind": "trial_epoch", "trial": "distill_trial_a_00003", "epoch": 1, "epochs": 2,
-                        "metric": "val_auc", "value": 0.5})
+        progress.event(
+            {
+                "kind": "trial_epoch",
+                "trial": "distill_trial_a_00003",
+                "epoch": 1,
+                "epochs": 2,
+                "metric": "val_auc",
+                "value": 0.5,
+            }
+        )
     progress.event({"kind": "message", "message": "a message from a trial"})
     progress.close()
     progress.line("after close")
@@ -113,8 +145,10 @@ def test_progress_pickles_to_a_plain_one() -> None:
 
 
 def test_live_bars_never_closed_still_restore_the_cursor_at_exit() -> None:
-    code = ("from rich.console import Console; from medkd.core.progress import Progress; "
-            "Progress(console=Console(force_terminal=True)).line('x')")
+    code = (
+        "from rich.console import Console; from medkd.core.progress import Progress; "
+        "Progress(console=Console(force_terminal=True)).line('x')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "\x1b[?25l" in out and out.rindex("\x1b[?25h") > out.rindex("\x1b[?25l")  # hidden, then shown again
 

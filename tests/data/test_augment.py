@@ -20,7 +20,9 @@ from medkd.data.augment import identity_view
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
-SPATIAL_ONLY = AugmentSpec(flip=0.5, rotate90=0.5, affine={"prob": 1.0, "rotate_degrees": 20, "scale": (0.9, 1.2), "translate": 0.1})
+SPATIAL_ONLY = AugmentSpec(
+    flip=0.5, rotate90=0.5, affine={"prob": 1.0, "rotate_degrees": 20, "scale": (0.9, 1.2), "translate": 0.1}
+)
 EVERYTHING = AugmentSpec.model_validate(
     {**SPATIAL_ONLY.model_dump(), "intensity": {"prob": 1.0, "noise_std": 0.1, "gamma": (0.7, 1.5)}}
 )
@@ -57,11 +59,17 @@ def test_affine_view_equals_monai_affine(shape):
         image_only=True,
     )
     out = apply_view(images, [view, identity_view()])
-    torch.testing.assert_close(out[0], torch.as_tensor(reference(images[0])).as_subclass(torch.Tensor), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        out[0], torch.as_tensor(reference(images[0])).as_subclass(torch.Tensor), atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(out[1], images[1])
     nearest = Affine(
-        rotate_params=reference.affine_grid.rotate_params, translate_params=reference.affine_grid.translate_params,
-        scale_params=reference.affine_grid.scale_params, padding_mode="border", mode="nearest", image_only=True,
+        rotate_params=reference.affine_grid.rotate_params,
+        translate_params=reference.affine_grid.translate_params,
+        scale_params=reference.affine_grid.scale_params,
+        padding_mode="border",
+        mode="nearest",
+        image_only=True,
     )
     out_masks = apply_view_to_masks(masks, [view, identity_view()])
     expected = torch.as_tensor(nearest(masks[0][None].float()))[0].round().long()
@@ -77,7 +85,9 @@ def test_flip_rot90_and_contrast_equal_monai():
     expected = Flip(spatial_axis=1)(images[0])
     expected = Rotate90(k=3, spatial_axes=(0, 1))(expected)
     expected = AdjustContrast(gamma=1.4)(expected)
-    torch.testing.assert_close(apply_view(images, [view])[0], torch.as_tensor(expected).as_subclass(torch.Tensor), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        apply_view(images, [view])[0], torch.as_tensor(expected).as_subclass(torch.Tensor), atol=1e-5, rtol=0
+    )
 
 
 # ------------------------------------------------------------------------ masks follow images
@@ -85,7 +95,9 @@ def test_flip_rot90_and_contrast_equal_monai():
 
 @pytest.mark.parametrize("shape", [(16, 16), (8, 8, 8)])
 def test_flips_and_rotations_move_masks_exactly_like_images(shape):
-    augment = build_augmentation(AugmentSpec(flip=0.5, rotate90=0.5), spatial_dims=len(shape), task="segmentation", seed=0)
+    augment = build_augmentation(
+        AugmentSpec(flip=0.5, rotate90=0.5), spatial_dims=len(shape), task="segmentation", seed=0
+    )
     masks = random_masks(16, shape)
     images = masks[:, None].float()  # an image that *is* its mask
     out_images, out_masks = augment(images, masks)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from medkd.core.errors import DataValidationError
 from medkd.data import (
     RawData,
     Split,
@@ -18,7 +19,6 @@ from medkd.data import (
     load_dataset,
     register_adapter,
 )
-from medkd.core.errors import DataValidationError
 from medkd.data.splitting import stratified_partition, stratified_sample
 from medkd.data.synthetic import generate_split
 
@@ -89,10 +89,18 @@ def test_build_dataset_checks_structure():
     assert build_dataset(raw, "test-kind", {}).num_classes == 2
     bad_shape = {**good, "test": Split(np.zeros((4, 1, 6, 6), np.uint8), np.array([0, 1, 0, 1]))}
     with pytest.raises(DataValidationError, match=r"x\.src: test images have shape"):
-        build_dataset(RawData(name="x", task="classification", spatial_dims=2, num_classes=2, splits=bad_shape, source="x.src"), "k", {})
+        build_dataset(
+            RawData(name="x", task="classification", spatial_dims=2, num_classes=2, splits=bad_shape, source="x.src"),
+            "k",
+            {},
+        )
     missing = {k: v for k, v in good.items() if k != "val"}
     with pytest.raises(DataValidationError, match=r"missing split\(s\) \['val'\]"):
-        build_dataset(RawData(name="x", task="classification", spatial_dims=2, num_classes=2, splits=missing, source="x.src"), "k", {})
+        build_dataset(
+            RawData(name="x", task="classification", spatial_dims=2, num_classes=2, splits=missing, source="x.src"),
+            "k",
+            {},
+        )
     with pytest.raises(DataValidationError, match="4 images but 3 labels"):
         Split(images, np.array([0, 1, 0]))
 
@@ -100,7 +108,9 @@ def test_build_dataset_checks_structure():
 def test_constant_images_do_not_divide_by_zero():
     images = np.full((4, 1, 8, 8), 7, np.uint8)
     splits = {name: Split(images, np.array([0, 1, 0, 1])) for name in ("train", "val", "test")}
-    dataset = build_dataset(RawData(name="c", task="classification", spatial_dims=2, num_classes=2, splits=splits, source="c"), "k", {})
+    dataset = build_dataset(
+        RawData(name="c", task="classification", spatial_dims=2, num_classes=2, splits=splits, source="c"), "k", {}
+    )
     assert np.isfinite(dataset.splits["train"].images).all()
 
 
@@ -123,7 +133,9 @@ def test_stratified_sample_size_is_exact():
 
 def test_registry():
     assert {"synthetic", "medmnist", "folder", "decathlon"} <= set(available_adapters())
-    with pytest.raises(ValueError, match="unknown data adapter 'nope'; known data adapters: decathlon, folder, medmnist, synthetic"):
+    with pytest.raises(
+        ValueError, match="unknown data adapter 'nope'; known data adapters: decathlon, folder, medmnist, synthetic"
+    ):
         get_adapter("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_adapter("synthetic")(lambda spec: None)

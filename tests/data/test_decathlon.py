@@ -78,7 +78,9 @@ def test_given_validation_list_is_used(tmp_path):
 
 def test_multichannel_4d_images(tmp_path):
     entries = [write_case(tmp_path, i, channels=2) for i in range(5)]
-    dataset = load_dataset(DecathlonDataSpec(path=write_datalist(tmp_path, entries), image_size=[6, 6, 4], num_classes=3))
+    dataset = load_dataset(
+        DecathlonDataSpec(path=write_datalist(tmp_path, entries), image_size=[6, 6, 4], num_classes=3)
+    )
     assert dataset.in_channels == 2 and dataset.splits["train"].images.shape[1] == 2
 
 
@@ -86,7 +88,10 @@ def test_missing_file_names_file_and_entry(tmp_path):
     entries = [write_case(tmp_path, i) for i in range(4)]
     entries[2]["label"] = "labelsTr/gone.nii.gz"
     path = write_datalist(tmp_path, entries)
-    with pytest.raises(DataFileNotFoundError, match=r"gone\.nii\.gz: file not found \(referenced by .*dataset\.json training\[2\]\.label\)"):
+    with pytest.raises(
+        DataFileNotFoundError,
+        match=r"gone\.nii\.gz: file not found \(referenced by .*dataset\.json training\[2\]\.label\)",
+    ):
         load_dataset(DecathlonDataSpec(path=path, image_size=[6, 6, 4], num_classes=3))
 
 
@@ -99,7 +104,9 @@ def test_shape_mismatch_names_both_files(tmp_path):
 
 
 def test_label_out_of_range_names_the_file(datalist):
-    with pytest.raises(DataValidationError, match=r"labelsTr/case_\d\.nii\.gz: segmentation labels out of range: found \[2\]"):
+    with pytest.raises(
+        DataValidationError, match=r"labelsTr/case_\d\.nii\.gz: segmentation labels out of range: found \[2\]"
+    ):
         load_dataset(DecathlonDataSpec(path=datalist, image_size=[6, 6, 4], num_classes=2))
 
 

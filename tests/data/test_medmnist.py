@@ -238,8 +238,12 @@ def test_required_keys_are_the_medmnist_layout():
 def test_corrupt_member_names_the_key(tmp_path):
     path = tmp_path / "corrupt.npz"
     rng = np.random.default_rng(0)
-    arrays = {key: rng.integers(0, 256, size=(20, 28, 28), dtype=np.uint8) if key.endswith("images")
-              else (np.arange(20) % 2).reshape(20, 1) for key in REQUIRED_KEYS}
+    arrays = {
+        key: rng.integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
+        if key.endswith("images")
+        else (np.arange(20) % 2).reshape(20, 1)
+        for key in REQUIRED_KEYS
+    }
     np.savez_compressed(path, **arrays)
     data = bytearray(path.read_bytes())
     data[2000:2100] = bytes(b ^ 0xFF for b in data[2000:2100])  # inside the first member

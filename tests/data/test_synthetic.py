@@ -33,7 +33,10 @@ def test_different_seed_gives_different_images():
 
 
 def test_display_name_does_not_change_the_fingerprint():
-    assert load_dataset(SyntheticDataSpec(**SMALL)).fingerprint == load_dataset(SyntheticDataSpec(**SMALL, name="x")).fingerprint
+    assert (
+        load_dataset(SyntheticDataSpec(**SMALL)).fingerprint
+        == load_dataset(SyntheticDataSpec(**SMALL, name="x")).fingerprint
+    )
 
 
 def test_train_split_does_not_depend_on_the_other_split_sizes():
@@ -46,12 +49,26 @@ def test_train_split_does_not_depend_on_the_other_split_sizes():
 
 @pytest.mark.parametrize(
     ("task", "dims", "channels"),
-    [("classification", 2, 1), ("classification", 3, 1), ("segmentation", 2, 1), ("segmentation", 3, 2), ("classification", 2, 3)],
+    [
+        ("classification", 2, 1),
+        ("classification", 3, 1),
+        ("segmentation", 2, 1),
+        ("segmentation", 3, 2),
+        ("classification", 2, 3),
+    ],
 )
 def test_shapes_and_dtypes(task, dims, channels):
     size = 16 if dims == 2 else 12
-    spec = SyntheticDataSpec(task=task, spatial_dims=dims, in_channels=channels, num_classes=3, image_size=size,
-                             num_train=24, num_val=8, num_test=8)
+    spec = SyntheticDataSpec(
+        task=task,
+        spatial_dims=dims,
+        in_channels=channels,
+        num_classes=3,
+        image_size=size,
+        num_train=24,
+        num_val=8,
+        num_test=8,
+    )
     dataset = load_dataset(spec)
     train = dataset.splits["train"]
     assert train.images.shape == (24, channels) + (size,) * dims
@@ -74,7 +91,9 @@ def test_classification_classes_are_balanced():
 
 
 def test_segmentation_masks_contain_every_class():
-    dataset = load_dataset(SyntheticDataSpec(task="segmentation", num_classes=4, num_train=32, num_val=8, num_test=8, image_size=24))
+    dataset = load_dataset(
+        SyntheticDataSpec(task="segmentation", num_classes=4, num_train=32, num_val=8, num_test=8, image_size=24)
+    )
     counts = dataset.class_counts("train")
     assert len(counts) == 4 and all(c > 0 for c in counts)
     assert dataset.class_names[0] == "background"

@@ -21,18 +21,38 @@ RESULTS = {
     "job": "quick<script>",
     "job_fingerprint": "abc123",
     "dataset": {"name": "synthetic", "fingerprint": "d0f", "task": "classification", "class_names": ["a", "b"]},
-    "teachers": [{"name": "cnn", "model": "resnet10", "params": 4_900_000, "history": HISTORY,
-                  "test_metrics": {"auc": 0.91, "acc": 0.8}}],
+    "teachers": [
+        {
+            "name": "cnn",
+            "model": "resnet10",
+            "params": 4_900_000,
+            "history": HISTORY,
+            "test_metrics": {"auc": 0.91, "acc": 0.8},
+        }
+    ],
     "ensemble": {"test_metrics": {"auc": 0.93, "acc": 0.82, "confusion_matrix": [[40, 10], [5, 45]]}},
     "search": {"objectives": [{"metric": "val_auc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]},
-    "trials": [{"trial_id": "t1", "status": "completed", "final": True, "pareto": True,
-                "metrics": {"val_auc": 0.9, "latency_ms": 0.21, "params": 5000},
-                "config": {"student": "resnet_tiny", "width": 0.5, "quantize": "int8_static"}}],
-    "best": {"trial_id": "t1", "model_id": "m-1", "params": 5000, "latency_ms": 0.2134, "size_bytes": 12_345,
-             "config": {"student": "resnet_tiny", "width": 0.5, "quantize": "int8_static"},
-             "test_metrics": {"auc": 0.9, "acc": 0.79, "confusion_matrix": [[38, 12], [9, 41]]},
-             "final_training": {"epochs": 10, "search_epochs": 5, "branches": 1, "search_val": {"auc": 0.88}},
-             "val_metrics": {"auc": 0.9}},
+    "trials": [
+        {
+            "trial_id": "t1",
+            "status": "completed",
+            "final": True,
+            "pareto": True,
+            "metrics": {"val_auc": 0.9, "latency_ms": 0.21, "params": 5000},
+            "config": {"student": "resnet_tiny", "width": 0.5, "quantize": "int8_static"},
+        }
+    ],
+    "best": {
+        "trial_id": "t1",
+        "model_id": "m-1",
+        "params": 5000,
+        "latency_ms": 0.2134,
+        "size_bytes": 12_345,
+        "config": {"student": "resnet_tiny", "width": 0.5, "quantize": "int8_static"},
+        "test_metrics": {"auc": 0.9, "acc": 0.79, "confusion_matrix": [[38, 12], [9, 41]]},
+        "final_training": {"epochs": 10, "search_epochs": 5, "branches": 1, "search_val": {"auc": 0.88}},
+        "val_metrics": {"auc": 0.9},
+    },
     "serve": {"url": "http://127.0.0.1:8000/m-1", "demo": {"answer": "b"}},
     "stages": {"teachers": {"status": "ran", "seconds": 12.5}, "report": {"status": "ran", "seconds": 0.4}},
 }
@@ -46,8 +66,14 @@ def test_the_report_has_every_section_in_order_with_its_figures(tmp_path):
     path = write_report(RESULTS, tmp_path)
     assert path == tmp_path / REPORT_FILE
     page = path.read_text()
-    assert headings(page) == ["Teachers vs student (test split)", "Search", "Teacher training", "Confusion matrices",
-                              "Served model", "Stages"]
+    assert headings(page) == [
+        "Teachers vs student (test split)",
+        "Search",
+        "Teacher training",
+        "Confusion matrices",
+        "Served model",
+        "Stages",
+    ]
     assert page.count('src="data:image/png;base64,') == 4  # Pareto front, curves, two confusion matrices
     assert '<td class="num">0.9300</td>' in page  # the ensemble's test AUC, formatted
     assert '<td class="num">12,345</td>' in page  # the served model's size
@@ -84,14 +110,37 @@ def test_the_template_is_package_data():
 
 
 def test_a_failed_stage_shows_its_error_and_seconds_have_one_decimal():
-    results = {"job": "j", "stages": {"teachers": {"status": "ran", "seconds": 516.25},
-                                      "soft_labels": {"status": "failed", "seconds": 168.12, "error": "TypeError: x"}}}
+    results = {
+        "job": "j",
+        "stages": {
+            "teachers": {"status": "ran", "seconds": 516.25},
+            "soft_labels": {"status": "failed", "seconds": 168.12, "error": "TypeError: x"},
+        },
+    }
     page = render_report(results)
     assert "<th>error</th>" in page and "<td>TypeError: x</td>" in page
     assert '<td class="num">516.2</td>' in page and '<td class="num">168.1</td>' in page
 
 
 def test_counts_that_went_through_a_float_print_as_counts():
-    page = render_report({"job": "j", "stages": {}, "selection": {"rule": "r", "chosen": "a", "candidates": [
-        {"trial_id": "a", "quality": 0.9, "gap": 0.0, "tied": False, "decision_acc": 0.8, "model_bytes": 595429.0}]}})
+    page = render_report(
+        {
+            "job": "j",
+            "stages": {},
+            "selection": {
+                "rule": "r",
+                "chosen": "a",
+                "candidates": [
+                    {
+                        "trial_id": "a",
+                        "quality": 0.9,
+                        "gap": 0.0,
+                        "tied": False,
+                        "decision_acc": 0.8,
+                        "model_bytes": 595429.0,
+                    }
+                ],
+            },
+        }
+    )
     assert '<td class="num">595,429</td>' in page

@@ -38,8 +38,13 @@ def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
         # One FKD view of train per teacher: trials train on it with its own cached logits.
         "cache": {"redis_url": redis_url, "namespace": f"test-{tmp_path.name}", "views": 1},
         "search": {
-            "num_trials": 2, "max_concurrent": 2, "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5,
-            "scheduler": "none", "augment": {"flip": 0.5},
+            "num_trials": 2,
+            "max_concurrent": 2,
+            "epochs": 1,
+            "batch_size": 32,
+            "cpus_per_trial": 0.5,
+            "scheduler": "none",
+            "augment": {"flip": 0.5},
             "space": {"student": ["resnet_tiny"], "width": {"low": 0.25, "high": 0.5}, "quantize": ["int8_static"]},
         },
         "serve": {"port": free_port(), "cpus_per_replica": 0.25, "max_replicas": 1},
@@ -74,12 +79,20 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert best["test_metrics"]["auc"] >= STUDENT_AUC_FLOOR, best["test_metrics"]  # the served INT8 student
     metadata = json.loads((Path(best["onnx_path"]).parent / "metadata.json").read_text())
     assert [t["fingerprint"] for t in metadata["teachers"]] == [t["fingerprint"] for t in results["teachers"]]
-    assert all(key.startswith(f"test-{tmp_path.name}:") for t in metadata["teachers"] for key in t["cache_keys"].values())
+    assert all(
+        key.startswith(f"test-{tmp_path.name}:") for t in metadata["teachers"] for key in t["cache_keys"].values()
+    )
     demo = results["serve"]["demo"]["answer"]
     assert len(demo["probabilities"]) == 3 and abs(sum(demo["probabilities"]) - 1) < 1e-4
     assert {name: s["status"] for name, s in results["stages"].items()} == {
-        "teachers": "ran", "soft_labels": "ran", "search": "ran", "final": "skipped", "export": "ran", "serve": "ran",
-        "report": "ran"}
+        "teachers": "ran",
+        "soft_labels": "ran",
+        "search": "ran",
+        "final": "skipped",
+        "export": "ran",
+        "serve": "ran",
+        "report": "ran",
+    }
     assert best["final_training"] is None and "final" not in results
     report = (spec.output_dir / "report.html").read_text()
     assert "Teachers vs student" in report and "data:image/png;base64" in report
@@ -105,8 +118,13 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
 
     # search.final_epochs and final_branches: the same search (not re-run), its selected configuration
     # trained again for longer as a weight soup, and that model exported and selected under its own id.
-    longer = parse_spec(tiny_job(tmp_path, redis_url, search={**tiny_job(tmp_path, redis_url)["search"],
-                                                              "final_epochs": 2, "final_branches": 2}))
+    longer = parse_spec(
+        tiny_job(
+            tmp_path,
+            redis_url,
+            search={**tiny_job(tmp_path, redis_url)["search"], "final_epochs": 2, "final_branches": 2},
+        )
+    )
     run_job(longer, serve=False)
     final = json.loads((spec.output_dir / "results.json").read_text())
     assert final["stages"]["search"]["status"] == "skipped" and final["stages"]["final"]["status"] == "ran"
@@ -115,13 +133,17 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert final["best"]["model_id"] != best["model_id"] and final["best"]["config"]["epochs"] == 2
     assert final["best"]["config"]["branches"] == 2 and final["final"]["branches"] == 2
     assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches")} == {
-        k: v for k, v in best["config"].items() if k not in ("epochs", "branches")}
+        k: v for k, v in best["config"].items() if k not in ("epochs", "branches")
+    }
     assert final["best"]["final_training"]["epochs"] == 2 and final["best"]["final_training"]["branches"] == 2
     assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
     assert Path(final["best"]["onnx_path"]).is_file() and final["best"]["parity"]["max_abs_diff"] < 1e-3
     assert (spec.output_dir / "models" / "SELECTED").read_text().strip() == final["best"]["model_id"]
     assert "final training of trial" in capsys.readouterr().out
-    assert "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches" in (spec.output_dir / "report.html").read_text()
+    assert (
+        "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches"
+        in (spec.output_dir / "report.html").read_text()
+    )
     run_job(longer, serve=False)
     assert json.loads((spec.output_dir / "results.json").read_text())["stages"]["final"]["status"] == "skipped"
     assert "final training" in capsys.readouterr().out
@@ -146,11 +168,21 @@ def test_3d_segmentation_example_runs_end_to_end(ray_session, redis_url, tmp_pat
 
     repo = Path(__file__).resolve().parents[2]
     overrides = {
-        "data.image_size": 16, "data.num_train": 16, "data.num_val": 8, "data.num_test": 8,
-        "teachers.0.epochs": 1, "teachers.1.epochs": 1, "teachers.0.cpus_per_worker": 0.5,
-        "teachers.1.cpus_per_worker": 0.5, "search.num_trials": 1, "search.epochs": 1, "search.cpus_per_trial": 0.5,
-        "cache.redis_url": redis_url, "cache.namespace": f"test-{tmp_path.name}",
-        "serve.port": free_port(), "output_dir": str(tmp_path / "run"),
+        "data.image_size": 16,
+        "data.num_train": 16,
+        "data.num_val": 8,
+        "data.num_test": 8,
+        "teachers.0.epochs": 1,
+        "teachers.1.epochs": 1,
+        "teachers.0.cpus_per_worker": 0.5,
+        "teachers.1.cpus_per_worker": 0.5,
+        "search.num_trials": 1,
+        "search.epochs": 1,
+        "search.cpus_per_trial": 0.5,
+        "cache.redis_url": redis_url,
+        "cache.namespace": f"test-{tmp_path.name}",
+        "serve.port": free_port(),
+        "output_dir": str(tmp_path / "run"),
     }
     spec = load_spec(repo / "examples" / "segmentation3d.yaml", overrides)
     run_job(spec)

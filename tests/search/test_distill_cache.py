@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from medkd.data import SyntheticDataSpec, load_dataset
-from medkd.softlabels.store import SoftLabelCache
-from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
 from medkd.data.meta import DatasetMeta
 from medkd.search.context import TrialContext
 from medkd.search.recipe import teacher_logits_source
 from medkd.softlabels.reading import cached_teacher_logits, cached_views
+from medkd.softlabels.store import SoftLabelCache
+from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill
 
 TEACHERS = ("cnn-a", "vit-b", "cnn-c")
 NUM_TRAIN = 40
@@ -45,15 +45,22 @@ def teacher_logits_for(dataset, seed: int = 1) -> np.ndarray:
 
 def config(dataset) -> DistillConfig:
     student = "unet_small" if dataset.task == "segmentation" else "resnet_tiny"
-    return DistillConfig(student=student, width=0.25, depth=0.5, epochs=2, batch_size=16, alpha=0.3,
-                         temperature=2.0, lr=1e-2, seed=0)
+    return DistillConfig(
+        student=student, width=0.25, depth=0.5, epochs=2, batch_size=16, alpha=0.3, temperature=2.0, lr=1e-2, seed=0
+    )
 
 
 def run(dataset, cfg: DistillConfig, teacher_logits, initial: torch.nn.Module) -> tuple[torch.nn.Module, list[dict]]:
     model = copy.deepcopy(initial)
     train = dataset.splits["train"]
-    history = distill(model, cfg, train_images=train.images, train_labels=train.labels,
-                      teacher_logits=teacher_logits, meta=DatasetMeta.of(dataset))
+    history = distill(
+        model,
+        cfg,
+        train_images=train.images,
+        train_labels=train.labels,
+        teacher_logits=teacher_logits,
+        meta=DatasetMeta.of(dataset),
+    )
     return model, history
 
 
@@ -173,8 +180,9 @@ def test_cached_views_read_back_the_published_views(publish):
     params = [sample_view_params(augment, NUM_TRAIN, rng=k) for k in range(2)]
     for k in range(2):
         for t, fp in enumerate(fps):
-            writer.publish(fp, views_fp, "train", logits[t] + k + 1, view=k, view_params=params[k],
-                           teacher_spec={"model": fp})
+            writer.publish(
+                fp, views_fp, "train", logits[t] + k + 1, view=k, view_params=params[k], teacher_spec={"model": fp}
+            )
 
     views = cached_views(make_cache(), fps, views_fp, 2, segmentation=False)
     assert views.num_views == 2 and views.params == params
@@ -185,8 +193,9 @@ def test_cached_views_read_back_the_published_views(publish):
     with pytest.raises(CacheMissError, match="view 2"):
         cached_views(make_cache(), fps, views_fp, 3, segmentation=False)
     other = [{**p, "rot90": 1} for p in params[0]]  # a teacher that saw other images
-    writer.publish(fps[2], views_fp, "train", logits[2], view=0, view_params=other, teacher_spec={"model": fps[2]},
-                   overwrite=True)
+    writer.publish(
+        fps[2], views_fp, "train", logits[2], view=0, view_params=other, teacher_spec={"model": fps[2]}, overwrite=True
+    )
     with pytest.raises(ValueError, match="disagree"):
         cached_views(make_cache(), fps, views_fp, 2, segmentation=False)
 
@@ -201,13 +210,29 @@ def fake_teacher(tmp_path, dataset, name: str, seed: int):
 
     meta = DatasetMeta.of(dataset)
     torch.manual_seed(seed)
-    model = create_teacher("resnet10", spatial_dims=2, in_channels=meta.in_channels, num_classes=meta.num_classes,
-                           image_size=meta.image_size)
+    model = create_teacher(
+        "resnet10",
+        spatial_dims=2,
+        in_channels=meta.in_channels,
+        num_classes=meta.num_classes,
+        image_size=meta.image_size,
+    )
     path = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), path)
-    artifact = TeacherArtifact(name=name, model="resnet10", family="cnn", model_kwargs={},
-                               fingerprint=f"{name}-{uuid.uuid4().hex[:6]}", params=1, checkpoint=str(path),
-                               epochs_run=1, best_epoch=1, best_val=0.5, history=[], train_seconds=0.0)
+    artifact = TeacherArtifact(
+        name=name,
+        model="resnet10",
+        family="cnn",
+        model_kwargs={},
+        fingerprint=f"{name}-{uuid.uuid4().hex[:6]}",
+        params=1,
+        checkpoint=str(path),
+        epochs_run=1,
+        best_epoch=1,
+        best_val=0.5,
+        history=[],
+        train_seconds=0.0,
+    )
     return artifact, load_teacher_model(artifact, meta)
 
 
@@ -215,8 +240,8 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     """Entries deleted (a Redis restart without persistence) or corrupted after the soft-label stage
     are recomputed from the teacher checkpoints, republished, and the trial reads the right logits."""
     from medkd.data import AugmentSpec, apply_view
-    from medkd.softlabels.manifest import CacheMissError
     from medkd.softlabels.compute import view_params
+    from medkd.softlabels.manifest import CacheMissError
     from medkd.teachers.loop import predict
 
     make_cache, _ = publish
@@ -232,13 +257,22 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     writer = make_cache()
     for (artifact, _), logits, view_logits in zip(teachers, expected, expected_view):
         writer.publish(artifact.fingerprint, dataset.fingerprint, "train", logits, teacher_spec={"model": "resnet10"})
-        writer.publish(artifact.fingerprint, views_fp, "train", view_logits, view=0, view_params=params,
-                       teacher_spec={"model": "resnet10"})
+        writer.publish(
+            artifact.fingerprint,
+            views_fp,
+            "train",
+            view_logits,
+            view=0,
+            view_params=params,
+            teacher_spec={"model": "resnet10"},
+        )
     fps = [artifact.fingerprint for artifact, _ in teachers]
 
     # Damage after the soft-label stage: teacher 0's train entry gone, teacher 1's view 0 corrupted.
     writer.purge(teacher_fp=fps[0])
-    writer.publish(fps[0], views_fp, "train", expected_view[0], view=0, view_params=params, teacher_spec={"model": "resnet10"})
+    writer.publish(
+        fps[0], views_fp, "train", expected_view[0], view=0, view_params=params, teacher_spec={"model": "resnet10"}
+    )
     manifest = writer.manifest(fps[1], views_fp, "train", view=0)
     prefix = writer.key_prefix(fps[1], views_fp, "train", view=0)
     writer.client.set(f"{prefix}:g{manifest.generation}:c0", b"garbage")
@@ -247,8 +281,14 @@ def test_trial_restores_soft_labels_lost_mid_search_from_the_teacher_checkpoints
     with pytest.raises(CacheMissError):
         cached_teacher_logits(reader, fps, dataset.fingerprint, segmentation=False)  # no recovery: the error
     context = TrialContext.model_construct(  # only what reading the soft labels needs
-        cache_url=reader.url, cache_namespace=reader.namespace, password_env=None, teacher_fps=fps,
-        dataset_fp=dataset.fingerprint, meta=meta, events=None, augment=augment.model_dump(mode="json"),
+        cache_url=reader.url,
+        cache_namespace=reader.namespace,
+        password_env=None,
+        teacher_fps=fps,
+        dataset_fp=dataset.fingerprint,
+        meta=meta,
+        events=None,
+        augment=augment.model_dump(mode="json"),
         views={"views": 1, "views_dataset_fp": views_fp, "seed": 3},
         teacher_artifacts=[artifact.model_dump_json() for artifact, _ in teachers],
         cache_options={"encoding": "float16", "compression": None, "topk": None},

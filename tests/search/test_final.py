@@ -5,38 +5,52 @@ from __future__ import annotations
 import pytest
 
 from medkd.core.progress import Progress
-from medkd.spec.job import parse_spec
+from medkd.data.meta import DatasetMeta
 from medkd.registry.export import ExportError, export_models
 from medkd.search.final import FinalModel, final_fingerprint, train_final
 from medkd.search.outcome import SearchOutcome, TrialRecord
-from medkd.data.meta import DatasetMeta
-
+from medkd.spec.job import parse_spec
 
 META = DatasetMeta(task="segmentation", spatial_dims=2, in_channels=1, num_classes=2, image_size=[16, 16])
 
 
 def spec(final_epochs: int | None, final_branches: int | None = None):
     final = {k: v for k, v in {"final_epochs": final_epochs, "final_branches": final_branches}.items() if v}
-    return parse_spec({
-        "name": "final", "data": {"kind": "synthetic"}, "teachers": [{"name": "t", "model": "resnet10"}],
-        "search": {"epochs": 3, **final},
-    })
+    return parse_spec(
+        {
+            "name": "final",
+            "data": {"kind": "synthetic"},
+            "teachers": [{"name": "t", "model": "resnet10"}],
+            "search": {"epochs": 3, **final},
+        }
+    )
 
 
 def trial(trial_id: str, *, finished: bool = True) -> TrialRecord:
-    return TrialRecord(trial_id=trial_id, status="completed" if finished else "stopped early",
-                       config={"student": "resnet_tiny", "epochs": 3, "seed": 0}, metrics={"val_auc": 0.9},
-                       checkpoint=None, final=finished)
+    return TrialRecord(
+        trial_id=trial_id,
+        status="completed" if finished else "stopped early",
+        config={"student": "resnet_tiny", "epochs": 3, "seed": 0},
+        metrics={"val_auc": 0.9},
+        checkpoint=None,
+        final=finished,
+    )
 
 
 def outcome(*trials: TrialRecord) -> SearchOutcome:
-    return SearchOutcome(fingerprint="abc", experiment_path="/nowhere", objectives=[{"metric": "val_auc", "mode": "max"}],
-                         trials=list(trials), pareto=[t.trial_id for t in trials if t.final])
+    return SearchOutcome(
+        fingerprint="abc",
+        experiment_path="/nowhere",
+        objectives=[{"metric": "val_auc", "mode": "max"}],
+        trials=list(trials),
+        pareto=[t.trial_id for t in trials if t.final],
+    )
 
 
 def test_without_final_epochs_nothing_is_trained(tmp_path):
-    record, status = train_final(spec(None), outcome(trial("a")), trial("a"), context={}, output_dir=tmp_path,
-                                 progress=Progress(quiet=True))
+    record, status = train_final(
+        spec(None), outcome(trial("a")), trial("a"), context={}, output_dir=tmp_path, progress=Progress(quiet=True)
+    )
     assert (record, status) == (None, "skipped")
     assert not (tmp_path / "final").exists()
 
@@ -45,8 +59,9 @@ def test_without_final_epochs_nothing_is_trained(tmp_path):
 def test_an_unfinished_trial_cannot_be_trained_again(tmp_path, final):
     stopped = trial("b", finished=False)
     with pytest.raises(ValueError, match="trial b did not finish"):
-        train_final(final, outcome(trial("a"), stopped), stopped, context={}, output_dir=tmp_path,
-                    progress=Progress(quiet=True))
+        train_final(
+            final, outcome(trial("a"), stopped), stopped, context={}, output_dir=tmp_path, progress=Progress(quiet=True)
+        )
 
 
 def test_fingerprint_depends_on_trial_config_epochs_and_branches():
@@ -58,9 +73,26 @@ def test_fingerprint_depends_on_trial_config_epochs_and_branches():
 
 
 def test_export_refuses_a_final_model_of_another_trial(tmp_path):
-    other = FinalModel(fingerprint="f", trial_id="b", path=str(tmp_path), epochs=10, search_epochs=3, val={},
-                       search_val={}, seconds=1.0)
+    other = FinalModel(
+        fingerprint="f",
+        trial_id="b",
+        path=str(tmp_path),
+        epochs=10,
+        search_epochs=3,
+        val={},
+        search_val={},
+        seconds=1.0,
+    )
     done = outcome(trial("a"), trial("b"))  # export.select "best" picks the front's first, "a"
     with pytest.raises(ExportError, match="final training is of trial b.*picks a"):
-        export_models(spec(10), done, dataset=None, meta=META, teachers=[], soft_labels={}, output_dir=tmp_path,
-                      progress=Progress(quiet=True), final=other)
+        export_models(
+            spec(10),
+            done,
+            dataset=None,
+            meta=META,
+            teachers=[],
+            soft_labels={},
+            output_dir=tmp_path,
+            progress=Progress(quiet=True),
+            final=other,
+        )

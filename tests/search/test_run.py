@@ -13,8 +13,9 @@ from medkd.search.recipe import calibration_samples, trial_augmentation
 from medkd.search.space import teacher_prior
 from medkd.students.distill import DistillConfig, array_teacher_logits, build_student
 
-META = DatasetMeta(task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2,
-                   image_size=[16, 16])
+META = DatasetMeta(
+    task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2, image_size=[16, 16]
+)
 
 
 def test_trial_augmentation_follows_search_augment():
@@ -55,8 +56,17 @@ def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once
     images = (rng.normal(0, 0.3, (32, 1, 16, 16)) + labels[:, None, None, None]).astype(np.float32)
     teachers = np.stack([np.stack([-labels, labels], 1).astype(np.float32)] * 2)
     meta = META
-    config = DistillConfig(student="resnet_tiny", width=0.25, epochs=4, batch_size=16, alpha=0.5, branches=2,
-                           prune="channels", prune_amount=0.25, quantize="none")
+    config = DistillConfig(
+        student="resnet_tiny",
+        width=0.25,
+        epochs=4,
+        batch_size=16,
+        alpha=0.5,
+        branches=2,
+        prune="channels",
+        prune_amount=0.25,
+        quantize="none",
+    )
     calls = []
     real = recipe.distill
 
@@ -66,9 +76,17 @@ def test_train_candidate_soups_the_training_but_fine_tunes_the_pruned_model_once
         return history
 
     monkeypatch.setattr(recipe, "distill", recording)
-    metrics = recipe.train_candidate(build_student(meta, config), config, meta=meta, train=(images, labels[:, None]),
-                                     val=(images[:16], labels[:16, None]), teacher_logits=array_teacher_logits(teachers),
-                                     augment=None, directory=tmp_path, latency_runs=2)
+    metrics = recipe.train_candidate(
+        build_student(meta, config),
+        config,
+        meta=meta,
+        train=(images, labels[:, None]),
+        val=(images[:16], labels[:16, None]),
+        teacher_logits=array_teacher_logits(teachers),
+        augment=None,
+        directory=tmp_path,
+        latency_runs=2,
+    )
     (soup_branches, soup_records), (tune_branches, tune_records) = calls
     assert soup_branches == 2 and {1, 2} <= set(soup_records)
     assert tune_branches == 1 and set(tune_records) == {None}

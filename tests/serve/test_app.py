@@ -14,12 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image
 
 from medkd.serve.app import ModelDirError, deploy, load_model_dir, undeploy
-from medkd.serve.model_store import LoadedModel, ModelFiles
 from medkd.serve.client import MedkdClient, ServeRequestError
 from medkd.serve.codecs import encode_npy
+from medkd.serve.model_store import LoadedModel, ModelFiles
 from medkd.spec.serve import ServeConfig
 from tests.conftest import free_port
 from tests.serve.images import make_dicom, png_bytes
@@ -63,7 +62,14 @@ def classifier_dir(tmp_path_factory) -> Path:
         "multilabel": False,
         "class_names": CLASS_NAMES,
         "num_classes": 2,
-        "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
+        "input": {
+            "in_channels": 1,
+            "spatial_dims": 2,
+            "image_size": [28, 28],
+            "scale": 1 / 255,
+            "mean": [0.5],
+            "std": [0.5],
+        },
         "teachers": [TEACHER],
         "trial": {"width": 4},
         "metrics": {"val": {"val_auc": 0.5}, "latency_ms": 1.0, "params": 86, "model_bytes": 2000},
@@ -80,7 +86,14 @@ def segmenter_dir(tmp_path_factory) -> Path:
         "task": "segmentation",
         "class_names": ["background", "organ", "lesion"],
         "num_classes": 3,
-        "input": {"in_channels": 1, "spatial_dims": 2, "image_size": [16, 16], "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+        "input": {
+            "in_channels": 1,
+            "spatial_dims": 2,
+            "image_size": [16, 16],
+            "scale": 1 / 255,
+            "mean": [0.0],
+            "std": [1.0],
+        },
     }
     return export_model(net, torch.randn(2, 1, 16, 16), tmp_path_factory.mktemp("segmenter"), metadata)
 
@@ -164,7 +177,11 @@ def test_predict_dicom_and_files_through_the_client(served, classifier_dir, tmp_
     image = RNG.integers(0, 256, (28, 28), dtype=np.uint8)
     expected_input = ((image / 255.0 - 0.5) / 0.5)[np.newaxis]
     client = MedkdClient(served["cls"])
-    for name, data in {"scan.dcm": make_dicom(image), "scan.png": png_bytes(image), "scan.npy": encode_npy(image)}.items():
+    for name, data in {
+        "scan.dcm": make_dicom(image),
+        "scan.png": png_bytes(image),
+        "scan.npy": encode_npy(image),
+    }.items():
         path = tmp_path / name
         path.write_bytes(data)
         assert_matches_local(client.predict(path), classifier_dir, expected_input)
@@ -175,7 +192,9 @@ def test_predict_dicom_and_files_through_the_client(served, classifier_dir, tmp_
 
 def test_predict_json_body(served, classifier_dir):
     image = RNG.integers(0, 256, (28, 28))
-    status, body, _ = post(served["cls"] + "/predict", json.dumps({"image": image.tolist()}).encode(), "application/json")
+    status, body, _ = post(
+        served["cls"] + "/predict", json.dumps({"image": image.tolist()}).encode(), "application/json"
+    )
     assert status == 200, body
     assert_matches_local(json.loads(body), classifier_dir, ((image / 255.0 - 0.5) / 0.5)[np.newaxis])
 
@@ -209,7 +228,12 @@ def test_concurrent_requests_are_batched(served, classifier_dir):
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "message"),
     [
-        (b"definitely not an image", "application/octet-stream", 400, "body is not a PNG, JPEG, NPY, DICOM or JSON image"),
+        (
+            b"definitely not an image",
+            "application/octet-stream",
+            400,
+            "body is not a PNG, JPEG, NPY, DICOM or JSON image",
+        ),
         (b"GIF89a\x01\x00", "image/gif", 415, "unsupported Content-Type 'image/gif'"),
         (b"", "image/png", 400, "empty"),
         (encode_npy(np.zeros((2, 1, 28, 28), np.float32)), "application/x-npy", 400, "image has 4 dims"),
@@ -276,7 +300,9 @@ def test_segmentation_masks_match_local_onnxruntime(served, segmenter_dir):
     status, body, _ = post(url + "?mask=list", png_bytes(image), "image/png")
     np.testing.assert_array_equal(np.array(json.loads(body)["mask"]), expected)
 
-    status, body, _ = post(served["seg"] + "/predict/batch", encode_npy(np.stack([image, image])), None, accept="application/x-npy")
+    status, body, _ = post(
+        served["seg"] + "/predict/batch", encode_npy(np.stack([image, image])), None, accept="application/x-npy"
+    )
     masks = np.load(io.BytesIO(body), allow_pickle=False)
     assert masks.shape == (2, 16, 16)
     np.testing.assert_array_equal(masks[1], expected)

@@ -13,6 +13,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from medkd.data.preprocess import resize
 from medkd.serve import codecs
 from medkd.serve.codecs import (
     PayloadTooLarge,
@@ -24,7 +25,6 @@ from medkd.serve.codecs import (
     preprocess,
     sniff_format,
 )
-from medkd.data.preprocess import resize
 
 META_2D = {"in_channels": 1, "spatial_dims": 2, "image_size": [28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.5]}
 RNG = np.random.default_rng(0)
@@ -313,7 +313,14 @@ def test_decode_batch_needs_a_stack():
 
 
 def test_preprocess_scales_raw_pixels_and_normalises_per_channel():
-    meta = {"in_channels": 3, "spatial_dims": 2, "image_size": [4, 5], "scale": 0.01, "mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 4.0]}
+    meta = {
+        "in_channels": 3,
+        "spatial_dims": 2,
+        "image_size": [4, 5],
+        "scale": 0.01,
+        "mean": [0.1, 0.2, 0.3],
+        "std": [1.0, 2.0, 4.0],
+    }
     image = RNG.integers(0, 100, (3, 4, 5)).astype(np.int32)
     result = preprocess(image, meta)
     assert result.dtype == np.float32 and result.shape == (3, 4, 5)

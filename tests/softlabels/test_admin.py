@@ -29,8 +29,13 @@ def filled(redis_url: str, namespace: str):
     rng = np.random.default_rng(0)
     for teacher in ("teachA", "teachB"):
         for split in ("train", "val"):
-            cache.publish(teacher, "data1", split, rng.normal(size=(40, 5)).astype(np.float32),
-                          teacher_spec={"name": f"net-{teacher}"})
+            cache.publish(
+                teacher,
+                "data1",
+                split,
+                rng.normal(size=(40, 5)).astype(np.float32),
+                teacher_spec={"name": f"net-{teacher}"},
+            )
     yield cache
     cache.purge()
     cache.close()
@@ -49,8 +54,19 @@ def run(argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("12h", 43200), ("7d", 604800), ("2w", 1209600),
-                                               ("1d12h", 129600), ("90", 90), ("1.5h", 5400), ("10s", 10)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30m", 1800),
+        ("12h", 43200),
+        ("7d", 604800),
+        ("2w", 1209600),
+        ("1d12h", 129600),
+        ("90", 90),
+        ("1.5h", 5400),
+        ("10s", 10),
+    ],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -73,7 +89,9 @@ def test_ls_lists_entries_as_table_and_json(filled: SoftLabelCache, redis_url: s
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["TEACHER", "NAME", "DATASET", "SPLIT"]
     assert sum("teachA" in line for line in lines) == 2 and "net-teachB" in out and "4 entries" in out
-    code, out = run(["cache", "--redis-url", redis_url, "--namespace", namespace, "--json", "ls", "--teacher", "teachB"])
+    code, out = run(
+        ["cache", "--redis-url", redis_url, "--namespace", namespace, "--json", "ls", "--teacher", "teachB"]
+    )
     rows = json.loads(out)
     assert code == 0 and [(r["teacher_fp"], r["split"]) for r in rows] == [("teachB", "train"), ("teachB", "val")]
     assert all(r["num_samples"] == 40 and r["sample_shape"] == [5] for r in rows)
@@ -104,8 +122,9 @@ def test_verify_exits_nonzero_on_a_corrupt_entry(filled: SoftLabelCache, redis_u
     assert [p["kind"] for p in json.loads(out)] == ["corrupt_chunk"]
 
 
-def test_purge_needs_a_filter_and_removes_what_matches(filled: SoftLabelCache, redis_url: str, namespace: str,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_purge_needs_a_filter_and_removes_what_matches(
+    filled: SoftLabelCache, redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["cache", "--redis-url", redis_url, "--namespace", namespace]
     code, _ = run([*base, "purge"])
     assert code == 2 and "--all" in capsys.readouterr().err
@@ -137,7 +156,8 @@ def test_without_url_it_uses_and_then_stops_the_managed_server(monkeypatch: pyte
     assert not (tmp_path / "redis" / STATE_FILE).exists()
 
 
-def test_medkd_cli_dispatches_to_the_cache_command(filled: SoftLabelCache, redis_url: str, namespace: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_medkd_cli_dispatches_to_the_cache_command(
+    filled: SoftLabelCache, redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["cache", "--redis-url", redis_url, "--namespace", namespace, "ls"]) == 0
     assert "teachA" in capsys.readouterr().out

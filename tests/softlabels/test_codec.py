@@ -86,7 +86,9 @@ def test_stored_checksums_reflect_content() -> None:
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_every_truncation_is_rejected(compression: str | None) -> None:
     data = encode_array(rng.normal(size=(4, 5)).astype(np.float32), compression=compression)
-    for length in sorted({0, 1, 3, HEADER_FIXED_SIZE - 1, HEADER_FIXED_SIZE, HEADER_FIXED_SIZE + 3, len(data) // 2, len(data) - 1}):
+    for length in sorted(
+        {0, 1, 3, HEADER_FIXED_SIZE - 1, HEADER_FIXED_SIZE, HEADER_FIXED_SIZE + 3, len(data) // 2, len(data) - 1}
+    ):
         with pytest.raises(ArrayFormatError):
             decode_array(data[:length])
 
@@ -115,7 +117,12 @@ def _reseal(data: bytearray) -> bytes:
     dtype_len, ndim, checksum_id = data[8], data[7], data[9]
     end_dtype = HEADER_FIXED_SIZE + dtype_len
     end_shape = end_dtype + 8 * ndim
-    parts = (bytes(data[:28]), bytes(data[HEADER_FIXED_SIZE:end_dtype]), bytes(data[end_dtype:end_shape]), bytes(data[end_shape:]))
+    parts = (
+        bytes(data[:28]),
+        bytes(data[HEADER_FIXED_SIZE:end_dtype]),
+        bytes(data[end_dtype:end_shape]),
+        bytes(data[end_shape:]),
+    )
     data[28:36] = struct.pack("<Q", CHECKSUMS[checksum_id].digest(parts))
     return bytes(data)
 

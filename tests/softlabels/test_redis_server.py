@@ -144,7 +144,9 @@ def test_default_home_follows_medkd_home(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert default_home() == Path.home() / ".cache" / "medkd"
 
 
-def test_connect_takes_the_password_from_an_env_var(redis_server: ManagedRedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connect_takes_the_password_from_an_env_var(
+    redis_server: ManagedRedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bare = f"redis://127.0.0.1:{redis_server.port}/0"
     monkeypatch.setenv("MEDKD_TEST_REDIS_PASSWORD", redis_server.password)
     assert connect(bare, password_env="MEDKD_TEST_REDIS_PASSWORD").ping()

@@ -25,6 +25,7 @@ TEACHER_SPEC = {"name": "cnn", "model": "resnet18"}
 
 # ---------------------------------------------------------------------- data
 
+
 def classification_logits(n: int = 300, classes: int = 10, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n, classes)) * 2
@@ -57,6 +58,7 @@ def mean_kl(z: np.ndarray, z_hat: np.ndarray, temperature: float) -> float:
 
 # ---------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture
 def namespace() -> str:
     return "t" + uuid.uuid4().hex[:10]
@@ -77,12 +79,21 @@ def chunk_keys(client: redis.Redis, namespace: str) -> list[bytes]:
 
 # ---------------------------------------------------------------------- encodings
 
+
 @pytest.mark.parametrize("encoding", ["float16", "float32"])
 @pytest.mark.parametrize("compression", [None, "zlib", "lzma"])
 def test_classification_round_trip(cache: SoftLabelCache, encoding: str, compression: str | None) -> None:
     logits = classification_logits()
-    manifest = cache.publish("teach1", "data1", "train", logits, teacher_spec=TEACHER_SPEC, encoding=encoding,
-                             compression=compression, chunk_size=64)
+    manifest = cache.publish(
+        "teach1",
+        "data1",
+        "train",
+        logits,
+        teacher_spec=TEACHER_SPEC,
+        encoding=encoding,
+        compression=compression,
+        chunk_size=64,
+    )
     assert (manifest.num_samples, manifest.sample_shape, manifest.num_chunks) == (300, (10,), 5)
     assert manifest.encoding == encoding and manifest.dtype == "float32"
     out = cache.fetch("teach1", "data1", "train")
@@ -96,7 +107,9 @@ def test_classification_round_trip(cache: SoftLabelCache, encoding: str, compres
 
 @pytest.mark.parametrize("size", [(32, 32), (16, 16, 8)], ids=["2d", "3d"])
 @pytest.mark.parametrize("compression", [None, "zlib"])
-def test_segmentation_round_trip_is_lossless_up_to_float16(cache: SoftLabelCache, size: tuple[int, ...], compression: str | None) -> None:
+def test_segmentation_round_trip_is_lossless_up_to_float16(
+    cache: SoftLabelCache, size: tuple[int, ...], compression: str | None
+) -> None:
     logits = segmentation_logits(size=size)
     cache.publish("teach1", "data1", "train", logits, teacher_spec=TEACHER_SPEC, compression=compression)
     out = cache.fetch("teach1", "data1", "train")
@@ -137,14 +150,16 @@ def test_topk_is_validated_and_works_for_many_classes(cache: SoftLabelCache) -> 
 
 # ---------------------------------------------------------------------- reads
 
+
 def test_fetch_indices_any_order_duplicates_and_empty(cache: SoftLabelCache) -> None:
     logits = classification_logits(n=1000)
     cache.publish("teach1", "data1", "train", logits, teacher_spec={}, encoding="float32", chunk_size=100)
     rng = np.random.default_rng(3)
     indices = np.concatenate([rng.permutation(1000)[:256], [5, 5, 999, 0]])
     np.testing.assert_array_equal(cache.fetch("teach1", "data1", "train", indices=indices), logits[indices])
-    np.testing.assert_array_equal(cache.fetch("teach1", "data1", "train", indices=np.array([], np.int64)),
-                                  np.zeros((0, 10), np.float32))
+    np.testing.assert_array_equal(
+        cache.fetch("teach1", "data1", "train", indices=np.array([], np.int64)), np.zeros((0, 10), np.float32)
+    )
     np.testing.assert_array_equal(cache.fetch("teach1", "data1", "train", indices=[7, 3]), logits[[7, 3]])
 
 
@@ -164,8 +179,10 @@ def test_large_samples_get_small_chunks(cache: SoftLabelCache) -> None:
     logits = segmentation_logits(n=10, size=(32, 32))  # 28 KiB per sample in float16
     manifest = cache.publish("teach1", "data1", "train", logits, teacher_spec={}, max_chunk_bytes=64 << 10)
     assert manifest.chunk_size == 2 and manifest.num_chunks == 5
-    np.testing.assert_array_equal(cache.fetch("teach1", "data1", "train", indices=[9, 0, 4]),
-                                  logits[[9, 0, 4]].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        cache.fetch("teach1", "data1", "train", indices=[9, 0, 4]),
+        logits[[9, 0, 4]].astype(np.float16).astype(np.float32),
+    )
 
 
 def test_repeated_epochs_are_served_from_the_lru(cache: SoftLabelCache) -> None:
@@ -184,8 +201,16 @@ def test_views_keep_their_augmentation_parameters(cache: SoftLabelCache) -> None
     logits = [classification_logits(n=20, seed=s) for s in range(2)]
     params = [[{"flip": bool(i % 2), "crop": [i, i + 8], "view": v} for i in range(20)] for v in range(2)]
     for view in range(2):
-        cache.publish("teach1", "data1", "train", logits[view], teacher_spec={}, view=view, view_params=params[view],
-                      encoding="float32")
+        cache.publish(
+            "teach1",
+            "data1",
+            "train",
+            logits[view],
+            teacher_spec={},
+            view=view,
+            view_params=params[view],
+            encoding="float32",
+        )
     for view in range(2):
         np.testing.assert_array_equal(cache.fetch("teach1", "data1", "train", view=view), logits[view])
         assert cache.manifest("teach1", "data1", "train", view=view).view_params == params[view]
@@ -199,6 +224,7 @@ def test_views_keep_their_augmentation_parameters(cache: SoftLabelCache) -> None
 
 
 # ---------------------------------------------------------------------- publish rules
+
 
 def test_publishing_twice_writes_nothing_twice(cache: SoftLabelCache, namespace: str) -> None:
     logits = classification_logits(n=100)
@@ -253,6 +279,7 @@ def test_key_prefix_is_a_content_address_and_rejects_unsafe_names(cache: SoftLab
 
 # ---------------------------------------------------------------------- integrity
 
+
 def _publish_and_get_keys(cache: SoftLabelCache) -> tuple[np.ndarray, Manifest, list[str]]:
     logits = classification_logits(n=200)
     manifest = cache.publish("teach1", "data1", "train", logits, teacher_spec={}, chunk_size=50)
@@ -288,8 +315,9 @@ def test_damaged_chunk_is_detected_and_recomputed(cache: SoftLabelCache, damage:
     assert [p.kind for p in reader.verify()] == ["missing_chunk" if damage == "delete" else "corrupt_chunk"]
 
     calls = []
-    out, hit = reader.fetch_or_compute("teach1", "data1", "train", lambda: calls.append(1) or logits,
-                                       teacher_spec={}, chunk_size=50)
+    out, hit = reader.fetch_or_compute(
+        "teach1", "data1", "train", lambda: calls.append(1) or logits, teacher_spec={}, chunk_size=50
+    )
     assert not hit and calls == [1]
     np.testing.assert_allclose(out, logits, rtol=1e-3)
     assert reader.manifest("teach1", "data1", "train").generation != manifest.generation
@@ -316,7 +344,9 @@ def test_corrupt_manifest_is_detected_and_recomputed(cache: SoftLabelCache) -> N
 
 def test_fetch_or_compute_counts_hits_and_misses(cache: SoftLabelCache) -> None:
     logits = classification_logits(n=40)
-    out, hit = cache.fetch_or_compute("teach1", "data1", "train", lambda: logits, teacher_spec=TEACHER_SPEC, encoding="float32")
+    out, hit = cache.fetch_or_compute(
+        "teach1", "data1", "train", lambda: logits, teacher_spec=TEACHER_SPEC, encoding="float32"
+    )
     assert not hit
     np.testing.assert_array_equal(out, logits)
     out, hit = cache.fetch_or_compute("teach1", "data1", "train", lambda: 1 / 0, teacher_spec=TEACHER_SPEC)
@@ -331,6 +361,7 @@ def test_fetch_or_compute_counts_hits_and_misses(cache: SoftLabelCache) -> None:
 
 
 # ---------------------------------------------------------------------- concurrency
+
 
 def test_two_writer_threads_produce_one_set_of_entries(cache: SoftLabelCache, namespace: str) -> None:
     logits = classification_logits(n=400)
@@ -409,8 +440,9 @@ def test_writer_that_lost_its_lease_does_not_commit(cache: SoftLabelCache, names
     cache.client.set(f"{prefix}:lock", "someone-else")  # the lease expired and another writer took it
     cache.client.delete(f"{prefix}:lock")  # ...and that writer died
     logits = classification_logits(n=40)
-    manifest = cache._publish_validated(prefix, "teach1", "data1", "train", logits, {}, PublishOptions(chunk_size=10),
-                                        None, lease)
+    manifest = cache._publish_validated(
+        prefix, "teach1", "data1", "train", logits, {}, PublishOptions(chunk_size=10), None, lease
+    )
     keys = chunk_keys(cache.client, namespace)
     assert len(keys) == 4 and {k.split(b":")[-2] for k in keys} == {f"g{manifest.generation}".encode()}
     np.testing.assert_allclose(cache.fetch("teach1", "data1", "train"), logits, rtol=1e-3)
@@ -429,8 +461,15 @@ def test_reader_never_observes_a_partial_set(cache: SoftLabelCache) -> None:
         value = 1.0
         while not stop.is_set():
             value += 1
-            w.publish("teach1", "data1", "train", np.full((n, classes), value, np.float32), teacher_spec={},
-                      chunk_size=5, overwrite=True)
+            w.publish(
+                "teach1",
+                "data1",
+                "train",
+                np.full((n, classes), value, np.float32),
+                teacher_spec={},
+                chunk_size=5,
+                overwrite=True,
+            )
 
     def reader() -> None:
         r = SoftLabelCache(cache.url, namespace=cache.namespace, lru_bytes=0, manifest_ttl_s=0)
@@ -455,6 +494,7 @@ def test_reader_never_observes_a_partial_set(cache: SoftLabelCache) -> None:
 
 
 # ---------------------------------------------------------------------- faults
+
 
 def test_reader_recovers_from_redis_kill_and_restart(tmp_path: Path) -> None:
     server = ManagedRedisServer(data_dir=tmp_path, port=free_port()).start()
@@ -497,8 +537,9 @@ def test_reader_recovers_from_redis_kill_and_restart(tmp_path: Path) -> None:
 
         # The unsaved entry is gone after the restart: recomputed, not a failure.
         calls = []
-        out, hit = reader.fetch_or_compute("teach1", "data1", "val", lambda: calls.append(1) or lost,
-                                           teacher_spec={}, encoding="float32")
+        out, hit = reader.fetch_or_compute(
+            "teach1", "data1", "val", lambda: calls.append(1) or lost, teacher_spec={}, encoding="float32"
+        )
         assert not hit and calls == [1]
         np.testing.assert_array_equal(out, lost)
     finally:
@@ -514,13 +555,18 @@ def test_bad_url_gives_a_clear_error() -> None:
 
 # ---------------------------------------------------------------------- operations
 
+
 def test_list_stats_and_purge(cache: SoftLabelCache, namespace: str) -> None:
     for teacher in ("teachA", "teachB"):
         for split in ("train", "val"):
             cache.publish(teacher, "data1", split, classification_logits(n=30), teacher_spec={"name": teacher})
     listed = cache.list_manifests()
     assert [(m.teacher_fp, m.split) for m in listed] == [
-        ("teachA", "train"), ("teachA", "val"), ("teachB", "train"), ("teachB", "val")]
+        ("teachA", "train"),
+        ("teachA", "val"),
+        ("teachB", "train"),
+        ("teachB", "val"),
+    ]
     stats = cache.stats()
     assert stats["entries"] == 4 and stats["bytes"] == sum(m.nbytes for m in listed)
     assert set(stats["by_teacher"]["teachA"]["splits"]) == {"train", "val"}
@@ -543,7 +589,10 @@ def test_orphan_chunks_of_a_crashed_writer_are_reported_and_purged(cache: SoftLa
     cache.client.set(f"{prefix}:gdeadbeef:c0", b"left behind", px=60_000)
     cache.client.set(cache.key_prefix("teach2", "data1", "train") + ":gabc:c0", b"never published", px=60_000)
     problems = cache.verify()
-    assert sorted((p.kind, p.teacher_fp) for p in problems) == [("orphan_chunks", "teach1"), ("orphan_chunks", "teach2")]
+    assert sorted((p.kind, p.teacher_fp) for p in problems) == [
+        ("orphan_chunks", "teach1"),
+        ("orphan_chunks", "teach2"),
+    ]
     assert [p.kind for p in cache.verify(teacher_fp="teach2")] == ["orphan_chunks"]
     assert cache.purge(teacher_fp="teach2") == 1
     assert cache.purge() == 2  # the entry and teach1's orphan
@@ -560,7 +609,9 @@ def test_pickled_cache_reconnects(cache: SoftLabelCache) -> None:
 
 def test_password_from_env(redis_server: ManagedRedisServer, monkeypatch: pytest.MonkeyPatch, namespace: str) -> None:
     monkeypatch.setenv("MEDKD_TEST_CACHE_PW", redis_server.password)
-    cache = SoftLabelCache(f"redis://127.0.0.1:{redis_server.port}/0", namespace=namespace, password_env="MEDKD_TEST_CACHE_PW")
+    cache = SoftLabelCache(
+        f"redis://127.0.0.1:{redis_server.port}/0", namespace=namespace, password_env="MEDKD_TEST_CACHE_PW"
+    )
     assert cache.list_manifests() == []
     assert connect(redis_server.url).ping() is True  # the URL's password authenticates
 

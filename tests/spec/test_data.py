@@ -102,7 +102,9 @@ def test_check_paths_names_the_field(tmp_path):
         MedMNISTDataSpec(path=tmp_path).check_paths()
     with pytest.raises(DataFileNotFoundError, match=r"data\.base_dir: folder not found"):
         (tmp_path / "d.json").write_text("{}")
-        DecathlonDataSpec(path=tmp_path / "d.json", base_dir=tmp_path / "nope", image_size=[8, 8, 8], num_classes=2).check_paths()
+        DecathlonDataSpec(
+            path=tmp_path / "d.json", base_dir=tmp_path / "nope", image_size=[8, 8, 8], num_classes=2
+        ).check_paths()
     SyntheticDataSpec().check_paths()  # nothing to check
 
 

@@ -110,7 +110,9 @@ def test_overrides_reach_list_items_and_bad_paths_name_the_override(tmp_path):
     path = write(tmp_path, raw)
     spec = load_spec(path, {"teachers.1.epochs": 7, "search.num_trials": 3})
     assert [t.epochs for t in spec.teachers][1] == 7 and spec.search.num_trials == 3
-    with pytest.raises(SpecError, match=r"override 'teachers\.5\.epochs': teachers\.5 is not an item of the 2-item list teachers"):
+    with pytest.raises(
+        SpecError, match=r"override 'teachers\.5\.epochs': teachers\.5 is not an item of the 2-item list teachers"
+    ):
         load_spec(path, {"teachers.5.epochs": 1})
     with pytest.raises(SpecError, match=r"override 'teachers\.x\.epochs'"):
         load_spec(path, {"teachers.x.epochs": 1})

@@ -8,7 +8,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medkd.data.meta import DatasetMeta
-
 from medkd.students.distill import (
     DistillConfig,
     TrainingRun,
@@ -19,8 +18,9 @@ from medkd.students.distill import (
     recalibrate_batchnorm,
 )
 
-META = DatasetMeta(task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2,
-                   image_size=[16, 16])
+META = DatasetMeta(
+    task="classification", multilabel=False, spatial_dims=2, in_channels=1, num_classes=2, image_size=[16, 16]
+)
 N = 48
 
 
@@ -30,7 +30,7 @@ def tiny_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = rng.integers(0, 2, N)
     images = rng.normal(0.0, 0.3, (N, 1, 16, 16)).astype(np.float32)
     for i, label in enumerate(labels):
-        images[i, 0, 5:11, (2 if label == 0 else 9):(2 if label == 0 else 9) + 5] += 1.5
+        images[i, 0, 5:11, (2 if label == 0 else 9) : (2 if label == 0 else 9) + 5] += 1.5
     signal = np.where(labels == 1, 1.0, -1.0)[:, None] * np.array([-1.5, 1.5])
     teachers = np.stack([signal + rng.normal(0, 0.5, signal.shape) for _ in range(2)]).astype(np.float32)
     return images, labels[:, None].astype(np.int64), teachers
@@ -45,8 +45,9 @@ def test_kd_loss_decreases_with_teacher_logits():
     images, labels, teachers = tiny_data()
     cfg = config(alpha=0.3, temperature=4.0)
     model = build_student(META, cfg)
-    history = distill(model, cfg, train_images=images, train_labels=labels,
-                      teacher_logits=array_teacher_logits(teachers), meta=META)
+    history = distill(
+        model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers), meta=META
+    )
     assert len(history) == cfg.epochs
     kd = [record["train_kd"] for record in history]
     assert all(np.isfinite(kd))
@@ -59,8 +60,16 @@ def test_alpha_one_trains_on_hard_labels_without_teacher_logits():
     cfg = config(alpha=1.0, epochs=2)
     model = build_student(META, cfg)
     before = [p.detach().clone() for p in model.parameters()]
-    history = distill(model, cfg, train_images=images, train_labels=labels, teacher_logits=None, meta=META,
-                      val_images=images[:16], val_labels=labels[:16])
+    history = distill(
+        model,
+        cfg,
+        train_images=images,
+        train_labels=labels,
+        teacher_logits=None,
+        meta=META,
+        val_images=images[:16],
+        val_labels=labels[:16],
+    )
     assert [r["epoch"] for r in history] == [1, 2]
     assert "train_ce" in history[0] and "train_kd" not in history[0]
     assert history[-1]["val_auc"] >= 0.9  # the square's side is learnt (measured 1.0 on seeds 0-2)
@@ -82,7 +91,14 @@ def test_same_seed_gives_the_same_student():
     for noise in range(2):
         torch.randn(noise + 1)  # a different global RNG state: the seed alone decides the init
         model = build_student(META, cfg)
-        distill(model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers), meta=META)
+        distill(
+            model,
+            cfg,
+            train_images=images,
+            train_labels=labels,
+            teacher_logits=array_teacher_logits(teachers),
+            meta=META,
+        )
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
 
@@ -97,9 +113,16 @@ def test_weight_averaging_validates_and_returns_the_averaged_weights():
     for ema_epochs in (None, 0.01, 2.0):  # off; a horizon under one step (decay 0); two epochs
         cfg = config(alpha=0.5, epochs=3, ema_epochs=ema_epochs)
         model = build_student(META, cfg)
-        history = distill(model, cfg, train_images=images, train_labels=labels,
-                          teacher_logits=array_teacher_logits(teachers), meta=META,
-                          val_images=images[:16], val_labels=labels[:16])
+        history = distill(
+            model,
+            cfg,
+            train_images=images,
+            train_labels=labels,
+            teacher_logits=array_teacher_logits(teachers),
+            meta=META,
+            val_images=images[:16],
+            val_labels=labels[:16],
+        )
         runs[ema_epochs] = (model, history)
     plain, averaged = runs[None][0], runs[2.0][0]
     # Decay 0 keeps only the last step: exactly the plain run (weights and BatchNorm statistics).
@@ -127,9 +150,16 @@ def test_augment_callable_sees_every_training_batch_and_on_epoch_can_stop():
         calls.append(batch.shape[0])
         return batch.flip(-1), masks
 
-    history = distill(build_student(META, cfg), cfg, train_images=images, train_labels=labels,
-                      teacher_logits=array_teacher_logits(teachers), meta=META, augment=augment,
-                      on_epoch=lambda record: record["epoch"] == 2)
+    history = distill(
+        build_student(META, cfg),
+        cfg,
+        train_images=images,
+        train_labels=labels,
+        teacher_logits=array_teacher_logits(teachers),
+        meta=META,
+        augment=augment,
+        on_epoch=lambda record: record["epoch"] == 2,
+    )
     assert len(history) == 2
     assert sum(calls) == 2 * (N // cfg.batch_size) * cfg.batch_size
 
@@ -154,8 +184,9 @@ def test_cached_views_batch_applies_the_chosen_view_and_its_own_teacher_logits()
     indices = np.array([0, 3, 5, 8, 13, 21])
     choice = np.array([0, 1, 2, 2, 1, 0])
     batch = torch.from_numpy(images[indices])
-    out_images, out_labels, out_teachers = views.batch(indices, choice, batch, torch.from_numpy(labels[indices]),
-                                                       array_teacher_logits(teachers), segmentation=False)
+    out_images, out_labels, out_teachers = views.batch(
+        indices, choice, batch, torch.from_numpy(labels[indices]), array_teacher_logits(teachers), segmentation=False
+    )
 
     for row, (i, k) in enumerate(zip(indices, choice)):
         expected_image = images[i] if k == 0 else apply_view(images[i : i + 1], [views.params[k - 1][i]])[0]
@@ -174,11 +205,19 @@ def test_cached_views_move_segmentation_masks_with_the_images():
     logits = np.zeros((1, 4, 2, 8, 8), np.float32)
     views = CachedViews(two_views(4), lambda k, idx: logits[:, idx])
     choice = np.array([0, 1, 2, 2])
-    out_images, out_masks, _ = views.batch(np.arange(4), choice, torch.from_numpy(images), torch.from_numpy(masks),
-                                           array_teacher_logits(logits), segmentation=True)
+    out_images, out_masks, _ = views.batch(
+        np.arange(4),
+        choice,
+        torch.from_numpy(images),
+        torch.from_numpy(masks),
+        array_teacher_logits(logits),
+        segmentation=True,
+    )
     # Wherever the image went, the mask went too; a quarter turn moves the top row.
     assert torch.equal(out_images[:, 0].long(), out_masks)
-    assert torch.equal(out_masks[0], torch.from_numpy(masks[0])) and not torch.equal(out_masks[2], torch.from_numpy(masks[2]))
+    assert torch.equal(out_masks[0], torch.from_numpy(masks[0])) and not torch.equal(
+        out_masks[2], torch.from_numpy(masks[2])
+    )
 
 
 def test_distill_with_cached_views_trains_on_every_view():
@@ -193,8 +232,15 @@ def test_distill_with_cached_views_trains_on_every_view():
 
     views = CachedViews(two_views(N), view_logits)
     cfg = config(alpha=0.3, epochs=4)
-    history = distill(build_student(META, cfg), cfg, train_images=images, train_labels=labels,
-                      teacher_logits=array_teacher_logits(teachers), views=views, meta=META)
+    history = distill(
+        build_student(META, cfg),
+        cfg,
+        train_images=images,
+        train_labels=labels,
+        teacher_logits=array_teacher_logits(teachers),
+        views=views,
+        meta=META,
+    )
     assert set(seen) == {0, 1}
     assert history[-1]["train_kd"] < history[0]["train_kd"]
 
@@ -209,8 +255,14 @@ def test_cached_views_bad_use_is_an_error():
     with pytest.raises(ValueError, match="views need teacher_logits"):
         distill(build_student(META, config(alpha=1.0)), config(alpha=1.0), teacher_logits=None, views=views, **kwargs)
     with pytest.raises(ValueError, match="either augment"):
-        distill(build_student(META, cfg), cfg, teacher_logits=array_teacher_logits(teachers), views=views,
-                augment=lambda x, m: (x, m), **kwargs)
+        distill(
+            build_student(META, cfg),
+            cfg,
+            teacher_logits=array_teacher_logits(teachers),
+            views=views,
+            augment=lambda x, m: (x, m),
+            **kwargs,
+        )
     short = CachedViews(two_views(N - 1), lambda k, idx: teachers[:, idx])
     with pytest.raises(ValueError, match="cover 47 samples"):
         distill(build_student(META, cfg), cfg, teacher_logits=array_teacher_logits(teachers), views=short, **kwargs)
@@ -225,8 +277,15 @@ def test_online_augmentation_with_segmentation_kd_is_an_error():
     logits = np.zeros((1, 8, 2, 16, 16), np.float32)
     cfg = config(student="unet_small", alpha=0.5, epochs=1, batch_size=4)
     with pytest.raises(ValueError, match="misaligns per-pixel KD targets"):
-        distill(build_student(meta, cfg), cfg, train_images=images, train_labels=masks, meta=meta,
-                teacher_logits=array_teacher_logits(logits), augment=lambda x, m: (x, m))
+        distill(
+            build_student(meta, cfg),
+            cfg,
+            train_images=images,
+            train_labels=masks,
+            meta=meta,
+            teacher_logits=array_teacher_logits(logits),
+            augment=lambda x, m: (x, m),
+        )
 
 
 def soup_run(branches: int, **overrides):
@@ -234,8 +293,17 @@ def soup_run(branches: int, **overrides):
     cfg = config(alpha=0.5, epochs=4, branches=branches, **{"fork_fraction": 0.5, **overrides})
     model = build_student(META, cfg)
     seen: list[dict] = []
-    history = distill(model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers),
-                      meta=META, val_images=images[:16], val_labels=labels[:16], on_epoch=seen.append)
+    history = distill(
+        model,
+        cfg,
+        train_images=images,
+        train_labels=labels,
+        teacher_logits=array_teacher_logits(teachers),
+        meta=META,
+        val_images=images[:16],
+        val_labels=labels[:16],
+        on_epoch=seen.append,
+    )
     return model, history, seen
 
 
@@ -244,7 +312,8 @@ def test_weight_soup_forks_branches_and_serves_their_average():
     soup, history, seen = soup_run(3)
     # Two shared epochs (fork at half), then three branches finish epochs 3-4, then the soup's record.
     assert [(r["epoch"], r.get("branch")) for r in history[:-1]] == [(1, None), (2, None)] + [
-        (epoch, branch) for branch in (1, 2, 3) for epoch in (3, 4)]
+        (epoch, branch) for branch in (1, 2, 3) for epoch in (3, 4)
+    ]
     assert history[-1]["epoch"] == 4 and history[-1]["branches"] == 3 and seen == history
     # Each branch draws its own data order: the same epoch trains differently in each.
     losses = {r["branch"]: r["train_loss"] for r in history if r.get("epoch") == 4 and "branch" in r}
@@ -263,8 +332,15 @@ def test_weight_soup_with_weight_averaged_branches_and_a_stop_before_the_fork():
     assert history[-1]["branches"] == 2 and history[-1]["val_auc"] >= 0.9  # measured 1.0
     images, labels, teachers = tiny_data()
     cfg = config(alpha=0.5, epochs=4, branches=2)
-    history = distill(build_student(META, cfg), cfg, train_images=images, train_labels=labels,
-                      teacher_logits=array_teacher_logits(teachers), meta=META, on_epoch=lambda record: True)
+    history = distill(
+        build_student(META, cfg),
+        cfg,
+        train_images=images,
+        train_labels=labels,
+        teacher_logits=array_teacher_logits(teachers),
+        meta=META,
+        on_epoch=lambda record: True,
+    )
     assert history == [history[0]] and "branch" not in history[0]  # stopped (e.g. by ASHA): no branches
 
 
@@ -281,7 +357,7 @@ def test_a_forked_run_does_not_share_optimizer_state_with_its_trunk():
     assert any(not torch.equal(a, b) for a, b in zip(trunk.model.parameters(), branch.model.parameters()))
 
 
-def step(run: "TrainingRun", images: np.ndarray, labels: np.ndarray) -> None:
+def step(run: TrainingRun, images: np.ndarray, labels: np.ndarray) -> None:
     run.model.train()
     loss = torch.nn.functional.cross_entropy(run.model(torch.from_numpy(images[:16])), torch.from_numpy(labels[:16, 0]))
     run.optimizer.zero_grad()
@@ -307,7 +383,9 @@ def test_recalibrate_batchnorm_recomputes_statistics_over_the_images():
     model[0].running_mean.fill_(-9.0)
     recalibrate_batchnorm(model, images, batch_size=40)
     torch.testing.assert_close(model[0].running_mean, torch.from_numpy(images.mean(axis=(0, 2, 3))), atol=1e-4, rtol=0)
-    torch.testing.assert_close(model[0].running_var, torch.from_numpy(images.var(axis=(0, 2, 3), ddof=1)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        model[0].running_var, torch.from_numpy(images.var(axis=(0, 2, 3), ddof=1)), atol=1e-3, rtol=0
+    )
     assert not model.training
 
 

@@ -34,7 +34,12 @@ def labels(gen: torch.Generator, n: int = N, classes: int = C) -> torch.Tensor:
 
 def manual_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)) per sample, averaged (torch's kl_div)."""
-    return F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1), log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student / temperature, 1),
+        F.log_softmax(teacher / temperature, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 # ----------------------------------------------------------------------------- registries
@@ -304,7 +309,9 @@ def test_pixel_kd_is_t_squared_mean_pixel_kl(gen):
     mask = torch.randint(0, 3, (2, 8, 8), generator=gen)
     t = 2.0
     loss, _ = create_loss("pixel_kd", alpha=0.0, temperature=t)(student, teacher.unsqueeze(0), mask)
-    per_pixel = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="none").sum(1)
+    per_pixel = F.kl_div(
+        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="none"
+    ).sum(1)
     torch.testing.assert_close(loss, t**2 * per_pixel.mean(), rtol=1e-5, atol=1e-6)
     _, same = create_loss("pixel_kd", temperature=t)(student, student.unsqueeze(0), mask)
     assert abs(same["kd"]) < 1e-5
@@ -312,7 +319,9 @@ def test_pixel_kd_is_t_squared_mean_pixel_kl(gen):
 
 def test_pixel_kd_rejects_a_mask_of_the_wrong_size(gen):
     with pytest.raises(ValueError, match="targets"):
-        create_loss("pixel_kd")(logits(2, 3, 8, 8, gen=gen), logits(1, 2, 3, 8, 8, gen=gen), torch.zeros(2, 4, 4, dtype=torch.long))
+        create_loss("pixel_kd")(
+            logits(2, 3, 8, 8, gen=gen), logits(1, 2, 3, 8, 8, gen=gen), torch.zeros(2, 4, 4, dtype=torch.long)
+        )
 
 
 # ----------------------------------------------------------------------------- bad arguments

@@ -39,7 +39,9 @@ class ResidualNet(nn.Module):
     def __init__(self, width: int = 16, classes: int = 4) -> None:
         super().__init__()
         self.stem = conv_bn_relu(1, width)
-        self.block = nn.Sequential(conv_bn_relu(width, width), nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.block = nn.Sequential(
+            conv_bn_relu(width, width), nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        )
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

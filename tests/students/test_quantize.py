@@ -114,7 +114,9 @@ def argmax_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
 
 
-def test_static_int8_is_small_and_agrees_with_fp32(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+def test_static_int8_is_small_and_agrees_with_fp32(
+    trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     fp32, calibration, held_out = trained_fp32
     int8 = quantize_static_int8(fp32, tmp_path / "int8.onnx", calibration)
     assert model_size_bytes(int8) <= model_size_bytes(fp32) / 3
@@ -139,7 +141,10 @@ def test_static_int8_per_channel_scales(trained_fp32: tuple[Path, np.ndarray, np
         sizes = set()
         for node in graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
-                if initializers[node.input[0]].data_type == onnx.TensorProto.INT8 and len(initializers[node.input[0]].dims) == 4:
+                if (
+                    initializers[node.input[0]].data_type == onnx.TensorProto.INT8
+                    and len(initializers[node.input[0]].dims) == 4
+                ):
                     sizes.add(int(np.prod(initializers[node.input[1]].dims)))
         return sizes
 
@@ -168,7 +173,9 @@ def test_dynamic_int8_shrinks_linear_heavy_net(linear_fp32: Path, tmp_path: Path
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
 
 
-def test_fp16_conversion_runs_with_float32_io(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+def test_fp16_conversion_runs_with_float32_io(
+    trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     fp32, _, held_out = trained_fp32
     fp16 = convert_fp16(fp32, tmp_path / "fp16.onnx")
     assert model_size_bytes(fp16) < 0.6 * model_size_bytes(fp32)
@@ -192,7 +199,10 @@ def test_dispatcher_modes(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp
 
 def test_bad_inputs(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
     fp32, calibration, _ = trained_fp32
-    with pytest.raises(ValueError, match="unknown quantization mode 'int4'; known quantization modes: fp16, int8_dynamic, int8_static, none"):
+    with pytest.raises(
+        ValueError,
+        match="unknown quantization mode 'int4'; known quantization modes: fp16, int8_dynamic, int8_static, none",
+    ):
         quantize(fp32, tmp_path / "x.onnx", mode="int4")
     with pytest.raises(ValueError, match="calibration"):
         quantize(fp32, tmp_path / "x.onnx", mode="int8_static")

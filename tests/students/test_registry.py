@@ -255,7 +255,12 @@ def test_cnn_quantizes_every_conv_to_int8(name, tmp_path):
             return next(self.batches, None)
 
     quantize_static(
-        str(prepared), str(int8), Calibration(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8
+        str(prepared),
+        str(int8),
+        Calibration(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
     )
     graph = onnx.load(str(int8)).graph
     producers = {out: node.op_type for node in graph.node for out in node.output}
@@ -263,4 +268,7 @@ def test_cnn_quantizes_every_conv_to_int8(name, tmp_path):
     assert convs and all(producers.get(node.input[0]) == "DequantizeLinear" for node in convs)
     assert all(producers.get(node.input[1]) == "DequantizeLinear" for node in convs)
     session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
-    assert session.run(None, {"image": np.random.default_rng(1).random((1, 1, 28, 28), dtype=np.float32)})[0].shape == (1, 2)
+    assert session.run(None, {"image": np.random.default_rng(1).random((1, 1, 28, 28), dtype=np.float32)})[0].shape == (
+        1,
+        2,
+    )

@@ -84,7 +84,13 @@ def test_model_size_counts_external_data(exported: tuple[nn.Module, Path], tmp_p
     _, path = exported
     assert model_size_bytes(path) == path.stat().st_size
     external = tmp_path / "external.onnx"
-    onnx.save_model(onnx.load(str(path)), str(external), save_as_external_data=True, location="external.onnx.data", size_threshold=256)
+    onnx.save_model(
+        onnx.load(str(path)),
+        str(external),
+        save_as_external_data=True,
+        location="external.onnx.data",
+        size_threshold=256,
+    )
     data_file = tmp_path / "external.onnx.data"
     assert data_file.stat().st_size > 0
     assert model_size_bytes(external) == external.stat().st_size + data_file.stat().st_size

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from medkd.teachers import create_teacher, list_teachers, register_teacher, teacher_family, teacher_options, teacher_task
+from medkd.teachers import (
+    create_teacher,
+    list_teachers,
+    register_teacher,
+    teacher_family,
+    teacher_options,
+    teacher_task,
+)
 
 NUM_CLASSES = 3
 REQUIRED = {
@@ -27,7 +34,12 @@ def _expected_shape(name: str, batch: int, spatial: tuple[int, ...]) -> tuple[in
 
 def _build(name: str, spatial_dims: int, image_size, in_channels: int = 1, **kwargs) -> nn.Module:
     return create_teacher(
-        name, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=NUM_CLASSES, image_size=image_size, **kwargs
+        name,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=NUM_CLASSES,
+        image_size=image_size,
+        **kwargs,
     )
 
 
@@ -182,7 +194,9 @@ def test_unknown_teacher_lists_available_names():
 
 
 def test_unknown_options_are_named():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus', 'depth'\] for teacher 'resnet18'.*dropout, stem"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['bogus', 'depth'\] for teacher 'resnet18'.*dropout, stem"
+    ):
         _build("resnet18", 2, 28, bogus=1, depth=3)
     with pytest.raises(ValueError, match=r"\['hidden_size'\] for teacher 'vit_tiny'"):
         _build("vit_tiny", 2, 28, hidden_size=64)

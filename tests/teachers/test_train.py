@@ -4,23 +4,39 @@ from __future__ import annotations
 
 import torch
 
-from medkd.data import load_dataset
 from medkd.core.progress import Progress
+from medkd.data import load_dataset
+from medkd.data.meta import DatasetMeta
 from medkd.spec.job import parse_spec
 from medkd.teachers.train import find_artifact, load_teacher_model, train_teachers
-from medkd.data.meta import DatasetMeta
 
 
 def tiny_spec(tmp_path):
-    return parse_spec({
-        "name": "tiny",
-        "data": {"kind": "synthetic", "num_train": 64, "num_val": 32, "num_test": 32, "image_size": 28},
-        "teachers": [
-            {"name": "cnn", "model": "resnet18", "epochs": 2, "batch_size": 32, "cpus_per_worker": 0.5, "ema_epochs": 0.5},
-            {"name": "vit", "model": "vit_tiny", "epochs": 2, "batch_size": 32, "cpus_per_worker": 0.5, "patience": 1},
-        ],
-        "output_dir": str(tmp_path / "out"),
-    })
+    return parse_spec(
+        {
+            "name": "tiny",
+            "data": {"kind": "synthetic", "num_train": 64, "num_val": 32, "num_test": 32, "image_size": 28},
+            "teachers": [
+                {
+                    "name": "cnn",
+                    "model": "resnet18",
+                    "epochs": 2,
+                    "batch_size": 32,
+                    "cpus_per_worker": 0.5,
+                    "ema_epochs": 0.5,
+                },
+                {
+                    "name": "vit",
+                    "model": "vit_tiny",
+                    "epochs": 2,
+                    "batch_size": 32,
+                    "cpus_per_worker": 0.5,
+                    "patience": 1,
+                },
+            ],
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
 
 
 def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_path, capsys):
@@ -29,7 +45,9 @@ def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_p
     dataset = load_dataset(spec.data)
     data_ref = ray.put({k: (s.images, s.labels) for k, s in dataset.splits.items()})
     storage = str(tmp_path / "ray")
-    artifacts, status = train_teachers(spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress())
+    artifacts, status = train_teachers(
+        spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress()
+    )
     assert status == {"cnn": "ran", "vit": "ran"}
     for artifact in artifacts:
         assert 1 <= artifact.epochs_run <= 2
@@ -40,7 +58,9 @@ def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_p
         assert out.shape == (3, dataset.num_classes)
     assert artifacts[0].fingerprint != artifacts[1].fingerprint
 
-    again, status = train_teachers(spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress())
+    again, status = train_teachers(
+        spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress()
+    )
     assert status == {"cnn": "skipped", "vit": "skipped"}
     assert [a.fingerprint for a in again] == [a.fingerprint for a in artifacts]
     assert "skipped, checkpoint found" in capsys.readouterr().out

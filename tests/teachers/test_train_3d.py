@@ -8,36 +8,48 @@ import numpy as np
 import pytest
 import torch
 
-from medkd.data import load_dataset
 from medkd.core.metrics import segmentation_metrics
 from medkd.core.progress import Progress
+from medkd.data import load_dataset
+from medkd.data.meta import DatasetMeta
 from medkd.spec.job import parse_spec
 from medkd.teachers.loop import predict
 from medkd.teachers.train import find_artifact, load_teacher_model, train_teachers
-from medkd.data.meta import DatasetMeta
 
 VOLUME = 16
 NUM_CLASSES = 3
 
 
 def spec_3d(tmp_path, teachers: list[dict]):
-    return parse_spec({
-        "name": "seg3d",
-        "task": "segmentation",
-        "data": {
-            "kind": "synthetic", "task": "segmentation", "spatial_dims": 3, "image_size": VOLUME,
-            "num_classes": NUM_CLASSES, "num_train": 24, "num_val": 8, "num_test": 8,
-        },
-        "teachers": teachers,
-        "output_dir": str(tmp_path / "out"),
-    })
+    return parse_spec(
+        {
+            "name": "seg3d",
+            "task": "segmentation",
+            "data": {
+                "kind": "synthetic",
+                "task": "segmentation",
+                "spatial_dims": 3,
+                "image_size": VOLUME,
+                "num_classes": NUM_CLASSES,
+                "num_train": 24,
+                "num_val": 8,
+                "num_test": 8,
+            },
+            "teachers": teachers,
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
 
 
 def tiny_unet(**overrides) -> dict:
     return {
-        "name": "unet3d", "model": "unet",
+        "name": "unet3d",
+        "model": "unet",
         "model_kwargs": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
-        "epochs": 2, "batch_size": 8, "lr": 0.01, "cpus_per_worker": 1,
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 0.01,
+        "cpus_per_worker": 1,
         # 3D flips and quarter turns move volumes and masks together
         "augment": {"flip": True, "rotate90": 0.5},
         **overrides,
@@ -51,7 +63,12 @@ def test_3d_unet_teacher_trains_and_predicts_volumes(ray_session, tmp_path):
     data_ref = ray_session.put(dataset.arrays())
 
     artifacts, status = train_teachers(
-        spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=str(tmp_path / "ray"), progress=Progress(quiet=True)
+        spec,
+        dataset,
+        data_ref,
+        output_dir=spec.output_dir,
+        storage_path=str(tmp_path / "ray"),
+        progress=Progress(quiet=True),
     )
     assert status == {"unet3d": "ran"}
     (artifact,) = artifacts
@@ -76,8 +93,18 @@ def test_3d_unet_teacher_trains_and_predicts_volumes(ray_session, tmp_path):
 def test_a_classifier_teacher_on_segmentation_data_fails_before_training(ray_session, tmp_path):
     spec = spec_3d(tmp_path, [tiny_unet(), {"name": "cnn", "model": "resnet10", "epochs": 1}])
     dataset = load_dataset(spec.data)
-    with pytest.raises(ValueError, match=r"teachers\[1\] \('cnn'\)\.model: 'resnet10' is a classification teacher but the dataset is segmentation"):
-        train_teachers(spec, dataset, None, output_dir=spec.output_dir, storage_path=str(tmp_path / "ray"), progress=Progress(quiet=True))
+    with pytest.raises(
+        ValueError,
+        match=r"teachers\[1\] \('cnn'\)\.model: 'resnet10' is a classification teacher but the dataset is segmentation",
+    ):
+        train_teachers(
+            spec,
+            dataset,
+            None,
+            output_dir=spec.output_dir,
+            storage_path=str(tmp_path / "ray"),
+            progress=Progress(quiet=True),
+        )
     assert not (tmp_path / "ray").exists()  # nothing was launched
 
 
@@ -86,4 +113,11 @@ def test_bad_teacher_options_fail_before_training(ray_session, tmp_path):
     spec = spec_3d(tmp_path, [bad])
     dataset = load_dataset(spec.data)
     with pytest.raises(ValueError, match=r"teachers\[0\] \('unet3d'\).*strides needs len\(channels\) - 1 = 2 entries"):
-        train_teachers(spec, dataset, None, output_dir=spec.output_dir, storage_path=str(tmp_path / "ray"), progress=Progress(quiet=True))
+        train_teachers(
+            spec,
+            dataset,
+            None,
+            output_dir=spec.output_dir,
+            storage_path=str(tmp_path / "ray"),
+            progress=Progress(quiet=True),
+        )

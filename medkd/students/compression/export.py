@@ -39,9 +39,7 @@ def _cpu_eval_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu().eval()
 
 
-def _export_dynamo(
-    model: nn.Module, example: Tensor, path: Path, *, dynamic_batch: bool, opset: int | None
-) -> None:
+def _export_dynamo(model: nn.Module, example: Tensor, path: Path, *, dynamic_batch: bool, opset: int | None) -> None:
     dynamic_shapes = ({0: Dim("batch")},) if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -59,9 +57,7 @@ def _export_dynamo(
         )
 
 
-def _export_legacy(
-    model: nn.Module, example: Tensor, path: Path, *, dynamic_batch: bool, opset: int | None
-) -> None:
+def _export_legacy(model: nn.Module, example: Tensor, path: Path, *, dynamic_batch: bool, opset: int | None) -> None:
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -123,8 +119,7 @@ def export_onnx(
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     if example_input.dim() < 2:
         raise ValueError(
-            f"example_input must be a batch with at least 2 dimensions, got shape "
-            f"{tuple(example_input.shape)}"
+            f"example_input must be a batch with at least 2 dimensions, got shape {tuple(example_input.shape)}"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,8 +130,7 @@ def export_onnx(
         _export_dynamo(cpu_model, example, path, dynamic_batch=dynamic_batch, opset=opset)
     except Exception as dynamo_error:
         logger.warning(
-            "torch.export-based ONNX export of %s failed (%s); falling back to the "
-            "TorchScript exporter",
+            "torch.export-based ONNX export of %s failed (%s); falling back to the TorchScript exporter",
             type(model).__name__,
             _root_cause(dynamo_error),
         )

@@ -152,11 +152,7 @@ def _output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     must never be pruned.
     """
     found: list[nn.Module] = []
-    stack = [
-        node
-        for node in graph.module2node.values()
-        if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs
-    ]
+    stack = [node for node in graph.module2node.values() if node.type == tp.ops.OPTYPE.OUTPUT or not node.outputs]
     visited: set[int] = set()
     while stack:
         node = stack.pop()
@@ -286,8 +282,7 @@ def prune_channels(
             reference_shapes = _output_shapes(pruned(example_input))
         except Exception as exc:
             raise ValueError(
-                f"example_input of shape {tuple(example_input.shape)} does not run through the "
-                f"model: {exc}"
+                f"example_input of shape {tuple(example_input.shape)} does not run through the model: {exc}"
             ) from exc
 
     with warnings.catch_warnings():
@@ -319,9 +314,7 @@ def prune_channels(
             try:
                 pruner.step()
             except Exception as exc:
-                raise UnsupportedModelError(
-                    f"torch-pruning could not prune {type(model).__name__}: {exc}"
-                ) from exc
+                raise UnsupportedModelError(f"torch-pruning could not prune {type(model).__name__}: {exc}") from exc
 
     with torch.no_grad():
         try:
@@ -333,8 +326,7 @@ def prune_channels(
             ) from exc
     if shapes != reference_shapes:
         raise UnsupportedModelError(
-            f"channel pruning changed the output shapes of {type(model).__name__} from "
-            f"{reference_shapes} to {shapes}"
+            f"channel pruning changed the output shapes of {type(model).__name__} from {reference_shapes} to {shapes}"
         )
     for param in pruned.parameters():
         param.grad = None

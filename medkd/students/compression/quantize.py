@@ -16,8 +16,9 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -70,9 +71,7 @@ def _model_input(path: Path) -> tuple[str, tuple[int | None, ...]]:
     model = onnx.load(str(path), load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}
     graph_input = next(i for i in model.graph.input if i.name not in initializers)
-    dims = tuple(
-        d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim
-    )
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim)
     return graph_input.name, dims
 
 

@@ -8,8 +8,8 @@ all graph optimisations, a warm-up, then the median of N timed batch runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import onnx

@@ -44,7 +44,11 @@ def validate_teacher_weights(teacher_weights: Sequence[float] | None) -> tuple[f
     """Check ``teacher_weights``: finite, non-negative numbers, not all zero."""
     if teacher_weights is None:
         return None
-    if isinstance(teacher_weights, (str, bytes)) or not isinstance(teacher_weights, Sequence) or len(teacher_weights) == 0:
+    if (
+        isinstance(teacher_weights, (str, bytes))
+        or not isinstance(teacher_weights, Sequence)
+        or len(teacher_weights) == 0
+    ):
         raise ValueError(f"teacher_weights must be a non-empty sequence of numbers, got {teacher_weights!r}")
     weights = []
     for w in teacher_weights:
@@ -57,7 +61,12 @@ def validate_teacher_weights(teacher_weights: Sequence[float] | None) -> tuple[f
 
 
 def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
@@ -79,7 +88,9 @@ def class_index_targets(targets: Tensor, logits_shape: Sequence[int], arg: str =
     if tuple(targets.shape) == (logits_shape[0], 1, *logits_shape[2:]):
         targets = targets.squeeze(1)
     if tuple(targets.shape) != expected:
-        raise ValueError(f"{arg} must have shape {expected} (or with a singleton channel axis), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"{arg} must have shape {expected} (or with a singleton channel axis), got {tuple(targets.shape)}"
+        )
     if targets.is_floating_point() and not torch.equal(targets, targets.round()):
         raise ValueError(f"{arg} must hold integer class indices")
     targets = targets.long()
@@ -91,7 +102,9 @@ def class_index_targets(targets: Tensor, logits_shape: Sequence[int], arg: str =
 def multilabel_targets(targets: Tensor, logits_shape: Sequence[int], arg: str = "targets") -> Tensor:
     """Float 0/1 label targets with exactly the logits' shape ``(N, C[, *spatial])``."""
     if tuple(targets.shape) != tuple(logits_shape):
-        raise ValueError(f"{arg} must have the logits' shape {tuple(logits_shape)} for multi-label, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"{arg} must have the logits' shape {tuple(logits_shape)} for multi-label, got {tuple(targets.shape)}"
+        )
     return targets.float()
 
 
@@ -135,7 +148,9 @@ class MeanAggregation(TeacherAggregation):
     def __init__(self, teacher_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if teacher_weights is not None:
-            raise ValueError("teacher_weights are not used by aggregation 'mean' (it weighs teachers equally); use 'weighted'")
+            raise ValueError(
+                "teacher_weights are not used by aggregation 'mean' (it weighs teachers equally); use 'weighted'"
+            )
 
     def weights(self, teacher_logits: Tensor, targets: Tensor | None, distribution: Distribution) -> Tensor:
         n_teachers = teacher_logits.shape[0]

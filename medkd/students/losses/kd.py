@@ -45,7 +45,12 @@ DEFAULT_ALPHA = 0.5
 
 
 def check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, numbers.Real)
+        or not math.isfinite(alpha)
+        or not 0 <= alpha <= 1
+    ):
         raise ValueError(f"alpha must be a number in [0, 1] (the weight of the hard-label loss), got {alpha!r}")
     return float(alpha)
 
@@ -106,8 +111,10 @@ class DistillationLoss(nn.Module):
         if not isinstance(logit_standardization, bool):
             raise ValueError(f"logit_standardization must be true or false, got {logit_standardization!r}")
         if logit_standardization and self.distribution != "categorical":
-            raise ValueError(f"logit_standardization needs a softmax over classes; {type(self).__name__} uses one "
-                             "sigmoid per label, whose logits are not comparable across labels")
+            raise ValueError(
+                f"logit_standardization needs a softmax over classes; {type(self).__name__} uses one "
+                "sigmoid per label, whose logits are not comparable across labels"
+            )
         self.logit_standardization = logit_standardization
 
     def hard_loss(self, student_logits: Tensor, targets: Tensor) -> Tensor:
@@ -126,7 +133,9 @@ class DistillationLoss(nn.Module):
         ``logit_standardization``: every teacher is standardised, then the strategy mixes them)."""
         if self.logit_standardization:
             teacher_logits = standardize_logits(teacher_logits, dim=2)
-        return self.aggregation(teacher_logits, temperature=self.temperature, targets=targets, distribution=self.distribution)
+        return self.aggregation(
+            teacher_logits, temperature=self.temperature, targets=targets, distribution=self.distribution
+        )
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if student_logits.ndim < 2:
@@ -139,7 +148,9 @@ class DistillationLoss(nn.Module):
         if self.logit_standardization:
             check_standardizable(student_logits.shape[1])
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
         """Distillation loss of one batch.
 
         Args:
@@ -203,7 +214,11 @@ class HintonKDLoss(DistillationLoss):
         logit_standardization: bool = False,
     ) -> None:
         super().__init__(temperature, alpha, aggregation, teacher_weights, logit_standardization)
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not 0 <= label_smoothing < 1:
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, numbers.Real)
+            or not 0 <= label_smoothing < 1
+        ):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
         self.register_buffer("class_weights", _optional_class_weights(class_weights, "class_weights"), persistent=False)
@@ -212,7 +227,9 @@ class HintonKDLoss(DistillationLoss):
         if student_logits.ndim != 2:
             raise ValueError(f"student_logits must be (N, C) for hinton_kd, got shape {tuple(student_logits.shape)}")
         if self.class_weights is not None and self.class_weights.numel() != student_logits.shape[1]:
-            raise ValueError(f"class_weights has {self.class_weights.numel()} entries but the logits have {student_logits.shape[1]} classes")
+            raise ValueError(
+                f"class_weights has {self.class_weights.numel()} entries but the logits have {student_logits.shape[1]} classes"
+            )
         super()._check_shapes(student_logits, teacher_logits)
 
     def hard_loss(self, student_logits: Tensor, targets: Tensor) -> Tensor:
@@ -254,9 +271,13 @@ class MultiLabelKDLoss(DistillationLoss):
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if student_logits.ndim != 2:
-            raise ValueError(f"student_logits must be (N, labels) for multilabel_kd, got shape {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"student_logits must be (N, labels) for multilabel_kd, got shape {tuple(student_logits.shape)}"
+            )
         if self.pos_weight is not None and self.pos_weight.numel() != student_logits.shape[1]:
-            raise ValueError(f"pos_weight has {self.pos_weight.numel()} entries but the logits have {student_logits.shape[1]} labels")
+            raise ValueError(
+                f"pos_weight has {self.pos_weight.numel()} entries but the logits have {student_logits.shape[1]} labels"
+            )
         super()._check_shapes(student_logits, teacher_logits)
 
     def hard_loss(self, student_logits: Tensor, targets: Tensor) -> Tensor:
@@ -303,9 +324,13 @@ class PixelKDLoss(DistillationLoss):
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if student_logits.ndim < 3:
-            raise ValueError(f"student_logits must be (N, C, *spatial) for pixel_kd, got shape {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"student_logits must be (N, C, *spatial) for pixel_kd, got shape {tuple(student_logits.shape)}"
+            )
         if self.num_class_weights is not None and self.num_class_weights != student_logits.shape[1]:
-            raise ValueError(f"class_weights has {self.num_class_weights} entries but the logits have {student_logits.shape[1]} classes")
+            raise ValueError(
+                f"class_weights has {self.num_class_weights} entries but the logits have {student_logits.shape[1]} classes"
+            )
         super()._check_shapes(student_logits, teacher_logits)
 
     def hard_loss(self, student_logits: Tensor, targets: Tensor) -> Tensor:
