@@ -1,5 +1,10 @@
 """A multi-node Ray cluster on this machine: ``medkd cluster local up | down | status``.
 
+Why one module (for now): every step of the cluster's lifecycle (addresses, namespaces, Ray
+nodes, the shared Redis, the kill/restart hooks that fault tests use, teardown) reads and writes
+one state file under one lock; it was written and proven as one piece. Splitting the process and
+network helpers from :class:`LocalCluster` is the next clean-up.
+
 Two modes share one implementation (:class:`LocalCluster`):
 
 * **loopback** (default): the head and each worker node are separate ``ray start``

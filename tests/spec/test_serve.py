@@ -22,6 +22,8 @@ def test_defaults_map_to_ray_serve_options():
         "target_ongoing_requests": 4,
         "upscale_delay_s": 5,
         "downscale_delay_s": 30,
+        "look_back_period_s": 30.0,
+        "metrics_interval_s": 10.0,
     }
     assert config.ray_actor_options() == {"num_cpus": 0.5, "num_gpus": 0}
     assert config.local_url() == "http://127.0.0.1:8000"
