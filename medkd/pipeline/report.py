@@ -1,5 +1,9 @@
 """The HTML report and the terminal results table.
 
+Why one module: the section builders each render one part of the one page and share its figure
+helpers; sections owned by other concerns already live beside it (``report_clinical.py``) and
+plug in through :data:`EXTRA_SECTIONS`.
+
 The report (``report.html``, one portable file: plots are embedded as PNG data) is rendered by
 Jinja2 from ``templates/report.html.j2``: a header (job, dataset) and a list of
 :class:`ReportSection` -- teachers vs student, the search (Pareto front, trials), teacher training

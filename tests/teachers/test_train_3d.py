@@ -12,6 +12,7 @@ from medkd.core.metrics import segmentation_metrics
 from medkd.core.progress import Progress
 from medkd.data import load_dataset
 from medkd.data.meta import DatasetMeta
+from medkd.spec.base import SpecError
 from medkd.spec.job import parse_spec
 from medkd.teachers.loop import predict
 from medkd.teachers.train import find_artifact, load_teacher_model, train_teachers
@@ -90,21 +91,14 @@ def test_3d_unet_teacher_trains_and_predicts_volumes(ray_session, tmp_path):
     assert len(metrics["dice_per_class"]) == NUM_CLASSES - 1
 
 
-def test_a_classifier_teacher_on_segmentation_data_fails_before_training(ray_session, tmp_path):
-    spec = spec_3d(tmp_path, [tiny_unet(), {"name": "cnn", "model": "resnet10", "epochs": 1}])
-    dataset = load_dataset(spec.data)
+def test_a_classifier_teacher_on_segmentation_data_fails_before_training(tmp_path):
+    """The spec itself refuses it (names from the registry catalog), before any data is read or Ray starts."""
     with pytest.raises(
-        ValueError,
-        match=r"teachers\[1\] \('cnn'\)\.model: 'resnet10' is a classification teacher but the dataset is segmentation",
+        SpecError,
+        match=r"teachers\[1\]\.model: 'resnet10' is a classification teacher but task is 'segmentation'; "
+        r"segmentation teachers: basicunet, segresnet, unet, unetr",
     ):
-        train_teachers(
-            spec,
-            dataset,
-            None,
-            output_dir=spec.output_dir,
-            storage_path=str(tmp_path / "ray"),
-            progress=Progress(quiet=True),
-        )
+        spec_3d(tmp_path, [tiny_unet(), {"name": "cnn", "model": "resnet10", "epochs": 1}])
     assert not (tmp_path / "ray").exists()  # nothing was launched
 
 
