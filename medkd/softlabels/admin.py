@@ -35,6 +35,9 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 
+ADMIN_RETRIES = 2
+
+
 def parse_duration(text: str) -> float:
     """Seconds in ``text``: ``30m``, ``12h``, ``7d``, ``2w``, ``1d12h``, or plain seconds ``90``.
 
@@ -121,7 +124,11 @@ def _open_cache(args: argparse.Namespace) -> Iterator[SoftLabelCache]:
         server = ManagedRedisServer().start()
         url = server.url
     try:
-        cache = SoftLabelCache(url, namespace=args.namespace, password_env=args.password_env, lru_bytes=0)
+        # A person at a terminal wants an answer in seconds: few retries (trials keep the long policy
+        # that rides out a redis-server restart).
+        cache = SoftLabelCache(
+            url, namespace=args.namespace, password_env=args.password_env, lru_bytes=0, retries=ADMIN_RETRIES
+        )
         try:
             yield cache
         finally:
