@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/medkd run $(JOB)
 
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Unit tests only: tests marked slow or integration (tests/conftest.py marks every test that uses a
 # real-service fixture) are left out.

@@ -416,11 +416,13 @@ def test_wrong_token_is_a_clear_auth_error(head, clean_env, monkeypatch):
         stop_job("raysubmit_x", url)
 
 
-def test_token_from_the_default_file_is_used(head, clean_env):
+def test_token_from_the_default_file_is_used(head, clean_env, monkeypatch):
     url, token = head
     (clean_env / ".ray").mkdir()
     (clean_env / ".ray" / "auth_token").write_text(token + "\n")
-    assert isinstance(list_jobs(url), list)
+    jobs_with_file_token = list_jobs(url)  # the cluster refuses a request without a token (JobsAuthError)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    assert [job["job_id"] for job in jobs_with_file_token] == [job["job_id"] for job in list_jobs(url)]
 
 
 def test_submit_uploads_project_and_spec_runs_and_streams_logs(authed, project, monkeypatch, tmp_path):
