@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file
+from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file, managed_redis
 from medkd.data.meta import DatasetMeta
 from medkd.spec.job import load_spec, parse_override
 from medkd.teachers.recipe import image_cost, laterality_specific, teacher_recipe
@@ -242,3 +242,86 @@ def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple
     }
     augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
     return data_ref, cache, augment
+
+
+def load_students_run(data: Path, spec: Path, run: Path) -> tuple[dict[str, Any], Any, argparse.Namespace, Any]:
+    """A finished ``benchmarks.students`` run: its ``results.json``, the served configuration
+    (a ``DistillConfig``), the run's own spec options (same teachers, cache and search) and its data.
+
+    Raises:
+        SystemExit: ``data`` is not the run's data (dataset fingerprints differ).
+    """
+    import json
+
+    from medkd.data import load_dataset
+    from medkd.students.distill import DistillConfig
+
+    results = json.loads((run / "results.json").read_text())
+    config = DistillConfig.model_validate(results["best"]["config"])
+    students = spec_options(data, spec, run)
+    dataset = load_dataset(build_spec(students, redis_port=1).data)
+    if dataset.fingerprint != results["dataset"]["fingerprint"]:
+        raise SystemExit(f"--data {data} is not the data of --run {run} (dataset fingerprints differ)")
+    return results, config, students, dataset
+
+
+def retrain_variants(
+    run: Path,
+    students: argparse.Namespace,
+    results: dict[str, Any],
+    dataset: Any,
+    config: Any,
+    variants: dict[str, dict[str, Any]],
+    seeds: list[int],
+    log: Any,
+) -> dict[str, list[dict[str, Any]]]:
+    """Train ``config`` once per (variant, seed) through :func:`kd_gain_run`, as Ray tasks of 1 CPU
+    on a local Ray instance, with the run's managed redis-server holding its soft labels.
+
+    Args:
+        run: the ``benchmarks.students`` output folder (its ``redis/`` is reused).
+        variants: name -> the ``DistillConfig`` fields that variant changes.
+        log: prints one line (each benchmark's own prefix).
+
+    Returns:
+        variant name -> one :func:`kd_gain_run` dict per seed, in ``seeds`` order.
+    """
+    import ray
+
+    from medkd.pipeline.runner import init_ray
+
+    meta = DatasetMeta.of(dataset)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with managed_redis(run / "redis", password_env=PASSWORD_ENV) as redis:
+        spec = build_spec(students, redis_port=redis.port, dataset=dataset)
+        started_ray = init_ray(spec)
+        try:
+            data_ref, cache, augment = retraining_inputs(spec, results, dataset)
+            task = ray.remote(num_cpus=1)(kd_gain_run)
+            refs = {
+                (name, seed): task.remote(
+                    config.model_copy(update={**update, "seed": seed}).model_dump_json(),
+                    meta,
+                    [data_ref],
+                    cache,
+                    augment,
+                    spec.export.latency_runs,
+                )
+                for name, update in variants.items()
+                for seed in seeds
+            }
+            log(
+                f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
+                f"{', '.join(variants)} x seeds {seeds}"
+            )
+            for (name, seed), ref in refs.items():
+                result = ray.get(ref)
+                runs.setdefault(name, []).append(result)
+                log(
+                    f"  {name} seed {seed}: val AUC {result['val_auc']:.4f}, INT8 test AUC {result['test_auc']:.4f} "
+                    f"ACC {result['test_acc']:.4f} ({result['seconds']:.0f}s)"
+                )
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return runs

@@ -35,17 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import PASSWORD_ENV, configure_local_ray, load_average, managed_redis, utc_date
+from benchmarks._harness import configure_local_ray, load_average, utc_date
 
 configure_local_ray()
 
 from benchmarks._student_setup import (  # noqa: E402
     DEFAULT_DATA,
     DEFAULT_SPEC,
-    build_spec,
-    kd_gain_run,
-    retraining_inputs,
-    spec_options,
+    load_students_run,
+    retrain_variants,
 )
 from medkd.data.meta import DatasetMeta  # noqa: E402
 from medkd.students.losses.families import CLASSIFICATION_LOSSES  # noqa: E402
@@ -154,21 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    import ray
-
-    from medkd.data import load_dataset
-    from medkd.pipeline.runner import init_ray
-    from medkd.students.distill import DistillConfig
-
-    results = json.loads((args.run / "results.json").read_text())
-    config = DistillConfig.model_validate(results["best"]["config"])
+    results, config, students, dataset = load_students_run(args.data, args.spec, args.run)
     if args.epochs is not None:
         config = config.model_copy(update={"epochs": args.epochs})
-    # The students run's own spec (its defaults, --output = the run): same teachers, cache and search.
-    students = spec_options(args.data, args.spec, args.run)
-    dataset = load_dataset(build_spec(students, redis_port=1).data)
-    if dataset.fingerprint != results["dataset"]["fingerprint"]:
-        raise SystemExit(f"--data {args.data} is not the data of --run {args.run} (dataset fingerprints differ)")
     meta = DatasetMeta.of(dataset)
     if meta.task != "classification" or meta.multilabel:
         raise SystemExit(f"--data {args.data}: the logit losses are for single-label classification")
@@ -176,39 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = variants(args.losses, meta.num_classes, args.standardization)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    runs: dict[str, list[dict[str, Any]]] = {}
-    with managed_redis(args.run / "redis", password_env=PASSWORD_ENV) as redis:
-        spec = build_spec(students, redis_port=redis.port, dataset=dataset)
-        started_ray = init_ray(spec)
-        try:
-            data_ref, cache, augment = retraining_inputs(spec, results, dataset)
-            task = ray.remote(num_cpus=1)(kd_gain_run)
-            refs = {
-                (name, seed): task.remote(
-                    config.model_copy(update={**update, "seed": seed}).model_dump_json(),
-                    meta,
-                    [data_ref],
-                    cache,
-                    augment,
-                    spec.export.latency_runs,
-                )
-                for name, update in chosen.items()
-                for seed in args.seeds
-            }
-            log(
-                f"{len(refs)} trainings of {config.student} (width {config.width:.2f}, {config.epochs} epochs): "
-                f"{', '.join(chosen)} x seeds {args.seeds}"
-            )
-            for (name, seed), ref in refs.items():
-                run = ray.get(ref)
-                runs.setdefault(name, []).append(run)
-                log(
-                    f"  {name} seed {seed}: val AUC {run['val_auc']:.4f}, INT8 test AUC {run['test_auc']:.4f} "
-                    f"ACC {run['test_acc']:.4f} ({run['seconds']:.0f}s)"
-                )
-        finally:
-            if started_ray:
-                ray.shutdown()
+    runs = retrain_variants(args.run, students, results, dataset, config, chosen, args.seeds, log)
     summary = {name: summarise(r) for name, r in runs.items()}
     report = {
         "command": "python -m benchmarks.loss_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
