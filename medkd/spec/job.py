@@ -30,6 +30,7 @@ from medkd.spec.export import ExportSpec
 from medkd.spec.search import SearchSpec
 from medkd.spec.serve import ServeConfig
 from medkd.spec.teachers import TeacherSpec
+from medkd.spec.tracking import TrackingSpec
 
 
 class JobSpec(StrictModel):
@@ -46,6 +47,7 @@ class JobSpec(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     output_dir: Path = Path("runs/default")
     ray: RaySpec = Field(default_factory=RaySpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _some_teacher_distilled(self) -> JobSpec:
@@ -100,7 +102,7 @@ class JobSpec(StrictModel):
         return self
 
     def fingerprint(self) -> str:
-        return fingerprint(self.model_dump(mode="json", exclude={"output_dir", "ray", "serve"}))
+        return fingerprint(self.model_dump(mode="json", exclude={"output_dir", "ray", "serve", "tracking"}))
 
     def teacher_seed(self, teacher: TeacherSpec) -> int:
         return self.seed if teacher.seed is None else teacher.seed
