@@ -293,6 +293,21 @@ class Augmentation:
         out_masks = apply_view_to_masks(masks, views) if masks is not None else None
         return apply_view(images, views), out_masks
 
+    def state_dict(self) -> dict[str, Any]:
+        """The view sampler's position, so a resumed training draws the views it would have drawn.
+
+        Examples:
+            >>> augment = Augmentation(AugmentSpec(flip=True), spatial_dims=2, seed=0)
+            >>> twin = Augmentation(AugmentSpec(flip=True), spatial_dims=2, seed=1)
+            >>> twin.load_state_dict(augment.state_dict())
+            >>> twin.rng.random() == augment.rng.random()
+            True
+        """
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
     def __repr__(self) -> str:
         return f"Augmentation({self.spec!r}, spatial_dims={self.spatial_dims}, task={self.task!r})"
 

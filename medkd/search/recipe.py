@@ -19,6 +19,7 @@ from medkd.softlabels.recovery import cache_recovery
 from medkd.softlabels.store import SoftLabelCache
 from medkd.students.candidate import apply_pruning, export_candidate
 from medkd.students.distill import DistillConfig, distill
+from medkd.students.training_state import TrainingState
 
 FINETUNE_AFTER_CHANNEL_PRUNING = 0.2  # fraction of the training epochs
 
@@ -87,6 +88,8 @@ def train_candidate(
     latency_runs: int,
     on_epoch: Any = None,
     views: CachedViews | None = None,
+    resume: TrainingState | None = None,
+    on_state: Any = None,
 ) -> dict[str, Any]:
     """Distill ``model``, prune (and fine-tune) and export the compressed candidate to ``directory``.
 
@@ -94,7 +97,9 @@ def train_candidate(
     ``teacher_logits=None`` and ``alpha=1`` for the no-KD baseline), so what they compare is
     trained and compressed exactly as the served model. With ``views`` (cached FKD views) the
     student trains on those instead of ``augment``. Returns :func:`export_candidate`'s metrics
-    (quality of the compressed model on ``val``).
+    (quality of the compressed model on ``val``). ``resume`` / ``on_state`` resume and save the
+    distillation's state between epochs (see :func:`distill`); pruning, fine-tuning and export
+    always run in full after it.
     """
     train_x, train_y = train
     val_x, val_y = val
@@ -113,6 +118,8 @@ def train_candidate(
         augment=augment,
         views=views,
         on_epoch=on_epoch,
+        resume=resume,
+        on_state=on_state,
     )
     model = apply_pruning(model, config, torch.from_numpy(calibration[:2]))
     if config.prune == "channels" and config.prune_amount > 0:

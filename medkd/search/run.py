@@ -30,6 +30,7 @@ from medkd.search.context import TrialContext, distilled_teachers, search_contex
 from medkd.search.outcome import SearchOutcome, TrialRecord, collect_outcome, pareto_front  # noqa: F401  (re-exported)
 from medkd.search.recipe import calibration_samples, teacher_logits_source, train_candidate, trial_augmentation
 from medkd.search.space import define_space, teacher_prior, trial_distill_config
+from medkd.search.trial_checkpoint import EpochCheckpoints, die_if_a_test_asks, restored_training_state
 from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import JobSpec
 from medkd.students.candidate import apply_pruning
@@ -48,8 +49,14 @@ class SearchInterrupted(RuntimeError):
 
 
 def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """Tune function trainable: distill, compress, export and report one student."""
+    """Tune function trainable: distill, compress, export and report one student.
+
+    Every epoch but the last is reported with a checkpoint of the training state; a retried or
+    restored trial resumes from it and reports ``resumed_from_epoch`` (see ``trial_checkpoint``).
+    """
     require_reserved_gpus("search.gpus_per_trial")  # a declared GPU must be usable: no silent CPU
+    resume = restored_training_state()
+    resumed_from = {"resumed_from_epoch": resume.epoch if resume is not None else 0}
     torch.set_num_threads(max(1, int(math.floor(context.cpus_per_trial))))
     config = trial_distill_config(params, context)
     meta = context.meta
@@ -93,8 +100,18 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
             # The last epoch is reported once, by the final (compressed, exported) result: an
             # intermediate report there would let ASHA stop a fully trained trial at its last rung
             # before it is exported.
-            tune.report({**estimates, **record, quality_key: value if math.isfinite(value) else 0.0, "final": False})
+            checkpoints.report(
+                {
+                    **estimates,
+                    **record,
+                    quality_key: value if math.isfinite(value) else 0.0,
+                    "final": False,
+                    **resumed_from,
+                }
+            )
+            die_if_a_test_asks(record["epoch"])
 
+    checkpoints = EpochCheckpoints()
     with tempfile.TemporaryDirectory() as directory:
         metrics = train_candidate(
             model,
@@ -108,11 +125,15 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
             latency_runs=context.latency_runs,
             on_epoch=on_epoch,
             views=views,
+            resume=resume,
+            on_state=checkpoints.save,
         )
+        checkpoints.discard()
         if not math.isfinite(metrics.get(quality_key, float("nan"))):
             metrics[quality_key] = 0.0
         tune.report(
-            {**metrics, "epoch": config.epochs, "final": True}, checkpoint=tune.Checkpoint.from_directory(directory)
+            {**metrics, "epoch": config.epochs, "final": True, **resumed_from},
+            checkpoint=tune.Checkpoint.from_directory(directory),
         )
 
 

@@ -29,6 +29,7 @@ from medkd.data.meta import DatasetMeta
 from medkd.data.teacher_logits import CachedViews, TeacherLogitsFn, ViewLogitsFn, array_teacher_logits  # noqa: F401  (re-exported)
 from medkd.students.losses import create_loss, resolve_loss_name
 from medkd.students.registry import create_student
+from medkd.students.training_state import TrainingState
 
 
 class DistillConfig(BaseModel):
@@ -149,6 +150,8 @@ def distill(
     augment: Callable | None = None,
     views: CachedViews | None = None,
     on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
+    resume: TrainingState | None = None,
+    on_state: Callable[[TrainingState], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with the multi-teacher KD loss of ``config``.
 
@@ -168,10 +171,23 @@ def distill(
         views: cached augmented views with their own teacher logits (FKD), in place of
             ``augment``; needs ``teacher_logits``.
         on_epoch: called with each epoch's record; returning ``True`` stops training.
+        resume: a state ``on_state`` saved after epoch ``k`` of this very configuration: ``model``
+            gets its weights and training continues with epoch ``k + 1``, exactly as the
+            uninterrupted run would (data order, dropout and augmentation draws included, as long
+            as ``augment`` is deterministic or has ``state_dict``/``load_state_dict``).
+        on_state: called after each epoch before the soup's fork (with ``on_epoch`` after it)
+            with the :class:`TrainingState` to resume from; its tensors are the live ones, so save
+            them before returning.
 
     Returns:
-        One record per epoch (loss parts, seconds, validation quality when val data is given);
-        a soup's branch epochs carry ``branch`` and a last record (``branches``) scores the soup.
+        One record per epoch (loss parts, seconds, validation quality when val data is given),
+        those of a resumed state's epochs first; a soup's branch epochs carry ``branch`` and a last
+        record (``branches``) scores the soup.
+
+    Examples:
+        >>> saved = []
+        >>> distill(model, config, **data, on_state=lambda state: saved.append(state.save(tmp_path / "s")))
+        >>> distill(fresh_model, config, **data, resume=TrainingState.load(saved[-1]))  # the same student
     """
     if teacher_logits is None and config.alpha < 1:
         raise ValueError("teacher_logits is required unless alpha == 1 (hard labels only)")
@@ -201,6 +217,7 @@ def distill(
 
     def run_epochs(run: TrainingRun, first: int, last: int, branch: int | None) -> tuple[list[dict[str, Any]], bool]:
         records: list[dict[str, Any]] = []
+        stateful_augment = augment is not None and hasattr(augment, "state_dict")
         for epoch in range(first, last):
             run.model.train()
             started = time.perf_counter()
@@ -242,13 +259,33 @@ def distill(
             record.update({f"train_{k}": v / max(seen, 1) for k, v in sums.items()})
             record.update(_validation(run.result_model(), val_images, val_labels, meta))
             records.append(record)
+            if on_state is not None and branch is None:
+                tensors = run.state_dict()
+                if stateful_augment:
+                    tensors["augment"] = augment.state_dict()
+                on_state(
+                    TrainingState(
+                        epoch=epoch + 1, epochs=epochs, config=settings, history=done + records, tensors=tensors
+                    )
+                )
             if on_epoch is not None and on_epoch(record):
                 return records, True
         return records, False
 
     trunk = TrainingRun.start(model, config, total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     fork_at = epochs if config.branches == 1 else min(epochs - 1, max(1, round(epochs * config.fork_fraction)))
-    history, stopped = run_epochs(trunk, 0, fork_at, None)
+    settings = config.model_dump(mode="json")
+    done: list[dict[str, Any]] = []
+    if resume is not None:
+        resume.check_resumes(settings, epochs)
+        if resume.epoch > fork_at:
+            raise ValueError(f"training state at epoch {resume.epoch} is past the soup's fork (epoch {fork_at})")
+        trunk.load_state_dict(resume.tensors)
+        if "augment" in resume.tensors and augment is not None and hasattr(augment, "load_state_dict"):
+            augment.load_state_dict(resume.tensors["augment"])
+        done = list(resume.history)
+    records, stopped = run_epochs(trunk, resume.epoch if resume is not None else 0, fork_at, None)
+    history = done + records
     if config.branches > 1 and not stopped and fork_at < epochs:
         finished = []
         for branch in range(1, config.branches + 1):
@@ -314,6 +351,26 @@ class TrainingRun:
         return TrainingRun(
             model, optimizer, scheduler, average, np.random.default_rng([seed, branch]), self.config, self.total_steps
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, optimiser, schedule, weight average and the data-order and torch generators."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "average": None if self.average is None else self.average.state_dict(),
+            "data_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
+        self.rng.bit_generator.state = state["data_rng"]
+        torch.set_rng_state(state["torch_rng"])
 
     def result_model(self) -> nn.Module:
         return self.model if self.average is None else self.average.model

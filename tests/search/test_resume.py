@@ -22,7 +22,9 @@ NUM_TRIALS = 4
 
 
 def finished_trials(experiment_root: Path) -> int:
-    return len(list(experiment_root.glob("search-*/*/checkpoint_*")))
+    # A running trial has checkpoints too (its training state after each epoch); a finished one's
+    # checkpoint is its exported candidate.
+    return len(list(experiment_root.glob("search-*/*/checkpoint_*/candidate.json")))
 
 
 @pytest.mark.slow
