@@ -933,12 +933,18 @@ class LocalCluster:
 
     def _spawn(self, node: NodeState, argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
         prefix = ["ip", "netns", "exec", node.namespace] if node.namespace else []
+        env = self.node_env()
+        if node.veth:
+            # The namespaces share the machine's hostname, which resolves to 127.0.0.1 here: torch's
+            # gloo (Ray Train's CPU process group) would listen there, out of reach of the workers on
+            # other nodes. It listens on the node's own interface, as on a host whose name resolves.
+            env["GLOO_SOCKET_IFNAME"] = node.veth
         with open(log, "ab") as out:
             # A session of its own: a Ctrl-C in the terminal of `up` does not reach the node, and
             # loopback mode finds the node's processes by session.
             process = subprocess.Popen(
                 [*prefix, *argv],
-                env=self.node_env(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
