@@ -59,6 +59,7 @@ class Results(BaseModel):
     pareto_models: list[dict[str, Any]] | None = None
     serve: dict[str, Any] | None = None
     report: str | None = None
+    tracking: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON types only (numpy scalars and arrays converted), sections not reached left out."""

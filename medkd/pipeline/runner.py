@@ -26,6 +26,7 @@ from medkd.pipeline.demo import demo_request
 from medkd.pipeline.leftovers import end_leftovers_of_dead_driver, record_driver
 from medkd.pipeline.report import print_results_table, write_report
 from medkd.pipeline.results import RESULTS_FILE, Results, StageRecord
+from medkd.pipeline.tracking import Tracker
 from medkd.registry.export import choose, export_models, selection_evidence
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE
 from medkd.registry.metadata import ModelMetadata
@@ -127,6 +128,14 @@ class Pipeline:
                 f"(driver pid {left[0].pid}): {left[1]}"
             )
         self.progress.line(f"job {spec.name} ({spec.fingerprint()}) -> {self.output_dir}")
+        self.tracker = Tracker.open(spec, self.output_dir)  # a store that cannot be used fails before any training
+        if self.tracker is not None:
+            self.results.tracking = {
+                "uri": self.tracker.uri,
+                "experiment": self.tracker.experiment,
+                "experiment_id": self.tracker.experiment_id,
+            }
+            self.progress.line(f"tracking: MLflow experiment {self.tracker.experiment!r} at {self.tracker.uri}")
 
         dataset = load_dataset(spec.data)  # validated before any training starts
         self.dataset, self.meta = dataset, DatasetMeta.of(dataset)
@@ -301,6 +310,8 @@ class Pipeline:
             "views": views,
         }
         ran = any(r["status"] == "ran" for r in report.values()) or bool(views and views["computed"])
+        if self.tracker is not None:  # here, where the teachers' val/test metrics are known
+            self.tracker.log_teachers(self.results.teachers, spec)
         return "ran" if ran else "skipped"
 
     def _cache_counters(self) -> tuple[int, int]:
@@ -329,6 +340,7 @@ class Pipeline:
                 resume=self.resume,
                 views=self.results.soft_labels.get("views"),
                 teachers=distilled,
+                callbacks=[self.tracker.search_callback(search_fp)] if self.tracker is not None else None,
             )
             if any(t.final for t in self.outcome.trials):
                 outcome_path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,6 +416,10 @@ class Pipeline:
         }
         self.results.selection = exported["selection"]
         self.results.pareto_models = exported["pareto"]
+        if self.tracker is not None:
+            model_ids = {e["trial_id"]: e["model_id"] for e in exported["pareto"]}
+            self.tracker.log_trials(self.outcome, selected["trial_id"], model_ids)
+            self.tracker.log_students(exported["pareto"], selected["model_id"])
         return "ran"
 
     def _serve(self) -> str:

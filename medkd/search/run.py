@@ -186,7 +186,13 @@ def run_search(
     resume: bool = False,
     views: dict[str, Any] | None = None,
     teachers: list[Any] | None = None,
+    callbacks: list[tune.Callback] | None = None,
 ) -> SearchOutcome:
+    """Run the search's trials on Ray Tune and collect their outcome.
+
+    Args:
+        callbacks: more Tune callbacks for the trials (e.g. MLflow logging), beside medkd's progress lines.
+    """
     search = spec.search
     # Only the teachers students learn from: the fingerprint, the prior and the space follow them.
     teacher_fps, teachers = distilled_teachers(spec, teacher_fps, teachers)
@@ -271,7 +277,7 @@ def run_search(
                 name=name,
                 storage_path=storage_path,
                 verbose=0,
-                callbacks=[TrialProgress(progress, search.num_trials, metrics, modes)],
+                callbacks=[TrialProgress(progress, search.num_trials, metrics, modes), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=1),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
