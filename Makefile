@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medkd-installed
 JOB ?= examples/quickstart.yaml
 
-.PHONY: demo test test-fast lint setup redis iproute2 clean-runs help
+.PHONY: demo test test-fast lint setup redis iproute2 haproxy clean-runs help
 
 help:
 	@echo "make demo   - set up, then run $(JOB) end to end (teachers, cache, search, export, serve)"
@@ -23,13 +23,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) redis iproute2
+setup: $(STAMP) redis iproute2 haproxy
 
 redis:
 	@sh scripts/ensure_redis.sh
 
 iproute2:
 	@sh scripts/ensure_iproute2.sh
+
+# Serve's fast path (HAProxy in front of the replicas): medkd serve's default when haproxy is on PATH.
+haproxy:
+	@sh scripts/ensure_haproxy.sh
 
 demo: setup
 	$(BIN)/medkd run $(JOB)

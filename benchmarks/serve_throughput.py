@@ -5,19 +5,21 @@ each server in turn, so drifting machine load hits all of them alike):
 
 (a) ``raw_ort``: ONNX Runtime in this process, one thread (the limit);
 (b) ``plain``: a minimal FastAPI + uvicorn + ONNX Runtime process (what a user would write);
-(c) ``medkd``: ``medkd.serve`` on Ray Serve as shipped;
-(d) ``medkd_ha``: the same with Ray 2.60's high-throughput options, ``RAY_SERVE_ENABLE_HA_PROXY=1``
-    (Debian's ``haproxy``, see ``scripts/ensure_haproxy.sh``) and ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``.
+(c) ``medkd_py``: ``medkd.serve`` behind Serve's Python HTTP proxy (``MEDKD_SERVE_HA_PROXY=0``, or no
+    ``haproxy`` installed: the fallback);
+(d) ``medkd``: ``medkd.serve`` as shipped, as ``medkd serve`` starts it: with ``haproxy`` on PATH
+    (``scripts/ensure_haproxy.sh``), Ray 2.60's high-throughput mode (``RAY_SERVE_ENABLE_HA_PROXY=1``,
+    direct ingress, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``; see :mod:`medkd.serve.ha_proxy`).
 
 Single NPY images to ``/predict`` from aiohttp clients on 127.0.0.1 at concurrency 1, 8 and 64
 (req/s, p50, p99), then ``/predict/batch`` with 64 images from 4 clients against in-process ORT
 at batch 64 (images/s). Where the time goes is printed too: the replica's own latency
 (``latency_ms`` in each answer) against what the client saw (the proxy hop and HTTP).
 
-    python -m benchmarks.serve_throughput [--seconds 10] [--model-dir DIR] [--skip-ha]
+    python -m benchmarks.serve_throughput [--seconds 10] [--model-dir DIR] [--skip-python-proxy]
 
 Ends with ``RESULT serve_vs_plain=… batch_images_vs_raw_ort=… p50_ms_c8=… p99_ms_c64=…
-rps_c64_vs_c8=…`` (medkd as shipped).
+rps_c64_vs_c8=… ha_proxy=0|1`` (medkd as shipped, (d)).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the plain server's signatures at runtime.
@@ -160,11 +162,16 @@ def plain_server(model_dir: str, port: int) -> None:
 
 
 def medkd_server(model_dir: str, port: int) -> None:
-    """medkd as `medkd serve` runs it, in its own Ray instance (ends it on SIGTERM)."""
+    """medkd as `medkd serve` runs it, in its own Ray instance (ends it on SIGTERM): the fast path
+    when haproxy is on PATH, unless MEDKD_SERVE_HA_PROXY=0."""
     import ray
 
+    from medkd.serve import ha_proxy
     from medkd.serve.app import deploy, serve_until_stopped
     from medkd.spec.serve import ServeConfig
+
+    fast_path = ha_proxy.enable()
+    print(fast_path.message, file=sys.stderr, flush=True)
 
     for attempt in range(3):  # on a loaded machine the raylet may miss Ray's fixed 30 s start-up window
         try:
@@ -183,8 +190,11 @@ def medkd_server(model_dir: str, port: int) -> None:
         max_queued_requests=1024,
     )
     url = deploy(model_dir, config, app_name="bench")
-    print(f"READY {url}", flush=True)
-    serve_until_stopped("bench", shutdown_ray=True)
+    print(f"READY {url} ha_proxy={int(fast_path.enabled)}", flush=True)
+    try:
+        serve_until_stopped("bench", shutdown_ray=True)
+    finally:
+        fast_path.close()
 
 
 def start(role: str, model_dir: Path, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -203,7 +213,8 @@ def start(role: str, model_dir: Path, port: int, env: dict[str, str]) -> tuple[s
     if role == "medkd-server":
         for line in process.stdout:
             if line.startswith("READY "):
-                return process, line.split()[1]
+                _, url, ha = line.split()
+                return process, url + ("#ha" if ha == "ha_proxy=1" else "")
             if time.monotonic() > deadline:
                 break
         raise RuntimeError(f"{role} did not start; the end of its log ({log}):\n" + log.read_text()[-3000:])
@@ -277,7 +288,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--model-dir", type=Path, help="an exported student (default: a tiny CNN exported here)")
-    parser.add_argument("--skip-ha", action="store_true", help="leave out (d)")
+    parser.add_argument("--skip-python-proxy", action="store_true", help="leave out (c)")
     parser.add_argument("--plain-server", nargs=2, metavar=("MODEL_DIR", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--medkd-server", nargs=2, metavar=("MODEL_DIR", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,29 +311,16 @@ def main() -> None:
     print(f"(a) raw ORT, batch {BATCH_IMAGES}: {raw['batch_images_per_s']:.0f} images/s", flush=True)
 
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
-    # HAProxy refuses socket paths over 97 bytes and Ray adds a 56-character directory: keep the base short.
-    ha_dir = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
-    ha_env = {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": shutil.which("haproxy") or "",
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ha_dir / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ha_dir / "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(ha_dir),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(ha_dir / "server-state"),
-    }
     results: dict[tuple[str, int], dict] = {}
     try:
         servers["plain"] = start("plain-server", model_dir, free_port(), {})
         servers["medkd"] = start("medkd-server", model_dir, free_port(), {})
-        if not args.skip_ha:
-            if not ha_env["RAY_SERVE_HAPROXY_BINARY_PATH"]:
-                print("(d) skipped: no haproxy binary (run scripts/ensure_haproxy.sh)", flush=True)
-            else:
-                try:
-                    servers["medkd_ha"] = start("medkd-server", model_dir, free_port(), ha_env)
-                except RuntimeError as error:
-                    print(f"(d) failed to start: {error}", flush=True)
+        ha = servers["medkd"][1].endswith("#ha")
+        servers["medkd"] = (servers["medkd"][0], servers["medkd"][1].removesuffix("#ha"))
+        print(f"(d) medkd as shipped: {'HAProxy fast path' if ha else 'Python proxy (no haproxy on PATH)'}", flush=True)
+        if not args.skip_python_proxy:
+            process, url = start("medkd-server", model_dir, free_port(), {"MEDKD_SERVE_HA_PROXY": "0"})
+            servers["medkd_py"] = (process, url.removesuffix("#ha"))
         body = encode_npy(image)
         for clients in CONCURRENCY:
             for name, (_, url) in servers.items():
@@ -330,8 +328,18 @@ def main() -> None:
                     drive(url + "/predict", body, clients=clients, seconds=args.seconds)
                 )
                 print(line(f"({name}) c={clients}", results[(name, clients)]), flush=True)
+        import urllib.request
+
+        for name in ("medkd", "medkd_py"):
+            if name in servers:  # natural batching: batch_wait_timeout_s is 0, batches form under load
+                stats = json.loads(urllib.request.urlopen(servers[name][1] + "/stats", timeout=30).read())
+                print(
+                    f"({name}) single-image requests: {stats['images']} images in {stats['batches']} model calls, "
+                    f"largest batch {stats['largest_batch']}",
+                    flush=True,
+                )
         batch_body = encode_npy(stack)
-        for name in ("medkd", "medkd_ha"):
+        for name in ("medkd", "medkd_py"):
             if name in servers:
                 result = asyncio.run(
                     drive(servers[name][1] + "/predict/batch", batch_body, clients=BATCH_CLIENTS, seconds=args.seconds)
@@ -347,7 +355,6 @@ def main() -> None:
         for process, _ in servers.values():
             stop(process)
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(ha_dir, ignore_errors=True)
 
     shipped = {clients: results[("medkd", clients)] for clients in CONCURRENCY}
     c1 = shipped[1]
@@ -356,13 +363,13 @@ def main() -> None:
         f"(decode, batch wait, ORT, JSON), proxy hop + HTTP {c1['p50_ms'] - c1['server_p50_ms']:.2f} ms",
         flush=True,
     )
-    if ("medkd_ha", 8) in results:
-        print(f"(d) vs (c) at c=8: {results[('medkd_ha', 8)]['rps'] / shipped[8]['rps']:.2f}x", flush=True)
+    if ("medkd_py", 8) in results:
+        print(f"(d) shipped vs (c) Python proxy at c=8: {shipped[8]['rps'] / results[('medkd_py', 8)]['rps']:.2f}x")
     print(
         f"RESULT serve_vs_plain={shipped[8]['rps'] / results[('plain', 8)]['rps']:.2f} "
         f"batch_images_vs_raw_ort={results[('medkd', 'batch')]['images_per_s'] / raw['batch_images_per_s']:.2f} "
         f"p50_ms_c8={shipped[8]['p50_ms']:.1f} p99_ms_c64={shipped[64]['p99_ms']:.1f} "
-        f"rps_c64_vs_c8={shipped[64]['rps'] / shipped[8]['rps']:.2f}"
+        f"rps_c64_vs_c8={shipped[64]['rps'] / shipped[8]['rps']:.2f} ha_proxy={int(ha)}"
     )
 
 

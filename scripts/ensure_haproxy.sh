@@ -1,7 +1,8 @@
 #!/bin/sh
-# Make sure Debian's haproxy exists: benchmarks.serve_throughput's case (d) runs Ray Serve with
+# Make sure Debian's haproxy exists: `medkd serve` runs Ray Serve behind it by default (medkd.serve.ha_proxy) with
 # RAY_SERVE_ENABLE_HA_PROXY=1, which needs an haproxy binary (RAY_SERVE_HAPROXY_BINARY_PATH).
 set -e
+PATH="$PATH:/usr/sbin:/sbin"  # where Debian installs it; medkd looks there too
 if command -v haproxy >/dev/null 2>&1; then
     exit 0
 fi

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ray
 
+from medkd.serve import ha_proxy
 from medkd.serve.app import deploy, resolve_model_dir, serve_until_stopped
 from medkd.serve.serve_config import write_serve_config
 from medkd.spec.base import SpecError
@@ -51,10 +52,19 @@ def serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model_dir)  # an export directory or a run's output_dir
     config = serve_config_from_args(args)
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True, dashboard_host="127.0.0.1")
-    url = deploy(model_dir, config)
-    print(f"serving {model_dir} at {url} (POST {url.rstrip('/')}/predict) — Ctrl-C or SIGTERM to stop", flush=True)
-    # Drains requests, then ends the Ray instance this command started (no agent left behind).
-    serve_until_stopped(shutdown_ray=started_ray)
+    # HAProxy + direct ingress when haproxy is installed: read by Serve's processes at start-up, so
+    # set before this command starts its own Ray instance (a running cluster's owner sets them).
+    fast_path = ha_proxy.enable(own_ray=started_ray and not os.environ.get("RAY_ADDRESS"))
+    print(fast_path.message, flush=True)
+    try:
+        if started_ray:
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True, dashboard_host="127.0.0.1"
+            )
+        url = deploy(model_dir, config)
+        print(f"serving {model_dir} at {url} (POST {url.rstrip('/')}/predict) — Ctrl-C or SIGTERM to stop", flush=True)
+        # Drains requests, then ends the Ray instance this command started (no agent left behind).
+        serve_until_stopped(shutdown_ray=started_ray)
+    finally:
+        fast_path.close()
     return 0

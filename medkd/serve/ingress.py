@@ -1,10 +1,15 @@
 """The Serve deployment: a FastAPI ingress over multiplexed ONNX students with dynamic batching.
 
-A request is checked (auth, body size, decoded size from headers), decoded and preprocessed in
-a thread pool (off the event loop), then joins a dynamic batch (``@serve.batch``) that ONNX
-Runtime runs in one worker thread. Every Pareto student of a run is served by the one
-application through Serve model multiplexing: the ``serve_multiplexed_model_id`` header (which
-Serve also routes on) or the ``model`` query parameter picks one; none picks the default.
+A request is checked (auth, body size, decoded size from headers), decoded and preprocessed, then
+joins a dynamic batch (``@serve.batch``) that ONNX Runtime runs in one worker thread. Small NPY
+bodies (at most ``INLINE_DECODE_BYTES``, no compression, so decoding costs microseconds) are
+decoded on the event loop; every other body in a thread pool, off the event loop. The
+batch waits ``batch_wait_timeout_s`` (default 0) for company: under load, requests that arrive
+while ONNX Runtime runs form the next batch by themselves, and a lone request waits for nothing.
+Every Pareto student of a run is served by the one application through Serve model multiplexing:
+the ``serve_multiplexed_model_id`` header (which Serve's Python proxy also routes on; HAProxy does
+not, and need not, as every replica holds every model) or the ``model`` query parameter picks one;
+none picks the default.
 
 Routes: ``POST /predict``, ``POST /predict/batch``, ``GET /healthz``, ``GET /readyz``,
 ``GET /models``, ``GET /metadata``, ``GET /stats``; the OpenAPI schema at ``/openapi.json`` and
@@ -27,7 +32,15 @@ from starlette.responses import Response
 
 from medkd.serve import responses as answers
 from medkd.serve.api import ERRORS, IMAGE_BODY, api, bearer, json_response, request_id
-from medkd.serve.codecs import PayloadTooLarge, RequestError, decode_batch, decode_image, encode_npy, preprocess
+from medkd.serve.codecs import (
+    PayloadTooLarge,
+    RequestError,
+    decode_batch,
+    decode_image,
+    encode_npy,
+    preprocess,
+    sniff_format,
+)
 from medkd.serve.guards import Limits, Unauthorized, UnknownModel, authorized, check_before_decoding, check_image_count
 from medkd.serve.metrics import ServeMetrics
 from medkd.serve.model_store import LoadedModel, ModelBundle
@@ -38,6 +51,9 @@ logger = logging.getLogger("ray.serve")
 DEPLOYMENT_NAME = "MedkdModel"
 PROBE_TIMEOUT_S = 10.0
 """Shortest time an ONNX call may run before check_health calls the session wedged."""
+INLINE_DECODE_BYTES = 16 * 1024
+"""NPY bodies up to this size are decoded on the event loop: a thread-pool hop costs more than
+decoding them, and an uncompressed body cannot expand beyond its own size."""
 
 
 def _images_in(items: list[tuple[str, np.ndarray]]) -> int:
@@ -199,7 +215,8 @@ class MedkdServer:
         try:
             if self._token is not None and not authorized(request.headers.get("authorization"), self._token):
                 raise Unauthorized("missing or wrong bearer token (send Authorization: Bearer <token>)")
-            response = await asyncio.wait_for(work(rid, used), timeout=self._config.request_timeout_s)
+            async with asyncio.timeout(self._config.request_timeout_s):  # no extra task, unlike wait_for
+                response = await work(rid, used)
         except RequestError as error:
             headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
             response = Response(
@@ -248,8 +265,11 @@ class MedkdServer:
         loaded = self._loaded[model_id]
         body = await self._read_body(request)
         content_type = request.headers.get("content-type")
-        loop = asyncio.get_running_loop()
-        inputs = await loop.run_in_executor(self._decoder, self._decode, body, content_type, loaded, batch, rid)
+        if len(body) <= INLINE_DECODE_BYTES and sniff_format(body) == "npy":
+            inputs = self._decode(body, content_type, loaded, batch, rid)
+        else:
+            loop = asyncio.get_running_loop()
+            inputs = await loop.run_in_executor(self._decoder, self._decode, body, content_type, loaded, batch, rid)
         size = self._config.max_batch_size
         chunks = [inputs[start : start + size] for start in range(0, len(inputs), size)]
         outputs = await asyncio.gather(*(self._infer((model_id, chunk)) for chunk in chunks))
@@ -330,7 +350,11 @@ class MedkdServer:
             self._busy_since = None
 
     async def check_health(self) -> None:
-        """Serve's health check: fails when an ONNX call hangs, so Serve replaces the replica."""
+        """Serve's health check: fails when an ONNX call hangs, so Serve replaces the replica.
+
+        It also hands the request counts recorded since the last request to Ray's metrics, so an
+        idle replica's last requests reach Prometheus too."""
+        self._metrics.flush()
         busy = self._busy_since
         limit = max(self._config.request_timeout_s, PROBE_TIMEOUT_S)
         if busy is not None and time.monotonic() - busy > limit:

@@ -36,7 +36,9 @@ class ServeConfig(BaseModel):
         max_ongoing_requests: requests a replica accepts at once; must be >= max_batch_size or
             batches never fill.
         max_batch_size: largest number of images run through the model in one call.
-        batch_wait_timeout_s: how long the first request of a batch waits for others.
+        batch_wait_timeout_s: how long the first request of a batch waits for others. 0 (the
+            default) waits for none: requests that arrive while the model runs form the next
+            batch by themselves, so batches still fill under load and a lone request is not held.
         cpus_per_replica: CPUs Ray reserves for each replica (fractions allowed).
         gpus_per_replica: GPUs Ray reserves for each replica (0: CPU inference).
         upscale_delay_s: sustained load needed before the autoscaler adds replicas.
@@ -68,7 +70,7 @@ class ServeConfig(BaseModel):
     target_ongoing_requests: float = Field(4, gt=0)
     max_ongoing_requests: int = Field(32, ge=1)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     cpus_per_replica: float = Field(0.5, ge=0)
     gpus_per_replica: float = Field(0, ge=0)
     upscale_delay_s: float = Field(5, ge=0)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gc
 import io
 import json
+import os
+import signal
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +21,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from medkd.serve.app import ModelDirError, deploy, load_model_dir, undeploy
+from medkd.serve.app import ModelDirError, deploy, load_model_dir, serve_until_stopped, undeploy
 from medkd.serve.client import MedkdClient, ServeRequestError
 from medkd.serve.codecs import encode_npy
-from medkd.serve.model_store import LoadedModel, ModelFiles
+from medkd.serve.ingress import PROBE_TIMEOUT_S, MedkdServer
+from medkd.serve.model_store import LoadedModel, ModelFiles, collect_models
 from medkd.spec.serve import ServeConfig
 from tests.conftest import free_port
 from tests.serve.images import make_dicom, png_bytes
@@ -341,12 +348,64 @@ def test_model_that_disagrees_with_its_metadata_fails_at_start(classifier_dir):
 # ------------------------------------------------------------------------------------ undeploy
 
 
-def test_undeploy_removes_one_app_and_keeps_the_other(served):
+def test_sigterm_undeploys_one_app_and_keeps_the_other(served):
+    """`medkd serve` and `medkd run --keep-serving` both block in serve_until_stopped: SIGTERM, like
+    Ctrl-C, makes it drain and undeploy (here without ending Ray: this process owns it)."""
     from ray import serve
 
-    undeploy(SEG_APP)
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        serve_until_stopped(SEG_APP)
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGTERM) == before  # its own handler is gone again
     applications = serve.status().applications
     assert SEG_APP not in applications and CLS_APP in applications
     status, _, _ = post(served["seg"] + "/predict", encode_npy(np.zeros((16, 16), np.uint8)), None)
     assert status == 404
     assert MedkdClient(served["cls"]).health()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------- health check
+
+
+class HungSession:
+    """Stands in for an ONNX Runtime session whose call never returns (a wedged session); the one
+    fault that cannot be produced cheaply for real."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.release.wait(timeout=60)
+        return np.zeros((len(batch), 2), np.float32)
+
+
+# Serve awaits the ingress wrapper's async __del__ when it stops a replica; here nobody does.
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
+def test_check_health_fails_when_the_onnx_session_is_wedged(classifier_dir):
+    """Serve calls check_health every health_check_period_s and replaces a replica whose check
+    fails; here the replica object is built as Serve builds it (its async __init__), no Serve app."""
+    server_class = MedkdServer.func_or_class
+    server = object.__new__(server_class)
+    bundle = collect_models(classifier_dir)
+    config = ServeConfig(request_timeout_s=1.0)
+    asyncio.run(server_class.__init__(server, bundle.model_dump(), config.model_dump(mode="json"), None))
+    asyncio.run(server.check_health())  # a warm session answers the probe
+
+    hung = HungSession()
+    started = time.monotonic()
+    call = server._executor.submit(server._run, hung, np.zeros((1, 1, 28, 28), np.float32))
+    try:
+        asyncio.run(server.check_health())  # busy, but not for long yet: healthy
+        time.sleep(max(PROBE_TIMEOUT_S, config.request_timeout_s) + 0.5 - (time.monotonic() - started))
+        with pytest.raises(RuntimeError, match=r"ONNX Runtime call running for \d+ s > 10 s: wedged"):
+            asyncio.run(server.check_health())
+    finally:
+        hung.release.set()
+        call.result(timeout=30)
+    asyncio.run(server.check_health())  # the call returned: healthy again
+    del server
+    gc.collect()

@@ -1,5 +1,8 @@
 """`medkd serve` stopped with SIGTERM drains, exits 0 and leaves no process of its Ray instance
-behind (GCS, raylet, dashboard, agents, workers, replicas)."""
+behind (GCS, raylet, dashboard, agents, workers, replicas, HAProxy).
+
+`make test` installs haproxy (scripts/ensure_haproxy.sh), so this runs Serve's fast path, medkd's
+default: HAProxy + direct ingress + RAY_SERVE_THROUGHPUT_OPTIMIZED (medkd.serve.ha_proxy)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 
 from medkd.serve.codecs import encode_npy
+from medkd.serve.ha_proxy import find_haproxy
 from tests.conftest import REPO_ROOT, free_port
 from tests.serve.students import call, make_run, pid_alive
 
@@ -49,10 +53,12 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def test_sigterm_drains_and_leaves_no_ray_process_behind(tmp_path):
+    assert find_haproxy(), "no haproxy: run `sh scripts/ensure_haproxy.sh` (make test does)"
     run_dir, _ = make_run(tmp_path / "run", 1)
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "MEDKD_SERVE_HA_PROXY"):
+        env.pop(name, None)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -90,6 +96,8 @@ def test_sigterm_drains_and_leaves_no_ray_process_behind(tmp_path):
         ray_processes = descendants(process.pid)
         names = " ".join(ray_processes.values())
         assert "raylet" in names and "gcs_server" in names, names
+        assert any("fast path: HAProxy" in line for line in output), "".join(output[-40:])
+        assert "haproxy" in names, names  # HAProxy fronts the replica (a child of Serve's proxy actor)
 
         # A request in flight while SIGTERM arrives is answered (Serve drains before it stops).
         in_flight: list[int] = []

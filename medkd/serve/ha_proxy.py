@@ -1,0 +1,146 @@
+"""Ray Serve's high-throughput mode (HAProxy + direct ingress), medkd's default when ``haproxy`` is on PATH.
+
+Serve's default HTTP proxy is a Python actor: every request crosses it and one more Ray call before
+it reaches the replica, 8–10 ms per request on a 2-core machine and the bottleneck at concurrency 8
+(``benchmarks/RESULTS.md``, serve_throughput). Ray 2.60 can put Debian's ``haproxy`` in front
+instead and let it talk HTTP straight to each replica's own server (``RAY_SERVE_ENABLE_HA_PROXY=1``,
+which implies direct ingress) and can drop the per-request extras (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``:
+user code on the replica's main loop, buffered request logs, no log copy to stderr).
+
+Both are read from the environment when Serve's controller, proxies and replicas start, so they must
+be set **before Ray starts**: :func:`enable` sets them in ``os.environ`` for the Ray instance that
+``medkd serve`` starts itself. On a cluster that is already running, whoever runs ``ray start`` sets
+them (:data:`CLUSTER_HINT`).
+
+HAProxy's admin socket path must stay under 97 bytes, and its stats and Prometheus ports are fixed
+by default (8404, 9101), so two endpoints on one machine would collide: :func:`environment` puts the
+sockets in a short ``/tmp/hap…`` directory of their own and picks free ports. Replica ports of direct
+ingress lie in 30000–31000 and listen on all interfaces (so HAProxy on another node reaches them);
+with ``serve.auth_token_env`` set they require the token like the front port.
+
+Examples:
+    >>> setup = enable()  # doctest: +SKIP
+    >>> print(setup.message)  # doctest: +SKIP
+    medkd: Serve's fast path: HAProxy (/usr/sbin/haproxy) with direct ingress and RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    >>> setup.close()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPT_OUT_ENV = "MEDKD_SERVE_HA_PROXY"
+"""Set to ``0`` to keep Serve's Python proxy although ``haproxy`` is installed."""
+SBIN_DIRS = ("/usr/sbin", "/sbin")
+SWITCHES = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+DRAIN_S = 2.0
+"""Direct ingress keeps a stopping replica registered 30 s by default so that a remote load balancer
+notices; medkd's HAProxy is told at once, so a drain (SIGTERM) need not wait that long."""
+CLUSTER_HINT = (
+    "on an existing cluster set RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+    "RAY_SERVE_HAPROXY_BINARY_PATH=$(command -v haproxy) in the environment of `ray start` on every node "
+    "(Debian: apt-get install haproxy)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_haproxy() -> str | None:
+    """``haproxy`` on PATH, or in ``/usr/sbin`` where Debian installs it (not on a user's PATH).
+
+    Examples:
+        >>> find_haproxy()  # doctest: +SKIP
+        '/usr/sbin/haproxy'
+    """
+    return shutil.which("haproxy", path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN_DIRS]))
+
+
+def environment(haproxy: str, state_dir: Path) -> dict[str, str]:
+    """The variables that switch Serve to HAProxy + direct ingress + throughput-optimized mode.
+
+    Args:
+        haproxy: path of the ``haproxy`` binary.
+        state_dir: a short directory (HAProxy's socket paths must stay under 97 bytes) for its
+            config, admin socket and server state.
+
+    Examples:
+        >>> env = environment("/usr/sbin/haproxy", Path("/tmp/hap1"))
+        >>> env["RAY_SERVE_ENABLE_HA_PROXY"], env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+        ('1', '/tmp/hap1/admin.sock')
+    """
+    return {
+        **SWITCHES,
+        "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state_dir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state_dir / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
+    }
+
+
+@dataclass
+class FastPathSetup:
+    """What :func:`enable` did: whether the fast path is on, the message to print, what to clean up."""
+
+    enabled: bool
+    message: str
+    state_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Remove HAProxy's state directory (after Ray has stopped)."""
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def enable(*, own_ray: bool = True) -> FastPathSetup:
+    """Switch the Ray instance about to start to Serve's fast path when ``haproxy`` is on PATH.
+
+    Args:
+        own_ray: the caller is about to start its own Ray instance. When False (joining a running
+            cluster) nothing is changed and the message says what the cluster's owner sets.
+
+    Returns:
+        The setup; ``message`` says which path is taken and why. Call ``close()`` after Ray stops.
+
+    Examples:
+        >>> setup = enable()  # doctest: +SKIP
+        >>> setup.enabled  # doctest: +SKIP
+        True
+    """
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return FastPathSetup(True, "medkd: Serve's fast path: RAY_SERVE_ENABLE_HA_PROXY=1 set by the caller")
+    if not own_ray:
+        return FastPathSetup(False, f"medkd: Serve uses the cluster's HTTP proxy; for the fast path {CLUSTER_HINT}")
+    if os.environ.get(OPT_OUT_ENV) == "0":
+        return FastPathSetup(False, f"medkd: Serve's Python HTTP proxy ({OPT_OUT_ENV}=0)")
+    haproxy = find_haproxy()
+    if haproxy is None:
+        return FastPathSetup(
+            False,
+            "medkd: haproxy not found on PATH: Serve falls back to its Python HTTP proxy (about 2.5x fewer "
+            "requests/s at concurrency 8); install Debian's haproxy (sh scripts/ensure_haproxy.sh) for the fast path",
+        )
+    state_dir = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
+    env = environment(haproxy, state_dir)
+    os.environ.update(env)
+    return FastPathSetup(
+        True,
+        f"medkd: Serve's fast path: HAProxy ({haproxy}) with direct ingress and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+        f"({OPT_OUT_ENV}=0 turns it off)",
+        state_dir,
+        env,
+    )
