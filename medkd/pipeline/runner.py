@@ -33,7 +33,7 @@ from medkd.registry.metadata import ModelMetadata
 from medkd.search.context import distilled_teachers, search_context
 from medkd.search.final import train_final
 from medkd.search.run import SearchOutcome, run_search, search_fingerprint
-from medkd.serve.app import deploy, undeploy
+from medkd.serve.app import deploy, serve_until_stopped, undeploy
 from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits
 from medkd.softlabels.redis_server import ManagedRedisServer
 from medkd.softlabels.store import SoftLabelCache
@@ -194,14 +194,11 @@ class Pipeline:
         return self.results.as_dict()
 
     def _serve_until_interrupted(self) -> None:
-        self.progress.line(f"serving at {self.results.serve['url']} — press Ctrl-C to stop")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            self.progress.line("stopping the endpoint")
-        finally:
-            undeploy()
+        self.progress.line(f"serving at {self.results.serve['url']} — Ctrl-C or SIGTERM to stop")
+        # Ctrl-C and SIGTERM alike: drain in-flight requests and undeploy; the ExitStack of run()
+        # then ends the Ray instance and the managed redis-server, so no process is left behind.
+        serve_until_stopped()
+        self.progress.line("endpoint stopped")
 
     # ------------------------------------------------------------------ stages
 
