@@ -11,8 +11,8 @@ code, on a local Ray cluster that offers the machine's CPUs and GPUs:
 - ``softlabels``: the soft-label inference over the training split (``predict``, the function
   the soft-label tasks run) on ``cuda`` vs ``cpu``;
 - ``trial``: one search trial's recipe (``train_candidate``: distill, compress, export) in a Ray
-  task holding one GPU (``search.gpus_per_trial: 1``) vs none. Students train where
-  ``train_candidate`` puts them: a ratio near 1 says the trial does not use its GPU;
+  task holding one GPU (``search.gpus_per_trial: 1``) vs none, on the device the trial takes
+  (``reserved_gpu_device``): a ratio near 1 says the trial does not use its GPU;
 - ``ort``: ONNX Runtime inference of the exported teacher with the ``CUDAExecutionProvider`` vs
   the CPU one (needs ``onnxruntime-gpu``; without it the figure is ``n/a`` and says why).
 
@@ -127,11 +127,11 @@ def search_trial(meta: Any, data_ref: Any, epochs: int) -> dict[str, float]:
 def _trial_task(meta: Any, data_refs: list, epochs: int) -> float:
     import ray
 
-    from medkd.core.devices import require_reserved_gpus
+    from medkd.core.devices import reserved_gpu_device
     from medkd.search.recipe import train_candidate
     from medkd.students.distill import DistillConfig, build_student
 
-    require_reserved_gpus("search.gpus_per_trial")
+    device = reserved_gpu_device("search.gpus_per_trial")
     data = ray.get(data_refs[0])
     config = DistillConfig(student="resnet_tiny", epochs=epochs, alpha=1.0, quantize="none")
     started = time.perf_counter()
@@ -146,6 +146,7 @@ def _trial_task(meta: Any, data_refs: list, epochs: int) -> float:
             augment=None,
             directory=Path(directory),
             latency_runs=5,
+            device=device,
         )
     return time.perf_counter() - started
 

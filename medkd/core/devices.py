@@ -14,19 +14,22 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import os
 
 import ray
 import torch
 
+from medkd.core.errors import GpuUnavailableError, ray_node_description
 
-class GpuUnavailableError(RuntimeError):
-    """Ray reserved a GPU for this work but PyTorch finds no CUDA device on its node."""
-
-
-def _node_description() -> str:
-    context = ray.get_runtime_context()
-    return f"{ray.util.get_node_ip_address()} (node id {context.get_node_id()})"
+__all__ = [
+    "GpuUnavailableError",
+    "cpu_threads",
+    "limit_cpu_threads",
+    "probe_reserved_gpus",
+    "require_reserved_gpus",
+    "reserved_gpu_device",
+]
 
 
 def require_reserved_gpus(spec_field: str) -> list[str]:
@@ -49,7 +52,7 @@ def require_reserved_gpus(spec_field: str) -> list[str]:
     gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
     if gpu_ids and not torch.cuda.is_available():
         raise GpuUnavailableError(
-            f"{spec_field} asked for a GPU and Ray placed the work on node {_node_description()}, which declares "
+            f"{spec_field} asked for a GPU and Ray placed the work on node {ray_node_description()}, which declares "
             f"GPU(s) {gpu_ids}, but PyTorch {torch.__version__} finds no CUDA device there "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!s}, torch built for CUDA "
             f"{torch.version.cuda or 'none'}); stopped instead of running on the CPU. Fix the node's GPU "
@@ -73,6 +76,41 @@ def reserved_gpu_device(spec_field: str) -> torch.device:
         device(type='cpu')
     """
     return torch.device("cuda") if require_reserved_gpus(spec_field) else torch.device("cpu")
+
+
+def cpu_threads(cpus: float) -> int:
+    """How many threads work that holds ``cpus`` Ray CPUs may run: ``ceil(cpus)``, at least 1.
+
+    Examples:
+        >>> cpu_threads(1), cpu_threads(0.5), cpu_threads(1.5)
+        (1, 1, 2)
+    """
+    if not cpus > 0:
+        raise ValueError(f"cpus must be > 0, got {cpus!r}")
+    return max(1, math.ceil(cpus))
+
+
+def limit_cpu_threads(cpus: float) -> int:
+    """Keep the calling process's PyTorch compute within its Ray CPU allotment.
+
+    Ray schedules by declared CPUs only; a process that holds 1 CPU but runs PyTorch's default
+    thread pool (one thread per core of the machine) takes CPU time from the work beside it on
+    that node. Sets ``torch.set_num_threads(cpu_threads(cpus))``; ONNX Runtime sessions take
+    their thread counts explicitly (``intra_op_num_threads``).
+
+    Args:
+        cpus: the CPUs Ray reserved for this task, actor or trial.
+
+    Returns:
+        The thread count set.
+
+    Examples:
+        >>> limit_cpu_threads(1.0)  # doctest: +SKIP
+        1
+    """
+    threads = cpu_threads(cpus)
+    torch.set_num_threads(threads)
+    return threads
 
 
 @ray.remote(max_retries=0)

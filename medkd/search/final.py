@@ -23,7 +23,6 @@ epochs), so a re-run or ``--resume`` finds it instead of training again.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from medkd.core.devices import limit_cpu_threads, reserved_gpu_device
 from medkd.core.files import staged_directory
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
@@ -168,9 +168,9 @@ def final_candidate(config_json: str, context: TrialContext, cpus: float) -> tup
     shared with the node that trained.
     """
     import ray
-    import torch
 
-    torch.set_num_threads(max(1, int(math.floor(cpus))))
+    device = reserved_gpu_device("search.gpus_per_trial")  # like a trial: on its GPU, or a clear stop
+    limit_cpu_threads(cpus)
     config = DistillConfig.model_validate_json(config_json)
     meta = context.meta
     data = ray.get(context.data_refs[0])
@@ -204,6 +204,7 @@ def final_candidate(config_json: str, context: TrialContext, cpus: float) -> tup
             latency_runs=context.latency_runs,
             on_epoch=on_epoch,
             views=views,
+            device=device,
         )
         files = {name: (Path(directory) / name).read_bytes() for name in CANDIDATE_FILES}
     return files, metrics

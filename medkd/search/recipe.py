@@ -88,6 +88,7 @@ def train_candidate(
     latency_runs: int,
     on_epoch: Any = None,
     views: CachedViews | None = None,
+    device: torch.device | None = None,
     resume: TrainingState | None = None,
     on_state: Any = None,
 ) -> dict[str, Any]:
@@ -97,9 +98,11 @@ def train_candidate(
     ``teacher_logits=None`` and ``alpha=1`` for the no-KD baseline), so what they compare is
     trained and compressed exactly as the served model. With ``views`` (cached FKD views) the
     student trains on those instead of ``augment``. Returns :func:`export_candidate`'s metrics
-    (quality of the compressed model on ``val``). ``resume`` / ``on_state`` resume and save the
-    distillation's state between epochs (see :func:`distill`); pruning, fine-tuning and export
-    always run in full after it.
+    (quality of the compressed model on ``val``). ``device`` is where the student trains (the
+    trial's reserved GPU, see :func:`medkd.core.devices.reserved_gpu_device`); pruning, export
+    and quantization run on the CPU. ``resume`` / ``on_state`` resume and save the distillation's
+    state between epochs (see :func:`distill`); pruning, fine-tuning and export always run in full
+    after it.
     """
     train_x, train_y = train
     val_x, val_y = val
@@ -118,6 +121,7 @@ def train_candidate(
         augment=augment,
         views=views,
         on_epoch=on_epoch,
+        device=device,
         resume=resume,
         on_state=on_state,
     )
@@ -136,6 +140,7 @@ def train_candidate(
             epochs=finetune,
             augment=augment,
             views=views,
+            device=device,
         )
     return export_candidate(
         model,

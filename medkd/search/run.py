@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from medkd.core.devices import require_reserved_gpus
+from medkd.core.devices import limit_cpu_threads, reserved_gpu_device
 from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
 from medkd.data.meta import DatasetMeta
@@ -54,10 +54,11 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
     Every epoch but the last is reported with a checkpoint of the training state; a retried or
     restored trial resumes from it and reports ``resumed_from_epoch`` (see ``trial_checkpoint``).
     """
-    require_reserved_gpus("search.gpus_per_trial")  # a declared GPU must be usable: no silent CPU
+    # A trial that holds a GPU distils on it; a declared GPU that is unusable stops it (no silent CPU).
+    device = reserved_gpu_device("search.gpus_per_trial")
     resume = restored_training_state()
     resumed_from = {"resumed_from_epoch": resume.epoch if resume is not None else 0}
-    torch.set_num_threads(max(1, int(math.floor(context.cpus_per_trial))))
+    limit_cpu_threads(context.cpus_per_trial)
     config = trial_distill_config(params, context)
     meta = context.meta
     data = ray.get(context.data_refs[0])
@@ -125,6 +126,7 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
             latency_runs=context.latency_runs,
             on_epoch=on_epoch,
             views=views,
+            device=device,
             resume=resume,
             on_state=checkpoints.save,
         )

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from medkd.core.errors import GpuUnavailableError, ray_node_description
 from medkd.registry import layout
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE, SELECTED_FILE
 from medkd.registry.metadata import ModelMetadata
@@ -34,10 +35,6 @@ _ORT_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 
 class ModelDirError(ValueError):
     """The model directory is missing ``model.onnx`` or has a bad ``metadata.json``."""
-
-
-class GpuUnavailableError(RuntimeError):
-    """``gpus_per_replica > 0`` but ONNX Runtime cannot run on CUDA here."""
 
 
 class ModelFiles(BaseModel):
@@ -157,7 +154,8 @@ def create_session(model_bytes: bytes, *, threads: int = 1, use_gpu: bool = Fals
         use_gpu: run on CUDA; never falls back to the CPU silently.
 
     Raises:
-        GpuUnavailableError: ``use_gpu`` but this ONNX Runtime has no working CUDA provider.
+        GpuUnavailableError: ``use_gpu`` but this ONNX Runtime has no working CUDA provider;
+            the message names the node the replica was placed on and ``serve.gpus_per_replica``.
 
     Examples:
         >>> session = create_session(open("model.onnx", "rb").read())  # doctest: +SKIP
@@ -172,17 +170,19 @@ def create_session(model_bytes: bytes, *, threads: int = 1, use_gpu: bool = Fals
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not use_gpu:
         return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    where = f"serve.gpus_per_replica > 0 asked for a GPU and Ray placed the replica on node {ray_node_description()}"
     if CUDA_PROVIDER not in ort.get_available_providers():
         raise GpuUnavailableError(
-            f"serve.gpus_per_replica > 0 but onnxruntime {ort.__version__} has no {CUDA_PROVIDER} "
-            f"(available: {', '.join(ort.get_available_providers())}); install the GPU build with "
-            "`pip install 'medkd[gpu]'` (onnxruntime-gpu) or set serve.gpus_per_replica: 0"
+            f"{where}, but onnxruntime {ort.__version__} there has no {CUDA_PROVIDER} "
+            f"(available: {', '.join(ort.get_available_providers())}); stopped instead of serving on the CPU. "
+            "Install the GPU build with `pip install 'medkd[gpu]'` (onnxruntime-gpu) or set serve.gpus_per_replica: 0"
         )
     session = ort.InferenceSession(model_bytes, sess_options=options, providers=[CUDA_PROVIDER, "CPUExecutionProvider"])
-    if session.get_providers()[0] != CUDA_PROVIDER:  # CUDA libraries failed to load
+    if session.get_providers()[0] != CUDA_PROVIDER:  # no device, or CUDA libraries that failed to load
         raise GpuUnavailableError(
-            f"serve.gpus_per_replica > 0 but ONNX Runtime could not start {CUDA_PROVIDER} "
-            f"(session providers: {session.get_providers()}); check the CUDA/cuDNN libraries"
+            f"{where}, but ONNX Runtime could not start {CUDA_PROVIDER} there (session providers: "
+            f"{session.get_providers()}); stopped instead of serving on the CPU. Check the node's GPU and "
+            "CUDA/cuDNN libraries, or set serve.gpus_per_replica: 0"
         )
     return session
 

@@ -111,9 +111,11 @@ def build_distillation_loss(meta: DatasetMeta, config: DistillConfig) -> nn.Modu
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of ``images`` (computed on the model's device), as a float32 array."""
     model.eval()
+    device = _device_of(model)
     outputs = [
-        model(torch.from_numpy(images[start : start + batch_size])).float().numpy()
+        model(torch.from_numpy(images[start : start + batch_size]).to(device)).float().cpu().numpy()
         for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(outputs)
@@ -152,6 +154,7 @@ def distill(
     on_epoch: Callable[[dict[str, Any]], bool | None] | None = None,
     resume: TrainingState | None = None,
     on_state: Callable[[TrainingState], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with the multi-teacher KD loss of ``config``.
 
@@ -178,6 +181,9 @@ def distill(
         on_state: called after each epoch before the soup's fork (with ``on_epoch`` after it)
             with the :class:`TrainingState` to resume from; its tensors are the live ones, so save
             them before returning.
+        device: where to train (``cuda`` for a trial or final training that holds a GPU, see
+            :func:`medkd.core.devices.reserved_gpu_device`); default the CPU. The model is moved
+            there for training and is back on the CPU (where pruning and export run) on return.
 
     Returns:
         One record per epoch (loss parts, seconds, validation quality when val data is given),
@@ -210,6 +216,9 @@ def distill(
         criterion = create_loss(loss_name(meta), temperature=config.temperature, alpha=1.0)
     else:
         criterion = build_distillation_loss(meta, config)
+    device = torch.device(device or "cpu")
+    model.to(device)
+    criterion.to(device)
     epochs = epochs or config.epochs
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
     segmentation = meta.task == "segmentation"
@@ -240,6 +249,8 @@ def distill(
                         labels = masks if segmentation else labels
                     if teacher_logits is not None:
                         teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                teachers = None if teachers is None else teachers.to(device, non_blocking=True)
                 loss, parts = criterion(run.model(images), teachers, _targets(labels, meta))
                 if teachers is None:
                     parts.pop("kd", None)
@@ -302,7 +313,7 @@ def distill(
             on_epoch(record)
     elif trunk.average is not None:
         model.load_state_dict(trunk.average.model.state_dict())
-    model.eval()
+    model.eval().to("cpu")
     return history
 
 
@@ -415,8 +426,12 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, batch_size: int) -> None:
     """Recompute BatchNorm statistics of ``model`` over ``images`` (averaged weights need their own)."""
     batches = [torch.from_numpy(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
-    torch.optim.swa_utils.update_bn(batches, model)
+    torch.optim.swa_utils.update_bn(batches, model, device=_device_of(model))
     model.eval()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def finite_or(value: float, default: float) -> float:

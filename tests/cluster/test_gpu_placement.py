@@ -3,12 +3,13 @@
 A real multi-node cluster (``ray.cluster_utils.Cluster``, in its own process): a head node and
 a worker node started with ``num_gpus=1`` and no real device. GPU work from the spec goes
 through medkd's own code paths — a teacher with ``use_gpu: true`` (Ray Train), a search trial
-with ``search.gpus_per_trial: 1`` (Ray Tune, medkd's trial function and resources), the
-soft-label inference task (which asks for a GPU when the cluster has one) — and each must be
-placed on the GPU node (its node id is asserted) and stop there with a clear error naming that
-node and the spec field, instead of silently running on the CPU. A Serve replica with
-``serve.gpus_per_replica: 1`` (a config from ``medkd serve --config-out``, deployed with
-``serve deploy``) must be placed there too. CPU work from the same spec goes on running.
+with ``search.gpus_per_trial: 1`` (Ray Tune, medkd's trial function and resources), the final
+training of the selected student (``train_final``, same field), the soft-label inference task
+(which asks for a GPU when the cluster has one) — and each must be placed on the GPU node (its
+node id is asserted) and stop there with a clear error naming that node and the spec field,
+instead of silently running on the CPU. A Serve replica with ``serve.gpus_per_replica: 1`` (a
+config from ``medkd serve --config-out``, deployed with ``serve deploy``) must be placed there
+too, and fail to start with the same kind of error. CPU work from the same spec goes on running.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ def scenario(output: Path) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from medkd.core.devices import GpuUnavailableError
+    from medkd.core.progress import Progress
     from medkd.data import SyntheticDataSpec, load_dataset
     from medkd.data.meta import DatasetMeta
+    from medkd.search.final import train_final
+    from medkd.search.outcome import SearchOutcome, TrialRecord
     from medkd.search.run import distill_trial
     from medkd.softlabels.compute import teacher_logits_task
+    from medkd.spec.job import load_spec
     from medkd.spec.search import SearchSpec
     from medkd.spec.serve import ServeConfig
     from medkd.spec.teachers import TeacherSpec
@@ -56,7 +61,16 @@ def scenario(output: Path) -> dict[str, Any]:
             "dashboard_port": free_port(),
         },
     )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"seconds": {}}
+    clock = [time.monotonic()]
+
+    def done(step: str) -> None:
+        """Record the step's seconds (and say it on stderr: a timeout's message shows how far it got)."""
+        now = time.monotonic()
+        out["seconds"][step] = round(now - clock[0], 1)
+        clock[0] = now
+        print(f"[gpu scenario] {step} done in {out['seconds'][step]} s", file=sys.stderr, flush=True)
+
     try:
         gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
         cluster.wait_for_nodes()
@@ -64,6 +78,7 @@ def scenario(output: Path) -> dict[str, Any]:
         out["gpu_node_id"] = gpu_node.node_id
         out["head_node_id"] = cluster.head_node.node_id
         out["cluster_gpus"] = ray.cluster_resources().get("GPU", 0)
+        done("cluster")
 
         dataset = load_dataset(SyntheticDataSpec(image_size=16, num_train=64, num_val=16, num_test=16, num_classes=2))
         meta = DatasetMeta.of(dataset)
@@ -81,6 +96,7 @@ def scenario(output: Path) -> dict[str, Any]:
         )
         (trial,) = tuner.fit()
         out["trial"] = f"{type(trial.error).__name__}: {trial.error}" if trial.error else "finished on the CPU"
+        done("trial")
 
         # 2. Soft-label inference: a GPU task whenever the cluster declares a GPU.
         artifact = TeacherArtifact(
@@ -103,10 +119,36 @@ def scenario(output: Path) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001
             out["softlabels"] = f"{type(error).__name__}: {error}"
         out["softlabels_is_gpu_error"] = GpuUnavailableError.__name__ in out["softlabels"]
+        done("softlabels")
+
+        # 2b. The final training of the selected student, from a spec with search.gpus_per_trial: 1.
+        #     Like the trial, it checks its device first: no context or data is needed to stop.
+        spec = load_spec(
+            REPO_ROOT / "examples" / "quickstart.yaml",
+            {"search.gpus_per_trial": 1, "search.max_concurrent": 1, "search.final_epochs": 1},
+        )
+        selected = TrialRecord(
+            trial_id="t0",
+            status="completed",
+            config={"student": "resnet_tiny"},
+            metrics={},
+            checkpoint=None,
+            final=True,
+        )
+        outcome = SearchOutcome(fingerprint="s", experiment_path="", objectives=[], trials=[selected], pareto=["t0"])
+        try:
+            train_final(
+                spec, outcome, selected, context=None, output_dir=output / "final", progress=Progress(quiet=True)
+            )
+            out["final"] = "finished on the CPU"
+        except Exception as error:  # noqa: BLE001 - the message is the result
+            out["final"] = f"{type(error).__name__}: {error}"
+        done("final")
 
         # 3. A Serve replica with serve.gpus_per_replica: 1, from a config medkd generates,
         #    deployed with Ray's own CLI: where does Ray put the replica?
-        out["replica_node_id"] = replica_node(output, cluster.webui_url)
+        out["replica_node_id"], out["replica"] = replica_node(output, cluster.webui_url)
+        done("replica")
 
         # 4. A teacher worker (Ray Train) that asked for a GPU. Last: Ray Train releases a failed
         #    worker group's placement group lazily, and the job has failed anyway.
@@ -135,6 +177,7 @@ def scenario(output: Path) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001 - the message is the result
             out["teacher"] = f"{type(error).__name__}: {error}"
         out["teacher_seconds"] = round(time.monotonic() - started, 1)
+        done("teacher")
 
         # The replica resources a RayService / `medkd serve` asks for.
         out["replica_options"] = ServeConfig(gpus_per_replica=1, cpus_per_replica=0.5).ray_actor_options()
@@ -151,9 +194,11 @@ def scenario(output: Path) -> dict[str, Any]:
     return out
 
 
-def replica_node(output: Path, dashboard: str) -> str | None:
+def replica_node(output: Path, dashboard: str) -> tuple[str | None, str]:
     """Deploy a tiny model with ``serve.gpus_per_replica: 1`` (``medkd serve --config-out`` +
-    ``serve deploy``) and return the node id of its replica actor (None: none within 120 s)."""
+    ``serve deploy``); return the node id of its replica actor (None: none within 120 s) and the
+    deployment's status message once a replica failed to start (bounded by 120 s too)."""
+    from ray import serve
     from ray.util.state import list_actors
 
     from medkd.cli.main import main
@@ -184,17 +229,25 @@ def replica_node(output: Path, dashboard: str) -> str | None:
         [SERVE_CLI, "deploy", str(config), "--address", address], check=True, capture_output=True, timeout=120
     )
     try:
+        node_id, message = None, ""
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and node_id is None:
             replicas = [
                 actor
                 for actor in list_actors(address=address, detail=True)
                 if (actor.class_name or "").startswith("ServeReplica:") and actor.node_id
             ]
-            if replicas:
-                return replicas[0].node_id
+            node_id = replicas[0].node_id if replicas else None
             time.sleep(1)
-        return None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "failed to start" not in message:
+            message = " | ".join(
+                f"{deployment.status}: {deployment.message}"
+                for application in serve.status().applications.values()
+                for deployment in application.deployments.values()
+            )
+            time.sleep(1)
+        return node_id, message
     finally:
         subprocess.run([SERVE_CLI, "shutdown", "--address", address, "--yes"], capture_output=True, timeout=120)
 
@@ -222,11 +275,11 @@ def test_gpu_work_lands_on_the_gpu_node_and_stops_there_without_a_cuda_device(tm
         start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(timeout=480)
+        stdout, stderr = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"the GPU scenario did not end within 480 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        pytest.fail(f"the GPU scenario did not end within 600 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     finally:
         try:  # whatever the scenario left behind (e.g. the agents of a node that failed to start)
             os.killpg(process.pid, signal.SIGKILL)
@@ -235,19 +288,22 @@ def test_gpu_work_lands_on_the_gpu_node_and_stops_there_without_a_cuda_device(tm
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     assert process.returncode == 0 and lines, f"scenario failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     result = json.loads(lines[-1].removeprefix(RESULT_MARK))
+    print(f"GPU scenario step seconds: {result['seconds']}")
     gpu_node = result["gpu_node_id"]
     assert result["cluster_gpus"] == 1
 
-    for what, field in [
-        ("teacher", "teachers[gpu-teacher].use_gpu"),
-        ("trial", "search.gpus_per_trial"),
-        ("softlabels", "soft-label inference"),
+    for what, field, cause in [
+        ("teacher", "teachers[gpu-teacher].use_gpu", "finds no CUDA device"),
+        ("trial", "search.gpus_per_trial", "finds no CUDA device"),
+        ("final", "search.gpus_per_trial", "finds no CUDA device"),
+        ("softlabels", "soft-label inference", "finds no CUDA device"),
+        ("replica", "serve.gpus_per_replica", "CUDAExecutionProvider"),
     ]:
         message = _one_line(result[what])
         assert "finished on the CPU" not in message, what
         assert f"{field}" in message and "asked for a GPU" in message, f"{what}: {message[:800]}"
         assert f"node id {gpu_node}" in message, f"{what} did not run on the GPU node {gpu_node}: {message[:800]}"
-        assert "finds no CUDA device" in message, what
+        assert cause in message and "GpuUnavailableError" in message, f"{what}: {message[:800]}"
     assert result["softlabels_is_gpu_error"]
     assert result["teacher_seconds"] < 300  # fails fast: no retries of a node that cannot train
     assert result["trial_resources"] == {"cpu": 1.0, "gpu": 1.0}

@@ -103,6 +103,21 @@ def test_same_seed_gives_the_same_student():
     assert torch.equal(weights[0], weights[1])
 
 
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_distill_trains_on_the_given_device_and_returns_the_student_on_the_cpu(device):
+    """A trial that holds a GPU passes ``device="cuda"``; pruning and export then need the CPU model."""
+    images, labels, teachers = tiny_data()
+    cfg = config(alpha=0.5, epochs=1, ema_epochs=1.0)
+    data = {"train_images": images, "train_labels": labels, "teacher_logits": array_teacher_logits(teachers)}
+    default, placed = build_student(META, cfg), build_student(META, cfg)
+    distill(default, cfg, meta=META, **data)
+    history = distill(placed, cfg, meta=META, val_images=images, val_labels=labels, device=torch.device(device), **data)
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}
+    assert np.isfinite(history[-1]["val_auc"]) and np.isfinite(history[-1]["train_loss"])
+    if device == "cpu":  # the same student as without the argument
+        assert torch.equal(_flat(default), _flat(placed))
+
+
 def _flat(model) -> torch.Tensor:
     return torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
 
