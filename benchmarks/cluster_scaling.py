@@ -1,6 +1,6 @@
 """Search scaling and remote cache reads on the network-namespace cluster.
 
-    python -m benchmarks.cluster_scaling [--trials 4] [--trial-epochs 6] [--num-train 768]
+    python -m benchmarks.cluster_scaling [--trials 4] [--trial-epochs 10] [--num-train 1024]
                                          [--cache-samples 200000] [--read-rounds 7]
 
 Needs root (network namespaces). One :class:`medkd.cli.cluster.NetnsCluster` is started: a head
@@ -15,6 +15,22 @@ own address on a private bridge, and the cluster's Redis beside the head.
   (so teachers and soft labels are reused), and every trial must run on worker 1.
   The figure is the ratio of the search stage's seconds (``results.json``,
   ``stages.search.seconds``): 1 node / 2 nodes.
+
+  The trial size is a realistic one by default (10 epochs of 1024 images; a real search trains
+  for tens of epochs): every trial also pays a fixed cost that does not shrink with its size (a
+  new actor process and its imports, the soft-label read, the cost estimate's ONNX export, the
+  final compression, export and latency measurement; ~20-30 CPU-s here). At 4 epochs of 512
+  images that fixed cost is most of a trial and the figure says more about it than about
+  spreading trials over nodes.
+
+  **Where the time goes.** While each search stage runs (from its ``== stage 3/7: search ==``
+  log line to the next stage's), :class:`benchmarks._cpu_census.CpuCensus` samples ``/proc``:
+  CPU seconds per node (network namespace) and kind of process (trial actors, head, raylets,
+  agents, driver, Redis), the busiest processes, each trial process's busiest thread vs all its
+  other threads (a 1-CPU trial must compute on one thread), and what ran *outside* the cluster
+  meanwhile. Each trial's time line (set-up, epochs, compression/export, the gap before it on
+  its node) comes from its Tune ``result.json``. A search during which processes outside the
+  cluster used more than 0.2 cores is marked void: the machine was not quiet.
 * **Cache bulk read, remote vs local.** A driver on the head publishes one split of logits
   (``--cache-samples`` x 10 classes, float16) into the cluster's Redis; then a reader on the head
   and a reader on worker 1 (another namespace: over veth + bridge) each time
@@ -23,7 +39,8 @@ own address on a private bridge, and the cluster's Redis beside the head.
   throughput (medians).
 
 Ends with ``RESULT search_speedup_2_nodes=<x> remote_cache_vs_local=<y>`` (targets >= 1.6 and
->= 0.7). Timing on a shared 2-core machine is noisy: record the load next to the figures.
+>= 0.7). Timing on a shared 2-core machine is noisy: record the load (printed with each search's
+census) next to the figures.
 """
 
 from __future__ import annotations
@@ -41,12 +58,15 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._cpu_census import OUTSIDE, CensusReport, CpuCensus
 from medkd.cli.cluster import REDIS_PASSWORD_ENV, LocalCluster, NetnsCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = REPO_ROOT / "examples" / "quickstart.yaml"
 TEACHER_FP, DATASET_FP, NAMESPACE = "benchteacher", "benchdata", "bench-scaling"
 JOB_TIMEOUT_S = 1800
+#: Above this many cores used by processes outside the cluster during a search, its time is void.
+QUIET_OUTSIDE_CORES = 0.2
 
 
 def _medkd(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -60,8 +80,49 @@ def _medkd(*args: str, env: dict[str, str], timeout: float) -> subprocess.Comple
     )
 
 
-def run_job(cluster: LocalCluster, output_dir: Path, args: argparse.Namespace) -> dict:
-    """Submit the quickstart job, follow it to its end, return its results.json."""
+def _census_nodes(cluster: LocalCluster) -> dict[str, str]:
+    return {node.role: node.namespace for node in cluster.state.nodes if node.namespace}
+
+
+def follow_job(cluster: LocalCluster, job_id: str, env: dict[str, str]) -> CensusReport | None:
+    """Follow the job's log to its end; sample the CPU use of every process while the search
+    stage runs (from its ``== stage 3/…: search ==`` line to the next stage's)."""
+    census: CpuCensus | None = None
+    report: CensusReport | None = None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medkd.cli.main", "logs", job_id, "--follow", "--address", cluster.dashboard_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+    )
+    tail: list[str] = []
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        for line in process.stdout:
+            tail = [*tail[-80:], line]
+            if "== stage" in line and ": search ==" in line and census is None:
+                census = CpuCensus(_census_nodes(cluster)).start()
+            elif "== stage" in line and census is not None and report is None:
+                report = census.stop()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"job {job_id} did not end within {JOB_TIMEOUT_S} s")
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if census is not None and report is None:
+        report = census.stop()
+    if process.returncode != 0:
+        raise SystemExit(f"job {job_id} did not succeed:\n{''.join(tail)[-4000:]}")
+    return report
+
+
+def run_job(cluster: LocalCluster, output_dir: Path, args: argparse.Namespace) -> tuple[dict, CensusReport | None]:
+    """Submit the quickstart job, follow it to its end; return its results.json and the CPU census
+    of its search stage."""
     overrides = [
         f"output_dir={output_dir}",
         *cluster.job_overrides(),
@@ -91,14 +152,90 @@ def run_job(cluster: LocalCluster, output_dir: Path, args: argparse.Namespace) -
     if submit.returncode != 0:
         raise SystemExit(f"medkd submit failed:\n{submit.stderr}")
     job_id = submit.stdout.split()[0]
-    logs = _medkd("logs", job_id, "--follow", "--address", cluster.dashboard_url, env=env, timeout=JOB_TIMEOUT_S)
-    if logs.returncode != 0:
-        raise SystemExit(f"job {job_id} did not succeed:\n{logs.stdout[-4000:]}\n{logs.stderr[-2000:]}")
-    return json.loads((output_dir / "results.json").read_text())
+    census = follow_job(cluster, job_id, env)
+    return json.loads((output_dir / "results.json").read_text()), census
 
 
 def _trial_nodes(results: dict) -> list[str]:
     return [trial["metrics"].get("node_ip", "?") for trial in results["trials"]]
+
+
+def trial_timeline(results: dict, origin: float | None = None) -> list[dict]:
+    """Each trial's timing from its Tune ``result.json``: when its trainable started and ended (epoch
+    seconds), its set-up before the first epoch (data, soft labels, the cost estimate's ONNX export),
+    its epochs, its end (last epoch + compression + export), and the gap on its node before it
+    (the previous trial's teardown, a new actor process, its imports). Times are relative to
+    ``origin`` (``time.time()`` when the search stage started; default: the first trainable's start)."""
+    rows = []
+    for trial in results["trials"]:
+        if not trial.get("checkpoint"):
+            continue
+        lines = (Path(trial["checkpoint"]).parent / "result.json").read_text().splitlines()
+        reports = [json.loads(line) for line in lines if line.strip()]
+        epochs = [r["epoch_seconds"] for r in reports if "epoch_seconds" in r]
+        first, last = reports[0], reports[-1]
+        rows.append(
+            {
+                "trial": trial["trial_id"],
+                "node": first.get("node_ip", "?"),
+                "start": first["timestamp"] - first["time_this_iter_s"],
+                "end": last["timestamp"],
+                "trainable_s": last["time_total_s"],
+                "setup_s": first["time_this_iter_s"] - (epochs[0] if epochs else 0.0),
+                "epochs_s": sum(epochs),
+                "end_s": last["time_this_iter_s"],  # the last epoch, pruning, export, quantization, latency
+            }
+        )
+    rows.sort(key=lambda row: row["start"])
+    if origin is None:
+        origin = min((row["start"] for row in rows), default=0.0)
+    previous_end: dict[str, float] = {}
+    for row in rows:
+        row["gap_s"] = row["start"] - previous_end.get(row["node"], origin)
+        previous_end[row["node"]] = row["end"]
+        row["start"] -= origin
+        row["end"] -= origin
+    return rows
+
+
+def describe_search(label: str, results: dict, census: CensusReport | None) -> None:
+    """Print the search's seconds, each trial's time line, and where the CPU went meanwhile."""
+    seconds = results["stages"]["search"]["seconds"]
+    print(f"search on {label}: {seconds:.1f} s, trials on {sorted(set(_trial_nodes(results)))}", flush=True)
+    rows = trial_timeline(results, census.started_at if census is not None else None)
+    for row in rows:
+        print(
+            f"  trial {row['trial']} on {row['node']}: trainable {row['start']:.0f}-{row['end']:.0f} s "
+            f"({row['trainable_s']:.1f} s: set-up {row['setup_s']:.1f}, epochs before the last "
+            f"{row['epochs_s']:.1f}, last epoch + compression/export {row['end_s']:.1f}); "
+            f"{row['gap_s']:.1f} s on its node before it",
+            flush=True,
+        )
+    if rows:
+        fixed = sum(row["setup_s"] + row["gap_s"] for row in rows) / len(rows)
+        training = sum(row["epochs_s"] for row in rows) / len(rows)
+        finishing = sum(row["end_s"] for row in rows) / len(rows)
+        print(
+            f"  per trial: {fixed:.1f} s before its first epoch (actor start, imports, set-up), {training:.1f} s "
+            f"of epochs (all but the last), {finishing:.1f} s for the last epoch and compression/export; "
+            f"the stage's last {seconds - max(row['end'] for row in rows):.1f} s came after the last trial",
+            flush=True,
+        )
+    if census is None:
+        print("  (no CPU census: the search stage line was not seen in the log)", flush=True)
+        return
+    print(census.table(), flush=True)
+    trial_cpu = census.kind_total("trial")
+    cluster_cpu = sum(census.node_total(node) for node in {n for n, _ in census.cpu} - {OUTSIDE})
+    outside = census.node_total(OUTSIDE)
+    print(
+        f"  cluster CPU during the search: {cluster_cpu:.0f} CPU-s, of which trial processes {trial_cpu:.0f} "
+        f"({trial_cpu / max(cluster_cpu, 1e-9):.0%}), the rest (head, raylets, agents, driver) "
+        f"{(cluster_cpu - trial_cpu) / max(census.seconds, 1e-9):.2f} cores on average; outside the cluster "
+        f"{outside:.0f} CPU-s = {outside / max(census.seconds, 1e-9):.2f} cores"
+        + (" (NOT quiet: the timing is void)" if outside / max(census.seconds, 1e-9) > QUIET_OUTSIDE_CORES else ""),
+        flush=True,
+    )
 
 
 def _wait_alive(cluster: LocalCluster, wanted: int, timeout: float = 120) -> None:
@@ -175,8 +312,8 @@ def cache_ratio(cluster: LocalCluster, args: argparse.Namespace) -> tuple[float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--trial-epochs", type=int, default=6)
-    parser.add_argument("--num-train", type=int, default=768)
+    parser.add_argument("--trial-epochs", type=int, default=10)
+    parser.add_argument("--num-train", type=int, default=1024)
     parser.add_argument("--cache-samples", type=int, default=200_000)
     parser.add_argument("--read-rounds", type=int, default=7)
     parser.add_argument("--cache-only", action="store_true", help="measure only the cache reads (quick check)")
@@ -214,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cache_only:
             print(f"RESULT remote_cache_vs_local={ratio:.2f}")
             return 0
-        two = run_job(cluster, cluster.shared_dir / "runs" / "two_nodes", args)
+        two, two_census = run_job(cluster, cluster.shared_dir / "runs" / "two_nodes", args)
         two_s = two["stages"]["search"]["seconds"]
-        print(f"search on 2 worker nodes: {two_s:.1f} s, trials on {sorted(set(_trial_nodes(two)))}", flush=True)
+        describe_search("2 worker nodes", two, two_census)
 
         cluster.kill_node(2)
         _wait_alive(cluster, 2)
@@ -226,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             cluster.shared_dir / "runs" / "two_nodes" / "teachers",
             cluster.shared_dir / "runs" / "one_node" / "teachers",
         )
-        one = run_job(cluster, cluster.shared_dir / "runs" / "one_node", args)
+        one, one_census = run_job(cluster, cluster.shared_dir / "runs" / "one_node", args)
         one_s = one["stages"]["search"]["seconds"]
-        print(f"search on 1 worker node:  {one_s:.1f} s, trials on {sorted(set(_trial_nodes(one)))}", flush=True)
+        describe_search("1 worker node", one, one_census)
         if set(_trial_nodes(one)) != {cluster.node_addresses[1]}:
             raise SystemExit(f"the 1-node search ran trials on {set(_trial_nodes(one))}")
     finally:

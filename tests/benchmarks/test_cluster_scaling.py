@@ -1,7 +1,9 @@
-"""benchmarks.cluster_scaling refuses bad arguments before it starts a cluster, naming the flag."""
+"""benchmarks.cluster_scaling: bad arguments are refused before a cluster starts, and the measurements
+behind its "where the time goes" (the CPU census, the trials' time lines) add up."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -22,3 +24,39 @@ def test_non_positive_counts_are_refused_naming_the_flag(flag):
     assert done.returncode == 2
     assert f"{flag} must be >= 1, got 0" in done.stderr
     assert "load average" not in done.stdout  # nothing was started
+
+
+def test_the_cpu_census_charges_a_process_that_burns_cpu_while_it_samples():
+    """The census behind the benchmark's "where the time goes": a process that burns ~1 CPU-s while
+    it samples is charged for it (outside the cluster: it is in no namespace the census watches)."""
+    from benchmarks._cpu_census import OUTSIDE, CpuCensus
+
+    census = CpuCensus({}, interval=0.1).start()
+    burn = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass\ntime.sleep(0.3)"
+    subprocess.run([sys.executable, "-c", burn], check=True, timeout=120)
+    report = census.stop()
+    assert report.cpu.get((OUTSIDE, "other"), 0.0) >= 0.8
+    assert report.seconds >= 1.0 and report.load_1min and report.machine_busy_cpu_s >= 0.8
+    assert "outside" in report.table()
+
+
+def test_trial_timeline_reads_each_trials_set_up_epochs_and_gap_from_its_tune_results(tmp_path):
+    from benchmarks.cluster_scaling import trial_timeline
+
+    def trial(name: str, node: str, start: float, epochs: list[float], finish: float) -> dict:
+        directory = tmp_path / name
+        (directory / "checkpoint_000000").mkdir(parents=True)
+        now, total, rows = start, 0.0, []
+        for index, seconds in enumerate([*epochs, finish]):
+            took = seconds + (5.0 if index == 0 else 0.0)  # the first report also holds the set-up
+            now, total = now + took, total + took
+            row = {"timestamp": now, "time_this_iter_s": took, "time_total_s": total, "node_ip": node}
+            rows.append({**row, "epoch_seconds": seconds} if index < len(epochs) else row)
+        (directory / "result.json").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+        return {"trial_id": name, "checkpoint": str(directory / "checkpoint_000000")}
+
+    results = {"trials": [trial("a", "n1", 100.0, [2.0, 2.0], 3.0), trial("b", "n1", 120.0, [1.0], 4.0)]}
+    first, second = trial_timeline(results, origin=90.0)
+    assert (first["trial"], first["start"], first["setup_s"], first["epochs_s"]) == ("a", 10.0, 5.0, 4.0)
+    assert first["gap_s"] == 10.0 and first["end"] == 22.0 and first["end_s"] == 3.0
+    assert second["gap_s"] == 120.0 - 112.0  # after trial a ended on the same node
