@@ -54,12 +54,76 @@ def tiny_job(tmp_path: Path, redis_url: str, **changes) -> dict:
     return raw
 
 
+def tracked_runs(results: dict) -> dict[str, list]:
+    """The job's MLflow runs by ``medkd.kind``, read back with MLflow's own client."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=results["tracking"]["uri"])
+    runs = client.search_runs([results["tracking"]["experiment_id"]], max_results=1000)
+    by_kind: dict[str, list] = {"teacher": [], "trial": [], "student": []}
+    for run in runs:
+        by_kind[run.data.tags["medkd.kind"]].append(run)
+    return by_kind
+
+
+def assert_tracked(results: dict, output_dir: Path) -> None:
+    """tracking.enabled with no uri: MLflow runs in output_dir/mlruns for the teachers, every trial
+    (Tune's MLflow callback) and every exported student, matching results.json."""
+    from mlflow import MlflowClient
+
+    assert results["tracking"]["uri"] == f"sqlite:///{output_dir.resolve()}/mlruns/mlflow.db"
+    client = MlflowClient(tracking_uri=results["tracking"]["uri"])
+    runs = tracked_runs(results)
+
+    teachers = {r.data.tags["medkd.teacher"]: r for r in runs["teacher"]}
+    assert set(teachers) == {t["name"] for t in results["teachers"]}
+    for teacher in results["teachers"]:
+        run = teachers[teacher["name"]]
+        assert run.info.status == "FINISHED" and run.data.tags["medkd.fingerprint"] == teacher["fingerprint"]
+        assert run.data.tags["medkd.checkpoint"] == teacher["checkpoint"] and Path(teacher["checkpoint"]).is_file()
+        assert run.data.params["model"] == teacher["model"] and run.data.params["epochs"] == "1"
+        assert run.data.metrics["test/auc"] == pytest.approx(teacher["test_metrics"]["auc"])
+        assert run.data.metrics["params"] == teacher["params"]
+        history = client.get_metric_history(run.info.run_id, "val_auc")
+        assert [m.step for m in history] == [h["epoch"] for h in teacher["history"]]
+
+    trials = {r.data.tags["medkd.trial_id"]: r for r in runs["trial"]}
+    assert set(trials) == {t["trial_id"] for t in results["trials"]}
+    for trial in results["trials"]:
+        run = trials[trial["trial_id"]]
+        assert run.data.tags["trial_name"].endswith(trial["trial_id"])  # made by Tune's MLflowLoggerCallback
+        assert run.data.tags["medkd.search_fingerprint"] == results["search"]["fingerprint"]
+        assert 0.25 <= float(run.data.params["width"]) <= 0.5  # the sampled params
+        assert run.data.metrics["val_auc"] == pytest.approx(trial["metrics"]["val_auc"])
+        on_front = trial["trial_id"] in results["search"]["pareto"]
+        assert run.data.tags["medkd.pareto"] == str(on_front).lower()
+        if on_front:
+            assert run.data.metrics["pareto_rank"] == results["search"]["pareto"].index(trial["trial_id"])
+    assert [t for t, r in trials.items() if r.data.tags["medkd.selected"] == "true"] == [results["best"]["trial_id"]]
+
+    students = {r.data.tags["medkd.model_id"]: r for r in runs["student"]}
+    assert set(students) == {m["model_id"] for m in results["pareto_models"]}
+    served = students[results["best"]["model_id"]]
+    assert served.data.tags["medkd.selected"] == "true" and served.info.run_name == results["best"]["model_id"]
+    assert served.data.tags["medkd.onnx_path"] == results["best"]["onnx_path"]
+    assert served.data.metrics["model_bytes"] == results["best"]["size_bytes"]
+    assert served.data.metrics["latency_ms"] == pytest.approx(results["best"]["latency_ms"])
+    assert served.data.metrics["test/auc"] == pytest.approx(results["best"]["test_metrics"]["auc"])
+    for teacher in results["teachers"]:
+        assert served.data.tags[f"medkd.teacher.{teacher['name']}"] == teacher["fingerprint"]
+    assert {"metadata.json", "model.onnx"} <= {a.path for a in client.list_artifacts(served.info.run_id)}
+    assert all(
+        r.data.tags["medkd.selected"] == "false" for m, r in students.items() if m != results["best"]["model_id"]
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three runs of the pipeline
 def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys):
-    spec = parse_spec(tiny_job(tmp_path, redis_url))
+    spec = parse_spec(tiny_job(tmp_path, redis_url, tracking={"enabled": True}))
     run_job(spec)
     results = json.loads((spec.output_dir / "results.json").read_text())
+    assert_tracked(results, spec.output_dir)
 
     assert results["dataset"]["fingerprint"]
     assert {t["name"] for t in results["teachers"]} == {"cnn", "vit"}
@@ -107,6 +171,12 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert again["soft_labels"]["hits"] == 6 and again["soft_labels"]["misses"] == 0
     assert again["soft_labels"]["views"]["computed"] == 0 and again["soft_labels"]["views"]["cached"] == 2
     assert again["best"]["model_id"] == best["model_id"]
+    # Tracking is idempotent: the skipped stages' teachers, trials and students are not logged twice.
+    assert {kind: len(runs) for kind, runs in tracked_runs(again).items()} == {
+        "teacher": 2,
+        "trial": 2,
+        "student": len(results["pareto_models"]),
+    }
     out = capsys.readouterr().out
     assert "skipped, checkpoint found" in out and "skipped, all splits found in cache" in out
 
@@ -123,6 +193,7 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
             tmp_path,
             redis_url,
             search={**tiny_job(tmp_path, redis_url)["search"], "final_epochs": 2, "final_branches": 2},
+            tracking={"enabled": True},
         )
     )
     run_job(longer, serve=False)
@@ -139,6 +210,10 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
     assert Path(final["best"]["onnx_path"]).is_file() and final["best"]["parity"]["max_abs_diff"] < 1e-3
     assert (spec.output_dir / "models" / "SELECTED").read_text().strip() == final["best"]["model_id"]
+    students = {r.data.tags["medkd.model_id"]: r.data.tags for r in tracked_runs(final)["student"]}
+    assert students[final["best"]["model_id"]]["medkd.selected"] == "true"  # the longer-trained model's own run
+    assert students[final["best"]["model_id"]]["medkd.final_training_fingerprint"]
+    assert students[best["model_id"]]["medkd.selected"] == "false"
     assert "final training of trial" in capsys.readouterr().out
     assert (
         "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches"
