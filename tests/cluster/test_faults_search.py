@@ -1,50 +1,168 @@
-"""Issue 14, items 3 and 4: faults during the search of a whole pipeline run.
+"""Issue 14, items 3-5: faults during the search of a whole ``medkd run``, on the namespace cluster.
 
-Each scenario (``tests/cluster/search_fault_scenario.py``) runs the pipeline on a local
-multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head without CPUs, two 1-CPU worker
-nodes) with the cluster's own redis-server, in a subprocess (it cannot share the test
-session's Ray), and injects its fault once the search has finished a trial.
+One cluster for the module (``netns_cluster``: a head without CPUs and two 1-CPU worker nodes,
+each its own host on a private bridge, the cluster's Redis on the head's address with its password
+from a file). The driver runs as a user's would, ``medkd run`` on the head's namespace, with the
+cluster's Redis as the soft-label cache and its outputs in the cluster's shared directory. Once
+the search has finished a trial, the test injects its fault from outside, by recorded pids:
+
+3. a worker node SIGKILLed (no replacement): Tune retries its trials on the node left;
+4. the cluster's Redis SIGKILLed, its snapshot gone, and restarted: trials reconnect and
+   recompute the lost soft labels from the teacher checkpoint;
+5. the driver SIGKILLed: ``medkd run --resume`` reuses the finished stages and trials, and no
+   process of either run is left on any node.
+
+Each scenario starts by restarting what the one before killed (:func:`make_whole`).
 """
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
+import yaml
 
-from tests.cluster.search_fault_scenario import NUM_TRIALS, run_in_subprocess
+from medkd.cli.cluster import LocalCluster
+from tests.cluster.netns_faults import (
+    TRIAL_PROCESS,
+    HeadProcess,
+    assert_no_job_processes,
+    finished_trials,
+    make_whole,
+    node_processes,
+    search_job,
+    wait_until,
+)
 
-# Bounded; a few minutes on a quiet 2-CPU machine (measured at load ~50: the Redis scenario 12 min).
-SCENARIO_TIMEOUT_S = 780
+pytestmark = pytest.mark.slow
 
-
-def assert_full_search_and_a_served_kind_of_student(outcome: dict) -> None:
-    assert outcome["trials"] == NUM_TRIALS
-    assert outcome["final_trials"] == NUM_TRIALS, outcome["log_tail"]
-    assert outcome["errored_trials"] == 0
-    # The selected student is the same kind of result as without a fault: an exported,
-    # compressed student of the searched family with its validation quality.
-    assert outcome["best_onnx_exists"]
-    assert outcome["best_student"] == "resnet_tiny"
-    assert 0.0 <= outcome["best_val_metrics"]["val_auc"] <= 1.0
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
-def test_worker_node_killed_mid_search_retries_its_trials(tmp_path):
-    outcome = run_in_subprocess(tmp_path / "node", "node", SCENARIO_TIMEOUT_S)
-    assert outcome["ok"], outcome.get("error")
-    assert outcome["trials_on_killed_node"] >= 1  # the kill did hit a running trial
-    assert len(outcome["finished_before_fault"]) < NUM_TRIALS
-    assert_full_search_and_a_served_kind_of_student(outcome)
+NUM_TRIALS = 4
+# Bounded; a run takes a few minutes on a quiet 2-core machine, several times that when shared.
+RUN_TIMEOUT_S = 900
+REDIS_DOWN_S = 3.0
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
-def test_redis_killed_and_restarted_mid_search_recomputes_what_was_lost(tmp_path):
-    outcome = run_in_subprocess(tmp_path / "redis", "redis", SCENARIO_TIMEOUT_S)
-    assert outcome["ok"], outcome.get("error")
-    assert outcome["redis_restarted"]
-    assert len(outcome["finished_before_fault"]) < NUM_TRIALS
-    # Every soft label was lost with the unsaved server; trials after the restart recomputed
-    # them from the teacher checkpoint instead of failing.
-    assert outcome["recomputed"] >= 1, outcome["log_tail"]
-    assert_full_search_and_a_served_kind_of_student(outcome)
+def _job(cluster: LocalCluster, name: str) -> tuple[Path, Path]:
+    output_dir = cluster.shared_dir / "faults" / name
+    job = cluster.shared_dir / "faults" / f"{name}.yaml"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(yaml.safe_dump(search_job(cluster, output_dir, namespace=name, num_trials=NUM_TRIALS)))
+    return job, output_dir
+
+
+def _medkd_run(cluster: LocalCluster, job: Path, log: str, *extra: str) -> HeadProcess:
+    argv = ["-m", "medkd.cli.main", "run", str(job), "--no-serve", *extra]
+    return HeadProcess(cluster, argv, log_path=job.parent / log)
+
+
+def _first_trial_finished(driver: HeadProcess, output_dir: Path) -> list[str]:
+    return wait_until(lambda: finished_trials(output_dir / "ray"), RUN_TIMEOUT_S, "finished trial", driver)
+
+
+def _trial_errors(output_dir: Path) -> str:
+    return "\n".join(
+        f"{path.parent.name}:\n{path.read_text()[-3000:]}" for path in output_dir.glob("ray/*/*/error.txt")
+    )
+
+
+def _assert_full_search(results: dict[str, Any], output_dir: Path) -> None:
+    """The full trial count, every trial completed and exported, and the selected student the
+    same kind of result as without a fault."""
+    trials = results["trials"]
+    assert len(trials) == NUM_TRIALS
+    statuses = {t["trial_id"]: t["status"] for t in trials}
+    assert list(statuses.values()) == ["completed"] * NUM_TRIALS, f"{statuses}\n{_trial_errors(output_dir)}"
+    best = results["best"]
+    assert best["config"]["student"] == "resnet_tiny"
+    assert Path(best["onnx_path"]).is_file()
+    assert 0.0 <= best["val_metrics"]["val_auc"] <= 1.0
+
+
+def _trial_past_its_first_epoch(output_dir: Path) -> tuple[str, str] | None:
+    """``(trial id, node address)`` of a trial whose last report is epoch 1 of 2 (it runs on)."""
+    for result in (output_dir / "ray").glob("search-*/*/result.json"):
+        lines = result.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        if last.get("epoch") == 1 and not last.get("final") and not (result.parent / "error.txt").exists():
+            return last["trial_id"], last["node_ip"]
+    return None
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 600)
+def test_worker_node_killed_mid_search_retries_its_trials(netns_cluster):
+    make_whole(netns_cluster)
+    job, output_dir = _job(netns_cluster, "node")
+    with _medkd_run(netns_cluster, job, "node.log") as driver:
+        trial, address = wait_until(
+            lambda: _trial_past_its_first_epoch(output_dir), RUN_TIMEOUT_S, "trial past its first epoch", driver, 0.1
+        )
+        victim = netns_cluster.node_addresses.index(address)
+        before = finished_trials(output_dir / "ray")
+        trial_pids = node_processes(netns_cluster, victim, TRIAL_PROCESS)
+        killed = netns_cluster.kill_node(victim)
+        code = driver.wait(RUN_TIMEOUT_S)
+        output = driver.output()
+    assert code == 0, output[-5000:]
+    assert trial_pids and set(trial_pids) <= killed  # the kill did hit a running trial
+    assert len(before) < NUM_TRIALS
+    results = json.loads((output_dir / "results.json").read_text())
+    _assert_full_search(results, output_dir)
+    # Tune recorded the trial's failure and ran it again, on the node left, from the checkpoint of
+    # its first epoch (a trial checkpoints every epoch).
+    (retried,) = [t for t in results["trials"] if t["trial_id"] == trial]
+    assert list((output_dir / "ray").glob(f"search-*/*_{trial}_*/error.txt"))
+    lost, left = address, netns_cluster.node_addresses[3 - victim]
+    assert retried["metrics"]["node_ip"] == left
+    assert retried["metrics"]["resumed_from_epoch"] == 1, retried["metrics"]
+    # No trial ended on the lost node after it was killed.
+    nodes = [t["metrics"]["node_ip"] for t in results["trials"]]
+    assert nodes.count(lost) <= len(before), nodes
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 600)
+def test_redis_killed_and_restarted_mid_search_recomputes_what_was_lost(netns_cluster):
+    make_whole(netns_cluster)
+    job, output_dir = _job(netns_cluster, "redis")
+    with _medkd_run(netns_cluster, job, "redis.log") as driver:
+        before = _first_trial_finished(driver, output_dir)
+        netns_cluster.kill_redis()
+        # The snapshot goes too (as with a server that had not saved yet): every soft label is lost.
+        (Path(netns_cluster.state.redis.data_dir) / "dump.rdb").unlink(missing_ok=True)
+        time.sleep(REDIS_DOWN_S)
+        netns_cluster.restart_redis()
+        code = driver.wait(RUN_TIMEOUT_S)
+        output = driver.output()
+    assert code == 0, output[-5000:]
+    assert len(before) < NUM_TRIALS
+    # Trials after the restart found the labels gone and recomputed them from the teacher checkpoint.
+    assert "soft labels of teacher cnn (train) lost from the cache: recomputing" in output, output[-5000:]
+    _assert_full_search(json.loads((output_dir / "results.json").read_text()), output_dir)
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 600)
+def test_driver_killed_mid_search_resumes_without_orphans(netns_cluster):
+    make_whole(netns_cluster)
+    job, output_dir = _job(netns_cluster, "driver")
+    with _medkd_run(netns_cluster, job, "driver-first.log") as first:
+        _first_trial_finished(first, output_dir)
+        before = finished_trials(output_dir / "ray")
+        first.kill()
+    assert len(before) < NUM_TRIALS
+    # Ray ends the dead driver's job: none of its trials (or anything else of it) lingers on a node.
+    assert_no_job_processes(netns_cluster, "the killed driver's job left processes on the cluster")
+
+    with _medkd_run(netns_cluster, job, "driver-resume.log", "--resume") as second:
+        code = second.wait(RUN_TIMEOUT_S)
+        output = second.output()
+    assert code == 0, output[-5000:]
+    assert "resuming search" in output
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["stages"]["teachers"]["status"] == "skipped"
+    assert results["stages"]["soft_labels"]["status"] == "skipped"
+    _assert_full_search(results, output_dir)
+    # The trials finished before the kill were reused, not run again: their checkpoints are still there.
+    assert set(before) <= set(finished_trials(output_dir / "ray"))
+    assert_no_job_processes(netns_cluster, "processes of the runs outlived them")
