@@ -260,7 +260,7 @@ class Tracker:
             model_ids: registry id of each exported trial, by trial id.
         """
         runs = sorted(self._runs("trial", search_fingerprint=outcome.fingerprint), key=lambda r: r.info.start_time or 0)
-        by_trial: dict[str, str] = {}
+        by_trial: dict[str, Any] = {}
         for trial in outcome.trials:
             for run in runs:  # the latest run of a trial wins (a resumed search may have made two)
                 tags = run.data.tags
@@ -268,10 +268,11 @@ class Tracker:
                 if tags.get("medkd.trial_id") == trial.trial_id or tags.get("trial_name", "").endswith(
                     f"_{trial.trial_id}"
                 ):
-                    by_trial[trial.trial_id] = run.info.run_id
+                    by_trial[trial.trial_id] = run
         made = 0
         for trial in outcome.trials:
-            run_id = by_trial.get(trial.trial_id)
+            run = by_trial.get(trial.trial_id)
+            run_id = run.info.run_id if run is not None else None
             if run_id is None:
                 run_id = self._new_run(
                     "trial",
@@ -293,8 +294,8 @@ class Tracker:
             if trial.trial_id in model_ids:
                 tags["medkd.model_id"] = model_ids[trial.trial_id]
             self._set_tags(run_id, tags)
-            if rank is not None:
-                self.client.log_metric(run_id, "pareto_rank", float(rank))
+            if rank is not None and (run is None or run.data.metrics.get("pareto_rank") != rank):
+                self.client.log_metric(run_id, "pareto_rank", float(rank))  # once, not on every re-run
         return made
 
     # ------------------------------------------------------------------ students
