@@ -187,6 +187,7 @@ def medkd_server(model_dir: str, port: int) -> None:
         max_replicas=1,
         cpus_per_replica=0.5,
         max_ongoing_requests=64,
+        max_batch_size=BATCH_IMAGES,  # /predict/batch runs at the batch size in-process ORT is timed at
         max_queued_requests=1024,
     )
     url = deploy(model_dir, config, app_name="bench")
