@@ -5,7 +5,9 @@ A background thread samples ``/proc`` every ``interval`` seconds: each process's
 :class:`medkd.cli.cluster.NetnsCluster`; everything else on the machine is "outside"). Processes
 are sorted into kinds by their command line (``trial`` = a Tune trial actor, ``raylet``,
 ``gcs``, ``dashboard``, ``agents``, ``driver`` = the job's ``medkd run``, ``redis``, ...).
-A process that ends between two samples loses at most one interval of its CPU time.
+A process that ends between two samples loses at most one interval of its CPU time. For each
+trial process it also keeps the CPU time of every thread and the most CPU it used in any window of
+at least 1 s (``peak_cores``): a trial that holds 1 CPU must stay near 1.
 
 Examples:
     >>> census = CpuCensus({"head": "mkd64-n0", "worker1": "mkd64-n1"})  # doctest: +SKIP
@@ -63,6 +65,9 @@ class _Proc:
     first_seen: float
     last_seen: float
     thread_ticks: dict[int, int] = field(default_factory=dict)
+    thread_names: dict[int, str] = field(default_factory=dict)
+    window: tuple[float, int] = (0.0, 0)  # (time, ticks) where the current >= 1 s window began
+    peak_cores: float = 0.0  # the most CPU the process used in any such window, in cores
 
 
 @dataclass
@@ -75,6 +80,8 @@ class TrialProcess:
     max_threads: int
     busiest_thread_cpu_s: float = 0.0
     other_threads_cpu_s: float = 0.0
+    threads: list[tuple[str, float]] = field(default_factory=list)  # the busiest few: (name, CPU-s)
+    peak_cores: float = 0.0  # the most it used in any window of >= 1 s (above 1: more than 1 CPU)
 
 
 @dataclass
@@ -117,8 +124,10 @@ class CensusReport:
         for trial in self.trials:
             lines.append(
                 f"  trial process on {trial.node}: {trial.cpu_s:.1f} CPU-s in {trial.wall_s:.1f} s alive "
-                f"({trial.cpu_s / max(trial.wall_s, 1e-9):.2f} cores), max {trial.max_threads} threads; "
-                f"busiest thread {trial.busiest_thread_cpu_s:.1f} CPU-s, all others {trial.other_threads_cpu_s:.1f}"
+                f"({trial.cpu_s / max(trial.wall_s, 1e-9):.2f} cores, peak {trial.peak_cores:.2f} over 1 s), "
+                f"max {trial.max_threads} threads; "
+                f"busiest thread {trial.busiest_thread_cpu_s:.1f} CPU-s, all others {trial.other_threads_cpu_s:.1f} "
+                f"({', '.join(f'{name} {cpu_s:.1f}' for name, cpu_s in trial.threads)})"
             )
         return "\n".join(lines)
 
@@ -182,8 +191,15 @@ class CpuCensus:
                         # starts one: its whole life (start, imports) counts for that task.
                         title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                         known.kind, known.title = _kind(title), title.strip()[:120]
-                if self._procs[key].kind == "trial":
-                    self._sample_threads(pid, self._procs[key])
+                proc = self._procs[key]
+                if proc.kind == "trial":
+                    self._sample_threads(pid, proc)
+                    began, began_ticks = proc.window
+                    if not began:
+                        proc.window = (now, ticks)
+                    elif now - began >= 1.0:
+                        proc.peak_cores = max(proc.peak_cores, (ticks - began_ticks) / CLOCK_TICKS / (now - began))
+                        proc.window = (now, ticks)
             except (OSError, IndexError, ValueError):
                 continue  # ended while being read
         self._loads.append(os.getloadavg()[0])
@@ -194,7 +210,10 @@ class CpuCensus:
         for task in os.scandir(f"/proc/{pid}/task"):
             try:
                 fields = Path(f"/proc/{pid}/task/{task.name}/stat").read_text().rsplit(")", 1)[1].split()
-                proc.thread_ticks[int(task.name)] = int(fields[11]) + int(fields[12])
+                tid = int(task.name)
+                proc.thread_ticks[tid] = int(fields[11]) + int(fields[12])
+                if tid not in proc.thread_names:
+                    proc.thread_names[tid] = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
             except (OSError, IndexError, ValueError):
                 continue
 
@@ -234,6 +253,7 @@ class CpuCensus:
             if p.kind != "trial" or p.last_ticks <= p.first_ticks:
                 continue
             per_thread = sorted(p.thread_ticks.values(), reverse=True) or [0]
+            named = sorted(p.thread_ticks.items(), key=lambda item: -item[1])[:4]
             trials.append(
                 TrialProcess(
                     p.node,
@@ -242,6 +262,8 @@ class CpuCensus:
                     p.max_threads,
                     per_thread[0] / CLOCK_TICKS,
                     sum(per_thread[1:]) / CLOCK_TICKS,
+                    [(p.thread_names.get(tid, "?"), ticks / CLOCK_TICKS) for tid, ticks in named],
+                    p.peak_cores,
                 )
             )
         inside = [p for p in self._procs.values() if p.node != OUTSIDE]
