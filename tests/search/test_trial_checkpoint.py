@@ -154,12 +154,14 @@ def test_the_fault_hook_needs_both_variables_and_an_epoch_number(monkeypatch, tm
     assert not (tmp_path / "marker").exists()
 
 
-def test_the_fault_hook_kills_the_first_process_only(tmp_path):
+def test_the_fault_hook_kills_the_first_process_only(tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     env = {**os.environ, KILL_AT_EPOCH_ENV: "2", KILL_MARKER_ENV: str(marker)}
     code = "from medkd.search.trial_checkpoint import die_if_a_test_asks; die_if_a_test_asks(2); print('alive')"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert (first.returncode, first.stdout) == (KILLED_EXIT_CODE, "")
-    assert (second.returncode, second.stdout.strip()) == (0, "alive")
     assert "exited after epoch 2" in marker.read_text()
+    # The retried attempt finds the marker and carries on.
+    monkeypatch.setenv(KILL_AT_EPOCH_ENV, "2")
+    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    die_if_a_test_asks(2)
