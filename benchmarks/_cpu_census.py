@@ -82,6 +82,7 @@ class TrialProcess:
     other_threads_cpu_s: float = 0.0
     threads: list[tuple[str, float]] = field(default_factory=list)  # the busiest few: (name, CPU-s)
     peak_cores: float = 0.0  # the most it used in any window of >= 1 s (above 1: more than 1 CPU)
+    title: str = ""
 
 
 @dataclass
@@ -252,8 +253,11 @@ class CpuCensus:
         for p in self._procs.values():
             if p.kind != "trial" or p.last_ticks <= p.first_ticks:
                 continue
-            per_thread = sorted(p.thread_ticks.values(), reverse=True) or [0]
-            named = sorted(p.thread_ticks.items(), key=lambda item: -item[1])[:4]
+            # Thread times are since each thread began: for a process older than the census they
+            # would include what it did before, so they are only shown for processes born meanwhile.
+            per_thread = sorted(p.thread_ticks.values(), reverse=True) if not p.first_ticks else []
+            per_thread = per_thread or [0]
+            named = sorted(p.thread_ticks.items(), key=lambda item: -item[1])[:4] if not p.first_ticks else []
             trials.append(
                 TrialProcess(
                     p.node,
@@ -264,6 +268,7 @@ class CpuCensus:
                     sum(per_thread[1:]) / CLOCK_TICKS,
                     [(p.thread_names.get(tid, "?"), ticks / CLOCK_TICKS) for tid, ticks in named],
                     p.peak_cores,
+                    p.title,
                 )
             )
         inside = [p for p in self._procs.values() if p.node != OUTSIDE]

@@ -4,6 +4,7 @@ behind its "where the time goes" (the CPU census, the trials' time lines) add up
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,13 +33,14 @@ def test_the_cpu_census_charges_a_process_that_burns_cpu_while_it_samples():
     from benchmarks._cpu_census import OUTSIDE, CpuCensus
 
     census = CpuCensus({}, interval=0.1).start()
-    burn = "import time\nend = time.process_time() + 1.5\nwhile time.process_time() < end: pass\ntime.sleep(0.3)"
-    # The marker in its command line makes it a "trial" to the census (as a Tune trial actor's title).
-    subprocess.run([sys.executable, "-c", burn, "ray::ImplicitFunc"], check=True, timeout=120)
+    # The marker at the start of its command line makes it a "trial" to the census (a Tune trial actor's title).
+    marker = f"ray::ImplicitFunc census-test-{os.getpid()}"
+    burn = f"# {marker}\nimport time\nend = time.process_time() + 1.5\nwhile time.process_time() < end: pass\ntime.sleep(0.3)"
+    subprocess.run([sys.executable, "-c", burn], check=True, timeout=120)
     report = census.stop()
     assert report.cpu.get((OUTSIDE, "trial"), 0.0) >= 1.2
     assert report.seconds >= 1.5 and report.load_1min and report.machine_busy_cpu_s >= 1.2
-    (trial,) = report.trials
+    (trial,) = [trial for trial in report.trials if marker in trial.title]  # other trials may run meanwhile
     assert trial.busiest_thread_cpu_s >= 1.2 and trial.other_threads_cpu_s < 0.3  # one thread computes
     assert 0.0 < trial.peak_cores < 1.3  # one thread cannot use more than about one core
     assert "outside" in report.table() and "busiest thread" in report.table()
