@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,10 @@ from medkd.students.distill import (
 from medkd.students.losses.families import check_loss_space
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
+#: A trial's training-state checkpoints kept on storage (and its final candidate among them).
+KEPT_TRIAL_CHECKPOINTS = 3
+#: Seconds between snapshots of the experiment state (Tune's ``TUNE_GLOBAL_CHECKPOINT_S``).
+TRIAL_STATE_SNAPSHOT_S = 2
 
 
 class SearchInterrupted(RuntimeError):
@@ -142,12 +147,28 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
 # --------------------------------------------------------------------------- progress
 
 
+#: The running driver's Progress. Tune pickles its callbacks into the experiment state, so a search
+#: restored by a new driver (``--resume``) gets back a TrialProgress of the old one; it reports here.
+_driver_progress: Progress | None = None
+
+
 class TrialProgress(tune.Callback):
     """Shows trials as they start and end: the running count and the best so far (runs in the driver)."""
 
     def __init__(self, progress: Progress, total: int, metrics: list[str], modes: list[str] | None = None) -> None:
-        self.progress, self.metrics = progress, metrics
-        progress.trials_started(total, metric=metrics[0] if metrics else None, mode=(modes or ["max"])[0])
+        self._progress, self.total, self.metrics, self.modes = progress, total, metrics, modes or ["max"]
+        progress.trials_started(total, metric=metrics[0] if metrics else None, mode=self.modes[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"total": self.total, "metrics": self.metrics, "modes": self.modes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._progress = None
+
+    @property
+    def progress(self) -> Progress:
+        return self._progress or _driver_progress or Progress(quiet=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.progress.trial_started(trial.trial_id)
@@ -160,6 +181,27 @@ class TrialProgress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.progress.trial_finished(trial.trial_id, "failed", {})
         self.progress.line(f"    trial {trial.trial_id} failed: see {trial.local_path}")
+
+
+def _drop_superseded_checkpoints(grid: Any) -> None:
+    """Once every trial has ended, each needs only its latest checkpoint (the candidate, or where
+    ASHA stopped it); the earlier training states kept for a restore go."""
+    for result in grid:
+        if result.checkpoint is None or not result.path or "://" in result.path:
+            continue
+        latest = Path(result.checkpoint.path).name
+        for directory in Path(result.path).glob("checkpoint_*"):
+            if directory.name != latest:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _keep_trial_checkpoints_restorable() -> None:
+    """Tune deletes a trial's older checkpoints as it registers a new one, while the experiment
+    state it snapshots every ``TUNE_GLOBAL_CHECKPOINT_S`` (10 s or more by default) may still name
+    an older one; a driver killed in between left a trial that could not be restored. With the
+    snapshot at most ``TRIAL_STATE_SNAPSHOT_S`` old and the last ``KEPT_TRIAL_CHECKPOINTS`` kept,
+    the checkpoint it names still exists unless a trial checkpoints that often within it."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(TRIAL_STATE_SNAPSHOT_S))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -244,6 +286,7 @@ def run_search(
     restorable = "://" not in experiment_path and tune.Tuner.can_restore(experiment_path)
     if resume and restorable:
         progress.line(f"  resuming search {name} from {experiment_path}")
+        progress.trials_started(search.num_trials, metric=metrics[0], mode=modes[0])
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         if restorable:
@@ -281,7 +324,7 @@ def run_search(
                 verbose=0,
                 callbacks=[TrialProgress(progress, search.num_trials, metrics, modes), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=1),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_TRIAL_CHECKPOINTS),
             ),
         )
     progress.line(
@@ -289,8 +332,16 @@ def run_search(
         + ", ".join(f"{m} ({mode})" for m, mode in zip(metrics, modes))
         + (", ASHA early stopping" if use_asha else "")
     )
-    grid = tuner.fit()
+    global _driver_progress
+    _driver_progress = progress
+    _keep_trial_checkpoints_restorable()
+    try:
+        grid = tuner.fit()
+    finally:
+        _driver_progress = None
     done = grid.num_terminated + grid.num_errors
+    if done == search.num_trials:
+        _drop_superseded_checkpoints(grid)
     if done < search.num_trials:
         raise SearchInterrupted(
             f"search {name} interrupted after {done}/{search.num_trials} trials; its state is saved in "

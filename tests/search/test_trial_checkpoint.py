@@ -128,7 +128,8 @@ def test_a_trial_whose_process_dies_resumes_from_its_checkpoint_to_the_uninterru
         assert [r["training_iteration"] for r in rows] == list(range(1, EPOCHS + 1))
         assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
         assert [r["final"] for r in rows] == [False] * (EPOCHS - 1) + [True]
-        # Only the latest checkpoint is kept (CheckpointConfig(num_to_keep=1)): the exported candidate.
+        # Once the search has ended only the latest checkpoint is left: the exported candidate (the
+        # earlier training states, kept while a driver restore could name them, are dropped).
         assert [p.name for p in Path(trial.checkpoint).parent.glob("checkpoint_*")] == [Path(trial.checkpoint).name]
     # Same seed, same data order, same augmentation draws: the resumed trial ends where the
     # uninterrupted one ends, to the bit.
