@@ -20,7 +20,8 @@ import os
 import ray
 import torch
 
-from medkd.core.errors import GpuUnavailableError, ray_node_description
+from medkd.core.errors import GpuUnavailableError
+from medkd.core.ray_node import ray_node_description
 
 __all__ = [
     "GpuUnavailableError",

@@ -3,9 +3,6 @@ pydantic field errors without the "Value error, " prefix."""
 
 from __future__ import annotations
 
-import socket
-
-import ray
 from pydantic_core import PydanticCustomError
 
 
@@ -24,18 +21,6 @@ class GpuUnavailableError(RuntimeError):
     """Ray reserved a GPU for this work (a teacher worker, trial, final training, soft-label task or
     Serve replica) but it cannot run on CUDA on its node; the message names the node and the spec
     field that asked, instead of the work quietly running on the CPU."""
-
-
-def ray_node_description() -> str:
-    """Where the calling process runs, for error messages: ``IP (node id …)`` inside Ray.
-
-    Examples:
-        >>> ray_node_description()  # outside Ray  # doctest: +SKIP
-        'myhost (not in a Ray cluster)'
-    """
-    if not ray.is_initialized():
-        return f"{socket.gethostname()} (not in a Ray cluster)"
-    return f"{ray.util.get_node_ip_address()} (node id {ray.get_runtime_context().get_node_id()})"
 
 
 def field_error(message: str) -> PydanticCustomError:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from medkd.core.errors import GpuUnavailableError, ray_node_description
+from medkd.core.errors import GpuUnavailableError
+from medkd.core.ray_node import ray_node_description
 from medkd.registry import layout
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE, SELECTED_FILE
 from medkd.registry.metadata import ModelMetadata
