@@ -243,6 +243,7 @@ def _managed_server_settings(tmp_path: Path) -> dict[str, str]:
     return _conf_settings(ManagedRedisServer(data_dir=tmp_path / "managed")._config_text(6379, "x").splitlines())
 
 
+@pytest.mark.integration  # starts a real redis-server with the manifest's settings
 def test_kubernetes_redis_follows_the_caches_eviction_design_and_really_starts(tmp_path):
     """The Deployment's own start command and readiness probe, run here on a real redis-server
     with the manifest's redis.conf (only paths and the port changed): the password comes from

@@ -155,6 +155,7 @@ def test_the_fault_hook_needs_both_variables_and_an_epoch_number(monkeypatch, tm
     assert not (tmp_path / "marker").exists()
 
 
+@pytest.mark.slow  # a child interpreter that imports the search stack
 def test_the_fault_hook_kills_the_first_process_only(tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     env = {**os.environ, KILL_AT_EPOCH_ENV: "2", KILL_MARKER_ENV: str(marker)}

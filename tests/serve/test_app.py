@@ -384,6 +384,7 @@ class HungSession:
 
 
 # Serve awaits the ingress wrapper's async __del__ when it stops a replica; here nobody does.
+@pytest.mark.slow  # waits out the probe timeout (10 s)
 @pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
 def test_check_health_fails_when_the_onnx_session_is_wedged(classifier_dir):
     """Serve calls check_health every health_check_period_s and replaces a replica whose check
