@@ -24,11 +24,15 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import minimize_scalar
 
-from medkd.core.metrics import ECE_BINS, MULTILABEL_THRESHOLD, classification_metrics, probabilities
+from medkd.core.metrics import ECE_BINS, MULTILABEL_THRESHOLD, classification_metrics
+from medkd.core.temperature import (  # noqa: F401  (re-exported: the registry's calibration API)
+    TEMPERATURE_BOUNDS,
+    fit_temperature,
+    negative_log_likelihood,
+    scaled_probabilities,
+)
 
-TEMPERATURE_BOUNDS = (0.05, 20.0)  # searched in log space; a fit at a bound means the logits are degenerate
 ARGMAX = "argmax"
 
 
@@ -90,25 +94,12 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0, *, mu
         >>> calibrated_probabilities(np.array([[0.0, 2.0]]), 2.0).round(3).tolist()
         [[0.269, 0.731]]
     """
-    return probabilities(
-        np.asarray(logits, dtype=np.float64).reshape(len(logits), -1), multilabel=multilabel, temperature=temperature
-    )
-
-
-def negative_log_likelihood(
-    logits: np.ndarray, labels: np.ndarray, temperature: float, *, multilabel: bool = False
-) -> float:
-    """Mean NLL of ``labels`` under ``logits / temperature`` (BCE averaged over labels for multi-label)."""
-    probs = np.clip(calibrated_probabilities(logits, temperature, multilabel=multilabel), 1e-12, 1.0)
-    if multilabel:
-        truth = np.asarray(labels).reshape(probs.shape).astype(bool)
-        return float(-np.mean(np.where(truth, np.log(probs), np.log1p(-np.minimum(probs, 1 - 1e-12)))))
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
+    return scaled_probabilities(logits, temperature, multilabel=multilabel)
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, multilabel: bool = False) -> Calibration:
-    """Temperature scaling fitted on val: ``T`` minimising the NLL, with ECE and NLL before and after.
+    """Temperature scaling fitted on val (:func:`medkd.core.temperature.fit_temperature`), with ECE and
+    NLL before and after.
 
     Args:
         logits: ``(N, C)`` val logits of the served (compressed) model; ``(N, 1)`` for a single logit.
@@ -125,29 +116,14 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, multilabel: bool 
         >>> fit_calibration(logits, labels).temperature > 1
         True
     """
+    temperature = fit_temperature(logits, labels, multilabel=multilabel)
     logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or len(logits) == 0:
-        raise ValueError(f"val logits must be a non-empty (N, C) array, got shape {logits.shape}")
-    if not np.isfinite(logits).all():
-        raise ValueError("val logits must be finite to fit a temperature")
-    labels = np.asarray(labels)
-    if len(labels) != len(logits):
-        raise ValueError(f"val labels have {len(labels)} rows but the logits have {len(logits)}")
-
-    def objective(log_t: float) -> float:
-        return negative_log_likelihood(logits, labels, math.exp(log_t), multilabel=multilabel)
-
-    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
-    result = minimize_scalar(objective, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
-    temperature = float(math.exp(result.x))
-    if objective(0.0) <= float(result.fun):  # never worse than leaving the model alone
-        temperature = 1.0
     return Calibration(
-        temperature=round(temperature, 6),
+        temperature=temperature,
         ece_before=_ece(logits, labels, 1.0, multilabel),
         ece_after=_ece(logits, labels, temperature, multilabel),
-        nll_before=objective(0.0),
-        nll_after=objective(math.log(temperature)),
+        nll_before=negative_log_likelihood(logits, labels, 1.0, multilabel=multilabel),
+        nll_after=negative_log_likelihood(logits, labels, temperature, multilabel=multilabel),
     )
 
 

@@ -42,6 +42,9 @@ class TrialContext(BaseModel):
     teacher_artifacts: list[str]
     cache_options: dict[str, Any]
     teacher_prior: list[float] | None = None
+    teacher_temperatures: list[float] | None = None
+    #: The quality objectives ASHA ranks on by their mean (``val_quality_mean``), when there are several.
+    asha_qualities: list[str] | None = None
 
 
 def constant_params(space: Any, num_teachers: int) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Each trial reads the teachers' logits from the soft-label cache (never runs a teacher),
 distills a student, compresses and exports it, and reports the quality of the *compressed*
 model next to its latency and size. Multi-objective searches use Optuna's multi-objective
-sampler; ASHA stops weak trials early on the quality objective.
+sampler; ASHA stops weak trials early on the quality objective (the mean of val AUC and val
+accuracy by default, see :func:`asha_metric`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from medkd.data.meta import DatasetMeta
 from medkd.search.context import TrialContext, distilled_teachers, search_context
 from medkd.search.outcome import SearchOutcome, TrialRecord, collect_outcome, pareto_front  # noqa: F401  (re-exported)
 from medkd.search.recipe import calibration_samples, teacher_logits_source, train_candidate, trial_augmentation
-from medkd.search.space import define_space, teacher_prior, trial_distill_config
+from medkd.search.space import define_space, teacher_prior, teacher_temperatures, trial_distill_config
 from medkd.search.trial_checkpoint import EpochCheckpoints, die_if_a_test_asks, restored_training_state
 from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import JobSpec
@@ -43,10 +44,48 @@ from medkd.students.distill import (
 from medkd.students.losses.families import check_loss_space
 
 QUALITY_METRICS = {"val_auc", "val_acc", "val_dice"}
+#: What ASHA ranks on when the objectives hold several quality metrics (val AUC and val accuracy by default).
+QUALITY_MEAN = "val_quality_mean"
 #: A trial's training-state checkpoints kept on storage (and its final candidate among them).
 KEPT_TRIAL_CHECKPOINTS = 3
 #: Seconds between snapshots of the experiment state (Tune's ``TUNE_GLOBAL_CHECKPOINT_S``).
 TRIAL_STATE_SNAPSHOT_S = 2
+
+
+def asha_metric(objectives: list[Any]) -> tuple[str, str] | None:
+    """The metric and mode ASHA stops trials on: the quality objective; with several quality objectives
+    of mode max (``val_auc`` and ``val_acc`` by default), their mean, reported as ``val_quality_mean``
+    (both lie in [0, 1], so neither dominates); None without a quality objective.
+
+    Examples:
+        >>> from medkd.spec.search import SearchSpec
+        >>> asha_metric(SearchSpec().objectives)
+        ('val_quality_mean', 'max')
+        >>> asha_metric(SearchSpec(objectives=[{"metric": "val_dice", "mode": "max"}]).objectives)
+        ('val_dice', 'max')
+    """
+    qualities = [o for o in objectives if o.metric in QUALITY_METRICS]
+    if not qualities:
+        return None
+    if len(qualities) > 1 and all(o.mode == "max" for o in qualities):
+        return QUALITY_MEAN, "max"
+    return qualities[0].metric, qualities[0].mode
+
+
+def quality_mean(record: dict[str, Any], qualities: list[str] | None) -> dict[str, float]:
+    """``{QUALITY_MEAN: mean}`` of ``qualities`` in ``record`` (a missing or NaN one counts 0), or ``{}``.
+
+    Examples:
+        >>> quality_mean({"val_auc": 0.9, "val_acc": 0.8}, ["val_auc", "val_acc"])
+        {'val_quality_mean': 0.85}
+        >>> quality_mean({"val_auc": 0.9}, None)
+        {}
+    """
+    if not qualities:
+        return {}
+    values = [record.get(name) for name in qualities]
+    finite = [float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in values]
+    return {QUALITY_MEAN: round(sum(finite) / len(finite), 12)}
 
 
 class SearchInterrupted(RuntimeError):
@@ -111,6 +150,7 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
                     **estimates,
                     **record,
                     quality_key: value if math.isfinite(value) else 0.0,
+                    **quality_mean(record, context.asha_qualities),
                     "final": False,
                     **resumed_from,
                 }
@@ -139,7 +179,13 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
         if not math.isfinite(metrics.get(quality_key, float("nan"))):
             metrics[quality_key] = 0.0
         tune.report(
-            {**metrics, "epoch": config.epochs, "final": True, **resumed_from},
+            {
+                **metrics,
+                **quality_mean(metrics, context.asha_qualities),
+                "epoch": config.epochs,
+                "final": True,
+                **resumed_from,
+            },
             checkpoint=tune.Checkpoint.from_directory(directory),
         )
 
@@ -247,8 +293,8 @@ def run_search(
     )
     metrics = [o.metric for o in search.objectives]
     modes = [o.mode for o in search.objectives]
-    quality = next((o for o in search.objectives if o.metric in QUALITY_METRICS), None)
-    use_asha = search.scheduler == "asha" and quality is not None
+    ranked_on = asha_metric(search.objectives)
+    use_asha = search.scheduler == "asha" and ranked_on is not None
     context = search_context(
         spec,
         meta=meta,
@@ -261,6 +307,8 @@ def run_search(
         teachers=teachers,
     )
     context.needs_estimates = any(m not in QUALITY_METRICS for m in metrics)
+    if ranked_on is not None and ranked_on[0] == QUALITY_MEAN:
+        context.asha_qualities = [m for m in metrics if m in QUALITY_METRICS]
     check_loss_space(
         search.space.loss,
         search.space.logit_standardization,
@@ -268,16 +316,23 @@ def run_search(
         multilabel=meta.multilabel,
         num_classes=meta.num_classes,
     )
-    if len(teacher_fps) > 1:
+    if len(teacher_fps) > 1 or search.calibrate_teachers:
         cache = SoftLabelCache(cache_url, namespace=spec.cache.namespace, password_env=spec.cache.password_env)
         val_labels = ray.get(data_ref)["val"][1]
-        context.teacher_prior = teacher_prior(
-            [cache.fetch(fp, dataset_fp, "val") for fp in teacher_fps], val_labels, meta
-        )
-        progress.line(
-            "  teacher prior (confidence aggregation, from val skill): "
-            + ", ".join(f"{w:.2f}" for w in context.teacher_prior)
-        )
+        val_logits = [cache.fetch(fp, dataset_fp, "val") for fp in teacher_fps]
+        if search.calibrate_teachers:
+            context.teacher_temperatures = teacher_temperatures(val_logits, val_labels, meta)
+            progress.line(
+                "  teacher soft labels calibrated on val, temperatures: "
+                + ", ".join(f"{t:.3f}" for t in context.teacher_temperatures)
+            )
+            val_logits = [logits / t for logits, t in zip(val_logits, context.teacher_temperatures)]
+        if len(teacher_fps) > 1:
+            context.teacher_prior = teacher_prior(val_logits, val_labels, meta)
+            progress.line(
+                "  teacher prior (confidence aggregation, from val skill): "
+                + ", ".join(f"{w:.2f}" for w in context.teacher_prior)
+            )
     trainable = tune.with_resources(
         tune.with_parameters(distill_trial, context=context),
         search.trial_resources(),
@@ -304,8 +359,8 @@ def run_search(
         scheduler = None
         if use_asha:
             scheduler = ASHAScheduler(
-                metric=quality.metric,
-                mode=quality.mode,
+                metric=ranked_on[0],
+                mode=ranked_on[1],
                 time_attr="training_iteration",
                 max_t=search.epochs,
                 grace_period=min(search.grace_period, search.epochs),
@@ -330,7 +385,7 @@ def run_search(
     progress.line(
         f"  {search.num_trials} trials, {search.max_concurrent} at a time, objectives "
         + ", ".join(f"{m} ({mode})" for m, mode in zip(metrics, modes))
-        + (", ASHA early stopping" if use_asha else "")
+        + (f", ASHA early stopping on {ranked_on[0]}" if use_asha else "")
     )
     global _driver_progress
     _driver_progress = progress

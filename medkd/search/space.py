@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from medkd.core.temperature import fit_temperature
 from medkd.data.meta import DatasetMeta
 from medkd.search.context import TrialContext
 from medkd.students.distill import DistillConfig, evaluate_logits, quality_metric
@@ -67,6 +68,7 @@ def trial_distill_config(params: dict[str, Any], context: TrialContext) -> Disti
         alpha=float(params.get("alpha", 0.5)),
         aggregation=aggregation,
         teacher_weights=weights if aggregation in ("weighted", "confidence") and weights else None,
+        teacher_temperatures=context.teacher_temperatures,
         loss=params.get("loss"),
         logit_standardization=bool(params.get("logit_standardization", False)),
         lr=float(params.get("lr", 3e-3)),
@@ -100,3 +102,20 @@ def teacher_prior(val_logits: list[np.ndarray], val_labels: np.ndarray, meta: Da
         skills.append(max(skill, MIN_TEACHER_PRIOR) if math.isfinite(skill) else MIN_TEACHER_PRIOR)
     total = sum(skills)
     return [round(skill / total, 6) for skill in skills]
+
+
+def teacher_temperatures(val_logits: list[np.ndarray], val_labels: np.ndarray, meta: DatasetMeta) -> list[float]:
+    """Per-teacher temperature scaling fitted on val (``search.calibrate_teachers``): each teacher's
+    logits divided by its temperature have the lowest val NLL (:func:`medkd.core.temperature.fit_temperature`).
+
+    Raises:
+        ValueError: a segmentation task (per-pixel logits are not calibrated here), naming the field.
+
+    Examples::
+
+        >>> teacher_temperatures([cnn_val_logits, vit_val_logits], val_labels, meta)
+        [1.42, 0.87]
+    """
+    if meta.task != "classification":
+        raise ValueError("search.calibrate_teachers: teacher calibration is for classification tasks")
+    return [fit_temperature(logits, val_labels, multilabel=meta.multilabel) for logits in val_logits]

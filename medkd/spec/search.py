@@ -108,9 +108,14 @@ class SearchSpec(StrictModel):
     objectives: list[Objective] = Field(
         default_factory=lambda: [
             Objective(metric="val_auc", mode="max"),
+            Objective(metric="val_acc", mode="max"),
             Objective(metric="latency_ms", mode="min"),
         ],
         min_length=1,
+        description="what Optuna's multi-objective sampler and the Pareto front weigh, first the quality the "
+        "selection ranks by; by default the ranking (val AUC), the decision a user gets (val accuracy "
+        "at argmax, the MedMNIST ACC) and the cost (batch-1 latency of the compressed model). With "
+        "several quality objectives ASHA stops trials on their mean (val_quality_mean)",
     )
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(2, gt=0)
@@ -135,13 +140,22 @@ class SearchSpec(StrictModel):
         "their weights are averaged (BatchNorm statistics recomputed); (1 + 3 * branches) / 4 times a "
         "trial's training. Combines with final_epochs; None: no soup",
     )
+    calibrate_teachers: bool = Field(
+        False,
+        description="classification: before distillation, each teacher's logits are divided by a temperature "
+        "fitted on val (lowest val NLL), so the soft labels carry calibrated confidences; the KD "
+        "temperature applies on top. Off by default: on BreastMNIST it did not help on val "
+        "(benchmarks/RESULTS.md, kd_accuracy)",
+    )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None
     seed: int | None = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
-        fields = fingerprint_dump(self, exclude={"final_epochs", "final_branches"})
+        # calibrate_teachers came later: left out while off, so earlier searches keep their fingerprints.
+        exclude = {"final_epochs", "final_branches"} | (set() if self.calibrate_teachers else {"calibrate_teachers"})
+        fields = fingerprint_dump(self, exclude=exclude)
         fields["space"] = fingerprint_dump(self.space, added_later=SPACE_ADDED_LATER)
         return fields
 

@@ -44,6 +44,11 @@ class DistillConfig(BaseModel):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 = no KD")
     aggregation: str = "mean"
     teacher_weights: list[float] | None = None
+    teacher_temperatures: list[float] | None = Field(
+        None,
+        description="one temperature per teacher, fitted on val (search.calibrate_teachers): each teacher's "
+        "logits are divided by its own before the KD temperature and the aggregation; None: raw logits",
+    )
     loss: str | None = Field(None, description="logit loss family (hinton_kd, dkd, dist); None = the task's default")
     logit_standardization: bool = Field(False, description="z-score the logits in the KD term (CVPR 2024)")
     lr: float = Field(3e-3, gt=0)
@@ -219,6 +224,7 @@ def distill(
     device = torch.device(device or "cpu")
     model.to(device)
     criterion.to(device)
+    calibration = _teacher_calibration(config, teacher_logits is not None, device)
     epochs = epochs or config.epochs
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
     segmentation = meta.task == "segmentation"
@@ -229,6 +235,8 @@ def distill(
         stateful_augment = augment is not None and hasattr(augment, "state_dict")
         for epoch in range(first, last):
             run.model.train()
+            if hasattr(criterion, "set_epoch"):  # a loss with a warm-up (DKD) scales its KD term by the epoch
+                criterion.set_epoch(epoch + 1, epochs)
             started = time.perf_counter()
             order = run.rng.permutation(n)
             sums: dict[str, float] = {}
@@ -251,6 +259,12 @@ def distill(
                         teachers = torch.from_numpy(np.ascontiguousarray(teacher_logits(indices), dtype=np.float32))
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 teachers = None if teachers is None else teachers.to(device, non_blocking=True)
+                if teachers is not None and calibration is not None:
+                    if len(calibration) != len(teachers):
+                        raise ValueError(
+                            f"teacher_temperatures has {len(calibration)} values for {len(teachers)} teachers"
+                        )
+                    teachers = teachers / calibration.view(-1, *([1] * (teachers.ndim - 1)))
                 loss, parts = criterion(run.model(images), teachers, _targets(labels, meta))
                 if teachers is None:
                     parts.pop("kd", None)
@@ -385,6 +399,15 @@ class TrainingRun:
 
     def result_model(self) -> nn.Module:
         return self.model if self.average is None else self.average.model
+
+
+def _teacher_calibration(config: DistillConfig, distilling: bool, device: torch.device) -> torch.Tensor | None:
+    if not distilling or not config.teacher_temperatures:
+        return None
+    values = torch.tensor(config.teacher_temperatures, dtype=torch.float32, device=device)
+    if not torch.isfinite(values).all() or (values <= 0).any():
+        raise ValueError(f"teacher_temperatures must be finite and > 0, got {config.teacher_temperatures}")
+    return values
 
 
 def _validation(

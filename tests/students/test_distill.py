@@ -409,3 +409,42 @@ def test_bad_soup_settings_are_errors():
         config(branches=0)
     with pytest.raises(ValueError, match="fork_fraction"):
         config(fork_fraction=1.0)
+
+
+def first_epoch_kd(cfg: DistillConfig, teachers: np.ndarray) -> tuple[float, torch.nn.Module]:
+    images, labels, _ = tiny_data()
+    model = build_student(META, cfg)
+    history = distill(
+        model,
+        cfg,
+        train_images=images,
+        train_labels=labels,
+        teacher_logits=array_teacher_logits(teachers),
+        meta=META,
+        on_epoch=lambda record: True,  # stop after the first epoch
+    )
+    return history[0]["train_kd"], model
+
+
+def test_the_training_loop_warms_dkd_up_by_epoch():
+    # One step per epoch from the same start: epoch 1's KD term is exactly the warm-up factor times
+    # Hinton KD's (binary DKD with tckd_weight 1 is Hinton KD); 24 epochs -> 2 warm-up epochs -> 0.5.
+    _, _, teachers = tiny_data()
+    one_step = {"batch_size": N, "epochs": 24, "alpha": 0.5}
+    hinton, _ = first_epoch_kd(config(**one_step), teachers)
+    dkd, _ = first_epoch_kd(config(**one_step, loss="dkd"), teachers)
+    assert dkd == pytest.approx(0.5 * hinton, rel=1e-5)
+
+
+def test_teacher_temperatures_divide_each_teachers_logits():
+    _, _, teachers = tiny_data()
+    scaled = teachers / np.array([2.0, 0.5], dtype=np.float32)[:, None, None]
+    kd_scaled, by_hand = first_epoch_kd(config(alpha=0.5, epochs=1), scaled)
+    kd_calibrated, calibrated = first_epoch_kd(config(alpha=0.5, epochs=1, teacher_temperatures=[2.0, 0.5]), teachers)
+    kd_raw, _ = first_epoch_kd(config(alpha=0.5, epochs=1), teachers)
+    assert kd_calibrated == pytest.approx(kd_scaled, rel=1e-6) and kd_calibrated != pytest.approx(kd_raw, rel=1e-3)
+    assert all(torch.allclose(a, b) for a, b in zip(by_hand.state_dict().values(), calibrated.state_dict().values()))
+    with pytest.raises(ValueError, match="teacher_temperatures has 1 values for 2 teachers"):
+        first_epoch_kd(config(alpha=0.5, epochs=1, teacher_temperatures=[2.0]), teachers)
+    with pytest.raises(ValueError, match="teacher_temperatures must be finite and > 0"):
+        first_epoch_kd(config(alpha=0.5, epochs=1, teacher_temperatures=[2.0, 0.0]), teachers)

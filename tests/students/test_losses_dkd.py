@@ -110,3 +110,37 @@ def test_dkd_refuses_bad_weights_and_non_classification_shapes():
         create_loss("dkd")(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must have shape"):  # multi-label 0/1 targets are not class indices
         create_loss("dkd")(torch.zeros(2, 3), torch.zeros(1, 2, 3), torch.ones(2, 3))
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+
+def test_warmup_follows_the_reference_linear_ramp():
+    from medkd.students.losses.dkd import DEFAULT_WARMUP_SHARE, warmup_factor
+
+    # mdistiller: min(epoch / warmup, 1.0) * dkd, 1-based epochs, DKD.WARMUP = 20 of 240 on CIFAR-100.
+    assert [warmup_factor(e, 20) for e in (1, 10, 20, 21, 240)] == [0.05, 0.5, 1.0, 1.0, 1.0]
+    assert DEFAULT_WARMUP_SHARE * 240 == pytest.approx(20)
+    assert warmup_factor(1, 0) == 1.0
+
+
+def test_set_epoch_scales_the_dkd_term_only():
+    student = torch.tensor(STUDENT, dtype=torch.float32)
+    teacher = torch.tensor(TEACHER, dtype=torch.float32)[None]
+    labels = torch.tensor(LABELS)
+    plain = create_loss("dkd", temperature=2.0, alpha=0.3)
+    warmed = create_loss("dkd", temperature=2.0, alpha=0.3, warmup_epochs=4)
+    _, full = plain(student, teacher, labels)
+    warmed.set_epoch(1, 40)
+    _, first = warmed(student, teacher, labels)
+    assert first["kd"] == pytest.approx(0.25 * full["kd"], rel=1e-6)
+    assert first["ce"] == pytest.approx(full["ce"])  # the hard term is never warmed up
+    warmed.set_epoch(4, 40)
+    assert warmed(student, teacher, labels)[1]["kd"] == pytest.approx(full["kd"], rel=1e-6)
+    by_share = create_loss("dkd", temperature=2.0)  # the reference's share: 20 of 240 -> 2 of 24 epochs
+    by_share.set_epoch(1, 24)
+    assert by_share.warmup == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"epoch must lie in \[1, epochs=24\], got 25"):
+        by_share.set_epoch(25, 24)
+    with pytest.raises(ValueError, match="warmup_epochs must be a finite number >= 0"):
+        create_loss("dkd", warmup_epochs=-1)

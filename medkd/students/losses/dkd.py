@@ -20,6 +20,13 @@ constant. With several teachers, ``p`` is the aggregated soft target (see
 :mod:`medkd.students.losses.aggregation`), so NCKD renormalises the teachers' mixture. Two
 classes leave no spread to learn (NCKD = 0), and DKD with ``tckd_weight=1`` is then exactly
 Hinton KD. Single-label classification only.
+
+**Warm-up** (the paper's training detail, ``mdistiller``'s ``DKD.WARMUP``): the DKD term is scaled
+by ``min(epoch / warmup_epochs, 1)``, linearly from ``1 / warmup_epochs`` at the first epoch to
+1 — a fresh student's logits are noise, and the NCKD weight of 8 would otherwise dominate its
+first steps. The reference warms up over 20 of 240 CIFAR epochs; by default here over the same
+share of each training (:data:`DEFAULT_WARMUP_SHARE`, e.g. 3.3 of 40 epochs). The training loop
+tells the loss its epoch through :meth:`DKDLoss.set_epoch`; a loss never told scales by 1.
 """
 
 from __future__ import annotations
@@ -38,6 +45,21 @@ from medkd.students.losses.registry import register_loss
 
 DEFAULT_TCKD_WEIGHT = 1.0
 DEFAULT_NCKD_WEIGHT = 8.0  # the paper's CIFAR-100 setting
+DEFAULT_WARMUP_SHARE = 20 / 240  # mdistiller's CIFAR-100 DKD: 20 warm-up epochs of 240
+
+
+def warmup_factor(epoch: int, warmup_epochs: float) -> float:
+    """The reference's linear warm-up: ``min(epoch / warmup_epochs, 1)`` for 1-based ``epoch`` (0 epochs: off).
+
+    Examples:
+        >>> [warmup_factor(e, 4) for e in (1, 2, 4, 9)]
+        [0.25, 0.5, 1.0, 1.0]
+        >>> warmup_factor(1, 0)
+        1.0
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(epoch / warmup_epochs, 1.0)
 
 
 def check_weight(value: float, arg: str) -> float:
@@ -89,6 +111,8 @@ class DKDLoss(HintonKDLoss):
         tckd_weight: weight of the target-class term (the paper's alpha, 1.0).
         nckd_weight: weight of the non-target-class term (the paper's beta; 8.0 on CIFAR-100,
             0.5 on ImageNet).
+        warmup_epochs: epochs of the linear warm-up of the DKD term; None: the reference's share
+            (:data:`DEFAULT_WARMUP_SHARE`) of the epochs :meth:`set_epoch` is told; 0: off.
         (and the arguments of :class:`~medkd.students.losses.kd.HintonKDLoss`)
 
     Examples::
@@ -108,12 +132,31 @@ class DKDLoss(HintonKDLoss):
         logit_standardization: bool = False,
         tckd_weight: float = DEFAULT_TCKD_WEIGHT,
         nckd_weight: float = DEFAULT_NCKD_WEIGHT,
+        warmup_epochs: float | None = None,
     ) -> None:
         super().__init__(
             temperature, alpha, aggregation, teacher_weights, class_weights, label_smoothing, logit_standardization
         )
         self.tckd_weight = check_weight(tckd_weight, "tckd_weight")
         self.nckd_weight = check_weight(nckd_weight, "nckd_weight")
+        self.warmup_epochs = None if warmup_epochs is None else check_weight(warmup_epochs, "warmup_epochs")
+        self.warmup = 1.0  # the factor of the current epoch (1 until set_epoch is called)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Tell the loss the 1-based ``epoch`` of ``epochs`` that starts: sets the warm-up factor.
+
+        Raises:
+            ValueError: ``epoch`` outside ``[1, epochs]``.
+
+        Examples:
+            >>> loss_fn = DKDLoss(warmup_epochs=4)
+            >>> loss_fn.set_epoch(1, 40); loss_fn.warmup
+            0.25
+        """
+        if not 1 <= epoch <= epochs:
+            raise ValueError(f"epoch must lie in [1, epochs={epochs}], got {epoch}")
+        warmup = DEFAULT_WARMUP_SHARE * epochs if self.warmup_epochs is None else self.warmup_epochs
+        self.warmup = warmup_factor(epoch, warmup)
 
     def _check_shapes(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if student_logits.ndim != 2:
@@ -126,7 +169,11 @@ class DKDLoss(HintonKDLoss):
     def kd_term(self, student_logits: Tensor, soft_target: Tensor, targets: Tensor) -> Tensor:
         labels = class_index_targets(targets.to(student_logits.device), student_logits.shape)
         tckd, nckd = dkd_parts(student_logits, soft_target, labels, self.temperature)
-        return (self.tckd_weight * tckd + self.nckd_weight * nckd).mean()
+        return self.warmup * (self.tckd_weight * tckd + self.nckd_weight * nckd).mean()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}"
+        warmup = "share" if self.warmup_epochs is None else self.warmup_epochs
+        return (
+            super().extra_repr()
+            + f", tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}, warmup_epochs={warmup}"
+        )
