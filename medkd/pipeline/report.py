@@ -132,8 +132,9 @@ def pareto_plot(results: dict[str, Any]) -> str | None:
 
 
 def pareto_figure(results: dict[str, Any]) -> Any:
-    """Every trial with both metrics: completed ones solid (Pareto front red), ASHA-stopped ones faded
-    at their last report, the served one ringed; axes in plain numbers (no offset)."""
+    """Every trial with its metrics: completed ones solid (Pareto front red), ASHA-stopped ones faded
+    at their last report, the served one ringed; axes in plain numbers (no offset). One panel per
+    quality objective against the cost (by default val AUC and the decision metric, val accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +143,7 @@ def pareto_figure(results: dict[str, Any]) -> Any:
     objectives = results.get("search", {}).get("objectives", [])
     if not objectives:
         return None
-    quality = next((o["metric"] for o in objectives if o["metric"].startswith("val_")), objectives[0]["metric"])
+    qualities = [o["metric"] for o in objectives if o["metric"].startswith("val_")][:2] or [objectives[0]["metric"]]
     cost = next(
         (o["metric"] for o in objectives if o["metric"] in ("latency_ms", "model_bytes", "params")), "latency_ms"
     )
@@ -150,14 +151,30 @@ def pareto_figure(results: dict[str, Any]) -> Any:
         t
         for t in results.get("trials", [])
         if t.get("status") != "error"
-        and isinstance(t["metrics"].get(quality), (int, float))
+        and isinstance(t["metrics"].get(qualities[0]), (int, float))
         and isinstance(t["metrics"].get(cost), (int, float))
     ]
     if not trials:
         return None
+    figure, axes = plt.subplots(1, len(qualities), figsize=(6.5 * len(qualities), 4.2), squeeze=False)
+    for axis, quality in zip(axes[0], qualities):
+        _pareto_panel(
+            axis, results, [t for t in trials if isinstance(t["metrics"].get(quality), (int, float))], quality, cost
+        )
+    stopped = sum(1 for t in trials if not t.get("final"))
+    figure.suptitle(
+        f"Search: {_count(len(trials), 'trial')} ({stopped} stopped early, faded); Pareto front red (over "
+        + ", ".join(o["metric"] for o in objectives)
+        + "), served ringed",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    return figure
+
+
+def _pareto_panel(axis: Any, results: dict[str, Any], trials: list[dict[str, Any]], quality: str, cost: str) -> None:
     selected = results.get("best", {}).get("trial_id")
     largest = max(1, max(t["metrics"].get("params", 1) or 1 for t in trials))
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for trial in trials:
         metrics = trial["metrics"]
         size = 20 + 200 * ((metrics.get("params") or 0) / largest)
@@ -174,15 +191,10 @@ def pareto_figure(results: dict[str, Any]) -> Any:
         axis.plot([t["metrics"][cost] for t in front], [t["metrics"][quality] for t in front], "r--", lw=1)
     _readable_axis(axis, [t["metrics"][quality] for t in trials], "y")
     _readable_axis(axis, [t["metrics"][cost] for t in trials], "x")
-    stopped = sum(1 for t in trials if not t.get("final"))
     axis.set_xlabel(f"{cost} (compressed ONNX, batch 1, CPU)")
     axis.set_ylabel(f"{quality} (compressed model; stopped trials: last report)")
-    axis.set_title(
-        f"Search: {_count(len(trials), 'trial')} ({stopped} stopped early, faded); Pareto front red, served ringed",
-        fontsize=9,
-    )
+    axis.set_title(f"{quality} vs {cost}", fontsize=9)
     axis.grid(alpha=0.3)
-    return figure
 
 
 MIN_AXIS_SPAN = {"y": 0.01, "x": 0.0}  # quality axes span at least 0.01 so 1e-4 differences are not blown up
@@ -346,7 +358,11 @@ def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "aggregation": c.get("aggregation"),
                 "prune": c.get("prune"),
                 "quantize": c.get("quantize"),
-                **{k: m.get(k) for k in ("val_auc", "val_dice", "latency_ms", "params", "model_bytes") if k in m},
+                **{
+                    k: m.get(k)
+                    for k in ("val_auc", "val_acc", "val_dice", "latency_ms", "params", "model_bytes")
+                    if k in m
+                },
             }
         )
     return rows
@@ -377,6 +393,28 @@ def confusion_section(results: dict[str, Any]) -> ReportSection | None:
         (confusion_plot(ensemble, class_names, "teacher ensemble, test") if ensemble else None, "ensemble confusion"),
     )
     return ReportSection("Confusion matrices", images=images) if images else None
+
+
+def final_decision_note(results: dict[str, Any], judged: dict[str, Any]) -> str:
+    """Which instance of the selected configuration is served after the final training, why, with both val figures."""
+    final = results.get("final") or {}
+    trial = (results.get("selection") or {}).get("chosen", "?")
+    instance = "the final training" if judged["served"] == "final" else f"the search's instance of trial {trial}"
+    trained = (
+        f"final training: {final.get('epochs')} epochs"
+        + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "")
+        if final
+        else "final training"
+    )
+    figures = ""
+    if judged.get("final_quality") is not None and judged.get("search_decision_acc") is not None:
+        figures = (
+            f" Val AUC: final {_fmt(judged['final_quality'])}, search {_fmt(judged['search_quality'])} "
+            f"(SE of the difference {_fmt(judged['quality_se'])}); val accuracy at the operating point: "
+            f"final {_fmt(judged['final_decision_acc'])}, search {_fmt(judged['search_decision_acc'])} "
+            f"(SE {_fmt(judged['decision_se'])})."
+        )
+    return f"Served instance: {instance} ({trained}). {judged['reason']}.{figures} Rule: {judged['rule']}."
 
 
 def served_section(results: dict[str, Any]) -> ReportSection | None:
@@ -412,6 +450,9 @@ def served_section(results: dict[str, Any]) -> ReportSection | None:
                 for k, v in best.get("val_metrics", {}).items()
             )
         )
+    judged = (results.get("selection") or {}).get("final")
+    if judged:
+        section.notes.append(final_decision_note(results, judged))
     serve = results.get("serve", {})
     if serve.get("url"):
         section.notes.append(f"endpoint {serve['url']}; demo answer: {serve.get('demo', {}).get('answer')}")

@@ -412,6 +412,9 @@ class Pipeline:
             "operating_point": metadata.operating_point,
         }
         self.results.selection = exported["selection"]
+        if self.results.final is not None and "final" in exported["selection"]:
+            # The final training is served only when val does not say it is worse (registry.selection.compare_final).
+            self.results.final["served"] = exported["selection"]["final"]["served"] == "final"
         self.results.pareto_models = exported["pareto"]
         if self.tracker is not None:
             model_ids = {e["trial_id"]: e["model_id"] for e in exported["pareto"]}

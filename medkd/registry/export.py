@@ -29,7 +29,7 @@ from medkd.registry.calibration import (
 )
 from medkd.registry.layout import METADATA_FILE, registry_dir, select_model
 from medkd.registry.metadata import ModelMetadata
-from medkd.registry.selection import Selection, select_trial
+from medkd.registry.selection import FinalComparison, Selection, compare_final, select_trial
 from medkd.search.outcome import SearchOutcome, TrialRecord
 from medkd.spec.job import JobSpec
 from medkd.students.candidate import CANDIDATE_FILE, CANDIDATE_FILES, FP32_FILE, MODEL_FILE, STATE_FILE
@@ -69,6 +69,11 @@ class SelectionEvidence:
         self.val_images, self.val_labels = val_images, val_labels
         self.multilabel, self.target_sensitivity, self.positive_class = multilabel, target_sensitivity, positive_class
         self._probs: dict[str, np.ndarray] = {}
+
+    def model_probabilities(self, model_path: Path) -> np.ndarray:
+        """Val probabilities of a served ONNX model file (e.g. the final training's)."""
+        logits = OnnxModel(Path(model_path), threads=1).predict(self.val_images)
+        return calibrated_probabilities(logits, multilabel=self.multilabel)
 
     def probabilities(self, trial: TrialRecord) -> np.ndarray:
         """The trial's val probabilities from its checkpoint's served model (read once)."""
@@ -135,6 +140,35 @@ def choose(outcome: SearchOutcome, select: str | int, evidence: SelectionEvidenc
     return select_for_export(outcome, select, evidence)[0]
 
 
+def judge_final(final: Any, chosen: TrialRecord, evidence: SelectionEvidence | None) -> FinalComparison:
+    """Whether the final training of ``chosen`` is served (:func:`medkd.registry.selection.compare_final`),
+    from the stored models only, so a re-run decides the same.
+
+    Without evidence (segmentation: no val bootstrap of Dice here) the final model is served, as before.
+
+    Examples:
+        >>> judge_final(final, chosen, selection_evidence(spec, dataset, meta)).served  # doctest: +SKIP
+        'search'
+    """
+    if evidence is None:
+        return FinalComparison(
+            served="final",
+            reason="no paired bootstrap for this task (segmentation): the final training is served as trained",
+            rule="the final training is served",
+            quality=next((k for k in final.val if k != "val_acc"), "val_dice"),
+            search_quality=next((v for k, v in final.search_val.items() if k != "val_acc"), None),
+            final_quality=next((v for k, v in final.val.items() if k != "val_acc"), None),
+        )
+    return compare_final(
+        evidence.probabilities(chosen),
+        evidence.model_probabilities(Path(final.path) / MODEL_FILE),
+        evidence.val_labels,
+        multilabel=evidence.multilabel,
+        target_sensitivity=evidence.target_sensitivity,
+        positive_class=evidence.positive_class,
+    )
+
+
 def export_models(
     spec: JobSpec,
     outcome: SearchOutcome,
@@ -150,11 +184,23 @@ def export_models(
     """Copy every Pareto candidate into the registry, score it on test, select one to serve.
 
     With ``final`` (a :class:`medkd.search.final.FinalModel` of the selected trial), the
-    selected entry holds that longer-trained model instead of the trial's, under its own id.
+    selected entry holds that longer-trained model instead of the trial's, under its own id —
+    unless validation says it is worse than the trial's instance beyond the val noise
+    (:func:`judge_final`); then the trial's instance is served and the result says why.
     """
-    chosen, selection = select_for_export(outcome, spec.export.select, selection_evidence(spec, dataset, meta))
-    if final is not None and final.trial_id != chosen.trial_id:
-        raise ExportError(f"the final training is of trial {final.trial_id}, but export.select picks {chosen.trial_id}")
+    evidence = selection_evidence(spec, dataset, meta)
+    chosen, selection = select_for_export(outcome, spec.export.select, evidence)
+    comparison = None
+    if final is not None:
+        if final.trial_id != chosen.trial_id:
+            raise ExportError(
+                f"the final training is of trial {final.trial_id}, but export.select picks {chosen.trial_id}"
+            )
+        comparison = judge_final(final, chosen, evidence)
+        served = "final training" if comparison.served == "final" else f"search instance of trial {chosen.trial_id}"
+        progress.line(f"  serving the {served}: {comparison.reason}")
+        if comparison.served == "search":
+            final = None
     test_x, test_y = dataset.splits["test"].images, dataset.splits["test"].labels
     registry = registry_dir(output_dir)
     registry.mkdir(parents=True, exist_ok=True)
@@ -217,19 +263,16 @@ def export_models(
             f"  selection: {len(tied)} trial(s) tied within the val noise ({', '.join(tied)}); served {chosen.trial_id}"
         )
     selected = next(e for e in exported if e["trial_id"] == chosen.trial_id)
-    return {
-        "selected": selected,
-        "pareto": exported,
-        "selection": selection.model_dump()
-        if selection is not None
-        else {
-            "chosen": chosen.trial_id,
-            "rule": f"export.select = {spec.export.select!r}: the Pareto front's best by the first objective"
+    if selection is None:
+        rule = (
+            f"export.select = {spec.export.select!r}: the Pareto front's best by the first objective"
             if spec.export.select == "best"
-            else f"export.select = {spec.export.select}: that Pareto index",
-            "candidates": [],
-        },
-    }
+            else f"export.select = {spec.export.select}: that Pareto index"
+        )
+        selection = Selection(chosen=chosen.trial_id, rule=rule, quality="", candidates=[])
+    selection.final = comparison
+    record = selection.model_dump(exclude={"final"} if comparison is None else set())
+    return {"selected": selected, "pareto": exported, "selection": record}
 
 
 def _copy_checkpoint(trial: TrialRecord, target: Path) -> None:

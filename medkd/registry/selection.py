@@ -8,16 +8,23 @@ the best are tied; among them the one with the highest val accuracy at the serve
 point wins (argmax, or the target-sensitivity threshold of a binary task), then the lower
 latency, then the smaller model. Every completed trial is a candidate, Pareto-optimal or not.
 
+After the final training (``search.final_epochs`` / ``final_branches``) the same yardstick decides
+which instance of the chosen configuration is served (:func:`compare_final`): the retrained model
+unless it is worse than the search's instance by more than one paired-bootstrap standard error
+on val AUC or on val accuracy at the served operating point.
+
 Examples:
     >>> selection = select_trial(trials, val_probs, val_labels, quality="val_auc")  # doctest: +SKIP
     >>> selection.chosen, selection.rule  # doctest: +SKIP
+    >>> compare_final(search_probs, final_probs, val_labels).served  # doctest: +SKIP
+    'search'
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel
@@ -55,13 +62,63 @@ class CandidateScore(BaseModel):
     model_bytes: float | None = None
 
 
+class FinalComparison(BaseModel):
+    """Which instance of the selected configuration is served after the final training, and why.
+
+    ``*_gap`` is the search instance's val figure minus the final model's (positive: the final
+    model is worse), ``*_se`` its paired-bootstrap standard error.
+    """
+
+    served: Literal["final", "search"]
+    reason: str
+    rule: str
+    quality: str = "val_auc"
+    search_quality: float | None = None
+    final_quality: float | None = None
+    quality_gap: float | None = None
+    quality_se: float | None = None
+    search_decision_acc: float | None = None
+    final_decision_acc: float | None = None
+    decision_gap: float | None = None
+    decision_se: float | None = None
+
+
 class Selection(BaseModel):
-    """The served trial, the rule that chose it and every candidate's scores (best quality first)."""
+    """The served trial, the rule that chose it and every candidate's scores (best quality first);
+    ``final``: the comparison of its final training with it, when there was one."""
 
     chosen: str
     rule: str
     quality: str
     candidates: list[CandidateScore]
+    final: FinalComparison | None = None
+
+
+def bootstrap_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """``(1 + resamples, n)`` sample indices: the split itself first, then seeded resamples with replacement
+    (the same rows for every model compared: a paired bootstrap).
+
+    Examples:
+        >>> bootstrap_indices(3, resamples=2).shape
+        (3, 3)
+        >>> bootstrap_indices(3, resamples=2)[0].tolist()
+        [0, 1, 2]
+    """
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.arange(n)[None], rng.integers(0, n, size=(resamples, n))])
+
+
+def paired_se(reference: np.ndarray, other: np.ndarray) -> float:
+    """Standard error of ``reference - other`` over the resamples (rows 1: of :func:`bootstrap_indices`),
+    resamples where either is undefined left out.
+
+    Examples:
+        >>> paired_se(np.array([0.9, 0.8, 0.9, 1.0]), np.array([0.8, 0.8, 0.8, 0.8]))
+        0.1
+    """
+    differences = reference[1:] - other[1:]
+    differences = differences[~np.isnan(differences)]
+    return round(float(np.std(differences, ddof=1)), 12) if len(differences) > 1 else 0.0
 
 
 def auc_resamples(
@@ -138,9 +195,7 @@ def select_trial(
     if missing:
         raise ValueError(f"val probabilities missing for trial(s) {missing}")
     labels = np.asarray(val_labels)
-    n = len(labels)
-    rng = np.random.default_rng(seed)
-    indices = np.concatenate([np.arange(n)[None], rng.integers(0, n, size=(resamples, n))])
+    indices = bootstrap_indices(len(labels), resamples, seed)
     aucs = {t.trial_id: auc_resamples(val_probs[t.trial_id], labels, indices, multilabel=multilabel) for t in trials}
     best = max(trials, key=lambda t: (aucs[t.trial_id][0], t.trial_id))
     best_auc = aucs[best.trial_id]
@@ -151,9 +206,7 @@ def select_trial(
         if trial.trial_id == best.trial_id:
             se, tied = None, True
         else:
-            differences = best_auc[1:] - auc[1:]
-            differences = differences[~np.isnan(differences)]
-            se = float(np.std(differences, ddof=1)) if len(differences) > 1 else 0.0
+            se = paired_se(best_auc, auc)
             tied = gap <= TIE_STANDARD_ERRORS * se
         probs = np.asarray(val_probs[trial.trial_id], dtype=np.float64)
         point = choose_operating_points(
@@ -180,6 +233,107 @@ def select_trial(
     return Selection(
         chosen=chosen.trial_id, rule=selection_rule(quality, target_sensitivity), quality=quality, candidates=scores
     )
+
+
+def final_rule(target_sensitivity: float | None = None) -> str:
+    """The final-training rule in words, for ``results.json`` and the report."""
+    point = (
+        f"the threshold reaching val sensitivity {target_sensitivity:g}" if target_sensitivity is not None else "argmax"
+    )
+    return (
+        f"the final training is served unless it is worse than the search's instance by more than "
+        f"{TIE_STANDARD_ERRORS:g} standard error (paired bootstrap of the val split, {BOOTSTRAP_RESAMPLES} resamples) "
+        f"on val AUC or on val accuracy at the served operating point ({point}); then the search's instance is served"
+    )
+
+
+def compare_final(
+    search_probs: np.ndarray,
+    final_probs: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    multilabel: bool = False,
+    target_sensitivity: float | None = None,
+    positive_class: int = 1,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> FinalComparison:
+    """Apply :func:`final_rule`: the final training's val AUC and decision accuracy against the search
+    instance's, on the same bootstrap resamples of val as :func:`select_trial`.
+
+    Each model decides at its own operating point chosen on val (argmax, or its threshold for the
+    target sensitivity), as it would be served.
+
+    Args:
+        search_probs: ``(N, C)`` val probabilities of the search trial's served (compressed) model.
+        final_probs: ``(N, C)`` val probabilities of the final training's served model.
+        val_labels: the val labels.
+        target_sensitivity: the served operating point of a binary task (None: argmax).
+
+    Raises:
+        ValueError: the probabilities do not have one row per val label (naming which).
+
+    Examples:
+        >>> comparison = compare_final(search_probs, final_probs, val_labels)  # doctest: +SKIP
+        >>> comparison.served, comparison.quality_gap, comparison.quality_se  # doctest: +SKIP
+        ('search', 0.0246, 0.017)
+    """
+    labels = np.asarray(val_labels)
+    for name, probs in (("search", search_probs), ("final", final_probs)):
+        if len(probs) != len(labels):
+            raise ValueError(f"{name} model: {len(probs)} val probabilities for {len(labels)} val labels")
+    indices = bootstrap_indices(len(labels), resamples, seed)
+    search_auc = auc_resamples(search_probs, labels, indices, multilabel=multilabel)
+    final_auc = auc_resamples(final_probs, labels, indices, multilabel=multilabel)
+    options = {"multilabel": multilabel, "target_sensitivity": target_sensitivity, "positive_class": positive_class}
+    search_correct = _correct(np.asarray(search_probs, dtype=np.float64), labels, **options)
+    final_correct = _correct(np.asarray(final_probs, dtype=np.float64), labels, **options)
+    search_acc, final_acc = search_correct[indices].mean(1), final_correct[indices].mean(1)
+    quality_gap, quality_se = float(search_auc[0] - final_auc[0]), paired_se(search_auc, final_auc)
+    decision_gap, decision_se = float(search_acc[0] - final_acc[0]), paired_se(search_acc, final_acc)
+    worse = [
+        f"{name} {final:.4f} vs {search:.4f} (gap {gap:.4f} > {TIE_STANDARD_ERRORS:g} SE {se:.4f})"
+        for name, final, search, gap, se in (
+            ("val AUC", final_auc[0], search_auc[0], quality_gap, quality_se),
+            ("val accuracy", final_acc[0], search_acc[0], decision_gap, decision_se),
+        )
+        if gap > 0 and gap > TIE_STANDARD_ERRORS * se
+    ]
+    if worse:
+        served, reason = "search", "the final training is worse beyond the val noise: " + "; ".join(worse)
+    else:
+        served = "final"
+        reason = (
+            f"the final training is not worse beyond the val noise: val AUC {final_auc[0]:.4f} vs {search_auc[0]:.4f} "
+            f"(SE {quality_se:.4f}), val accuracy {final_acc[0]:.4f} vs {search_acc[0]:.4f} (SE {decision_se:.4f})"
+        )
+    return FinalComparison(
+        served=served,
+        reason=reason,
+        rule=final_rule(target_sensitivity),
+        search_quality=float(search_auc[0]),
+        final_quality=float(final_auc[0]),
+        quality_gap=quality_gap,
+        quality_se=quality_se,
+        search_decision_acc=float(search_acc[0]),
+        final_decision_acc=float(final_acc[0]),
+        decision_gap=decision_gap,
+        decision_se=decision_se,
+    )
+
+
+def _correct(
+    probs: np.ndarray, labels: np.ndarray, *, multilabel: bool, target_sensitivity: float | None, positive_class: int
+) -> np.ndarray:
+    """Per val sample, the share of right decisions at the served operating point chosen on val (0/1;
+    for multi-label, the share of its labels decided right)."""
+    point = choose_operating_points(
+        probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity, positive_class=positive_class
+    )[-1]
+    decisions = point.decide(probs, multilabel=multilabel)
+    if multilabel:
+        return (decisions == np.asarray(labels).reshape(decisions.shape)).mean(1).astype(np.float64)
+    return (decisions == np.asarray(labels).reshape(-1)).astype(np.float64)
 
 
 def _number(value: Any) -> float | None:

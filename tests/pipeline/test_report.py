@@ -144,3 +144,34 @@ def test_counts_that_went_through_a_float_print_as_counts():
         }
     )
     assert '<td class="num">595,429</td>' in page
+
+
+def test_the_served_instance_after_the_final_training_is_stated_with_both_val_figures():
+    from medkd.registry.selection import final_rule
+
+    judged = {
+        "served": "search",
+        "reason": "the final training is worse beyond the val noise: val AUC 0.9240 vs 0.9486 (gap 0.0246 > 1 SE 0.0170)",
+        "rule": final_rule(),
+        "search_quality": 0.9486,
+        "final_quality": 0.9240,
+        "quality_se": 0.0170,
+        "search_decision_acc": 0.8974,
+        "final_decision_acc": 0.8718,
+        "decision_se": 0.0300,
+    }
+    results = {
+        **RESULTS,
+        "best": {**RESULTS["best"], "final_training": None},
+        "final": {"epochs": 40, "branches": 4},
+        "selection": {"chosen": "t1", "rule": "highest val_auc", "candidates": [], "final": judged},
+    }
+    page = render_report(results)
+    assert (
+        "Served instance: the search&#39;s instance of trial t1 (final training: 40 epochs, a weight soup of 4" in page
+    )
+    assert "Val AUC: final 0.9240, search 0.9486 (SE of the difference 0.0170)" in page
+    assert "val accuracy at the operating point: final 0.8718, search 0.8974" in page
+    assert "paired bootstrap of the val split" in page
+    served = render_report({**results, "selection": {**results["selection"], "final": {**judged, "served": "final"}}})
+    assert "Served instance: the final training (final training: 40 epochs" in served

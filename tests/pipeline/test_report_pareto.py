@@ -17,7 +17,7 @@ def trial(trial_id: str, auc: float, latency: float, *, final: bool, pareto: boo
         "status": "completed" if final else "stopped early",
         "final": final,
         "pareto": pareto,
-        "metrics": {"val_auc": auc, "latency_ms": latency, "params": 50_000},
+        "metrics": {"val_auc": auc, "val_acc": auc - 0.05, "latency_ms": latency, "params": 50_000},
         "config": {},
     }
 
@@ -38,7 +38,7 @@ def test_every_trial_is_drawn_and_stopped_ones_are_faded():
     faded = [c for c in points if c.get_alpha() is not None and c.get_alpha() < 0.5]
     assert len(faded) == 7
     assert len(points) == 9 + 1  # nine trials and the served model's ring
-    assert "9 trials (7 stopped early" in axis.get_title()
+    assert "9 trials (7 stopped early" in figure.get_suptitle()
     plt.close(figure)
 
 
@@ -58,3 +58,27 @@ def test_no_trials_no_plot():
     assert pareto_plot({"search": RESULTS["search"], "trials": []}) is None
     assert pareto_plot({"trials": RESULTS["trials"]}) is None
     assert pareto_plot(RESULTS).startswith("data:image/png;base64,")
+
+
+def test_the_decision_metric_gets_its_own_panel_with_every_trial():
+    three = {
+        **RESULTS,
+        "search": {
+            "objectives": [
+                {"metric": "val_auc", "mode": "max"},
+                {"metric": "val_acc", "mode": "max"},
+                {"metric": "latency_ms", "mode": "min"},
+            ]
+        },
+    }
+    figure = pareto_figure(three)
+    assert [axis.get_ylabel().split()[0] for axis in figure.axes] == ["val_auc", "val_acc"]
+    for axis in figure.axes:
+        points = [c for c in axis.collections if len(c.get_offsets()) == 1]
+        assert len(points) == 9 + 1  # every trial and the served ring, in each panel
+        assert len([c for c in points if c.get_alpha() is not None and c.get_alpha() < 0.5]) == 7
+        assert axis.get_xlabel().startswith("latency_ms")
+    figure.canvas.draw()
+    assert all(axis.yaxis.get_offset_text().get_text() == "" for axis in figure.axes)
+    assert "over val_auc, val_acc, latency_ms" in figure.get_suptitle()
+    plt.close(figure)

@@ -201,26 +201,44 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert final["stages"]["search"]["status"] == "skipped" and final["stages"]["final"]["status"] == "ran"
     assert final["final"]["trial_id"] == best["trial_id"] and final["final"]["epochs"] == 2
     assert final["final"]["search_epochs"] == 1 and set(final["final"]["val"]) >= {"val_auc", "val_acc"}
-    assert final["best"]["model_id"] != best["model_id"] and final["best"]["config"]["epochs"] == 2
-    assert final["best"]["config"]["branches"] == 2 and final["final"]["branches"] == 2
-    assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches")} == {
-        k: v for k, v in best["config"].items() if k not in ("epochs", "branches")
-    }
-    assert final["best"]["final_training"]["epochs"] == 2 and final["best"]["final_training"]["branches"] == 2
-    assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
+    # Served only if val does not say it is worse than the search's instance beyond the noise
+    # (registry.selection.compare_final, unit-tested both ways in tests/registry/test_selection.py).
+    judged = final["selection"]["final"]
+    assert judged["search_quality"] == pytest.approx(best["val_metrics"]["val_auc"])
+    assert judged["final_quality"] == pytest.approx(final["final"]["val"]["val_auc"])
+    assert judged["quality_se"] > 0 and judged["decision_se"] >= 0 and "paired bootstrap" in judged["rule"]
+    assert final["final"]["served"] == (judged["served"] == "final")
+    out = capsys.readouterr().out
+    served_line = (
+        "serving the final training"
+        if judged["served"] == "final"
+        else f"serving the search instance of trial {best['trial_id']}"
+    )
+    assert "final training of trial" in out and served_line in out
+    report = (spec.output_dir / "report.html").read_text()
+    assert "Served instance: " in report and "SE of the difference" in report
+    students = {r.data.tags["medkd.model_id"]: r.data.tags for r in tracked_runs(final)["student"]}
+    if judged["served"] == "final":
+        assert final["best"]["model_id"] != best["model_id"] and final["best"]["config"]["epochs"] == 2
+        assert final["best"]["config"]["branches"] == 2 and final["final"]["branches"] == 2
+        assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches")} == {
+            k: v for k, v in best["config"].items() if k not in ("epochs", "branches")
+        }
+        assert final["best"]["final_training"]["epochs"] == 2 and final["best"]["final_training"]["branches"] == 2
+        assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
+        assert students[final["best"]["model_id"]]["medkd.final_training_fingerprint"]
+        assert students[best["model_id"]]["medkd.selected"] == "false"
+        assert "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches" in report
+    else:
+        assert final["best"]["model_id"] == best["model_id"] and final["best"]["final_training"] is None
+        assert "worse beyond the val noise" in judged["reason"]
     assert Path(final["best"]["onnx_path"]).is_file() and final["best"]["parity"]["max_abs_diff"] < 1e-3
     assert (spec.output_dir / "models" / "SELECTED").read_text().strip() == final["best"]["model_id"]
-    students = {r.data.tags["medkd.model_id"]: r.data.tags for r in tracked_runs(final)["student"]}
-    assert students[final["best"]["model_id"]]["medkd.selected"] == "true"  # the longer-trained model's own run
-    assert students[final["best"]["model_id"]]["medkd.final_training_fingerprint"]
-    assert students[best["model_id"]]["medkd.selected"] == "false"
-    assert "final training of trial" in capsys.readouterr().out
-    assert (
-        "trained again after the search for 2 epochs (search: 1), a weight soup of 2 branches"
-        in (spec.output_dir / "report.html").read_text()
-    )
+    assert students[final["best"]["model_id"]]["medkd.selected"] == "true"  # the served model's own run
     run_job(longer, serve=False)
-    assert json.loads((spec.output_dir / "results.json").read_text())["stages"]["final"]["status"] == "skipped"
+    again = json.loads((spec.output_dir / "results.json").read_text())
+    assert again["stages"]["final"]["status"] == "skipped" and again["selection"]["final"] == judged  # same decision
+    assert again["best"]["model_id"] == final["best"]["model_id"]
     assert "final training" in capsys.readouterr().out
 
 

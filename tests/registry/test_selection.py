@@ -202,3 +202,80 @@ def test_a_target_sensitivity_on_a_multilabel_task_is_refused_by_name(tmp_path):
             test_metrics={},
         )
     assert trial.final
+
+
+# ----------------------------------------------------------------------------- the final training vs the search's instance
+
+from medkd.registry.export import judge_final  # noqa: E402
+from medkd.registry.selection import compare_final, paired_se  # noqa: E402
+from medkd.search.final import FinalModel  # noqa: E402
+
+
+def noisier(score: np.ndarray, noise: float, seed: int = 3) -> np.ndarray:
+    return np.clip(0.5 + (score - 0.5) * 0.3 + np.random.default_rng(seed).normal(0, noise, len(score)), 0, 1)
+
+
+def test_a_final_model_worse_beyond_the_noise_is_not_served(val):
+    labels, score = val
+    comparison = compare_final(binary_probs(score), binary_probs(noisier(score, 0.25)), labels)
+    assert comparison.served == "search"
+    assert comparison.quality_gap > comparison.quality_se > 0
+    assert comparison.final_quality < comparison.search_quality
+    assert "val AUC" in comparison.reason and "worse beyond the val noise" in comparison.reason
+    assert "paired bootstrap" in comparison.rule and "accuracy" in comparison.rule
+    again = compare_final(binary_probs(score), binary_probs(noisier(score, 0.25)), labels)
+    assert again == comparison  # deterministic: a re-run decides the same
+
+
+def test_a_final_model_within_the_noise_or_better_is_served(val):
+    labels, score = val
+    slightly = compare_final(binary_probs(score), binary_probs(np.clip(score + 0.01, 0, 1)), labels)
+    assert slightly.served == "final" and "not worse" in slightly.reason
+    better = compare_final(binary_probs(noisier(score, 0.25)), binary_probs(score), labels)
+    assert better.served == "final" and better.quality_gap < 0
+
+
+def test_a_final_model_with_the_same_ranking_but_worse_decisions_is_not_served(val):
+    labels, score = val
+    # Same ranking of val (same AUC to the last digit), but argmax now calls almost every sample positive.
+    shifted = np.clip(score * 0.3 + 0.6, 0, 1)
+    comparison = compare_final(binary_probs(score), binary_probs(shifted), labels)
+    assert comparison.quality_gap == pytest.approx(0.0, abs=1e-12)
+    assert comparison.decision_gap > comparison.decision_se > 0
+    assert comparison.served == "search" and "val accuracy" in comparison.reason
+    # At a target sensitivity each model decides at its own threshold: the shift no longer matters.
+    at_point = compare_final(binary_probs(score), binary_probs(shifted), labels, target_sensitivity=0.9)
+    assert at_point.served == "final" and at_point.decision_gap == pytest.approx(0.0, abs=1e-12)
+
+
+def test_final_comparison_errors_name_the_model(val):
+    labels, score = val
+    with pytest.raises(ValueError, match="final model: 10 val probabilities for 150 val labels"):
+        compare_final(binary_probs(score), binary_probs(score[:10]), labels)
+    assert paired_se(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.0
+
+
+def test_judge_final_reads_the_stored_models(tmp_path):
+    images, labels = val_split()
+    trial = onnx_trial(tmp_path, "t", 5.0, latency=1.0)
+    blurred = tmp_path / "final"
+    blurred.mkdir()
+    # The final "model" ranks val the wrong way round: worse beyond any noise.
+    export_onnx(Scaled(-5.0), torch.zeros(2, 1, 4, 4), blurred / "model.onnx")
+    final = FinalModel(
+        fingerprint="f",
+        trial_id="t",
+        path=str(blurred),
+        epochs=2,
+        search_epochs=1,
+        val={"val_auc": 0.1},
+        search_val={"val_auc": 0.9},
+        seconds=1.0,
+    )
+    evidence = SelectionEvidence(images, labels)
+    comparison = judge_final(final, trial, evidence)
+    assert comparison.served == "search" and comparison.final_quality < 0.5 < comparison.search_quality
+    same = FinalModel(**{**final.model_dump(), "path": str(tmp_path / "t")})
+    assert judge_final(same, trial, evidence).served == "final"
+    segmentation = judge_final(final, trial, None)
+    assert segmentation.served == "final" and "segmentation" in segmentation.reason
