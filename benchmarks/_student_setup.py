@@ -165,9 +165,16 @@ def spec_options(
 
 
 def kd_gain_run(
-    config_json: str, meta: DatasetMeta, data_refs: list, cache: dict[str, Any], augment: dict | None, latency_runs: int
+    config_json: str,
+    meta: DatasetMeta,
+    data_refs: list,
+    cache: dict[str, Any],
+    augment: dict | None,
+    latency_runs: int,
+    score_test: bool = True,
 ) -> dict[str, Any]:
-    """One retraining of the selected student (a Ray task): train, compress, score INT8 on test."""
+    """One retraining of the selected student (a Ray task): train, compress, score INT8 on val (and on
+    test unless ``score_test`` is False: studies that choose a method look at val only)."""
     import torch
 
     from medkd.search.recipe import train_candidate, trial_augmentation
@@ -208,13 +215,13 @@ def kd_gain_run(
             views=views,
         )
         served = OnnxModel(Path(directory) / "model.onnx", threads=1)
-        test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta)
+        test = evaluate_logits(served.predict(data["test"][0]), data["test"][1], meta) if score_test else {}
     return {
         "seed": config.seed,
         "alpha": config.alpha,
-        "test_auc": float(test["auc"]),
-        "test_acc": float(test["acc"]),
+        **({"test_auc": float(test["auc"]), "test_acc": float(test["acc"])} if score_test else {}),
         "val_auc": float(metrics.get("val_auc", float("nan"))),
+        "val_acc": float(metrics.get("val_acc", float("nan"))),
         "params": metrics["params"],
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -274,14 +281,19 @@ def retrain_variants(
     variants: dict[str, dict[str, Any]],
     seeds: list[int],
     log: Any,
+    *,
+    score_test: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train ``config`` once per (variant, seed) through :func:`kd_gain_run`, as Ray tasks of 1 CPU
     on a local Ray instance, with the run's managed redis-server holding its soft labels.
 
     Args:
         run: the ``benchmarks.students`` output folder (its ``redis/`` is reused).
-        variants: name -> the ``DistillConfig`` fields that variant changes.
+        variants: name -> the ``DistillConfig`` fields that variant changes; ``calibrate_teachers: True``
+            stands for ``teacher_temperatures`` fitted on val from the run's cached teacher logits
+            (what ``search.calibrate_teachers`` does in a search).
         log: prints one line (each benchmark's own prefix).
+        score_test: also score each run on test (False: val only).
 
     Returns:
         variant name -> one :func:`kd_gain_run` dict per seed, in ``seeds`` order.
@@ -297,6 +309,9 @@ def retrain_variants(
         started_ray = init_ray(spec)
         try:
             data_ref, cache, augment = retraining_inputs(spec, results, dataset)
+            variants = {
+                name: resolve_calibration(update, spec, cache, dataset, log) for name, update in variants.items()
+            }
             task = ray.remote(num_cpus=1)(kd_gain_run)
             refs = {
                 (name, seed): task.remote(
@@ -306,6 +321,7 @@ def retrain_variants(
                     cache,
                     augment,
                     spec.export.latency_runs,
+                    score_test,
                 )
                 for name, update in variants.items()
                 for seed in seeds
@@ -317,11 +333,30 @@ def retrain_variants(
             for (name, seed), ref in refs.items():
                 result = ray.get(ref)
                 runs.setdefault(name, []).append(result)
+                test = f", INT8 test AUC {result['test_auc']:.4f} ACC {result['test_acc']:.4f}" if score_test else ""
                 log(
-                    f"  {name} seed {seed}: val AUC {result['val_auc']:.4f}, INT8 test AUC {result['test_auc']:.4f} "
-                    f"ACC {result['test_acc']:.4f} ({result['seconds']:.0f}s)"
+                    f"  {name} seed {seed}: val AUC {result['val_auc']:.4f} ACC {result['val_acc']:.4f}{test} "
+                    f"({result['seconds']:.0f}s)"
                 )
         finally:
             if started_ray:
                 ray.shutdown()
     return runs
+
+
+def resolve_calibration(
+    update: dict[str, Any], spec: Any, cache: dict[str, Any], dataset: Any, log: Any
+) -> dict[str, Any]:
+    """A variant's config update with ``calibrate_teachers: True`` replaced by the teachers' val-fitted
+    temperatures (:func:`medkd.search.space.teacher_temperatures`, as ``search.calibrate_teachers``)."""
+    if not update.get("calibrate_teachers"):
+        return {k: v for k, v in update.items() if k != "calibrate_teachers"}
+    from medkd.search.space import teacher_temperatures
+    from medkd.softlabels.store import SoftLabelCache
+
+    source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
+    val_logits = [source.fetch(fp, cache["dataset_fp"], "val") for fp in cache["teacher_fps"]]
+    temperatures = teacher_temperatures(val_logits, dataset.splits["val"].labels, DatasetMeta.of(dataset))
+    log(f"teacher temperatures fitted on val: {temperatures}")
+    rest = {k: v for k, v in update.items() if k != "calibrate_teachers"}
+    return {**rest, "teacher_temperatures": temperatures}

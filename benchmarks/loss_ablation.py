@@ -23,6 +23,17 @@ the table's last column says which variant val prefers.
 
 Ends with ``RESULT dataset=NAME ce_test_auc=... ce_test_acc=... hinton_kd_test_auc=... ...
 best_by_val=VARIANT``: mean test AUC and ACC of every variant over the seeds.
+
+``--study kd_accuracy`` (issue 13: why KD costs accuracy) trains, on VAL only (test is never
+scored), the configuration as it is (``kd``), with the teachers' soft labels temperature-calibrated
+on val first (``kd_calibrated``, what ``search.calibrate_teachers`` does), with a higher
+hard-label weight (``alpha_A``, ``--high-alpha``) and, with ``--with-ce``, without teachers (``ce``)::
+
+    python -m benchmarks.loss_ablation --study kd_accuracy --run runs/bench-students-breastmnist \
+        --data $MEDKD_DATA_DIR/breastmnist.npz --branches 1
+
+and ends with ``RESULT study=kd_accuracy dataset=NAME kd_val_auc=... kd_val_acc=... ...
+best_by_val_acc=VARIANT``.
 """
 
 from __future__ import annotations
@@ -74,9 +85,22 @@ def variants(losses: list[str], num_classes: int, standardization: str) -> dict[
     return out
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+def accuracy_variants(high_alpha: float, with_ce: bool = False) -> dict[str, dict[str, Any]]:
+    """``--study kd_accuracy``: KD as configured, KD on val-calibrated teachers, KD with more CE (and,
+    ``--with-ce``, no teachers)."""
+    return {
+        **({"ce": {"alpha": 1.0}} if with_ce else {}),
+        "kd": {},
+        "kd_calibrated": {"calibrate_teachers": True},
+        f"alpha_{high_alpha:.2f}": {"alpha": high_alpha},
+    }
+
+
+def summarise(
+    runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("val_auc", "test_auc", "test_acc")
+) -> dict[str, float]:
     out: dict[str, float] = {}
-    for metric in ("val_auc", "test_auc", "test_acc"):
+    for metric in metrics:
         values = [r[metric] for r in runs]
         out[metric] = statistics.fmean(values)
         out[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -109,6 +133,36 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def val_markdown(report: dict[str, Any]) -> str:
+    """The ``--study kd_accuracy`` table: val AUC and ACC per variant, mean ± sd and per seed."""
+    seeds = report["seeds"]
+    lines = [
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
+        f"- Data: {report['dataset']} (val only; test not scored); configuration: {report['config']}",
+        "",
+        "| variant | val AUC | val ACC | " + " | ".join(f"seed {s} val AUC / ACC" for s in seeds) + " |",
+        "|---|---|---|" + "---|" * len(seeds),
+    ]
+    for name, runs in report["runs"].items():
+        s = report["summary"][name]
+        per_seed = " | ".join(f"{r['val_auc']:.4f} / {r['val_acc']:.4f}" for r in runs)
+        lines.append(
+            f"| {name} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['val_acc']:.4f} ± {s['val_acc_std']:.4f} "
+            f"| {per_seed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def val_result_line(dataset: str, summary: dict[str, dict[str, float]]) -> str:
+    parts = ["study=kd_accuracy", f"dataset={dataset}"]
+    for name, s in summary.items():
+        key = name.replace(".", "")
+        parts += [f"{key}_val_auc={s['val_auc']:.4f}", f"{key}_val_acc={s['val_acc']:.4f}"]
+    best = max(sorted(summary), key=lambda name: (summary[name]["val_acc"], summary[name]["val_auc"]))
+    return "RESULT " + " ".join(parts) + f" best_by_val_acc={best}"
+
+
 def result_line(dataset: str, summary: dict[str, dict[str, float]]) -> str:
     parts = [f"dataset={dataset}"]
     for name, s in summary.items():
@@ -130,7 +184,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--losses", nargs="+", default=list(CLASSIFICATION_LOSSES))
     parser.add_argument("--standardization", default="auto", help="auto (>= 3 classes), on or off")
     parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
+    parser.add_argument("--study", choices=["losses", "kd_accuracy"], default="losses", help="what to compare")
+    parser.add_argument("--high-alpha", type=float, default=0.7, help="kd_accuracy: the higher CE weight")
+    parser.add_argument("--branches", type=int, default=None, help="override the configuration's soup branches")
+    parser.add_argument("--with-ce", action="store_true", help="kd_accuracy: also train without teachers")
     args = parser.parse_args(argv)
+    if not 0 <= args.high_alpha < 1:
+        parser.error(f"--high-alpha must lie in [0, 1), got {args.high_alpha}")
+    if args.branches is not None and args.branches < 1:
+        parser.error(f"--branches must be >= 1, got {args.branches}")
     unknown = [loss for loss in args.losses if loss not in CLASSIFICATION_LOSSES]
     if unknown:
         parser.error(f"--losses: unknown {unknown}; choose from {list(CLASSIFICATION_LOSSES)}")
@@ -155,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     results, config, students, dataset = load_students_run(args.data, args.spec, args.run)
     if args.epochs is not None:
         config = config.model_copy(update={"epochs": args.epochs})
+    if args.branches is not None:
+        config = config.model_copy(update={"branches": args.branches})
     meta = DatasetMeta.of(dataset)
+    if args.study == "kd_accuracy":
+        return kd_accuracy_study(args, argv, started, results, config, students, dataset)
     if meta.task != "classification" or meta.multilabel:
         raise SystemExit(f"--data {args.data}: the logit losses are for single-label classification")
     try:
@@ -184,6 +250,30 @@ def main(argv: list[str] | None = None) -> int:
     (args.run / "benchmark").mkdir(parents=True, exist_ok=True)
     (args.run / "benchmark" / "loss_ablation.json").write_text(json.dumps(report, indent=2, default=str))
     print(markdown(report))
+    print(report["result_line"], flush=True)
+    return 0
+
+
+def kd_accuracy_study(args, argv, started, results, config, students, dataset) -> int:
+    """``--study kd_accuracy``: every variant once per seed, scored on val only."""
+    variants = accuracy_variants(args.high_alpha, args.with_ce)
+    runs = retrain_variants(args.run, students, results, dataset, config, variants, args.seeds, log, score_test=False)
+    summary = {name: summarise(r, ("val_auc", "val_acc")) for name, r in runs.items()}
+    report = {
+        "command": "python -m benchmarks.loss_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": utc_date(),
+        "load_average": load_average(),
+        "wall_seconds": time.perf_counter() - started,
+        "dataset": args.data.stem,
+        "seeds": args.seeds,
+        "config": {k: v for k, v in config.model_dump().items() if k not in ("seed", "teacher_temperatures")},
+        "runs": runs,
+        "summary": summary,
+    }
+    report["result_line"] = val_result_line(args.data.stem, summary)
+    (args.run / "benchmark").mkdir(parents=True, exist_ok=True)
+    (args.run / "benchmark" / "kd_accuracy.json").write_text(json.dumps(report, indent=2, default=str))
+    print(val_markdown(report))
     print(report["result_line"], flush=True)
     return 0
 

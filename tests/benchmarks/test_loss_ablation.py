@@ -70,3 +70,52 @@ def test_missing_data_and_a_folder_that_is_not_a_run_name_the_flag(tmp_path, cap
     with pytest.raises(SystemExit):
         parse_args(["--run", str(tmp_path), "--data", str(data)])
     assert f"--run {tmp_path}: no results.json and redis/" in capsys.readouterr().err
+
+
+def test_kd_accuracy_study_compares_on_val_only():
+    from benchmarks.loss_ablation import accuracy_variants, val_markdown, val_result_line
+
+    assert accuracy_variants(0.7) == {
+        "kd": {},
+        "kd_calibrated": {"calibrate_teachers": True},
+        "alpha_0.70": {"alpha": 0.7},
+    }
+    assert accuracy_variants(0.8, with_ce=True)["ce"] == {"alpha": 1.0}
+    runs = {
+        "kd": [{"val_auc": 0.93, "val_acc": 0.86}, {"val_auc": 0.95, "val_acc": 0.84}],
+        "alpha_0.70": [{"val_auc": 0.92, "val_acc": 0.88}, {"val_auc": 0.92, "val_acc": 0.88}],
+    }
+    summary = {name: summarise(r, ("val_auc", "val_acc")) for name, r in runs.items()}
+    assert set(summary["kd"]) == {"val_auc", "val_auc_std", "val_acc", "val_acc_std"}  # nothing of test
+    assert val_result_line("breastmnist", summary) == (
+        "RESULT study=kd_accuracy dataset=breastmnist kd_val_auc=0.9400 kd_val_acc=0.8500 "
+        "alpha_070_val_auc=0.9200 alpha_070_val_acc=0.8800 best_by_val_acc=alpha_0.70"
+    )
+    report = {
+        "command": "c",
+        "date": "d",
+        "wall_seconds": 60,
+        "load_average": "1",
+        "dataset": "breastmnist",
+        "config": {},
+        "seeds": [1, 2],
+        "runs": runs,
+        "summary": summary,
+    }
+    table = val_markdown(report)
+    assert "| kd | 0.9400 ± 0.0141 | 0.8500 ± 0.0141 | 0.9300 / 0.8600 | 0.9500 / 0.8400 |" in table
+    assert "test" not in table.replace("test not scored", "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--high-alpha", "1.0"], "--high-alpha must lie in [0, 1)"), (["--branches", "0"], "--branches must be >= 1")],
+)
+def test_bad_study_arguments_name_the_flag(tmp_path, capsys, extra, message):
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "redis").mkdir()
+    data = tmp_path / "breastmnist.npz"
+    data.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path), "--data", str(data), "--study", "kd_accuracy", *extra])
+    assert message in capsys.readouterr().err
