@@ -47,6 +47,10 @@ api = FastAPI(
     "Pick a model with the `serve_multiplexed_model_id` header or `?model=`; `GET /models` lists them.",
 )
 bearer = HTTPBearer(auto_error=False, description="Needed when the endpoint runs with serve.auth_token_env")
+BEARER_SECURITY = {"security": [{bearer.scheme_name: []}]}
+"""The OpenAPI ``security`` of a route that checks the token itself (``MedkdServer._handle``):
+the prediction routes declare it so, instead of ``Depends(bearer)``, which would be solved on
+every request only for the schema (the scheme itself is registered by the other routes)."""
 
 
 def json_response(payload: dict[str, Any], status: int = 200, request_id: str = "") -> Response:

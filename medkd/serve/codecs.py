@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -47,6 +48,7 @@ from medkd.data.preprocess import (
     decode_dicom,
     decode_pil,
     model_input,
+    model_inputs,
 )
 from medkd.registry.metadata import InputMeta
 from medkd.spec.serve import DEFAULT_MAX_BODY_BYTES
@@ -193,11 +195,14 @@ def decode_image(body: bytes, content_type: str | None, *, max_bytes: int = DEFA
     return _DECODERS[fmt](body)
 
 
-def decode_batch(body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> list[np.ndarray]:
+def decode_batch(
+    body: bytes, content_type: str | None, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> np.ndarray | list[np.ndarray]:
     """Decode several images: an NPY array of shape ``(N, ...)`` or JSON ``{"instances": [...]}``.
 
     Returns:
-        The N images, each as :func:`decode_image` would return it.
+        The N images, each as :func:`decode_image` would return it: the NPY array itself (its
+        first axis runs over the images), or a list of the JSON instances.
     """
     fmt = _resolve_format(body, content_type, max_bytes)
     if fmt == "json":
@@ -209,13 +214,13 @@ def decode_batch(body: bytes, content_type: str | None, *, max_bytes: int = DEFA
                 f"batch array has shape {tuple(stack.shape)}; expected (N, H, W), (N, C, H, W) "
                 "or (N, C, H, W, D) with the batch first"
             )
-        images = list(stack)
+        images = stack
     else:
         raise UnsupportedMediaType(
             f'a batch must be an NPY array of shape (N, ...) or JSON {{"instances": [...]}}, '
             f"got a {_FORMAT_NAMES[fmt]} body"
         )
-    if not images:
+    if len(images) == 0:
         raise RequestError("batch holds no images")
     return images
 
@@ -262,20 +267,60 @@ def _decode_jpeg(body: bytes) -> np.ndarray:
 # ---------------------------------------------------------------------------------- NPY
 
 
+def read_npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and data offset of an NPY body, from its header alone.
+
+    Headers are parsed by numpy (``ast.literal_eval`` of a dict literal, which costs more than
+    decoding a small image); a service sees the same few headers again and again, so parsed
+    headers are kept by their bytes (:func:`_parse_npy_header`).
+
+    Raises:
+        ValueError: not an NPY header (the message says why).
+
+    Examples:
+        >>> read_npy_header(encode_npy(np.zeros((2, 3), np.uint8)))[:3]
+        ((2, 3), False, dtype('uint8'))
+    """
+    if not body.startswith(_NPY_MAGIC) or len(body) < 10:
+        raise ValueError("no NPY magic string")
+    major = body[6]
+    if major == 1:
+        end = 10 + int.from_bytes(body[8:10], "little")
+    elif major in (2, 3):
+        end = 12 + int.from_bytes(body[8:12], "little") if len(body) >= 12 else 0
+    else:
+        raise ValueError(f"NPY format version {major}.{body[7]} is not supported")
+    if end > min(len(body), _NPY_HEADER_LIMIT):
+        raise ValueError("NPY header is truncated or too long")
+    return _parse_npy_header(body[:end])
+
+
+_NPY_HEADER_LIMIT = 64 * 1024
+"""Longest NPY header read (numpy's own reader refuses more than 10,000 bytes by default)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"NPY format version {version[0]}.{version[1]} is not supported")
+    if stream.tell() != len(header):
+        raise ValueError("NPY header length does not match its contents")
+    return tuple(shape), bool(fortran_order), dtype, len(header)
+
+
 @_register("npy", lambda body: body.startswith(_NPY_MAGIC))
 def _decode_npy(body: bytes) -> np.ndarray:
     # Equivalent to np.load(..., allow_pickle=False), but the declared shape is checked against
     # the body's length before anything is allocated, so a 100-byte body cannot claim 1 TB.
-    stream = io.BytesIO(body)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f"NPY format version {version[0]}.{version[1]} is not supported")
-    except ValueError as error:
+        shape, fortran_order, dtype, offset = read_npy_header(body)
+    except (ValueError, SyntaxError, TypeError, OverflowError) as error:
         raise RequestError(f"body is not a valid NPY array: {error}") from None
     if dtype.hasobject:
         raise RequestError(
@@ -285,7 +330,6 @@ def _decode_npy(body: bytes) -> np.ndarray:
         raise RequestError(f"NPY dtype {dtype} is not supported: send bool, integer or float pixels")
     count = math.prod(shape)
     expected = count * dtype.itemsize
-    offset = stream.tell()
     actual = len(body) - offset
     if actual != expected:
         problem = "truncated" if actual < expected else "longer than its header says"
@@ -374,3 +418,30 @@ def preprocess(image: np.ndarray, input_meta: InputMeta | dict[str, Any]) -> np.
     meta = input_meta if isinstance(input_meta, InputMeta) else InputMeta.model_validate(input_meta)
     with _as_request_errors():
         return model_input(image, **{name: getattr(meta, name) for name in MODEL_INPUT_FIELDS})
+
+
+def preprocess_batch(images: np.ndarray | list[np.ndarray], input_meta: InputMeta | dict[str, Any]) -> np.ndarray:
+    """:func:`preprocess` of each image, stacked: ``(N, in_channels, *image_size)``.
+
+    A stack of same-shape images (an NPY batch, or JSON instances of one shape and dtype) is
+    preprocessed at once by :func:`medkd.data.preprocess.model_inputs` (value for value the same
+    as one image at a time); images of different shapes one by one.
+
+    Raises:
+        RequestError: as :func:`preprocess`.
+
+    Examples:
+        >>> meta = {"in_channels": 1, "spatial_dims": 2, "image_size": [32, 32]}
+        >>> preprocess_batch(np.zeros((3, 28, 28), np.uint8), meta).shape
+        (3, 1, 32, 32)
+    """
+    meta = input_meta if isinstance(input_meta, InputMeta) else InputMeta.model_validate(input_meta)
+    if len(images) == 0:
+        raise RequestError("batch holds no images")
+    if not isinstance(images, np.ndarray):
+        first = images[0]
+        if any(image.shape != first.shape or image.dtype != first.dtype for image in images):
+            return np.stack([preprocess(image, meta) for image in images])
+        images = np.stack(images)
+    with _as_request_errors():
+        return model_inputs(images, **{name: getattr(meta, name) for name in MODEL_INPUT_FIELDS})

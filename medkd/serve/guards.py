@@ -35,6 +35,7 @@ from medkd.serve.codecs import (
     RequestError,
     encode_npy,  # noqa: F401 - used by the module's example
     media_type,
+    read_npy_header,
     sniff_format,
 )
 
@@ -118,11 +119,8 @@ def check_before_decoding(
 
 
 def _check_npy(body: bytes, *, batch: bool, input_meta: InputMeta, limits: Limits) -> None:
-    stream = io.BytesIO(body)
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        shape, _, dtype = read_header[version](stream)
+        shape, _, dtype, _ = read_npy_header(body)
     except (ValueError, KeyError, SyntaxError, TypeError, EOFError, OverflowError):
         return
     if batch and len(shape) >= 1:

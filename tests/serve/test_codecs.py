@@ -23,6 +23,8 @@ from medkd.serve.codecs import (
     decode_image,
     encode_npy,
     preprocess,
+    preprocess_batch,
+    read_npy_header,
     sniff_format,
 )
 
@@ -383,3 +385,45 @@ def test_preprocess_rejects_bad_images(image, message):
 def test_preprocess_validates_its_metadata():
     with pytest.raises(ValueError, match="mean"):
         preprocess(np.zeros((28, 28)), {**META_2D, "mean": [0.1, 0.2]})
+
+
+@pytest.mark.parametrize(
+    ("stack", "meta"),
+    [
+        (RNG.integers(0, 256, (9, 28, 28), dtype=np.uint8), META_2D),
+        (RNG.integers(0, 256, (5, 3, 40, 33), dtype=np.uint8), META_2D),  # RGB to gray, resized
+        (RNG.integers(0, 256, (4, 4, 20, 17), dtype=np.uint8), {**META_2D, "in_channels": 3, "mean": [0.1, 0.2, 0.3]}),
+        (RNG.random((6, 30, 26)), {**META_2D, "in_channels": 3}),  # float, gray repeated
+        (
+            RNG.integers(0, 65535, (3, 12, 10, 9), dtype=np.uint16),
+            {"in_channels": 1, "spatial_dims": 3, "image_size": [8, 8, 6], "scale": 1 / 65535},
+        ),
+    ],
+)
+def test_preprocess_batch_equals_one_image_at_a_time(stack, meta):
+    """The vectorised batch path gives, bit for bit, what preprocessing each image gives."""
+    one_by_one = np.stack([preprocess(image, meta) for image in stack])
+    np.testing.assert_array_equal(preprocess_batch(stack, meta), one_by_one)
+    np.testing.assert_array_equal(preprocess_batch(list(stack), meta), one_by_one)  # JSON instances
+    assert preprocess_batch(stack, meta).dtype == np.float32
+
+
+def test_preprocess_batch_errors_name_the_problem():
+    with pytest.raises(RequestError, match="image has 5 channels"):
+        preprocess_batch(np.zeros((2, 5, 28, 28), np.uint8), META_2D)
+    with pytest.raises(RequestError, match="NaN or infinite"):
+        preprocess_batch(np.full((2, 28, 28), np.nan), META_2D)
+    with pytest.raises(RequestError, match="no images"):
+        preprocess_batch([], META_2D)
+    mixed = [np.zeros((28, 28), np.uint8), np.zeros((30, 30), np.uint8)]  # shapes differ: one at a time
+    assert preprocess_batch(mixed, META_2D).shape == (2, 1, 28, 28)
+
+
+def test_npy_headers_are_parsed_once_and_checked():
+    body = encode_npy(np.zeros((2, 28, 28), np.uint8))
+    assert read_npy_header(body) == ((2, 28, 28), False, np.dtype(np.uint8), len(body) - 2 * 28 * 28)
+    assert read_npy_header(body) is read_npy_header(bytes(body))  # the same parsed header, from the cache
+    with pytest.raises(ValueError, match="truncated"):
+        read_npy_header(body[:40])
+    with pytest.raises(ValueError, match="version 9"):
+        read_npy_header(body[:6] + b"\x09\x00" + body[8:])

@@ -14,7 +14,12 @@ HAPROXY_SOCKET_LIMIT = 97  # bytes; HAProxy refuses longer unix socket paths
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in (*ha_proxy.SWITCHES, ha_proxy.OPT_OUT_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH"):
+    for name in (
+        *ha_proxy.SWITCHES,
+        ha_proxy.OPT_OUT_ENV,
+        "RAY_SERVE_HAPROXY_BINARY_PATH",
+        "RAY_SERVE_HAPROXY_NBTHREAD",
+    ):
         monkeypatch.delenv(name, raising=False)
     saved = dict(os.environ)
     yield monkeypatch
@@ -33,6 +38,8 @@ def test_enable_sets_the_switches_before_ray_starts_with_short_paths_and_free_po
         assert os.access(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
         assert len(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]) < HAPROXY_SOCKET_LIMIT - 20
         assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] != os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]
+        # Serve's default of 4 HAProxy threads competes with the replica on a small machine.
+        assert 1 <= int(os.environ["RAY_SERVE_HAPROXY_NBTHREAD"]) <= max(1, len(os.sched_getaffinity(0)) // 4)
         assert setup.state_dir is not None and setup.state_dir.is_dir()
     finally:
         setup.close()
