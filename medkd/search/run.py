@@ -372,6 +372,10 @@ def run_search(
                 scheduler=scheduler,
                 num_samples=search.num_trials,
                 max_concurrent_trials=search.max_concurrent,
+                # A trial's process costs ~10 CPU-s to start (worker, imports, the trainable): the
+                # next trial with the same resources runs in it. Trials share no state (each seeds
+                # itself and opens its own cache client); a failed trial's process is never reused.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,

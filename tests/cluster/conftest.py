@@ -2,9 +2,11 @@
 
 ``netns_cluster`` is one head and two 1-CPU worker nodes, each in its own network namespace with
 its own address on a private bridge, plus the cluster's Redis beside the head
-(:class:`medkd.cli.cluster.NetnsCluster`), shared by the tests of a module. ``netns_cluster_factory``
-starts clusters of other shapes (they are taken down when the test ends). Tests that kill nodes
-or the Redis should use the factory, not the shared cluster.
+(:class:`medkd.cli.cluster.NetnsCluster`), shared by every test of ``tests/cluster`` (it starts
+with the first that asks for it and is taken down after the package's last test: a start costs
+15-25 s). Each test gets it whole: what an earlier test killed (a worker node, the Redis) is
+restarted first. ``netns_cluster_factory`` starts clusters of other shapes (they are taken down
+when the test ends).
 
 A machine that refuses network namespaces fails these tests with the reason; they do not skip.
 """
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from medkd.cli.cluster import LocalCluster, NetnsCluster, namespaces_available
+from tests.cluster.netns_faults import make_whole
 
 
 def _short_state_dir() -> Path:
@@ -42,14 +45,21 @@ def _down(cluster: LocalCluster) -> None:
         shutil.rmtree(cluster.state_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def netns_cluster() -> Iterator[LocalCluster]:
+@pytest.fixture(scope="package")
+def shared_netns_cluster() -> Iterator[LocalCluster]:
     """Head (0 CPUs) + 2 worker nodes (1 CPU each), each in its own namespace, with the Redis."""
     cluster = _up(workers=2, cpus_per_worker=1)
     try:
         yield cluster
     finally:
         _down(cluster)
+
+
+@pytest.fixture
+def netns_cluster(shared_netns_cluster: LocalCluster) -> LocalCluster:
+    """The shared cluster, with every node and the Redis alive (restarted if a test killed them)."""
+    make_whole(shared_netns_cluster)
+    return shared_netns_cluster
 
 
 @pytest.fixture

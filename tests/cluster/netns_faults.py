@@ -170,10 +170,19 @@ def make_whole(cluster: LocalCluster) -> None:
     wait_until(lambda: sorted(cluster.alive_node_addresses()) == expected, 120, f"all of {expected} alive in Ray")
 
 
-def finished_trials(storage: Path) -> list[str]:
-    """Names of the search trials that reported their final (exported) checkpoint."""
+def search_dirs(storage: Path) -> set[Path]:
+    """The search experiments (``search-<fingerprint>``) under a job's Ray storage."""
+    return set(storage.glob("search-*"))
+
+
+def finished_trials(storage: Path, exclude: set[Path] = frozenset()) -> list[str]:
+    """Names of the search trials that reported their final (exported) checkpoint, in the searches
+    under ``storage`` but not in ``exclude`` (searches of earlier scenarios in the same output)."""
     return sorted(
-        path.parent.name for path in storage.glob("search-*/*/checkpoint_*") if (path / "candidate.json").is_file()
+        path.parent.name
+        for search in search_dirs(storage) - set(exclude)
+        for path in search.glob("*/checkpoint_*")
+        if (path / "candidate.json").is_file()
     )
 
 
@@ -184,9 +193,14 @@ def scenario_result(output: str) -> dict[str, Any]:
     return json.loads(lines[-1].removeprefix("SCENARIO_RESULT "))
 
 
-def search_job(cluster: LocalCluster, output_dir: Path, *, namespace: str, num_trials: int) -> dict[str, Any]:
+def search_job(
+    cluster: LocalCluster, output_dir: Path, *, namespace: str, num_trials: int, search_seed: int | None = None
+) -> dict[str, Any]:
     """The quickstart's shape at its smallest: one 1-epoch teacher, ``num_trials`` 2-epoch trials two
-    at a time (one per 1-CPU worker node), the cluster's Redis as the cache, no serving."""
+    at a time (one per 1-CPU worker node), the cluster's Redis as the cache, no serving.
+
+    Jobs that differ only in ``search_seed`` share ``output_dir`` and ``namespace``: the teacher is
+    trained and its soft labels cached by the first, found by the others; each runs its own search."""
     return {
         "name": f"fault-{namespace}",
         "data": {"kind": "synthetic", "num_train": 96, "num_val": 32, "num_test": 32, "image_size": 16},
@@ -199,6 +213,7 @@ def search_job(cluster: LocalCluster, output_dir: Path, *, namespace: str, num_t
             "batch_size": 32,
             "cpus_per_trial": 1,
             "scheduler": "none",
+            "seed": search_seed,
             "space": {"student": ["resnet_tiny"], "width": {"low": 0.25, "high": 0.5}, "quantize": ["none"]},
         },
         "serve": {"enabled": False},

@@ -1,6 +1,6 @@
 """Issue 14, items 3-5: faults during the search of a whole ``medkd run``, on the namespace cluster.
 
-One cluster for the module (``netns_cluster``: a head without CPUs and two 1-CPU worker nodes,
+The cluster of ``tests/cluster`` (``netns_cluster``: a head without CPUs and two 1-CPU worker nodes,
 each its own host on a private bridge, the cluster's Redis on the head's address with its password
 from a file). The driver runs as a user's would, ``medkd run`` on the head's namespace, with the
 cluster's Redis as the soft-label cache and its outputs in the cluster's shared directory. Once
@@ -12,7 +12,11 @@ the search has finished a trial, the test injects its fault from outside, by rec
 5. the driver SIGKILLed: ``medkd run --resume`` reuses the finished stages and trials, and no
    process of either run is left on any node.
 
-Each scenario starts by restarting what the one before killed (:func:`make_whole`).
+Each scenario gets the cluster whole (``netns_cluster`` restarts what the one before killed). The scenarios
+run the same job with their own ``search.seed`` in one output directory and cache namespace: the
+first to run trains the teacher and caches its soft labels, the others find them (a fault in the
+teacher stage is ``test_faults_teachers``); each runs, and is checked on, its own search. The Redis
+scenario, which wipes the cache, runs last.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from tests.cluster.netns_faults import (
     HeadProcess,
     assert_no_job_processes,
     finished_trials,
-    make_whole,
     node_processes,
+    search_dirs,
     search_job,
     wait_until,
 )
@@ -45,12 +49,18 @@ RUN_TIMEOUT_S = 900
 REDIS_DOWN_S = 3.0
 
 
-def _job(cluster: LocalCluster, name: str) -> tuple[Path, Path]:
-    output_dir = cluster.shared_dir / "faults" / name
+#: The scenarios' own searches of one job (see the module's docstring).
+SEARCH_SEEDS = {"node": 1, "driver": 2, "redis": 3}
+
+
+def _job(cluster: LocalCluster, name: str) -> tuple[Path, Path, set[Path]]:
+    """The scenario's job file, the shared output directory, and the searches already in it."""
+    output_dir = cluster.shared_dir / "faults" / "search"
     job = cluster.shared_dir / "faults" / f"{name}.yaml"
     job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_text(yaml.safe_dump(search_job(cluster, output_dir, namespace=name, num_trials=NUM_TRIALS)))
-    return job, output_dir
+    spec = search_job(cluster, output_dir, namespace="faults", num_trials=NUM_TRIALS, search_seed=SEARCH_SEEDS[name])
+    job.write_text(yaml.safe_dump(spec))
+    return job, output_dir, search_dirs(output_dir / "ray")
 
 
 def _medkd_run(cluster: LocalCluster, job: Path, log: str, *extra: str) -> HeadProcess:
@@ -58,8 +68,8 @@ def _medkd_run(cluster: LocalCluster, job: Path, log: str, *extra: str) -> HeadP
     return HeadProcess(cluster, argv, log_path=job.parent / log)
 
 
-def _first_trial_finished(driver: HeadProcess, output_dir: Path) -> list[str]:
-    return wait_until(lambda: finished_trials(output_dir / "ray"), RUN_TIMEOUT_S, "finished trial", driver)
+def _first_trial_finished(driver: HeadProcess, output_dir: Path, earlier: set[Path]) -> list[str]:
+    return wait_until(lambda: finished_trials(output_dir / "ray", earlier), RUN_TIMEOUT_S, "finished trial", driver)
 
 
 def _trial_errors(output_dir: Path) -> str:
@@ -81,9 +91,9 @@ def _assert_full_search(results: dict[str, Any], output_dir: Path) -> None:
     assert 0.0 <= best["val_metrics"]["val_auc"] <= 1.0
 
 
-def _trial_past_its_first_epoch(output_dir: Path) -> tuple[str, str] | None:
+def _trial_past_its_first_epoch(output_dir: Path, earlier: set[Path]) -> tuple[str, str] | None:
     """``(trial id, node address)`` of a trial whose last report is epoch 1 of 2 (it runs on)."""
-    for result in (output_dir / "ray").glob("search-*/*/result.json"):
+    for result in (r for search in search_dirs(output_dir / "ray") - earlier for r in search.glob("*/result.json")):
         lines = result.read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
         if last.get("epoch") == 1 and not last.get("final") and not (result.parent / "error.txt").exists():
@@ -93,14 +103,17 @@ def _trial_past_its_first_epoch(output_dir: Path) -> tuple[str, str] | None:
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 600)
 def test_worker_node_killed_mid_search_retries_its_trials(netns_cluster):
-    make_whole(netns_cluster)
-    job, output_dir = _job(netns_cluster, "node")
+    job, output_dir, earlier = _job(netns_cluster, "node")
     with _medkd_run(netns_cluster, job, "node.log") as driver:
         trial, address = wait_until(
-            lambda: _trial_past_its_first_epoch(output_dir), RUN_TIMEOUT_S, "trial past its first epoch", driver, 0.1
+            lambda: _trial_past_its_first_epoch(output_dir, earlier),
+            RUN_TIMEOUT_S,
+            "trial past its first epoch",
+            driver,
+            0.1,
         )
         victim = netns_cluster.node_addresses.index(address)
-        before = finished_trials(output_dir / "ray")
+        before = finished_trials(output_dir / "ray", earlier)
         trial_pids = node_processes(netns_cluster, victim, TRIAL_PROCESS)
         killed = netns_cluster.kill_node(victim)
         code = driver.wait(RUN_TIMEOUT_S)
@@ -122,33 +135,12 @@ def test_worker_node_killed_mid_search_retries_its_trials(netns_cluster):
     assert nodes.count(lost) <= len(before), nodes
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_S + 600)
-def test_redis_killed_and_restarted_mid_search_recomputes_what_was_lost(netns_cluster):
-    make_whole(netns_cluster)
-    job, output_dir = _job(netns_cluster, "redis")
-    with _medkd_run(netns_cluster, job, "redis.log") as driver:
-        before = _first_trial_finished(driver, output_dir)
-        netns_cluster.kill_redis()
-        # The snapshot goes too (as with a server that had not saved yet): every soft label is lost.
-        (Path(netns_cluster.state.redis.data_dir) / "dump.rdb").unlink(missing_ok=True)
-        time.sleep(REDIS_DOWN_S)
-        netns_cluster.restart_redis()
-        code = driver.wait(RUN_TIMEOUT_S)
-        output = driver.output()
-    assert code == 0, output[-5000:]
-    assert len(before) < NUM_TRIALS
-    # Trials after the restart found the labels gone and recomputed them from the teacher checkpoint.
-    assert "soft labels of teacher cnn (train) lost from the cache: recomputing" in output, output[-5000:]
-    _assert_full_search(json.loads((output_dir / "results.json").read_text()), output_dir)
-
-
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 600)
 def test_driver_killed_mid_search_resumes_without_orphans(netns_cluster):
-    make_whole(netns_cluster)
-    job, output_dir = _job(netns_cluster, "driver")
+    job, output_dir, earlier = _job(netns_cluster, "driver")
     with _medkd_run(netns_cluster, job, "driver-first.log") as first:
-        _first_trial_finished(first, output_dir)
-        before = finished_trials(output_dir / "ray")
+        _first_trial_finished(first, output_dir, earlier)
+        before = finished_trials(output_dir / "ray", earlier)
         first.kill()
     assert len(before) < NUM_TRIALS
     # Ray ends the dead driver's job: none of its trials (or anything else of it) lingers on a node.
@@ -164,5 +156,24 @@ def test_driver_killed_mid_search_resumes_without_orphans(netns_cluster):
     assert results["stages"]["soft_labels"]["status"] == "skipped"
     _assert_full_search(results, output_dir)
     # The trials finished before the kill were reused, not run again: their checkpoints are still there.
-    assert set(before) <= set(finished_trials(output_dir / "ray"))
+    assert set(before) <= set(finished_trials(output_dir / "ray", earlier))
     assert_no_job_processes(netns_cluster, "processes of the runs outlived them")
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 600)
+def test_redis_killed_and_restarted_mid_search_recomputes_what_was_lost(netns_cluster):
+    job, output_dir, earlier = _job(netns_cluster, "redis")
+    with _medkd_run(netns_cluster, job, "redis.log") as driver:
+        before = _first_trial_finished(driver, output_dir, earlier)
+        netns_cluster.kill_redis()
+        # The snapshot goes too (as with a server that had not saved yet): every soft label is lost.
+        (Path(netns_cluster.state.redis.data_dir) / "dump.rdb").unlink(missing_ok=True)
+        time.sleep(REDIS_DOWN_S)
+        netns_cluster.restart_redis()
+        code = driver.wait(RUN_TIMEOUT_S)
+        output = driver.output()
+    assert code == 0, output[-5000:]
+    assert len(before) < NUM_TRIALS
+    # Trials after the restart found the labels gone and recomputed them from the teacher checkpoint.
+    assert "soft labels of teacher cnn (train) lost from the cache: recomputing" in output, output[-5000:]
+    _assert_full_search(json.loads((output_dir / "results.json").read_text()), output_dir)
