@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from medkd.serve import responses as answers
+from medkd.serve.fast_lane import PredictionLane
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 IMAGE_TYPES = ["image/png", "image/jpeg", "application/x-npy", "application/dicom", "application/octet-stream"]
@@ -46,6 +47,7 @@ api = FastAPI(
     description="Send one image (PNG, JPEG, NPY, DICOM or JSON) to `/predict`, a stack to `/predict/batch`. "
     "Pick a model with the `serve_multiplexed_model_id` header or `?model=`; `GET /models` lists them.",
 )
+api.add_middleware(PredictionLane)  # pure ASGI: prediction requests skip FastAPI's routing (see fast_lane)
 bearer = HTTPBearer(auto_error=False, description="Needed when the endpoint runs with serve.auth_token_env")
 BEARER_SECURITY = {"security": [{bearer.scheme_name: []}]}
 """The OpenAPI ``security`` of a route that checks the token itself (``MedkdServer._handle``):

@@ -1,11 +1,16 @@
 """The Serve deployment: a FastAPI ingress over multiplexed ONNX students with dynamic batching.
 
 A request is checked (auth, body size, decoded size from headers), decoded and preprocessed, then
-joins a dynamic batch (``@serve.batch``) that ONNX Runtime runs in one worker thread. Small NPY
-bodies (at most ``INLINE_DECODE_BYTES``, no compression, so decoding costs microseconds) are
-decoded on the event loop; every other body in a thread pool, off the event loop. The
-batch waits ``batch_wait_timeout_s`` (default 0) for company: under load, requests that arrive
-while ONNX Runtime runs form the next batch by themselves, and a lone request waits for nothing.
+run through the model. Small NPY bodies (at most ``INLINE_DECODE_BYTES``, no compression, so
+decoding costs microseconds) are decoded on the event loop; every other body in a thread pool,
+off the event loop. A request goes straight to the model when no model call runs or waits (or
+when it is a full batch by itself); one that arrives while a call runs joins a dynamic batch
+(``@serve.batch``) that runs in the next call, so batches form under load and a lone request waits
+for nothing (``batch_wait_timeout_s`` > 0 always waits for company). Model calls run in one ONNX
+Runtime thread, or on the event loop when the model is so quick (``INLINE_INFER_S``) that the
+thread hop would cost more. Prediction requests reach :meth:`MedkdServer.predict_route` through a
+pure-ASGI fast lane in front of FastAPI's routing (:mod:`medkd.serve.fast_lane`) when their query
+string needs no validation.
 Every Pareto student of a run is served by the one application through Serve model multiplexing:
 the ``serve_multiplexed_model_id`` header (which Serve's Python proxy also routes on; HAProxy does
 not, and need not, as every replica holds every model) or the ``model`` query parameter picks one;
@@ -204,10 +209,7 @@ class MedkdServer:
         model: str | None = Query(None, max_length=256),
         mask: str | None = Query(None, pattern="^(list|npy_b64)$"),
     ) -> Response:
-        async def work(rid: str, used: list[str]) -> Response:
-            return await self._predict(request, rid, self._model_id(model, used), batch=False, mask=mask)
-
-        return await self._handle(request, "/predict", work)
+        return await self.predict_route(request, "/predict", batch=False, model=model, mask=mask)
 
     @api.post(
         "/predict/batch",
@@ -222,10 +224,19 @@ class MedkdServer:
         model: str | None = Query(None, max_length=256),
         mask: str | None = Query(None, pattern="^(list|npy_b64)$"),
     ) -> Response:
-        async def work(rid: str, used: list[str]) -> Response:
-            return await self._predict(request, rid, self._model_id(model, used), batch=True, mask=mask)
+        return await self.predict_route(request, "/predict/batch", batch=True, model=model, mask=mask)
 
-        return await self._handle(request, "/predict/batch", work)
+    async def predict_route(
+        self, request: Request, route: str, *, batch: bool, model: str | None, mask: str | None
+    ) -> Response:
+        """``/predict`` or ``/predict/batch`` with its query parameters already validated: what
+        FastAPI's two routes call, and what :class:`medkd.serve.fast_lane.PredictionLane` calls
+        directly for a request FastAPI would accept as it is."""
+
+        async def work(rid: str, used: list[str]) -> Response:
+            return await self._predict(request, rid, self._model_id(model, used), batch=batch, mask=mask)
+
+        return await self._handle(request, route, work)
 
     # ------------------------------------------------------------------------------ plumbing
 

@@ -232,6 +232,25 @@ def test_concurrent_requests_are_batched(served, classifier_dir):
     assert after["batches"] - before["batches"] < 32
 
 
+def test_the_fast_lane_and_fastapi_give_the_same_answers(served):
+    """Prediction requests skip FastAPI's routing (medkd.serve.fast_lane) only when their query
+    string is plainly valid; FastAPI answers the rest (and validates it), with the same result."""
+    body = encode_npy(RNG.integers(0, 256, (28, 28), dtype=np.uint8))
+    url = served["cls"] + "/predict"
+    status, plain, _ = post(url, body, "application/x-npy")
+    assert status == 200
+    expected = json.loads(plain)["probabilities"]
+    for query in ("?model=tiny-cnn-test", "?mask=list", "?extra=1", "?model=tiny-cnn-test&model=tiny-cnn-test"):
+        status, answer, _ = post(url + query, body, "application/x-npy")
+        assert status == 200 and json.loads(answer)["probabilities"] == expected, (query, answer)
+    status, answer, _ = post(url + "?mask=png", body, "application/x-npy")
+    assert status == 422 and "query.mask" in json.loads(answer)["error"]
+    status, answer, _ = post(url + "?model=" + "m" * 257, body, "application/x-npy")
+    assert status == 422 and "query.model" in json.loads(answer)["error"]
+    status, answer, _ = post(url + "?model=nope", body, "application/x-npy")
+    assert status == 404 and "known models: tiny-cnn-test" in json.loads(answer)["error"]
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "message"),
     [
