@@ -188,11 +188,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--high-alpha", type=float, default=0.7, help="kd_accuracy: the higher CE weight")
     parser.add_argument("--branches", type=int, default=None, help="override the configuration's soup branches")
     parser.add_argument("--with-ce", action="store_true", help="kd_accuracy: also train without teachers")
+    parser.add_argument("--only", nargs="+", default=None, help="kd_accuracy: train only these variants")
     args = parser.parse_args(argv)
     if not 0 <= args.high_alpha < 1:
         parser.error(f"--high-alpha must lie in [0, 1), got {args.high_alpha}")
     if args.branches is not None and args.branches < 1:
         parser.error(f"--branches must be >= 1, got {args.branches}")
+    offered = list(accuracy_variants(args.high_alpha, args.with_ce))
+    if args.only and (args.study != "kd_accuracy" or set(args.only) - set(offered)):
+        parser.error(f"--only: choose among the kd_accuracy variants {offered}, got {args.only}")
     unknown = [loss for loss in args.losses if loss not in CLASSIFICATION_LOSSES]
     if unknown:
         parser.error(f"--losses: unknown {unknown}; choose from {list(CLASSIFICATION_LOSSES)}")
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 def kd_accuracy_study(args, argv, started, results, config, students, dataset) -> int:
     """``--study kd_accuracy``: every variant once per seed, scored on val only."""
     variants = accuracy_variants(args.high_alpha, args.with_ce)
+    if args.only:
+        variants = {name: update for name, update in variants.items() if name in args.only}
     runs = retrain_variants(args.run, students, results, dataset, config, variants, args.seeds, log, score_test=False)
     summary = {name: summarise(r, ("val_auc", "val_acc")) for name, r in runs.items()}
     report = {

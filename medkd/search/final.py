@@ -15,7 +15,9 @@ more from scratch — same seed, same cached soft labels and FKD views, never a 
 
 It is then pruned, exported and quantized, and validated, exactly as in a trial
 (:func:`medkd.search.recipe.train_candidate`). The export serves that model in place of the
-trial's; the other Pareto points are exported as searched.
+trial's unless validation says it is worse than the trial's own model beyond the val split's
+noise (:func:`medkd.registry.selection.compare_final`: paired bootstrap, val AUC and val accuracy
+at the served operating point); the other Pareto points are exported as searched.
 
 The result is kept under ``output_dir/final/<fingerprint>/`` (search, trial, configuration and
 epochs), so a re-run or ``--resume`` finds it instead of training again.

@@ -109,7 +109,11 @@ def test_kd_accuracy_study_compares_on_val_only():
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--high-alpha", "1.0"], "--high-alpha must lie in [0, 1)"), (["--branches", "0"], "--branches must be >= 1")],
+    [
+        (["--high-alpha", "1.0"], "--high-alpha must lie in [0, 1)"),
+        (["--branches", "0"], "--branches must be >= 1"),
+        (["--only", "ce"], "--only: choose among the kd_accuracy variants ['kd', 'kd_calibrated', 'alpha_0.70']"),
+    ],
 )
 def test_bad_study_arguments_name_the_flag(tmp_path, capsys, extra, message):
     (tmp_path / "results.json").write_text("{}")
