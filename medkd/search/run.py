@@ -241,6 +241,13 @@ def _drop_superseded_checkpoints(grid: Any) -> None:
                 shutil.rmtree(directory, ignore_errors=True)
 
 
+def _trial_done(result: Any) -> bool:
+    """Whether a trial of the grid ended for good: it finished or its scheduler stopped it (its last
+    result says ``done``), or it failed. A trial still running when the search was interrupted
+    (Ctrl-C) is TERMINATED too, but not done: the saved state resumes it."""
+    return result.error is not None or bool((result.metrics or {}).get("done"))
+
+
 def _keep_trial_checkpoints_restorable() -> None:
     """Tune deletes a trial's older checkpoints as it registers a new one, while the experiment
     state it snapshots every ``TUNE_GLOBAL_CHECKPOINT_S`` (10 s or more by default) may still name
@@ -398,7 +405,7 @@ def run_search(
         grid = tuner.fit()
     finally:
         _driver_progress = None
-    done = grid.num_terminated + grid.num_errors
+    done = sum(1 for result in grid if _trial_done(result))
     if done == search.num_trials:
         _drop_superseded_checkpoints(grid)
     if done < search.num_trials:

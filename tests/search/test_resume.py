@@ -2,8 +2,12 @@
 
 Runs `medkd run` in child processes (each with its own local Ray cluster, its environment
 isolated from the caller's cluster, output drained to a file), interrupts the first one with
-SIGINT (Ctrl-C) once half of the trials have finished, then resumes it. Whatever is left of a
-child's session is killed (by pid) when the test ends, pass or fail.
+SIGINT (Ctrl-C) once two of its three trials have finished, then resumes it. Whatever is left of
+a child's session is killed (by pid) when the test ends, pass or fail.
+
+Trials run one at a time, so it also shows that a trial runs in the process of the one before
+(Tune's ``reuse_actors``: a trial's process costs seconds to start). The driver SIGKILLed on a
+cluster, and its resume, is ``tests/cluster/test_faults_search.py``.
 """
 
 from __future__ import annotations
@@ -15,16 +19,29 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune import Result
 
+from medkd.search.run import _trial_done
 from tests.cluster.medkd_process import MedkdProcess
 
-NUM_TRIALS = 4
+NUM_TRIALS = 3
+INTERRUPT_AFTER = 2
 
 
 def finished_trials(experiment_root: Path) -> int:
     # A running trial has checkpoints too (its training state after each epoch); a finished one's
     # checkpoint is its exported candidate.
     return len(list(experiment_root.glob("search-*/*/checkpoint_*/candidate.json")))
+
+
+def trial_pids(experiment_root: Path) -> list[int]:
+    """The process of each trial that reported, from Tune's result files, in order of start."""
+    pids = []
+    for result in sorted(experiment_root.glob("search-*/*/result.json"), key=lambda p: p.stat().st_ctime):
+        lines = result.read_text().splitlines()
+        if lines:
+            pids.append(json.loads(lines[0])["pid"])
+    return pids
 
 
 @pytest.mark.slow
@@ -55,7 +72,7 @@ def test_interrupted_search_resumes_to_the_same_trial_count(redis_url, tmp_path)
 
     with MedkdProcess(["run", str(path)], home=home, log_path=tmp_path / "first.log") as first:
         deadline = time.monotonic() + 900  # bounded; minutes on a machine shared with other work
-        while finished_trials(output_dir / "ray") < NUM_TRIALS // 2:
+        while finished_trials(output_dir / "ray") < INTERRUPT_AFTER:
             assert first.poll() is None, first.output()
             assert time.monotonic() < deadline, "search did not reach half of its trials in time:\n" + first.output()
             time.sleep(0.5)
@@ -65,7 +82,10 @@ def test_interrupted_search_resumes_to_the_same_trial_count(redis_url, tmp_path)
     assert code != 0, out
     assert "--resume" in out
     interrupted_at = finished_trials(output_dir / "ray")
-    assert NUM_TRIALS // 2 <= interrupted_at < NUM_TRIALS
+    assert INTERRUPT_AFTER <= interrupted_at < NUM_TRIALS
+    # One trial at a time: the second ran in the first one's process.
+    first_pids = trial_pids(output_dir / "ray")
+    assert len(first_pids) >= INTERRUPT_AFTER and len(set(first_pids)) == 1, first_pids
 
     with MedkdProcess(["run", str(path), "--resume"], home=home, log_path=tmp_path / "second.log") as second:
         code = second.wait(900)
@@ -79,3 +99,17 @@ def test_interrupted_search_resumes_to_the_same_trial_count(redis_url, tmp_path)
     assert results["stages"]["soft_labels"]["status"] == "skipped"
     assert results["best"]["onnx_path"]
     assert "Pareto front" in (output_dir / "report.html").read_text()
+
+
+def test_a_trial_still_running_when_the_search_is_interrupted_is_not_done():
+    """Tune marks every trial it stops at Ctrl-C TERMINATED; only one whose last result says done
+    (finished, or stopped by the scheduler) or that failed counts, so the search is not taken as complete."""
+
+    def result(error: Exception | None = None, **metrics) -> Result:
+        return Result(metrics=metrics, checkpoint=None, error=error, path="/tmp/trial")
+
+    assert _trial_done(result(done=True, final=True))
+    assert _trial_done(result(done=True, epoch=1))  # stopped early by ASHA
+    assert _trial_done(result(RuntimeError("lost"), done=False))
+    assert not _trial_done(result(done=False, epoch=1))  # running at Ctrl-C
+    assert not _trial_done(result())  # never started
