@@ -21,11 +21,13 @@ from typing import Any
 from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file, managed_redis
 from medkd.data.meta import DatasetMeta
 from medkd.spec.job import load_spec, parse_override
-from medkd.teachers.recipe import image_cost, laterality_specific, teacher_recipe
+from medkd.teachers.recipe import image_cost, laterality_specific, scaled_floor, teacher_recipe
 
 DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
 DEFAULT_DATA = data_file("breastmnist.npz")
 STUDENT_SAMPLE_BUDGET = 24_000  # training samples per search trial: ~44 epochs of 546 images, 5 of 5,000
+# Up to 5,000 images (medkd.teachers.recipe.SCALE_FROM); above, the floor shrinks as sqrt(5,000 / n)
+# (recipe.scaled_floor): a trial sees ~sqrt(n) samples, 2 epochs of OrganAMNIST's 34,561 images.
 MIN_STUDENT_EPOCHS = 6
 # Per-split budgets, so the whole run fits the issue's 45 min on 5,000 images (2 cores) while a
 # small split keeps the template's full search: student training samples over the whole search
@@ -43,11 +45,14 @@ SOUP_MAX_TRAIN_SIZE = 2_000
 
 
 def student_epochs(train_size: float, max_epochs: int) -> int:
-    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, within [MIN, spec's].
+    """The search's epoch budget: about STUDENT_SAMPLE_BUDGET samples per trial, at least
+    MIN_STUDENT_EPOCHS (scaled down as ``sqrt(5,000 / train_size)`` above 5,000 images), at most
+    the spec's.
 
     ``train_size`` (here and below): the training split counted in 28x28 images.
     """
-    return int(min(max_epochs, max(MIN_STUDENT_EPOCHS, round(STUDENT_SAMPLE_BUDGET / train_size))))
+    floor = max(1, round(scaled_floor(MIN_STUDENT_EPOCHS, train_size)))
+    return int(min(max_epochs, max(floor, round(STUDENT_SAMPLE_BUDGET / train_size))))
 
 
 def search_trials(train_size: float, epochs: int, max_trials: int) -> int:

@@ -15,7 +15,11 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    epochs ~24k samples per trial (``--epochs auto``, ASHA's grace period scaled alike), trials
    ~270k student samples in all (at least 6), FKD views ~10k teacher passes per teacher; on 546
    images that is the template's 12 trials x 40 epochs and 8 views, on 5,000 images 9 trials x
-   6 epochs (ASHA rung at 2) and 2 views. The template's final weight soup
+   6 epochs (ASHA rung at 2) and 2 views. Above 5,000 images the epoch floors (teachers 8,
+   trials 6) shrink as ``sqrt(5,000 / n)`` (``medkd.teachers.recipe.scaled_floor``), so the
+   images seen grow as the square root of the split: OrganAMNIST's 34,561 images get teachers of
+   3 epochs (bf16 autocast, as the recipe sets from 2,000 images on), 6 trials x 2 epochs (ASHA
+   rung at 1) and 1 view. The template's final weight soup
    (``search.final_branches``) is kept for splits of at most 2,000 images. Samples are counted in 28x28 images
    (``medkd.teachers.recipe.image_cost``: a 64x64 image counts 5.2, a 28^3 volume 28), so larger
    images and 3D sets get budgets of about the same compute.
@@ -34,10 +38,16 @@ cache (its data under the output folder, so a re-run finds the teachers and thei
    medians), so load from other processes hits all of them alike. The ensemble's latency is the
    sum of its teachers' (they run one after another for one request).
 
+Where the time and memory go: each stage's seconds are logged when the pipeline ends (the
+teachers log each epoch's time and their ETA as they train), and the peak memory of the
+benchmark's whole process tree (driver, Ray's processes and workers, redis-server; PSS sampled
+every 2 s from ``/proc``, :mod:`benchmarks._memory`) is recorded per phase in the report.
+
 Ends with ``RESULT student_auc=... student_acc=... student_params=... student_bytes=...
-teacher_ensemble_auc=... kd_gain_auc=... speedup_vs_ensemble=...`` where ``kd_gain_auc`` is
-mean test AUC (KD) - mean test AUC (CE only) over the seeds and ``speedup_vs_ensemble`` is
-ensemble latency / INT8 student latency.
+teacher_ensemble_auc=... kd_gain_auc=... speedup_vs_ensemble=... wall_min=... peak_memory_mb=...``
+where ``kd_gain_auc`` is mean test AUC (KD) - mean test AUC (CE only) over the seeds,
+``speedup_vs_ensemble`` is ensemble latency / INT8 student latency and ``peak_memory_mb`` the
+process tree's peak PSS.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ configure_local_ray()
 
 import numpy as np  # noqa: E402
 
+from benchmarks._memory import PeakMemory  # noqa: E402
 from benchmarks._student_setup import (  # noqa: E402  (re-exported: the spec of this benchmark)
     DEFAULT_DATA,
     DEFAULT_SPEC,
@@ -282,6 +293,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"**{sp['speedup_vs_ensemble']:.1f}x** faster than the FP32 ensemble; INT8 vs FP32 student: "
         f"{sp['int8_vs_fp32_speedup']:.2f}x faster, size {sp['int8_vs_fp32_size']:.2f}x.",
         f"- Student parameters: {best['params']:,} = {best['params'] / RESNET18_PARAMS:.3f} of ResNet-18's 11.2 M.",
+        memory_line(report.get("memory", {})),
         "",
         "```",
         report["result_line"],
@@ -297,7 +309,32 @@ def result_line(report: dict[str, Any]) -> str:
         f"RESULT student_auc={best['test_metrics']['auc']:.4f} student_acc={best['test_metrics']['acc']:.4f} "
         f"student_params={best['params']} student_bytes={best['size_bytes']} "
         f"teacher_ensemble_auc={report['results']['ensemble']['test_metrics']['auc']:.4f} "
-        f"kd_gain_auc={report['kd_gain']['gain_auc']:.4f} speedup_vs_ensemble={report['speed']['speedup_vs_ensemble']:.1f}"
+        f"kd_gain_auc={report['kd_gain']['gain_auc']:.4f} speedup_vs_ensemble={report['speed']['speedup_vs_ensemble']:.1f} "
+        f"wall_min={report['wall_seconds'] / 60:.1f} peak_memory_mb={report['memory']['peak_total_mb']}"
+    )
+
+
+def stage_times(results: dict[str, Any]) -> str:
+    """``"teachers 1334s (52%), soft_labels 164s (6%), ..."``: each pipeline stage's share of the pipeline.
+
+    Examples:
+        >>> stage_times({"stages": {"teachers": {"seconds": 30.0}, "search": {"seconds": 10.0}}})
+        'teachers 30s (75%), search 10s (25%)'
+    """
+    stages = {name: float(stage["seconds"]) for name, stage in results["stages"].items()}
+    total = sum(stages.values()) or 1.0
+    return ", ".join(f"{name} {seconds:.0f}s ({100 * seconds / total:.0f}%)" for name, seconds in stages.items())
+
+
+def memory_line(memory: dict[str, Any]) -> str:
+    """The report's memory bullet (peak PSS of the benchmark's process tree, per phase)."""
+    if not memory.get("measured"):
+        return "- Peak memory: not measured (no /proc on this system)."
+    phases = ", ".join(f"{name} {mb:,} MB" for name, mb in memory["by_phase_mb"].items())
+    return (
+        f"- Peak memory (PSS of the driver, Ray's processes and workers and redis-server, sampled every "
+        f"{memory['interval_s']:g} s): **{memory['peak_total_mb']:,} MB** in all ({phases}); largest single process "
+        f"{memory['peak_process_mb']:,} MB; up to {memory['peak_processes']} processes."
     )
 
 
@@ -354,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(first.data)
     meta = DatasetMeta.of(dataset)
     # The password reaches the spec (cache.password_env) and Ray workers through PASSWORD_ENV.
-    with managed_redis(output_dir / "redis", password_env=PASSWORD_ENV) as redis:
+    with PeakMemory() as memory, managed_redis(output_dir / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(args, redis_port=redis.port, dataset=dataset)
         log(
             f"teachers: {', '.join(f'{t.name}={t.model} x{t.epochs} epochs' for t in spec.teachers)}; "
@@ -365,21 +402,25 @@ def main(argv: list[str] | None = None) -> int:
         started_ray = init_ray(spec)
         try:
             pipeline_started = time.perf_counter()
+            memory.phase("pipeline")
             results = run_job(spec, serve=False)
             pipeline_seconds = time.perf_counter() - pipeline_started
             log(
                 f"pipeline done in {pipeline_seconds:.0f}s; selected {results['best']['model_id']}: INT8 test "
                 f"AUC {results['best']['test_metrics']['auc']:.4f} ACC {results['best']['test_metrics']['acc']:.4f}"
             )
+            log(f"  where the pipeline's time went: {stage_times(results)}; peak memory {memory.peak_total_mb:.0f} MB")
             seeds = [spec.seed + 1 + i for i in range(args.seeds)]
             log(f"KD gain: {len(seeds)} seeds x (KD, CE only), Ray tasks of 1 CPU")
+            memory.phase("kd_gain")
             t0 = time.perf_counter()
             gain = kd_gain(spec, results, dataset, meta, seeds)
             kd_seconds = time.perf_counter() - t0
         finally:
             if started_ray:
                 ray.shutdown()
-        log("speed: exporting teachers to FP32 ONNX, measuring batch-1 latency")
+        log(f"KD gain done in {kd_seconds:.0f}s; speed: exporting teachers to FP32 ONNX, measuring batch-1 latency")
+        memory.phase("speed")
         t0 = time.perf_counter()
         timing = speed(results, output_dir, meta, dataset, args)
         speed_seconds = time.perf_counter() - t0
@@ -398,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": {k: results[k] for k in ("best", "ensemble", "teachers", "stages", "search")},
         "kd_gain": gain,
         "speed": timing,
+        "memory": memory.summary(),
     }
     for teacher in report["results"]["teachers"]:
         teacher.pop("history", None)

@@ -43,7 +43,8 @@ def _teacher_logits(
     device = reserved_gpu_device(SOFTLABELS_GPU_FIELD)
     model = load_teacher_model(artifact, meta).to(device)
     data = ray.get(data_ref_list[0])
-    return {split: predict(model, data[split][0], 128, device) for split in splits}
+    bf16 = artifact.cpu_precision == "bf16"  # as the teacher was trained and validated
+    return {split: predict(model, data[split][0], 128, device, bf16=bf16) for split in splits}
 
 
 def teacher_logits_task(artifact: TeacherArtifact, meta: DatasetMeta, data_ref: Any, splits: list[str]) -> Any:
@@ -147,7 +148,7 @@ def recover_train_logits(
     def compute() -> np.ndarray:
         model = load_teacher_model(artifact, meta)
         inputs = images if view_params is None else apply_view(images, view_params)
-        return predict(model, inputs, 128, torch.device("cpu"))
+        return predict(model, inputs, 128, torch.device("cpu"), bf16=artifact.cpu_precision == "bf16")
 
     cache.fetch_or_compute(
         artifact.fingerprint,
@@ -190,7 +191,8 @@ def _teacher_view_logits(
     device = reserved_gpu_device(SOFTLABELS_GPU_FIELD)
     model = load_teacher_model(artifact, meta).to(device)
     images = ray.get(data_ref_list[0])["train"][0]
-    return [predict(model, apply_view(images, view), 128, device) for view in params]
+    bf16 = artifact.cpu_precision == "bf16"
+    return [predict(model, apply_view(images, view), 128, device, bf16=bf16) for view in params]
 
 
 def cache_view_logits(

@@ -154,7 +154,9 @@ def train_epoch(
             images, masks = augment(images, labels if segmentation else None)
             labels = masks if segmentation else labels
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+        # float16 on CUDA, bfloat16 on CPU (each device type's autocast default, stated for the reader).
+        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
             loss = criterion(model(images), loss_target(labels, meta.task, meta.multilabel))
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -166,14 +168,27 @@ def train_epoch(
     return total / max(count, 1)
 
 
+def uses_cpu_bf16(teacher: dict[str, Any], device: torch.device) -> bool:
+    """Whether ``teacher`` (a ``TeacherSpec`` dump) trains and infers under bfloat16 autocast on ``device``."""
+    return device.type == "cpu" and teacher.get("cpu_precision") == "bf16"
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """Raw logits of ``model`` over ``images`` (N, C, *spatial), in float32."""
+def predict(
+    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device, *, bf16: bool = False
+) -> np.ndarray:
+    """Raw logits of ``model`` over ``images`` (N, C, *spatial), in float32.
+
+    Args:
+        bf16: run the forward pass under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (a teacher
+            trained with ``cpu_precision: bf16``; ignored off the CPU).
+    """
     model.eval()
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        outputs.append(model(batch).float().cpu().numpy())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device.type == "cpu"):
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+            outputs.append(model(batch).float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 
@@ -193,9 +208,13 @@ def validate(
     criterion: nn.Module,
     meta: DatasetMeta,
     device: torch.device,
+    bf16: bool = False,
 ) -> dict[str, Any]:
-    """Validation metrics of ``model`` plus ``loss`` (the training criterion, mean per sample)."""
-    logits = predict(model, images, VAL_BATCH_SIZE, device)
+    """Validation metrics of ``model`` plus ``loss`` (the training criterion, mean per sample).
+
+    ``bf16``: predict under bfloat16 autocast on CPU (see :func:`predict`).
+    """
+    logits = predict(model, images, VAL_BATCH_SIZE, device, bf16=bf16)
     metrics = evaluate(logits, labels, meta)
     total = 0.0
     for start in range(0, len(logits), VAL_BATCH_SIZE):
@@ -231,10 +250,12 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
 
     model = build_teacher_model(teacher, meta)
     device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda" and teacher["mixed_precision"]
+    cpu_bf16 = uses_cpu_bf16(teacher, device)
+    # CUDA: float16 autocast with a GradScaler; CPU: autocast's default dtype is bfloat16 (no scaler needed).
+    use_amp = (device.type == "cuda" and teacher["mixed_precision"]) or cpu_bf16
     optimizer = build_optimizer(model, teacher)
     scheduler = build_scheduler(optimizer, teacher)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
 
     state: dict[str, Any] = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumed_from": []}
     saved_average = None
@@ -299,7 +320,7 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
         scheduler.step()
         train_seconds = time.perf_counter() - started
         evaluated = average.model if average is not None else plain_model
-        val_metrics = validate(evaluated, val_x, val_y, criterion=criterion, meta=meta, device=device)
+        val_metrics = validate(evaluated, val_x, val_y, criterion=criterion, meta=meta, device=device, bf16=cpu_bf16)
         score = primary_score(val_metrics, metric_name)
         improved = score > state["best"]
         state["best"] = max(state["best"], score)

@@ -3,12 +3,20 @@
 The recipe is a method, not numbers tuned to one file: it is the same for every MedMNIST set and
 reads only properties of the data (training-split size, image size, class names):
 
-- budget: ``epochs = clamp(SAMPLE_BUDGET / (n_train * image_cost), MIN_EPOCHS, MAX_EPOCHS)`` —
-  about the same compute for every set (a 5,000-image split at 28x28 gets 8 epochs, BreastMNIST's
-  546 images 40), where :func:`image_cost` counts an image in 28x28 images (1 at 28x28, 5.2 at
-  64x64, 28 for a 28^3 volume: convolutions cost per pixel); early stopping after
+- budget: ``epochs = clamp(SAMPLE_BUDGET / n, scaled_floor(MIN_EPOCHS, n), MAX_EPOCHS)`` with
+  ``n = n_train * image_cost`` — about the same compute for every set up to ``SCALE_FROM`` (5,000)
+  images (a 5,000-image split at 28x28 gets 8 epochs, BreastMNIST's 546 images 40), where
+  :func:`image_cost` counts an image in 28x28 images (1 at 28x28, 5.2 at 64x64, 28 for a 28^3
+  volume: convolutions cost per pixel). Above 5,000 images the 8-epoch floor shrinks with the
+  square root of the split (:func:`scaled_floor`), so the images seen grow as ``sqrt(n)``, not
+  ``n``: OrganAMNIST's 34,561 images get 3 epochs (104k images seen, 2.6x the 5,000-image
+  budget for 6.9x the data) instead of 8 (276k). Early stopping after
   ``patience = max(5, epochs // 4)`` epochs without a better validation AUC, and the
   best-validation-AUC checkpoint is the teacher;
+- precision: splits of at least ``BF16_FROM`` (2,000) images train and infer under bfloat16
+  autocast on CPU (``cpu_precision: bf16``: ~2x faster per image for both teachers at 28 px,
+  validation quality measured equal, ``benchmarks/RESULTS.md`` "scale"); smaller splits, whose
+  teachers train in minutes, stay fp32 (and keep their fingerprints);
 - weight averaging: an exponential moving average of the weights over the last
   ``max(1, epochs / 10)`` epochs is what is validated, selected and used as the teacher (on a
   few dozen validation images, picking among raw per-epoch weights is mostly picking noise);
@@ -40,9 +48,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-SAMPLE_BUDGET = 40_000  # training samples seen per teacher (before early stopping)
+SAMPLE_BUDGET = 40_000  # training samples seen per teacher (before early stopping), up to SCALE_FROM images
 MIN_EPOCHS = 8
 MAX_EPOCHS = 40
+SCALE_FROM = 5_000  # 28x28 images: above this, epoch floors shrink as sqrt(SCALE_FROM / n)
+BF16_FROM = 2_000  # 28x28 images: from this split size on, the recipe's teachers use cpu_precision bf16
 REFERENCE_PIXELS = 28 * 28  # budgets are counted in 28x28 images
 VIT_HEADS = 4
 VIT_WIDTH = 128
@@ -76,12 +86,33 @@ def auto_epochs(n_train: int, image_size: Sequence[int] | None = None) -> int:
         image_size: their spatial size (``None``: 28x28).
 
     Examples:
-        >>> auto_epochs(546), auto_epochs(5_000), auto_epochs(972, [28, 28, 28])
-        (40, 8, 8)
+        >>> auto_epochs(546), auto_epochs(5_000), auto_epochs(34_561), auto_epochs(972, [28, 28, 28])
+        (40, 8, 3, 3)
     """
     if n_train <= 0:
         raise ValueError(f"n_train must be > 0, got {n_train}")
-    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(SAMPLE_BUDGET / (n_train * image_cost(image_size))))))
+    size = n_train * image_cost(image_size)
+    return int(min(MAX_EPOCHS, max(1, round(scaled_floor(MIN_EPOCHS, size)), round(SAMPLE_BUDGET / size))))
+
+
+def scaled_floor(floor: float, train_size: float, scale_from: float = SCALE_FROM) -> float:
+    """An epoch floor for a split of ``train_size`` 28x28 images: ``floor`` up to ``scale_from``
+    images, then ``floor * sqrt(scale_from / train_size)``, so that the images seen at the floor,
+    ``epochs * train_size``, grow as the square root of the split rather than linearly (a larger
+    split needs more optimisation steps, not proportionally more: its images are more alike).
+
+    Args:
+        floor: the epoch floor of splits up to ``scale_from`` images.
+        train_size: the training split, in 28x28 images (see :func:`image_cost`).
+        scale_from: where the floor starts to shrink.
+
+    Examples:
+        >>> scaled_floor(8, 5_000), round(scaled_floor(8, 34_561), 2), round(scaled_floor(6, 34_561), 2)
+        (8.0, 3.04, 2.28)
+    """
+    if train_size <= 0:
+        raise ValueError(f"train_size must be > 0, got {train_size}")
+    return float(floor) * math.sqrt(min(1.0, scale_from / train_size))
 
 
 def laterality_specific(class_names: Sequence[str]) -> bool:
@@ -154,8 +185,8 @@ def teacher_recipe(
 
     Examples:
         >>> cnn, vit = teacher_recipe(n_train=240, class_names=["a", "b"], image_size=[28, 28, 28])
-        >>> vit["model_kwargs"]["patch_size"], vit["model_kwargs"]["hidden_size"]
-        (4, 132)
+        >>> vit["model_kwargs"]["patch_size"], vit["model_kwargs"]["hidden_size"], cnn["cpu_precision"]
+        (4, 132, 'bf16')
     """
     epochs = auto_epochs(n_train, image_size) if epochs is None else epochs
     if epochs <= 0:
@@ -177,6 +208,8 @@ def teacher_recipe(
         "augment": augment,
         "cpus_per_worker": cpus_per_worker,
     }
+    if n_train * image_cost(image_size) >= BF16_FROM:
+        common["cpu_precision"] = "bf16"
     vit_kwargs: dict[str, Any] = {"patch_size": vit_patch_size(image_size), "pos_embed_type": "sincos"}
     if vit == "vit":  # a small, fine-grained ViT: many tokens, few layers (CPU-sized)
         vit_kwargs.update(

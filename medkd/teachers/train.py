@@ -61,6 +61,7 @@ class TeacherArtifact(BaseModel):
     history: list[dict[str, Any]]
     train_seconds: float
     resumed_from: list[int] = []  # epochs the run resumed from after a failure (empty: no restart)
+    cpu_precision: str | None = None  # "bf16": its soft labels are computed under bf16 autocast too (TeacherSpec)
 
 
 def teacher_fingerprint(teacher: Any, dataset_fp: str, seed: int, task: str) -> str:
@@ -94,11 +95,34 @@ def find_artifact(output_dir: Path, teacher_name: str, teacher_fp: str) -> Teach
     return artifact if artifact.fingerprint == teacher_fp else None
 
 
+def epoch_timing_line(teacher: str, record: dict[str, Any], epochs: int, seconds_so_far: list[float]) -> str:
+    """One progress line saying where a teacher's epoch went and when the teacher should be done.
+
+    Args:
+        record: the epoch's report (``epoch``, ``epoch_seconds``, ``train_seconds``).
+        seconds_so_far: every reported epoch's ``epoch_seconds`` of this run, this one included
+            (the ETA is their mean times the epochs left; early stopping may end sooner).
+
+    Examples:
+        >>> epoch_timing_line("cnn", {"epoch": 1, "epoch_seconds": 120.0, "train_seconds": 110.0}, 3, [120.0])
+        '  teacher cnn: epoch 1/3 took 120s (train 110s, validation and checkpoint 10s); ETA 4.0 min'
+    """
+    total, train = float(record["epoch_seconds"]), float(record["train_seconds"])
+    left = max(0, epochs - int(record["epoch"]))
+    eta = left * sum(seconds_so_far) / max(1, len(seconds_so_far)) / 60
+    return (
+        f"  teacher {teacher}: epoch {record['epoch']}/{epochs} took {total:.0f}s "
+        f"(train {train:.0f}s, validation and checkpoint {total - train:.0f}s); ETA {eta:.1f} min"
+    )
+
+
 class _ProgressCallback(UserCallback):
-    """Forwards each reported epoch from the Train controller to the driver's progress queue."""
+    """Forwards each reported epoch from the Train controller to the driver's progress queue,
+    with a line on the epoch's time and the teacher's ETA."""
 
     def __init__(self, queue: Any, teacher: str, epochs: int) -> None:
         self.queue, self.teacher, self.epochs = queue, teacher, epochs
+        self.epoch_seconds: list[float] = []
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if metrics:
@@ -113,6 +137,10 @@ class _ProgressCallback(UserCallback):
                     "metrics": {k: v for k, v in first.items() if k.startswith(("val_", "train_loss"))},
                 },
             )
+            if "epoch_seconds" in first and "train_seconds" in first:
+                self.epoch_seconds.append(float(first["epoch_seconds"]))
+                line = epoch_timing_line(self.teacher, first, self.epochs, self.epoch_seconds)
+                send_event(self.queue, {"kind": "teacher_time", "message": line})
 
 
 def _use_gpu(setting: Any) -> bool:
@@ -219,6 +247,7 @@ def train_one_teacher(
         history=full_history,
         train_seconds=time.perf_counter() - started,
         resumed_from=final_state.get("resumed_from", []),
+        cpu_precision=teacher.cpu_precision,
     )
     # Written last: its presence marks the artifact complete (a crash before this re-trains,
     # and Ray Train resumes the run from its last checkpoint).

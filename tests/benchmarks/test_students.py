@@ -72,9 +72,14 @@ def test_search_budgets_count_samples_in_28px_images():
     )
     # 5,000 images at 28x28: the 45-minute budget's 6 epochs, 9 trials, 2 views.
     assert (student_epochs(5000, 40), search_trials(5000, 6, 12), view_count(5000, 8)) == (6, 9, 2)
-    # ~1,000 volumes of 28^3 cost as much as 28,000 images: the floors, not 40 epochs x 12 trials.
+    # ~1,000 volumes of 28^3 cost as much as 28,000 images: the floors (shrunk by sqrt(5,000 / 28,000)),
+    # not 40 epochs x 12 trials.
     volumes = 1000 * image_cost([28, 28, 28])
-    assert (student_epochs(volumes, 40), search_trials(volumes, 6, 12), view_count(volumes, 8)) == (6, 6, 1)
+    assert (student_epochs(volumes, 40), search_trials(volumes, 3, 12), view_count(volumes, 8)) == (3, 6, 1)
+    # OrganAMNIST (34,561 images): 6 trials x 2 epochs and 1 view -- a trial sees 2x the 5,000-image
+    # budget's samples for 6.9x the data.
+    assert (student_epochs(34_561, 40), search_trials(34_561, 2, 12), view_count(34_561, 8)) == (2, 6, 1)
+    assert student_epochs(8_000, 40) == 5 and student_epochs(2_000, 40) == 12  # 2,000: as before
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ import torch
 from medkd.spec.teachers import TeacherSpec
 from medkd.teachers import create_teacher
 from medkd.teachers.recipe import (
+    BF16_FROM,
     auto_epochs,
     image_cost,
     laterality_specific,
+    scaled_floor,
     teacher_recipe,
     vit_hidden_size,
     vit_patch_size,
@@ -64,9 +66,10 @@ def test_epoch_budget_counts_images_in_28px_images():
     assert auto_epochs(546, [28, 28]) == auto_epochs(546) == 40  # BreastMNIST: unchanged
     assert auto_epochs(5000, [28, 28]) == 8
     assert auto_epochs(546, [64, 64]) == 14  # 40,000 / (546 * 5.2) = 14.0
-    assert auto_epochs(972, [28, 28, 28]) == 8  # OrganMNIST3D: the floor, not 40 epochs of volumes
+    # OrganMNIST3D (972 volumes = 27,216 images): the floor shrunk by sqrt(5,000 / 27,216), not 40 epochs of volumes
+    assert auto_epochs(972, [28, 28, 28]) == 3
     assert auto_epochs(1_000) == 40 and auto_epochs(1_600) == 25  # 40,000 / 1,600
-    assert teacher_recipe(n_train=972, class_names=["a", "b"], image_size=[28, 28, 28])[0]["epochs"] == 8
+    assert teacher_recipe(n_train=972, class_names=["a", "b"], image_size=[28, 28, 28])[0]["epochs"] == 3
     with pytest.raises(ValueError, match="image_size"):
         image_cost([28, 0])
     with pytest.raises(ValueError, match="n_train"):
@@ -89,3 +92,24 @@ def test_flips_are_off_only_for_left_right_class_names():
     breast = teacher_recipe(n_train=546, class_names=["malignant", "normal, benign"], image_size=[28, 28])
     assert [t["augment"]["flip"] for t in organ] == [0.0, 0.0]
     assert [t["augment"]["flip"] for t in breast] == [0.5, 0.5]
+
+
+def test_images_seen_grow_as_the_square_root_of_the_split_above_5000():
+    seen = {n: auto_epochs(n) * n for n in (5_000, 8_000, 20_000, 34_561, 80_000)}
+    assert auto_epochs(5_000) == 8 and auto_epochs(34_561) == 3  # OrganAMNIST: 3 epochs, not 8
+    for n, images in seen.items():  # within rounding of 40,000 * sqrt(n / 5,000)
+        assert images == pytest.approx(40_000 * (n / 5_000) ** 0.5, rel=0.2), n
+    assert seen[80_000] <= 2 * seen[20_000]  # 4x the data, 2x the images seen
+    assert auto_epochs(10_000_000) == 1  # never below one epoch
+    assert scaled_floor(6, 1_000) == 6.0  # below 5,000 images the floors are the old ones
+    with pytest.raises(ValueError, match="train_size"):
+        scaled_floor(8, 0)
+
+
+def test_bf16_from_2000_images_small_splits_keep_fp32_and_their_fingerprints():
+    small = teacher_recipe(n_train=546, class_names=["a", "b"], image_size=[28, 28])
+    assert all("cpu_precision" not in t for t in small)  # BreastMNIST: the pinned fingerprints
+    large = teacher_recipe(n_train=BF16_FROM, class_names=["a", "b"], image_size=[28, 28])
+    assert [t["cpu_precision"] for t in large] == ["bf16", "bf16"]
+    # 400 images of 64x64 count as ~2,090 of 28x28
+    assert teacher_recipe(n_train=400, class_names=["a", "b"], image_size=[64, 64])[0]["cpu_precision"] == "bf16"
