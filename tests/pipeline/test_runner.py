@@ -204,8 +204,10 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     # Served only if val does not say it is worse than the search's instance beyond the noise
     # (registry.selection.compare_final, unit-tested both ways in tests/registry/test_selection.py).
     judged = final["selection"]["final"]
-    assert judged["search_quality"] == pytest.approx(best["val_metrics"]["val_auc"])
-    assert judged["final_quality"] == pytest.approx(final["final"]["val"]["val_auc"])
+    # The same models on val; ONNX Runtime's INT8 logits move by ~1e-6 with its thread count, which
+    # can swap a near-tie in the ranking (measured 4e-5 AUC).
+    assert judged["search_quality"] == pytest.approx(best["val_metrics"]["val_auc"], abs=1e-3)
+    assert judged["final_quality"] == pytest.approx(final["final"]["val"]["val_auc"], abs=1e-3)
     assert judged["quality_se"] > 0 and judged["decision_se"] >= 0 and "paired bootstrap" in judged["rule"]
     assert final["final"]["served"] == (judged["served"] == "final")
     out = capsys.readouterr().out
