@@ -32,6 +32,7 @@ def tiny_spec(tmp_path):
                     "batch_size": 32,
                     "cpus_per_worker": 0.5,
                     "patience": 1,
+                    "cpu_precision": "bf16",
                 },
             ],
             "output_dir": str(tmp_path / "out"),
@@ -57,6 +58,8 @@ def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_p
         out = model(torch.from_numpy(dataset.splits["val"].images[:3]))
         assert out.shape == (3, dataset.num_classes)
     assert artifacts[0].fingerprint != artifacts[1].fingerprint
+    # The bf16 teacher says so in its artifact (its soft labels are computed in bf16 too); the other is fp32.
+    assert [a.cpu_precision for a in artifacts] == [None, "bf16"]
 
     again, status = train_teachers(
         spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress()
