@@ -5,8 +5,7 @@ its own address on a private bridge, plus the cluster's Redis beside the head
 (:class:`medkd.cli.cluster.NetnsCluster`), shared by every test of ``tests/cluster`` (it starts
 with the first that asks for it and is taken down after the package's last test: a start costs
 15-25 s). Each test gets it whole: what an earlier test killed (a worker node, the Redis) is
-restarted first. ``netns_cluster_factory`` starts clusters of other shapes (they are taken down
-when the test ends).
+restarted first.
 
 A machine that refuses network namespaces fails these tests with the reason; they do not skip.
 """
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +59,3 @@ def netns_cluster(shared_netns_cluster: LocalCluster) -> LocalCluster:
     """The shared cluster, with every node and the Redis alive (restarted if a test killed them)."""
     make_whole(shared_netns_cluster)
     return shared_netns_cluster
-
-
-@pytest.fixture
-def netns_cluster_factory() -> Iterator[Callable[..., LocalCluster]]:
-    """``start(workers=…, cpus_per_worker=…, **settings)`` -> a new cluster, taken down after the test."""
-    started: list[LocalCluster] = []
-
-    def start(**kwargs: Any) -> LocalCluster:
-        cluster = _up(**kwargs)
-        started.append(cluster)
-        return cluster
-
-    yield start
-    for cluster in reversed(started):
-        _down(cluster)
