@@ -414,7 +414,8 @@ def final_decision_note(results: dict[str, Any], judged: dict[str, Any]) -> str:
             f"final {_fmt(judged['final_decision_acc'])}, search {_fmt(judged['search_decision_acc'])} "
             f"(SE {_fmt(judged['decision_se'])})."
         )
-    return f"Served instance: {instance} ({trained}). {judged['reason']}.{figures} Rule: {judged['rule']}."
+    reason = judged["reason"][:1].upper() + judged["reason"][1:]
+    return f"Served instance: {instance} ({trained}). {reason}.{figures} Rule: {judged['rule']}."
 
 
 def served_section(results: dict[str, Any]) -> ReportSection | None:
