@@ -39,6 +39,7 @@ def test_enable_sets_the_switches_before_ray_starts_with_short_paths_and_free_po
         assert len(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]) < HAPROXY_SOCKET_LIMIT - 20
         assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] != os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]
         # Serve's default of 4 HAProxy threads competes with the replica on a small machine.
+        assert os.environ[ha_proxy.WORKER_NICENESS_ENV] == "0"  # replicas at normal CPU priority, not Ray's 15
         assert 1 <= int(os.environ["RAY_SERVE_HAPROXY_NBTHREAD"]) <= max(1, len(os.sched_getaffinity(0)) // 4)
         assert setup.state_dir is not None and setup.state_dir.is_dir()
     finally:
@@ -55,6 +56,10 @@ def test_opt_out_and_a_running_cluster_leave_the_environment_alone(clean_env):
     assert not cluster.enabled
     assert "RAY_SERVE_ENABLE_HA_PROXY=1" in cluster.message and "ray start" in cluster.message
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert os.environ[ha_proxy.WORKER_NICENESS_ENV] == "0"  # set for the own Ray instance opted out above
+    clean_env.setenv(ha_proxy.WORKER_NICENESS_ENV, "7")
+    ha_proxy.enable(own_ray=True).close()
+    assert os.environ[ha_proxy.WORKER_NICENESS_ENV] == "7"  # the caller's choice stays
 
 
 def test_without_haproxy_the_fallback_says_how_to_get_the_fast_path(clean_env, tmp_path):
