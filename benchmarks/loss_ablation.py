@@ -112,13 +112,20 @@ def best_by_val(summary: dict[str, dict[str, float]]) -> str:
     return max(sorted(summary), key=lambda name: summary[name]["val_auc"])
 
 
+def _run_lines(report: dict[str, Any], data_note: str = "") -> list[str]:
+    """The command, date and data lines both tables start with."""
+    return [
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
+        f"- Data: {report['dataset']}{data_note}; configuration: {report['config']}",
+        "",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [
-        f"- Command: `{report['command']}`",
-        f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
-        f"- Data: {report['dataset']}; configuration: {report['config']}",
-        "",
+        *_run_lines(report),
         "| variant | val AUC | test AUC | test ACC | " + " | ".join(f"seed {s} test AUC / ACC" for s in seeds) + " |",
         "|---|---|---|---|" + "---|" * len(seeds),
     ]
@@ -137,10 +144,7 @@ def val_markdown(report: dict[str, Any]) -> str:
     """The ``--study kd_accuracy`` table: val AUC and ACC per variant, mean ± sd and per seed."""
     seeds = report["seeds"]
     lines = [
-        f"- Command: `{report['command']}`",
-        f"- Date: {report['date']}; wall {report['wall_seconds'] / 60:.1f} min; load average {report['load_average']}",
-        f"- Data: {report['dataset']} (val only; test not scored); configuration: {report['config']}",
-        "",
+        *_run_lines(report, " (val only; test not scored)"),
         "| variant | val AUC | val ACC | " + " | ".join(f"seed {s} val AUC / ACC" for s in seeds) + " |",
         "|---|---|---|" + "---|" * len(seeds),
     ]
