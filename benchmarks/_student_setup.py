@@ -4,7 +4,8 @@
 :func:`build_spec` is the spec template (default ``examples/breastmnist.yaml``) pointed at a
 MedMNIST file, with the recipe's teachers (:func:`medkd.teachers.recipe.teacher_recipe`) and
 search budgets that scale with the training split, counted in 28x28 images
-(:func:`medkd.teachers.recipe.image_cost`). The spec it builds decides every fingerprint of the
+(:func:`medkd.teachers.recipe.image_cost`); from ``BF16_FROM`` (2,000) such images on, the students
+train in bf16 on CPU (``search.cpu_precision``) as the recipe's teachers do. The spec it builds decides every fingerprint of the
 run (teachers, soft labels, search): a change here retrains. :func:`kd_gain_run` trains one
 configuration through the search's own recipe from the run's soft-label cache and scores its
 INT8 export on test.
@@ -21,7 +22,7 @@ from typing import Any
 from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file, managed_redis
 from medkd.data.meta import DatasetMeta
 from medkd.spec.job import load_spec, parse_override
-from medkd.teachers.recipe import image_cost, laterality_specific, scaled_floor, teacher_recipe
+from medkd.teachers.recipe import BF16_FROM, image_cost, laterality_specific, scaled_floor, teacher_recipe
 
 DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
 DEFAULT_DATA = data_file("breastmnist.npz")
@@ -113,6 +114,10 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
         spec = with_search(spec, num_trials=trials)
     explicit = {parse_override(text)[0] for text in args.set or []}
+    if train_size >= BF16_FROM and "search.cpu_precision" not in explicit:
+        # As the recipe's teachers: students train in bf16 from 2,000 images on (1.4-1.6x per image,
+        # validation quality checked in benchmarks/RESULTS.md); smaller splits keep their fingerprints.
+        spec = with_search(spec, cpu_precision="bf16")
     if spec.search.final_branches and train_size > SOUP_MAX_TRAIN_SIZE and "search.final_branches" not in explicit:
         spec = with_search(spec, final_branches=None)
     if spec.cache.views:

@@ -3,7 +3,7 @@ the search's budget, views), shipped once to every trial and to the final traini
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +43,8 @@ class TrialContext(BaseModel):
     cache_options: dict[str, Any]
     teacher_prior: list[float] | None = None
     teacher_temperatures: list[float] | None = None
+    #: ``search.cpu_precision``: the precision students train in on CPU.
+    cpu_precision: Literal["fp32", "bf16"] = "fp32"
     #: The quality objectives ASHA ranks on by their mean (``val_quality_mean``), when there are several.
     asha_qualities: list[str] | None = None
 
@@ -131,6 +133,7 @@ def search_context(
             "epochs": search.epochs,
             "batch_size": search.batch_size,
             "ema_epochs": search.ema_epochs,
+            "cpu_precision": search.cpu_precision,
             "seed": spec.seed if search.seed is None else search.seed,
             "cpus_per_trial": search.cpus_per_trial,
             "constants": constant_params(search.space, len(teacher_fps)),

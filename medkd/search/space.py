@@ -79,6 +79,7 @@ def trial_distill_config(params: dict[str, Any], context: TrialContext) -> Disti
         prune=params.get("prune", "none"),
         prune_amount=float(params.get("prune_amount", 0.0)) if params.get("prune", "none") != "none" else 0.0,
         quantize=params.get("quantize", "none"),
+        cpu_precision=context.cpu_precision,
     )
 
 

@@ -148,14 +148,24 @@ class SearchSpec(StrictModel):
         "seed (+0.021 on average, within the 78-image val split's noise) but not val accuracy "
         "(benchmarks/RESULTS.md, kd_accuracy)",
     )
+    cpu_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="precision of student training on CPU (search trials, the final training): bf16 runs the "
+        "forward pass under torch.autocast('cpu', dtype=torch.bfloat16) (weights, gradients, optimiser, the "
+        "distillation losses and validation stay fp32), 1.4-1.6x faster per image for the search's students at "
+        "28 px on CPUs with AVX512-BF16 (benchmarks/RESULTS.md, scale); fp32: full fp32. Ignored on a GPU",
+    )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None
     seed: int | None = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
-        # calibrate_teachers came later: left out while off, so earlier searches keep their fingerprints.
+        # calibrate_teachers and cpu_precision came later: left out at their defaults (off, fp32), so
+        # earlier searches keep their fingerprints.
         exclude = {"final_epochs", "final_branches"} | (set() if self.calibrate_teachers else {"calibrate_teachers"})
+        if self.cpu_precision == "fp32":
+            exclude.add("cpu_precision")
         fields = fingerprint_dump(self, exclude=exclude)
         fields["space"] = fingerprint_dump(self.space, added_later=SPACE_ADDED_LATER)
         return fields

@@ -16,11 +16,11 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
 from medkd.core.ema import WeightAverage, ema_decay
@@ -68,6 +68,32 @@ class DistillConfig(BaseModel):
     prune: str = "none"
     prune_amount: float = Field(0.0, ge=0, lt=1)
     quantize: str = "none"
+    cpu_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: on CPU the student's forward pass runs under torch.autocast('cpu', dtype=torch.bfloat16) "
+        "(weights, gradients, optimiser, losses and validation stay fp32); ignored on a GPU",
+    )
+
+    @model_serializer(mode="wrap")
+    def _fp32_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # fp32 is what every configuration before the field trained in: left out of the dump, so
+        # their trial configs, final-training fingerprints and saved training states stay as they were.
+        data = handler(self)
+        if data.get("cpu_precision") == "fp32":
+            del data["cpu_precision"]
+        return data
+
+
+def uses_cpu_bf16(config: DistillConfig, device: torch.device) -> bool:
+    """Whether ``config`` trains under bfloat16 autocast on ``device`` (``cpu_precision: bf16`` on a CPU).
+
+    Examples:
+        >>> uses_cpu_bf16(DistillConfig(cpu_precision="bf16"), torch.device("cpu"))
+        True
+        >>> uses_cpu_bf16(DistillConfig(cpu_precision="bf16"), torch.device("cuda"))
+        False
+    """
+    return device.type == "cpu" and config.cpu_precision == "bf16"
 
 
 def loss_name(meta: DatasetMeta) -> str:
@@ -189,6 +215,9 @@ def distill(
         device: where to train (``cuda`` for a trial or final training that holds a GPU, see
             :func:`medkd.core.devices.reserved_gpu_device`); default the CPU. The model is moved
             there for training and is back on the CPU (where pruning and export run) on return.
+            With ``config.cpu_precision == "bf16"`` on the CPU the forward pass runs under bfloat16
+            autocast; the loss is computed in float32 and validation is always fp32 (as the exported
+            model runs), so trials of either precision are compared alike.
 
     Returns:
         One record per epoch (loss parts, seconds, validation quality when val data is given),
@@ -225,6 +254,7 @@ def distill(
     model.to(device)
     criterion.to(device)
     calibration = _teacher_calibration(config, teacher_logits is not None, device)
+    bf16 = uses_cpu_bf16(config, device)
     epochs = epochs or config.epochs
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
     segmentation = meta.task == "segmentation"
@@ -265,7 +295,11 @@ def distill(
                             f"teacher_temperatures has {len(calibration)} values for {len(teachers)} teachers"
                         )
                     teachers = teachers / calibration.view(-1, *([1] * (teachers.ndim - 1)))
-                loss, parts = criterion(run.model(images), teachers, _targets(labels, meta))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    outputs = run.model(images)
+                # The losses run outside autocast on float32 logits: a softmax at temperature T of
+                # bf16 logits (8 mantissa bits) would blur the teachers' small probabilities.
+                loss, parts = criterion(outputs.float(), teachers, _targets(labels, meta))
                 if teachers is None:
                     parts.pop("kd", None)
                 run.optimizer.zero_grad(set_to_none=True)

@@ -137,3 +137,12 @@ def test_breastmnist_spec_keeps_its_fingerprints(breastmnist_path, tmp_path):
     teacher_fps = [teacher_fingerprint(t, dataset.fingerprint, spec.seed, spec.task) for t in spec.teachers]
     assert teacher_fps == BREASTMNIST_TEACHER_FPS
     assert search_fingerprint(spec, teacher_fps, dataset.fingerprint) == BREASTMNIST_SEARCH_FP
+
+
+def test_students_train_in_bf16_from_the_recipes_threshold(tmp_path):
+    # As the recipe's teachers (medkd.teachers.recipe.BF16_FROM, counted in 28x28 images).
+    small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
+    assert _spec(small, tmp_path).search.cpu_precision == "fp32"
+    large = _write_npz(tmp_path / "pneumoniamnist_64.npz", (64, 64), num_classes=2, train=400)  # ~2,080 at 28x28
+    assert _spec(large, tmp_path).search.cpu_precision == "bf16"
+    assert _spec(large, tmp_path, "--set", "search.cpu_precision=fp32").search.cpu_precision == "fp32"

@@ -164,3 +164,19 @@ def test_final_training_settings_validated_and_not_part_of_the_search_fingerprin
     # The trials do not depend on it: adding it reuses a finished search.
     assert final.search.fingerprint_fields() == plain.search.fingerprint_fields()
     assert final.fingerprint() != plain.fingerprint()
+
+
+def test_search_cpu_precision_validated_and_in_the_fingerprint_only_when_bf16(tmp_path):
+    raw = minimal()
+    raw["search"] = {"cpu_precision": "fp16"}
+    with pytest.raises(SpecError, match=r"search\.cpu_precision"):
+        load_spec(write(tmp_path, raw))
+    plain = load_spec(write(tmp_path, minimal())).search
+    raw["search"] = {"cpu_precision": "fp32"}
+    fp32 = load_spec(write(tmp_path, raw)).search
+    raw["search"] = {"cpu_precision": "bf16"}
+    bf16 = load_spec(write(tmp_path, raw)).search
+    # fp32 is what searches did before the field: their fingerprints stay.
+    assert plain.cpu_precision == "fp32" and "cpu_precision" not in plain.fingerprint_fields()
+    assert fp32.fingerprint_fields() == plain.fingerprint_fields()
+    assert bf16.fingerprint_fields() == {**plain.fingerprint_fields(), "cpu_precision": "bf16"}
