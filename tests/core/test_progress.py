@@ -7,10 +7,12 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 
+from ray.util.state import get_actor
 from rich.console import Console
 
-from medkd.core.progress import Progress, TrialBoard
+from medkd.core.progress import DRAIN_WAIT_S, Progress, RemoteEvents, TrialBoard, send_event
 
 
 def _run_a_small_pipeline(progress: Progress) -> None:
@@ -166,3 +168,25 @@ def test_live_bars_fit_an_80_column_terminal() -> None:
     assert len(bars) == 2 and all(len(line) <= 80 for line in bars)
     assert all(re.search(r"━[━╸ ]* \d+/\d+$", line.rstrip()) for line in bars)  # bar and count visible
     assert "best val_auc=0.9" in bars[1] or "best val_auc=0.9" in bars[0]
+
+
+def test_remote_events_reach_the_driver_in_order_and_close_without_waiting_out_the_drain(ray_session) -> None:
+    ray = ray_session
+    out = io.StringIO()
+    events = RemoteEvents(Progress(out))
+
+    @ray.remote(num_cpus=0)
+    def report(queue, count: int) -> None:
+        for index in range(count):
+            send_event(queue, {"kind": "log", "message": f"event {index}"})
+
+    ray.get(report.remote(events.queue, 3))
+    actor_node = get_actor(events.queue.actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address).node_id
+    started = time.monotonic()
+    events.close()
+    closing_s = time.monotonic() - started
+
+    lines = [re.sub(r"^\[medkd +[0-9.]+s\] ", "", line) for line in out.getvalue().splitlines()]
+    assert lines == ["event 0", "event 1", "event 2"]
+    assert closing_s < DRAIN_WAIT_S / 2, f"close took {closing_s:.1f} s: it waited for the drain's timeout"
+    assert actor_node == ray.get_runtime_context().get_node_id(), "the queue actor is not on the driver's node"
