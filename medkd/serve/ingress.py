@@ -7,10 +7,10 @@ off the event loop. A request goes straight to the model when no model call runs
 when it is a full batch by itself); one that arrives while a call runs joins a dynamic batch
 (``@serve.batch``) that runs in the next call, so batches form under load and a lone request waits
 for nothing (``batch_wait_timeout_s`` > 0 always waits for company). Model calls run in one ONNX
-Runtime thread, or on the event loop when the model is so quick (``INLINE_INFER_S``) that the
-thread hop would cost more. Prediction requests reach :meth:`MedkdServer.predict_route` through a
-pure-ASGI fast lane in front of FastAPI's routing (:mod:`medkd.serve.fast_lane`) when their query
-string needs no validation.
+Runtime thread, queued back to back (:class:`medkd.serve.runner.ModelRunner`), or on the event
+loop when the model is so quick (``INLINE_INFER_S``) that the thread hop would cost more.
+Prediction requests reach :meth:`MedkdServer.predict_route` through a pure-ASGI fast lane in front
+of FastAPI's routing (:mod:`medkd.serve.fast_lane`) when their query string needs no validation.
 Every Pareto student of a run is served by the one application through Serve model multiplexing:
 the ``serve_multiplexed_model_id`` header (which Serve's Python proxy also routes on; HAProxy does
 not, and need not, as every replica holds every model) or the ``model`` query parameter picks one;
@@ -50,6 +50,7 @@ from medkd.serve.codecs import (
 from medkd.serve.guards import Limits, Unauthorized, UnknownModel, authorized, check_before_decoding, check_image_count
 from medkd.serve.metrics import ServeMetrics
 from medkd.serve.model_store import LoadedModel, ModelBundle
+from medkd.serve.runner import ModelRunner
 from medkd.spec.serve import ServeConfig
 
 logger = logging.getLogger("ray.serve")
@@ -94,7 +95,7 @@ class MedkdServer:
         self._token = auth_token
         self._limits = Limits(self._config.max_images_per_request, self._config.max_decoded_bytes)
         self._use_gpu = self._config.gpus_per_replica > 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medkd-onnx")
+        self._runner = ModelRunner("medkd-onnx")
         self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medkd-decode")
         self._metrics = ServeMetrics()
         self._busy_since: float | None = None
@@ -388,7 +389,7 @@ class MedkdServer:
             return self._run(loaded, batch)
         self._calls += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, loaded, batch)
+            return await self._runner.run(self._run, loaded, batch)
         finally:
             self._calls -= 1
 
@@ -426,6 +427,5 @@ class MedkdServer:
         if busy is not None and time.monotonic() - busy > limit:
             raise RuntimeError(f"ONNX Runtime call running for {time.monotonic() - busy:.0f} s > {limit:g} s: wedged")
         if busy is None:
-            loop = asyncio.get_running_loop()
             default = self._loaded[self._bundle.default_id]
-            await asyncio.wait_for(loop.run_in_executor(self._executor, default.probe), timeout=limit)
+            await asyncio.wait_for(self._runner.run(default.probe), timeout=limit)

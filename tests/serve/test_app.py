@@ -417,7 +417,7 @@ def test_check_health_fails_when_the_onnx_session_is_wedged(classifier_dir):
 
     hung = HungSession()
     started = time.monotonic()
-    call = server._executor.submit(server._run, hung, np.zeros((1, 1, 28, 28), np.float32))
+    call = server._runner.submit(server._run, hung, np.zeros((1, 1, 28, 28), np.float32))
     try:
         asyncio.run(server.check_health())  # busy, but not for long yet: healthy
         time.sleep(max(PROBE_TIMEOUT_S, config.request_timeout_s) + 0.5 - (time.monotonic() - started))
