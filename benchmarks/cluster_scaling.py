@@ -31,6 +31,13 @@ own address on a private bridge, and the cluster's Redis beside the head.
   meanwhile. Each trial's time line (set-up, epochs, compression/export, the gap before it on
   its node) comes from its Tune ``result.json``. A search during which processes outside the
   cluster used more than 0.2 cores is marked void: the machine was not quiet.
+
+  **What limits the figure** (the ``scaling:`` line). The two searches run the same trial
+  configurations (Optuna's seeded sampler); paired by configuration, the sum of their trainable
+  seconds on 2 nodes over that on 1 node is how much slower a trial ran beside another one (on
+  this 2-core machine: the head's processes now compete with the trials, and the two cores share
+  caches and memory). The best split of the 1-node trial times over two nodes gives the most
+  the figure could be for these trials' sizes: with 4 trials it depends on their sizes' draw.
 * **Cache bulk read, remote vs local.** A driver on the head publishes one split of logits
   (``--cache-samples`` x 10 classes, float16) into the cluster's Redis; then a reader on the head
   and a reader on worker 1 (another namespace: over veth + bridge) each time
@@ -238,6 +245,52 @@ def describe_search(label: str, results: dict, census: CensusReport | None) -> N
     )
 
 
+def best_split(seconds: list[float]) -> float:
+    """The busiest node's share of ``seconds`` (trial times) in the best split over two nodes: exhaustive
+    up to 20 trials, longest-first greedy above.
+
+    Examples:
+        >>> best_split([66.5, 36.1, 35.0, 22.1])
+        88.6
+    """
+    total = sum(seconds)
+    if len(seconds) > 20:
+        loads = [0.0, 0.0]
+        for value in sorted(seconds, reverse=True):
+            loads[loads.index(min(loads))] += value
+        return max(loads)
+    best = total
+    for mask in range(1 << len(seconds)):
+        part = sum(value for index, value in enumerate(seconds) if mask >> index & 1)
+        best = min(best, max(part, total - part))
+    return round(best, 6)
+
+
+def describe_scaling(one: dict, two: dict) -> None:
+    """What limits the figure: how much slower each trial ran beside another (the same configurations
+    are paired across the two searches), and the best the figure could be for these trials' sizes."""
+    key = {trial["trial_id"]: json.dumps(trial["config"], sort_keys=True, default=str) for trial in one["trials"]}
+    key.update({trial["trial_id"]: json.dumps(trial["config"], sort_keys=True, default=str) for trial in two["trials"]})
+    alone = {key[row["trial"]]: row["trainable_s"] for row in trial_timeline(one)}
+    beside = {key[row["trial"]]: row["trainable_s"] for row in trial_timeline(two)}
+    paired = [(alone[config], beside[config]) for config in alone if config in beside]
+    if not paired:
+        print("  (no trial configuration ran in both searches: no per-trial comparison)", flush=True)
+        return
+    slowdown = sum(b for _, b in paired) / sum(a for a, _ in paired)
+    one_s = one["stages"]["search"]["seconds"]
+    serial = one_s - sum(alone.values())  # the 1-node search's time outside its trials: start, gaps, tail
+    best = best_split(list(alone.values()))
+    print(
+        f"scaling: each trial ran {slowdown:.2f}x its time alone while another ran (trainable seconds, "
+        f"same configurations: " + ", ".join(f"{a:.1f}->{b:.1f}" for a, b in paired) + "); "
+        f"the best split of the 1-node trial times over 2 nodes is {best:.1f} / {sum(alone.values()) - best:.1f} s, "
+        f"so with the 1-node search's {serial:.1f} s outside its trials the figure is at most "
+        f"{one_s / (serial + best):.2f} with no slowdown and {one_s / (serial + best * slowdown):.2f} with this one",
+        flush=True,
+    )
+
+
 def _wait_alive(cluster: LocalCluster, wanted: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while len(cluster.alive_nodes()) != wanted:
@@ -368,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         describe_search("1 worker node", one, one_census)
         if set(_trial_nodes(one)) != {cluster.node_addresses[1]}:
             raise SystemExit(f"the 1-node search ran trials on {set(_trial_nodes(one))}")
+        describe_scaling(one, two)
     finally:
         cluster.down()
         shutil.rmtree(state_dir, ignore_errors=True)

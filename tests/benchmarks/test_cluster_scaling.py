@@ -66,3 +66,32 @@ def test_trial_timeline_reads_each_trials_set_up_epochs_and_gap_from_its_tune_re
     assert (first["trial"], first["start"], first["setup_s"], first["epochs_s"]) == ("a", 10.0, 5.0, 4.0)
     assert first["gap_s"] == 10.0 and first["end"] == 22.0 and first["end_s"] == 3.0
     assert second["gap_s"] == 120.0 - 112.0  # after trial a ended on the same node
+
+
+def test_scaling_line_pairs_the_same_configurations_and_bounds_the_figure_by_the_best_split(tmp_path, capsys):
+    from benchmarks.cluster_scaling import best_split, describe_scaling
+
+    def results(arm: str, trainable_s: list[float], search_s: float) -> dict:
+        trials = []
+        for index, seconds in enumerate(trainable_s):
+            directory = tmp_path / arm / str(index)
+            (directory / "checkpoint_000000").mkdir(parents=True)
+            row = {"timestamp": 100.0 + seconds, "time_this_iter_s": seconds, "time_total_s": seconds, "node_ip": "n"}
+            (directory / "result.json").write_text(json.dumps(row) + "\n")
+            trials.append(
+                {
+                    "trial_id": f"{arm}{index}",
+                    "config": {"width": index},
+                    "checkpoint": str(directory / "checkpoint_000000"),
+                }
+            )
+        return {"trials": trials, "stages": {"search": {"seconds": search_s}}}
+
+    assert best_split([66.5, 36.1, 35.0, 22.1]) == 88.6  # {66.5, 22.1} vs {36.1, 35.0}
+    assert best_split([1.0] * 25) == 13.0  # above 20 trials: longest first, greedy
+    # The 1-node search: 160 s of trials in 168 s; the 2-node one ran each configuration 1.25x slower.
+    describe_scaling(results("one", [40.0, 40.0, 40.0, 40.0], 168.0), results("two", [50.0, 50.0, 50.0, 50.0], 110.0))
+    line = capsys.readouterr().out
+    assert "each trial ran 1.25x its time alone" in line and "40.0->50.0" in line
+    assert "best split of the 1-node trial times over 2 nodes is 80.0 / 80.0 s" in line
+    assert f"at most {168.0 / 88.0:.2f} with no slowdown and {168.0 / 108.0:.2f} with this one" in line
