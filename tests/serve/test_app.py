@@ -418,6 +418,11 @@ def test_check_health_fails_when_the_onnx_session_is_wedged(classifier_dir):
     hung = HungSession()
     started = time.monotonic()
     call = server._runner.submit(server._run, hung, np.zeros((1, 1, 28, 28), np.float32))
+    for _ in range(500):  # the model thread picks the call up (a probe queued behind it would time out)
+        if server._busy_since is not None:
+            break
+        time.sleep(0.01)
+    assert server._busy_since is not None
     try:
         asyncio.run(server.check_health())  # busy, but not for long yet: healthy
         time.sleep(max(PROBE_TIMEOUT_S, config.request_timeout_s) + 0.5 - (time.monotonic() - started))
