@@ -344,9 +344,10 @@ _CLOSE_SENTINEL = "__medkd_progress_closed__"
 class RemoteEvents:
     """A Ray queue that remote code writes progress events to and a driver thread shows.
 
-    The queue's actor lives on the driver's node (soft affinity: anywhere if that node cannot
-    take it): its only reader is the driver, and on a worker node it would take CPU from the
-    trials and teachers there.
+    The queue's actor lives on the driver's node: its only reader is the driver, and on a worker
+    node it would take CPU from the trials and teachers there. The affinity is hard: that node
+    exists while the driver does, and a soft one was not kept (on a netns cluster with a 0-CPU
+    head, a soft affinity put the actor on a worker node while the hard one put it on the head).
 
     Examples:
         >>> events = RemoteEvents(progress)  # doctest: +SKIP
@@ -363,7 +364,7 @@ class RemoteEvents:
             maxsize=10_000,
             actor_options={
                 "num_cpus": 0,
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=True),
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False),
             },
         )
         self._progress = progress
