@@ -14,7 +14,17 @@ each server in turn, so drifting machine load hits all of them alike):
 Single NPY images to ``/predict`` from aiohttp clients on 127.0.0.1 at concurrency 1, 8 and 64
 (req/s, p50, p99), then ``/predict/batch`` with 64 images from 4 clients against in-process ORT
 at batch 64 measured right before and after it (images/s). Where the time goes is printed too: the replica's own latency
-(``latency_ms`` in each answer) against what the client saw (the proxy hop and HTTP).
+(``latency_ms`` in each answer) against what the client saw (the proxy hop and HTTP), and the CPU the load
+client (this process) and each server's process tree used per request.
+
+What the arms do, for a fair ratio: (a) runs the model on an input already decoded and normalised, in one
+ONNX Runtime thread, with nothing else running: the limit, as issue 15 defines it. Every HTTP arm is driven
+by aiohttp clients in this process, on the same 2 cores as the server; the clients read each answer's bytes
+and take ``latency_ms`` from its end without parsing the JSON (until 2026-12-05 they parsed the first 2,000
+answers of every arm with ``json``: ~0.15 ms for a 64-image answer under load, client CPU on the server's
+cores that (a) never pays and the plain server's answers never cost). The batch route runs with only medkd's
+own instance up: the plain server and (c)'s Ray instance (0.08 cores when idle) are stopped first, and (c)'s
+batch route is measured before them.
 
     python -m benchmarks.serve_throughput [--seconds 10] [--model-dir DIR] [--skip-python-proxy]
 
@@ -42,6 +52,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+
+from benchmarks._memory import process_tree  # noqa: E402
 
 CONCURRENCY = (1, 8, 64)
 BATCH_IMAGES, BATCH_CLIENTS = 64, 4
@@ -99,6 +111,37 @@ def export_tiny_cnn(directory: Path, image_size: int) -> Path:
     }
     (directory / "metadata.json").write_text(json.dumps(metadata))
     return directory
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` used so far; gone ones count 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def replica_latency_ms(payload: bytes) -> float | None:
+    """The ``latency_ms`` a medkd answer ends with, read without parsing the whole JSON.
+
+    Examples:
+        >>> replica_latency_ms(b'{"count":2,"predictions":[],"latency_ms":1.25}')
+        1.25
+        >>> replica_latency_ms(b'{"probabilities":[0.5,0.5]}') is None
+        True
+    """
+    start = payload.rfind(b'"latency_ms":')
+    if start < 0:
+        return None
+    value = payload[start + 13 :].split(b",", 1)[0].split(b"}", 1)[0]
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def summarize(latencies: list[float], seconds: float, failures: int = 0) -> dict:
@@ -262,7 +305,11 @@ def stop(process: subprocess.Popen) -> None:
 # ----------------------------------------------------------------------------- load
 
 
-async def drive(url: str, body: bytes, *, clients: int, seconds: float, warmup_s: float = 1.0) -> dict:
+async def drive(
+    url: str, body: bytes, *, clients: int, seconds: float, warmup_s: float = 1.0, server_pid: int | None = None
+) -> dict:
+    """Drive ``url`` from ``clients`` aiohttp clients; latencies, failures, and the CPU this process (the
+    clients) and the server's process tree (``server_pid`` and its descendants) used in the timed window."""
     import aiohttp
 
     latencies: list[float] = []
@@ -270,6 +317,15 @@ async def drive(url: str, body: bytes, *, clients: int, seconds: float, warmup_s
     failures = 0
     begin = time.perf_counter() + warmup_s
     end = begin + seconds
+    server_pids = process_tree(server_pid) if server_pid else []
+    cpu: dict[str, float] = {}
+
+    async def census() -> None:
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+        client_cpu, server_cpu = time.process_time(), cpu_seconds(server_pids)
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        cpu["client"] = time.process_time() - client_cpu
+        cpu["server"] = cpu_seconds(server_pids) - server_cpu
 
     async def client(session) -> None:
         nonlocal failures
@@ -286,22 +342,31 @@ async def drive(url: str, body: bytes, *, clients: int, seconds: float, warmup_s
                 failures += 1
                 continue
             latencies.append(time.perf_counter() - sent)
-            if len(server_ms) < 2000 and b"latency_ms" in payload:
-                server_ms.append(json.loads(payload)["latency_ms"])
+            if (replica_ms := replica_latency_ms(payload)) is not None:
+                server_ms.append(replica_ms)
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        await asyncio.gather(*(client(session) for _ in range(clients)))
+        await asyncio.gather(census(), *(client(session) for _ in range(clients)))
     result = summarize(latencies, seconds, failures)
     result["server_p50_ms"] = float(np.median(server_ms)) if server_ms else float("nan")
+    for side in ("client", "server"):
+        result[f"{side}_cores"] = cpu[side] / seconds
+        result[f"{side}_cpu_ms"] = 1000.0 * cpu[side] / max(len(latencies) + failures, 1)
     return result
 
 
 def line(name: str, result: dict, unit: str = "req/s") -> str:
-    return (
+    text = (
         f"{name:28s} {result['rps']:8.1f} {unit}  p50={result['p50_ms']:7.2f} ms  p99={result['p99_ms']:8.2f} ms"
         f"  in-replica p50={result.get('server_p50_ms', float('nan')):6.2f} ms  failures={result['failures']}"
     )
+    if "client_cores" in result:  # a driven server (not in-process ORT)
+        text += (
+            f"  CPU: clients {result['client_cores']:.2f} cores ({result['client_cpu_ms']:.3f} ms/req), server "
+            f"{result['server_cores']:.2f} cores ({result['server_cpu_ms']:.3f} ms/req)"
+        )
+    return text
 
 
 def main() -> None:
@@ -351,7 +416,9 @@ def main() -> None:
         for clients in CONCURRENCY:
             for name, (_, url) in servers.items():
                 results[(name, clients)] = asyncio.run(
-                    drive(url + "/predict", body, clients=clients, seconds=args.seconds)
+                    drive(
+                        url + "/predict", body, clients=clients, seconds=args.seconds, server_pid=servers[name][0].pid
+                    )
                 )
                 print(line(f"({name}) c={clients}", results[(name, clients)]), flush=True)
         import urllib.request
@@ -365,24 +432,37 @@ def main() -> None:
                     flush=True,
                 )
         batch_body = encode_npy(stack)
+
+        def batch_route(name: str) -> dict:
+            process, url = servers[name]
+            result = asyncio.run(
+                drive(
+                    url + "/predict/batch",
+                    batch_body,
+                    clients=BATCH_CLIENTS,
+                    seconds=args.seconds,
+                    server_pid=process.pid,
+                )
+            )
+            result["images_per_s"] = result["rps"] * BATCH_IMAGES
+            print(
+                line(f"({name}) batch {BATCH_IMAGES} x{BATCH_CLIENTS}", result)
+                + f"  = {result['images_per_s']:.0f} images/s",
+                flush=True,
+            )
+            return result
+
+        # Only the server under test runs while a batch route is timed: the others go first.
+        stop(servers.pop("plain")[0])
+        if "medkd_py" in servers:
+            results[("medkd_py", "batch")] = batch_route("medkd_py")
+            stop(servers.pop("medkd_py")[0])
         # The batch ratio compares the batch route with in-process ORT measured right before and
         # right after it (their mean): the machine's load drifts, and the first ORT figure above is
         # minutes older.
         adjacent = [raw_ort(model_dir, image, stack, args.seconds, cases=("batch",))["batch_images_per_s"]]
-        for name in ("medkd", "medkd_py"):
-            if name in servers:
-                result = asyncio.run(
-                    drive(servers[name][1] + "/predict/batch", batch_body, clients=BATCH_CLIENTS, seconds=args.seconds)
-                )
-                result["images_per_s"] = result["rps"] * BATCH_IMAGES
-                results[(name, "batch")] = result
-                print(
-                    line(f"({name}) batch {BATCH_IMAGES} x{BATCH_CLIENTS}", result)
-                    + f"  = {result['images_per_s']:.0f} images/s",
-                    flush=True,
-                )
-            if name == "medkd":
-                adjacent.append(raw_ort(model_dir, image, stack, args.seconds, cases=("batch",))["batch_images_per_s"])
+        results[("medkd", "batch")] = batch_route("medkd")
+        adjacent.append(raw_ort(model_dir, image, stack, args.seconds, cases=("batch",))["batch_images_per_s"])
         print(
             f"(a) raw ORT, batch {BATCH_IMAGES}, right before and after (d)'s batch route: "
             f"{adjacent[0]:.0f} and {adjacent[1]:.0f} images/s",
