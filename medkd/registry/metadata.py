@@ -203,29 +203,13 @@ class ModelMetadata(BaseModel):
         predicted = (probabilities.argmax(axis=1) if self.multilabel else decisions).tolist()
         labels = {index: self.label(index) for index in set(predicted)}
         rows = zip(probabilities.tolist(), predicted, strict=True)
-        name, threshold = point.name, point.threshold
-        results: list[dict[str, Any]] = (
-            [
-                {
-                    "probabilities": row,
-                    "predicted_class": index,
-                    "predicted_label": labels[index],
-                    "operating_point": name,
-                }
-                for row, index in rows
-            ]
-            if threshold is None
-            else [
-                {
-                    "probabilities": row,
-                    "predicted_class": index,
-                    "predicted_label": labels[index],
-                    "operating_point": name,
-                    "threshold": threshold,
-                }
-                for row, index in rows
-            ]
-        )
+        shared: dict[str, Any] = {"operating_point": point.name}
+        if point.threshold is not None:
+            shared["threshold"] = point.threshold
+        results: list[dict[str, Any]] = [
+            {"probabilities": row, "predicted_class": index, "predicted_label": labels[index], **shared}
+            for row, index in rows
+        ]
         if self.multilabel:
             label = self.label
             for result, row in zip(results, decisions.tolist(), strict=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -16,12 +18,16 @@ class StrictModel(BaseModel):
 
 
 def fingerprint_dump(
-    model: BaseModel, *, exclude: set[str] | None = None, added_later: tuple[str, ...] = ("ema_epochs",)
+    model: BaseModel,
+    *,
+    exclude: set[str] | None = None,
+    added_later: Mapping[str, tuple[Any, ...]] = MappingProxyType({"ema_epochs": (None,)}),
 ) -> dict[str, Any]:
-    """``model``'s fields for a fingerprint. Fields ``added_later`` are left out while unset (None),
-    so what was fingerprinted before they existed keeps its fingerprint (and its cached results)."""
+    """``model``'s fields for a fingerprint. A field ``added_later`` is left out while its value is one
+    of those it maps to (what every fingerprint before the field meant), so what was fingerprinted
+    before it existed keeps its fingerprint (and its cached results)."""
     fields = model.model_dump(mode="json", exclude=exclude)
-    for name in added_later:
-        if name in fields and fields[name] is None:
+    for name, as_before in added_later.items():
+        if name in fields and fields[name] in as_before:
             del fields[name]
     return fields

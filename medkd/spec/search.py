@@ -85,7 +85,13 @@ class SearchSpace(StrictModel):
 
 
 # Space dimensions added after searches were fingerprinted: left out of the fingerprint while unset.
-SPACE_ADDED_LATER: tuple[str, ...] = ("loss", "logit_standardization")
+SPACE_ADDED_LATER: dict[str, tuple[Any, ...]] = {"loss": (None,), "logit_standardization": (None,)}
+#: SearchSpec fields that came later, left out at the value every earlier search had (off, fp32).
+SEARCH_ADDED_LATER: dict[str, tuple[Any, ...]] = {
+    "ema_epochs": (None,),
+    "calibrate_teachers": (False,),
+    "cpu_precision": ("fp32",),
+}
 
 
 ObjectiveMetric = Literal["val_auc", "val_acc", "val_dice", "latency_ms", "params", "model_bytes"]
@@ -161,12 +167,7 @@ class SearchSpec(StrictModel):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
-        # calibrate_teachers and cpu_precision came later: left out at their defaults (off, fp32), so
-        # earlier searches keep their fingerprints.
-        exclude = {"final_epochs", "final_branches"} | (set() if self.calibrate_teachers else {"calibrate_teachers"})
-        if self.cpu_precision == "fp32":
-            exclude.add("cpu_precision")
-        fields = fingerprint_dump(self, exclude=exclude)
+        fields = fingerprint_dump(self, exclude={"final_epochs", "final_branches"}, added_later=SEARCH_ADDED_LATER)
         fields["space"] = fingerprint_dump(self.space, added_later=SPACE_ADDED_LATER)
         return fields
 

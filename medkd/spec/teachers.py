@@ -73,7 +73,6 @@ class TeacherSpec(StrictModel):
         """The fields that change the trained weights (not resources)."""
         resources = {"num_workers", "min_workers", "cpus_per_worker", "use_gpu", "max_failures"}
         # distill chooses who students learn from, not the weights: the search fingerprint sees it.
-        fields = fingerprint_dump(self, exclude={"name", "distill", *resources})
-        if fields.get("cpu_precision") in (None, "fp32"):  # fp32 is what every teacher before the field did
-            del fields["cpu_precision"]
-        return fields
+        # fp32 is what every teacher trained in before cpu_precision existed.
+        added_later = {"ema_epochs": (None,), "cpu_precision": (None, "fp32")}
+        return fingerprint_dump(self, exclude={"name", "distill", *resources}, added_later=added_later)
