@@ -4,7 +4,7 @@ The cluster of ``tests/cluster`` (``netns_cluster``: a head without CPUs and two
 each its own host on a private bridge, the cluster's Redis on the head's address with its password
 from a file). The driver runs as a user's would, ``medkd run`` on the head's namespace, with the
 cluster's Redis as the soft-label cache and its outputs in the cluster's shared directory. Once
-the search has finished a trial, the test injects its fault from outside, by recorded pids:
+the search is under way, the test injects its fault from outside, by recorded pids:
 
 3. a worker node SIGKILLed (no replacement): Tune retries its trials on the node left;
 4. the cluster's Redis SIGKILLed, its snapshot gone, and restarted: trials reconnect and
@@ -91,6 +91,15 @@ def _assert_full_search(results: dict[str, Any], output_dir: Path) -> None:
     assert 0.0 <= best["val_metrics"]["val_auc"] <= 1.0
 
 
+def _epoch_reported(output_dir: Path, earlier: set[Path]) -> bool:
+    """Whether a trial of this scenario's search has reported an epoch."""
+    return any(
+        result.stat().st_size > 0
+        for search in search_dirs(output_dir / "ray") - earlier
+        for result in search.glob("*/result.json")
+    )
+
+
 def _trial_past_its_first_epoch(output_dir: Path, earlier: set[Path]) -> tuple[str, str] | None:
     """``(trial id, node address)`` of a trial whose last report is epoch 1 of 2 (it runs on)."""
     for result in (r for search in search_dirs(output_dir / "ray") - earlier for r in search.glob("*/result.json")):
@@ -164,7 +173,11 @@ def test_driver_killed_mid_search_resumes_without_orphans(netns_cluster):
 def test_redis_killed_and_restarted_mid_search_recomputes_what_was_lost(netns_cluster):
     job, output_dir, earlier = _job(netns_cluster, "redis")
     with _medkd_run(netns_cluster, job, "redis.log") as driver:
-        before = _first_trial_finished(driver, output_dir, earlier)
+        # Killed while the first trials train, after they read their soft labels: the trials that
+        # start next (when one of these finishes, seconds later) find the cache gone. Killing only
+        # once a trial had finished raced the next trials, which start at once and read first.
+        wait_until(lambda: _epoch_reported(output_dir, earlier), RUN_TIMEOUT_S, "trial epoch", driver, 0.1)
+        before = finished_trials(output_dir / "ray", earlier)
         netns_cluster.kill_redis()
         # The snapshot goes too (as with a server that had not saved yet): every soft label is lost.
         (Path(netns_cluster.state.redis.data_dir) / "dump.rdb").unlink(missing_ok=True)
