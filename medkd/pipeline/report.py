@@ -502,28 +502,41 @@ def calibration_section(results: dict[str, Any]) -> ReportSection | None:
 
 
 def contribution_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per teacher: the ensemble's val metrics without it and what it adds (leave-one-out)."""
+    """One row per teacher: the ensemble's val metrics without it, what it adds (leave-one-out), and whether
+    the students learn from it (``no (val rule)``: dropped by ``search.teacher_selection``; ``no (distill:
+    false)``: by the spec); with the rule on, the paired-bootstrap SEs of its first decision."""
     ensemble = results.get("ensemble") or {}
     table = ensemble.get("leave_one_out") or {}
     distilled = ensemble.get("distilled")
+    choice = ensemble.get("teacher_selection") or {}
+    first_step = {c["teacher"]: c for c in (choice.get("steps") or [{}])[0].get("candidates", [])}
     rows = []
     for name, entry in (table.get("teachers") or {}).items():
         without, gain = entry.get("without") or {}, entry.get("contribution") or {}
-        rows.append(
-            {
-                "teacher": name,
-                "distilled": "yes" if distilled is None or name in distilled else "no",
-                "val_auc_without": without.get("auc"),
-                "auc_gain": gain.get("auc"),
-                "val_acc_without": without.get("acc"),
-                "acc_gain": gain.get("acc"),
-            }
-        )
+        if distilled is None or name in distilled:
+            learned_from = "yes"
+        elif name in (choice.get("dropped") or []):
+            learned_from = "no (val rule)"
+        else:
+            learned_from = "no (distill: false)"
+        row = {
+            "teacher": name,
+            "distilled": learned_from,
+            "val_auc_without": without.get("auc"),
+            "auc_gain": gain.get("auc"),
+            "val_acc_without": without.get("acc"),
+            "acc_gain": gain.get("acc"),
+        }
+        if choice.get("mode") == "val_contribution":
+            scored = first_step.get(name) or {}
+            row["decision_acc_se"] = scored.get("acc_se")
+            row["auc_se"] = scored.get("auc_se")
+        rows.append(row)
     return rows
 
 
 def contribution_section(results: dict[str, Any]) -> ReportSection | None:
-    """Each teacher's contribution to the ensemble on val, and which ones the students learn from."""
+    """Each teacher's contribution to the ensemble on val, which ones the students learn from, and the rule."""
     rows = contribution_rows(results)
     if not rows:
         return None
@@ -531,11 +544,28 @@ def contribution_section(results: dict[str, Any]) -> ReportSection | None:
     paragraph = (
         f"The equal-weight ensemble of all {len(rows)} teachers reaches val AUC {_fmt(everyone['auc'])} and "
         f"val accuracy {_fmt(everyone['acc'])}. A gain is the ensemble's metric minus the metric without "
-        "that teacher; a teacher with a negative gain hurts the ensemble on val and can be left out of the "
-        "students' soft labels with teachers[i].distill: false (nothing is retrained)."
+        "that teacher; a teacher with a negative gain hurts the ensemble on val."
     )
+    paragraphs = [paragraph]
+    choice = results["ensemble"].get("teacher_selection")
+    if choice:
+        dropped = ", ".join(choice.get("dropped") or []) or "none"
+        paragraphs.append(
+            f"Teacher selection (search.teacher_selection) — {choice['rule']}. Dropped on val: {dropped}; "
+            f"students learn from: {', '.join(choice.get('kept') or [])}."
+        )
+        paragraphs += [
+            f"Step {i + 1} ({', '.join(step['teachers'])}: val AUC {_fmt(step['val_auc'])}, decision accuracy "
+            f"{_fmt(step['val_acc'])}): {step['reason']}."
+            for i, step in enumerate(choice.get("steps") or [])
+        ]
+    else:
+        paragraphs.append(
+            "A teacher can be left out of the students' soft labels with teachers[i].distill: false or "
+            "search.teacher_selection: val_contribution (nothing is retrained)."
+        )
     return ReportSection(
-        "Teacher contributions (val, leave-one-out)", level=3, paragraphs=[paragraph], tables=[ReportTable(rows)]
+        "Teacher contributions (val, leave-one-out)", level=3, paragraphs=paragraphs, tables=[ReportTable(rows)]
     )
 
 

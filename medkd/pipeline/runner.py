@@ -30,6 +30,7 @@ from medkd.pipeline.tracking import Tracker
 from medkd.registry.export import choose, export_models, selection_evidence
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE
 from medkd.registry.metadata import ModelMetadata
+from medkd.registry.teacher_selection import decision_lines, select_teachers_for
 from medkd.search.context import distilled_teachers, search_context
 from medkd.search.final import train_final
 from medkd.search.run import SearchOutcome, run_search, search_fingerprint
@@ -243,21 +244,6 @@ class Pipeline:
             cache_options=options,
             progress=self.progress,
         )
-        views = None
-        if spec.cache.views:
-            views = cache_view_logits(
-                self.cache,
-                self.teachers,
-                dataset_fp=self.dataset.fingerprint,
-                meta=self.meta,
-                data_ref=self.data_ref,
-                num_train=len(self.dataset.splits["train"].images),
-                views=spec.cache.views,
-                augment=spec.search.augment,
-                seed=spec.seed,
-                cache_options=options,
-                progress=self.progress,
-            )
         # Teacher quality on val and test comes from the cached logits: no teacher re-runs.
 
         logits = {
@@ -284,9 +270,8 @@ class Pipeline:
                     probs, self.dataset.splits[split].labels, multilabel=self.meta.multilabel
                 )
         self.results.ensemble = {f"{s}_metrics": m for s, m in ensemble.items()}
-        self.results.ensemble["distilled"] = [t.name for t in spec.teachers if t.distill]
         if self.meta.task != "segmentation" and len(self.teachers) > 1:
-            # Evidence for teachers[i].distill, so on val only.
+            # Evidence for teachers[i].distill and search.teacher_selection, so on val only.
             self.results.ensemble["leave_one_out"] = {
                 "split": "val",
                 **leave_one_out(
@@ -295,6 +280,23 @@ class Pipeline:
                     multilabel=self.meta.multilabel,
                 ),
             }
+        spec = self._select_teachers({t.name: logits[t.name]["val"] for t in self.teachers})
+        distilled = set(self.results.ensemble["distilled"])
+        views = None
+        if spec.cache.views:
+            views = cache_view_logits(
+                self.cache,
+                [t for t in self.teachers if t.name in distilled],  # only the soft labels students read
+                dataset_fp=self.dataset.fingerprint,
+                meta=self.meta,
+                data_ref=self.data_ref,
+                num_train=len(self.dataset.splits["train"].images),
+                views=spec.cache.views,
+                augment=spec.search.augment,
+                seed=spec.seed,
+                cache_options=options,
+                progress=self.progress,
+            )
         hits_after, misses_after = self._cache_counters()
         self.results.soft_labels = {
             "namespace": spec.cache.namespace,
@@ -308,8 +310,26 @@ class Pipeline:
         }
         ran = any(r["status"] == "ran" for r in report.values()) or bool(views and views["computed"])
         if self.tracker is not None:  # here, where the teachers' val/test metrics are known
-            self.tracker.log_teachers(self.results.teachers, spec)
+            self.tracker.log_teachers(self.results.teachers, self.spec)
         return "ran" if ran else "skipped"
+
+    def _select_teachers(self, val_logits: dict[str, np.ndarray]) -> JobSpec:
+        """``search.teacher_selection`` on the cached val logits: the teachers it drops get ``distill: false``
+        in ``self.spec`` (so the search, its fingerprint and the final training follow); returns that spec."""
+        selection = select_teachers_for(
+            self.spec, val_logits, self.dataset.splits["val"].labels, multilabel=self.meta.multilabel
+        )
+        for line in decision_lines(selection):
+            self.progress.line(f"  {line}")
+        self.results.ensemble["distilled"] = selection.kept
+        self.results.ensemble["teacher_selection"] = selection.model_dump(mode="json")
+        if selection.dropped:
+            teachers = [
+                t.model_copy(update={"distill": False}) if t.name in selection.dropped else t
+                for t in self.spec.teachers
+            ]
+            self.spec = self.spec.model_copy(update={"teachers": teachers})
+        return self.spec
 
     def _cache_counters(self) -> tuple[int, int]:
         stats = self.cache.stats()

@@ -286,8 +286,8 @@ def compare_final(
     search_auc = auc_resamples(search_probs, labels, indices, multilabel=multilabel)
     final_auc = auc_resamples(final_probs, labels, indices, multilabel=multilabel)
     options = {"multilabel": multilabel, "target_sensitivity": target_sensitivity, "positive_class": positive_class}
-    search_correct = _correct(np.asarray(search_probs, dtype=np.float64), labels, **options)
-    final_correct = _correct(np.asarray(final_probs, dtype=np.float64), labels, **options)
+    search_correct = decision_correct(np.asarray(search_probs, dtype=np.float64), labels, **options)
+    final_correct = decision_correct(np.asarray(final_probs, dtype=np.float64), labels, **options)
     search_acc, final_acc = search_correct[indices].mean(1), final_correct[indices].mean(1)
     quality_gap, quality_se = float(search_auc[0] - final_auc[0]), paired_se(search_auc, final_auc)
     decision_gap, decision_se = float(search_acc[0] - final_acc[0]), paired_se(search_acc, final_acc)
@@ -322,11 +322,28 @@ def compare_final(
     )
 
 
-def _correct(
-    probs: np.ndarray, labels: np.ndarray, *, multilabel: bool, target_sensitivity: float | None, positive_class: int
+def decision_correct(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    multilabel: bool = False,
+    target_sensitivity: float | None = None,
+    positive_class: int = 1,
 ) -> np.ndarray:
     """Per val sample, the share of right decisions at the served operating point chosen on val (0/1;
-    for multi-label, the share of its labels decided right)."""
+    for multi-label, the share of its labels decided right): index it with :func:`bootstrap_indices`
+    and take row means for the decision accuracy of each resample.
+
+    Args:
+        probs: ``(N, C)`` val probabilities.
+        labels: the val labels.
+        target_sensitivity: the served operating point of a binary task (None: argmax).
+        positive_class: the class whose sensitivity ``target_sensitivity`` is.
+
+    Examples:
+        >>> decision_correct(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 1])).tolist()
+        [1.0, 1.0, 0.0]
+    """
     point = choose_operating_points(
         probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity, positive_class=positive_class
     )[-1]

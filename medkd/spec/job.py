@@ -62,6 +62,12 @@ class JobSpec(StrictModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"teachers: duplicate names {duplicates}")
+        if self.task == "segmentation" and self.search.teacher_selection != "all":
+            raise field_error(
+                f"search.teacher_selection: {self.search.teacher_selection!r} scores the teachers' ensemble on "
+                "val accuracy and AUC, which classification has; segmentation takes 'all' (drop a teacher "
+                "with teachers[i].distill: false)"
+            )
         if self.cache.views and self.search.augment is None:
             raise ValueError("cache.views needs search.augment (the augmentation whose views are cached)")
         if (

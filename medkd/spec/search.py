@@ -161,13 +161,27 @@ class SearchSpec(StrictModel):
         "distillation losses and validation stay fp32), 1.4-1.6x faster per image for the search's students at "
         "28 px on CPUs with AVX512-BF16 (benchmarks/RESULTS.md, scale); fp32: full fp32. Ignored on a GPU",
     )
+    teacher_selection: Literal["all", "val_contribution"] = Field(
+        "all",
+        description="whose soft labels the students learn from. all: every teacher with distill: true. "
+        "val_contribution: after the soft labels are cached, the equal-weight ensemble is scored on val without "
+        "each teacher (leave-one-out, from the cached val logits: no teacher re-runs) and a teacher is dropped "
+        "when the ensemble without it has a higher val accuracy at the served operating point by more than one "
+        "paired-bootstrap standard error and a val AUC not lower by more than one (the student selection's "
+        "yardstick); greedily, the worst first, while two or more remain. teachers[i].distill: false always "
+        "drops. Classification only",
+    )
     space: SearchSpace = Field(default_factory=SearchSpace)
     augment: AugmentSpec | None = None
     seed: int | None = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The search's settings for its fingerprint (not the final training's: it runs after the trials)."""
-        fields = fingerprint_dump(self, exclude={"final_epochs", "final_branches"}, added_later=SEARCH_ADDED_LATER)
+        """The search's settings for its fingerprint (not the final training's: it runs after the trials).
+
+        ``teacher_selection`` is left out: what it decides reaches the fingerprint as the teachers the
+        students learn from, so a search whose teachers it keeps keeps its fingerprint."""
+        exclude = {"final_epochs", "final_branches", "teacher_selection"}
+        fields = fingerprint_dump(self, exclude=exclude, added_later=SEARCH_ADDED_LATER)
         fields["space"] = fingerprint_dump(self.space, added_later=SPACE_ADDED_LATER)
         return fields
 

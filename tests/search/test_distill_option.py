@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 
 import numpy as np
 import pytest
 
+from medkd.core.progress import Progress
+from medkd.data import load_dataset
 from medkd.data.meta import DatasetMeta
 from medkd.pipeline.report import contribution_rows, contribution_section
+from medkd.pipeline.runner import Pipeline
 from medkd.search.context import distilled_teachers, search_context
 from medkd.search.recipe import teacher_logits_source
 from medkd.search.run import search_fingerprint
@@ -121,6 +125,62 @@ def test_a_trial_reads_only_the_distilled_teachers_logits(redis_url):
         writer.close()
 
 
+def test_a_teacher_dropped_on_val_is_not_read_by_the_search(redis_url, tmp_path):
+    """The pipeline's soft-label stage applies search.teacher_selection to the cached val logits; the
+    search context it hands on then reads only the kept teachers' train logits from Redis."""
+    namespace = f"test-teacher-selection-{uuid.uuid4().hex[:8]}"
+    spec = parse_spec(
+        {
+            "name": "selection",
+            "data": {"kind": "synthetic", "image_size": 8, "num_train": 12, "num_val": 200, "num_test": 8},
+            "teachers": [{"name": "t0", "model": "resnet18"}, {"name": "t1", "model": "resnet18"}],
+            "cache": {"namespace": namespace},
+            "search": {"teacher_selection": "val_contribution"},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    pipeline = Pipeline(spec, progress=Progress(io.StringIO()))
+    pipeline.dataset = load_dataset(spec.data)
+    pipeline.meta = DatasetMeta.of(pipeline.dataset)
+    labels = pipeline.dataset.splits["val"].labels.reshape(-1)
+    rng = np.random.default_rng(0)
+    good = np.eye(2)[labels] * 2.0  # right on every val image
+    coin = np.eye(2)[rng.integers(0, 2, len(labels))] * 6.0  # a confident coin flip: overrules it
+    train = [rng.standard_normal((12, 2)).astype(np.float32) for _ in range(2)]
+    fps = [f"teacher{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+    artifacts = [_artifact(f"t{i}", fp) for i, fp in enumerate(fps)]
+    pipeline.teachers = artifacts
+    pipeline.results.ensemble = {}  # the soft-label stage's ensemble metrics, set before it chooses
+    writer = SoftLabelCache(redis_url, namespace=namespace)
+    try:
+        for fp, teacher in zip(fps, train, strict=True):
+            writer.publish(fp, "dataset", "train", teacher, teacher_spec={"model": fp})
+        chosen = pipeline._select_teachers({"t0": coin, "t1": good})
+        assert pipeline.results.ensemble["distilled"] == ["t1"]
+        assert pipeline.results.ensemble["teacher_selection"]["dropped"] == ["t0"]
+        assert [t.distill for t in chosen.teachers] == [False, True] and chosen is pipeline.spec
+        assert [t.distill for t in spec.teachers] == [True, True]  # the job as given is unchanged
+        context = search_context(
+            pipeline.spec,
+            meta=META,
+            data_ref=None,
+            teacher_fps=fps,
+            dataset_fp="dataset",
+            cache_url=redis_url,
+            teachers=artifacts,
+        )
+        assert context.teacher_fps == [fps[1]] and context.num_teachers == 1
+        batch = teacher_logits_source(context, np.zeros((12, 1, 8, 8), np.float32))[0](np.arange(12))
+        assert batch.shape == (1, 12, 2)
+        np.testing.assert_allclose(batch[0], train[1], atol=5e-3)
+        # The same search as with the teacher dropped by hand: one fingerprint, one cached outcome.
+        manual = _spec(False, None)
+        assert search_fingerprint(pipeline.spec, [fps[1]], "d") == search_fingerprint(manual, [fps[1]], "d")
+    finally:
+        writer.purge()
+        writer.close()
+
+
 def test_the_report_shows_each_teachers_contribution():
     results = {
         "ensemble": {
@@ -136,7 +196,10 @@ def test_the_report_shows_each_teachers_contribution():
         }
     }
     rows = contribution_rows(results)
-    assert [(r["teacher"], r["distilled"], r["auc_gain"]) for r in rows] == [("a", "yes", 0.3), ("noise", "no", -0.05)]
+    assert [(r["teacher"], r["distilled"], r["auc_gain"]) for r in rows] == [
+        ("a", "yes", 0.3),
+        ("noise", "no (distill: false)", -0.05),
+    ]
     section = contribution_section(results)
     assert section is not None and "val AUC 0.9000" in section.paragraphs[0]
     assert contribution_section({"ensemble": {"val_metrics": {}}}) is None
