@@ -249,12 +249,14 @@ def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple
     import ray
 
     data_ref = ray.put({name: (s.images, s.labels) for name, s in dataset.splits.items()})
+    # The teachers the run's students learned from (distill: false and search.teacher_selection applied).
+    distilled = (results.get("ensemble") or {}).get("distilled") or [t["name"] for t in results["teachers"]]
     cache = {
         "url": spec.cache.redis_url,
         "namespace": spec.cache.namespace,
         "password_env": spec.cache.password_env,
         "dataset_fp": dataset.fingerprint,
-        "teacher_fps": [t["fingerprint"] for t in results["teachers"]],
+        "teacher_fps": [t["fingerprint"] for t in results["teachers"] if t["name"] in distilled],
         "views": results["soft_labels"].get("views"),
     }
     augment = spec.search.augment.model_dump(mode="json") if spec.search.augment is not None else None
@@ -301,7 +303,9 @@ def retrain_variants(
         run: the ``benchmarks.students`` output folder (its ``redis/`` is reused).
         variants: name -> the ``DistillConfig`` fields that variant changes; ``calibrate_teachers: True``
             stands for ``teacher_temperatures`` fitted on val from the run's cached teacher logits
-            (what ``search.calibrate_teachers`` does in a search).
+            (what ``search.calibrate_teachers`` does in a search); ``teachers: [names]`` distills from
+            those of the run's teachers only (default: those its students learned from), with the
+            configuration's ``teacher_weights`` cut to them.
         log: prints one line (each benchmark's own prefix).
         score_test: also score each run on test (False: val only).
 
@@ -322,18 +326,19 @@ def retrain_variants(
             variants = {
                 name: resolve_calibration(update, spec, cache, dataset, log) for name, update in variants.items()
             }
+            sources = {name: teacher_subset(update, config, cache, results) for name, update in variants.items()}
             task = ray.remote(num_cpus=1)(kd_gain_run)
             refs = {
                 (name, seed): task.remote(
-                    config.model_copy(update={**update, "seed": seed}).model_dump_json(),
+                    config.model_copy(update={**sources[name][0], "seed": seed}).model_dump_json(),
                     meta,
                     [data_ref],
-                    cache,
+                    sources[name][1],
                     augment,
                     spec.export.latency_runs,
                     score_test,
                 )
-                for name, update in variants.items()
+                for name in variants
                 for seed in seeds
             }
             log(
@@ -352,6 +357,35 @@ def retrain_variants(
             if started_ray:
                 ray.shutdown()
     return runs
+
+
+def teacher_subset(
+    update: dict[str, Any], config: Any, cache: dict[str, Any], results: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A variant's config update and soft-label source: with ``teachers: [names]``, the cache's teacher
+    fingerprints cut to those teachers and ``teacher_weights`` to theirs (renormalised).
+
+    Raises:
+        SystemExit: a name that is not one of the run's teachers.
+    """
+    names = update.get("teachers")
+    if names is None:
+        return update, cache
+    rest = {k: v for k, v in update.items() if k != "teachers"}
+    order = [t["name"] for t in results["teachers"]]
+    unknown = sorted(set(names) - set(order))
+    if unknown:
+        raise SystemExit(f"teachers {unknown} are not teachers of the run (teachers: {order})")
+    keep = [i for i, name in enumerate(order) if name in names]
+    if config.teacher_weights is not None:
+        # The configuration's weights are one per teacher its students learned from.
+        distilled = (results.get("ensemble") or {}).get("distilled") or order
+        by_name = dict(zip(distilled, config.teacher_weights, strict=False))
+        cut = [by_name.get(order[i]) for i in keep]
+        fits = len(config.teacher_weights) == len(distilled) and None not in cut and sum(cut) > 0
+        rest.setdefault("teacher_weights", [w / sum(cut) for w in cut] if fits else None)
+    fps = [results["teachers"][i]["fingerprint"] for i in keep]
+    return rest, {**cache, "teacher_fps": fps}
 
 
 def resolve_calibration(
