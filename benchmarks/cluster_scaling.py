@@ -91,9 +91,12 @@ def _census_nodes(cluster: LocalCluster) -> dict[str, str]:
     return {node.role: node.namespace for node in cluster.state.nodes if node.namespace}
 
 
-def follow_job(cluster: LocalCluster, job_id: str, env: dict[str, str]) -> CensusReport | None:
+def follow_job(
+    cluster: LocalCluster, job_id: str, env: dict[str, str], log_path: Path | None = None
+) -> CensusReport | None:
     """Follow the job's log to its end; sample the CPU use of every process while the search
-    stage runs (from its ``== stage 3/…: search ==`` line to the next stage's)."""
+    stage runs (from its ``== stage 3/…: search ==`` line to the next stage's). With ``log_path``,
+    the whole log is written there, each line prefixed with the wall-clock time it arrived."""
     census: CpuCensus | None = None
     report: CensusReport | None = None
     process = subprocess.Popen(
@@ -106,9 +109,12 @@ def follow_job(cluster: LocalCluster, job_id: str, env: dict[str, str]) -> Censu
     )
     tail: list[str] = []
     deadline = time.monotonic() + JOB_TIMEOUT_S
+    log = log_path.open("w") if log_path is not None else None
     try:
         for line in process.stdout:
             tail = [*tail[-80:], line]
+            if log is not None:
+                log.write(f"{time.time():.2f} {line}")
             if "== stage" in line and ": search ==" in line and census is None:
                 census = CpuCensus(_census_nodes(cluster)).start()
             elif "== stage" in line and census is not None and report is None:
@@ -117,6 +123,8 @@ def follow_job(cluster: LocalCluster, job_id: str, env: dict[str, str]) -> Censu
                 raise SystemExit(f"job {job_id} did not end within {JOB_TIMEOUT_S} s")
         process.wait(timeout=60)
     finally:
+        if log is not None:
+            log.close()
         if process.poll() is None:
             process.kill()
             process.wait()
@@ -159,8 +167,21 @@ def run_job(cluster: LocalCluster, output_dir: Path, args: argparse.Namespace) -
     if submit.returncode != 0:
         raise SystemExit(f"medkd submit failed:\n{submit.stderr}")
     job_id = submit.stdout.split()[0]
-    census = follow_job(cluster, job_id, env)
-    return json.loads((output_dir / "results.json").read_text()), census
+    keep = Path(args.keep) / output_dir.name if args.keep else None
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    census = follow_job(cluster, job_id, env, keep / "driver.log" if keep is not None else None)
+    results = json.loads((output_dir / "results.json").read_text())
+    if keep is not None:
+        (keep / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        for trial in results["trials"]:
+            if trial.get("checkpoint"):
+                shutil.copy(Path(trial["checkpoint"]).parent / "result.json", keep / f"{trial['trial_id']}.result.json")
+        if census is not None:
+            (keep / "census.txt").write_text(
+                f"started_at {census.started_at}\nseconds {census.seconds}\n{census.table()}\n"
+            )
+    return results, census
 
 
 def _trial_nodes(results: dict) -> list[str]:
@@ -185,6 +206,7 @@ def trial_timeline(results: dict, origin: float | None = None) -> list[dict]:
             {
                 "trial": trial["trial_id"],
                 "node": first.get("node_ip", "?"),
+                "pid": first.get("pid"),
                 "start": first["timestamp"] - first["time_this_iter_s"],
                 "end": last["timestamp"],
                 "trainable_s": last["time_total_s"],
@@ -196,13 +218,56 @@ def trial_timeline(results: dict, origin: float | None = None) -> list[dict]:
     rows.sort(key=lambda row: row["start"])
     if origin is None:
         origin = min((row["start"] for row in rows), default=0.0)
-    previous_end: dict[str, float] = {}
+    previous: dict[str, dict] = {}
     for row in rows:
-        row["gap_s"] = row["start"] - previous_end.get(row["node"], origin)
-        previous_end[row["node"]] = row["end"]
+        before = previous.get(row["node"])
+        row["gap_s"] = row["start"] - (before["end"] if before else origin)
+        # A trial in its node's previous trial's process reused that actor (Tune's reuse_actors);
+        # otherwise its gap held a new process's start and imports.
+        row["new_process"] = before is None or row["pid"] is None or row["pid"] != before["pid"]
+        previous[row["node"]] = dict(row)
         row["start"] -= origin
         row["end"] -= origin
     return rows
+
+
+def node_accounts(rows: list[dict], stage_seconds: float) -> dict[str, dict]:
+    """Where each node's time went during a search stage of ``stage_seconds``, from
+    :func:`trial_timeline`'s rows (times relative to the stage's start): trainable seconds, the gap
+    before its first trial (stage start to first work: Tune's start, placement, a new process),
+    the gaps between its trials (split by whether the next trial reused the process), and the idle
+    time after its last trial until the stage ended (waiting for the other node, then the stage's tail).
+
+    Examples:
+        >>> rows = [{"node": "a", "start": 5.0, "end": 50.0, "trainable_s": 45.0, "gap_s": 5.0, "new_process": True},
+        ...         {"node": "a", "start": 51.0, "end": 90.0, "trainable_s": 39.0, "gap_s": 1.0, "new_process": False}]
+        >>> node_accounts(rows, 100.0)["a"]["gaps_reused_s"], node_accounts(rows, 100.0)["a"]["idle_after_s"]
+        (1.0, 10.0)
+    """
+    accounts: dict[str, dict] = {}
+    for row in rows:
+        account = accounts.setdefault(
+            row["node"],
+            {
+                "trials": 0,
+                "trainable_s": 0.0,
+                "before_first_s": row["gap_s"],
+                "gaps_reused_s": 0.0,
+                "gaps_new_process_s": 0.0,
+                "new_processes": 0,
+                "last_end": 0.0,
+            },
+        )
+        if account["trials"]:
+            key = "gaps_new_process_s" if row["new_process"] else "gaps_reused_s"
+            account[key] += row["gap_s"]
+        account["new_processes"] += int(row["new_process"])
+        account["trials"] += 1
+        account["trainable_s"] += row["trainable_s"]
+        account["last_end"] = max(account["last_end"], row["end"])
+    for account in accounts.values():
+        account["idle_after_s"] = stage_seconds - account.pop("last_end")
+    return accounts
 
 
 def describe_search(label: str, results: dict, census: CensusReport | None) -> None:
@@ -215,9 +280,19 @@ def describe_search(label: str, results: dict, census: CensusReport | None) -> N
             f"  trial {row['trial']} on {row['node']}: trainable {row['start']:.0f}-{row['end']:.0f} s "
             f"({row['trainable_s']:.1f} s: set-up {row['setup_s']:.1f}, epochs before the last "
             f"{row['epochs_s']:.1f}, last epoch + compression/export {row['end_s']:.1f}); "
-            f"{row['gap_s']:.1f} s on its node before it",
+            f"{row['gap_s']:.1f} s on its node before it ({'new process' if row['new_process'] else 'same process'})",
             flush=True,
         )
+    if rows and census is not None:
+        for node, account in sorted(node_accounts(rows, census.seconds).items()):
+            print(
+                f"  node {node}: {account['trials']} trials in {account['new_processes']} process(es), "
+                f"trainable {account['trainable_s']:.1f} s; before its first trial {account['before_first_s']:.1f} s, "
+                f"between trials {account['gaps_reused_s']:.1f} s (process reused) + "
+                f"{account['gaps_new_process_s']:.1f} s (new process), idle after its last "
+                f"{account['idle_after_s']:.1f} s (of the census's {census.seconds:.1f} s)",
+                flush=True,
+            )
     if rows:
         fixed = sum(row["setup_s"] + row["gap_s"] for row in rows) / len(rows)
         training = sum(row["epochs_s"] for row in rows) / len(rows)
@@ -370,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-samples", type=int, default=200_000)
     parser.add_argument("--read-rounds", type=int, default=7)
     parser.add_argument("--cache-only", action="store_true", help="measure only the cache reads (quick check)")
+    parser.add_argument(
+        "--keep", metavar="DIR", help="copy each search's driver log, results.json and trial results here"
+    )
     parser.add_argument("--publish", nargs=2, metavar=("URL", "SAMPLES"), help=argparse.SUPPRESS)
     parser.add_argument("--read", nargs=2, metavar=("URL", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -49,23 +49,45 @@ def test_the_cpu_census_charges_a_process_that_burns_cpu_while_it_samples():
 def test_trial_timeline_reads_each_trials_set_up_epochs_and_gap_from_its_tune_results(tmp_path):
     from benchmarks.cluster_scaling import trial_timeline
 
-    def trial(name: str, node: str, start: float, epochs: list[float], finish: float) -> dict:
+    def trial(name: str, node: str, start: float, epochs: list[float], finish: float, pid: int = 7) -> dict:
         directory = tmp_path / name
         (directory / "checkpoint_000000").mkdir(parents=True)
         now, total, rows = start, 0.0, []
         for index, seconds in enumerate([*epochs, finish]):
             took = seconds + (5.0 if index == 0 else 0.0)  # the first report also holds the set-up
             now, total = now + took, total + took
-            row = {"timestamp": now, "time_this_iter_s": took, "time_total_s": total, "node_ip": node}
+            row = {"timestamp": now, "time_this_iter_s": took, "time_total_s": total, "node_ip": node, "pid": pid}
             rows.append({**row, "epoch_seconds": seconds} if index < len(epochs) else row)
         (directory / "result.json").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
         return {"trial_id": name, "checkpoint": str(directory / "checkpoint_000000")}
 
-    results = {"trials": [trial("a", "n1", 100.0, [2.0, 2.0], 3.0), trial("b", "n1", 120.0, [1.0], 4.0)]}
-    first, second = trial_timeline(results, origin=90.0)
+    results = {
+        "trials": [
+            trial("a", "n1", 100.0, [2.0, 2.0], 3.0),
+            trial("b", "n1", 120.0, [1.0], 4.0),  # in a's process (Tune reused the actor)
+            trial("c", "n2", 101.0, [1.0], 1.0),
+            trial("d", "n2", 115.0, [1.0], 1.0, pid=8),  # a new process on n2
+        ]
+    }
+    first, third, fourth, second = trial_timeline(results, origin=90.0)
     assert (first["trial"], first["start"], first["setup_s"], first["epochs_s"]) == ("a", 10.0, 5.0, 4.0)
-    assert first["gap_s"] == 10.0 and first["end"] == 22.0 and first["end_s"] == 3.0
-    assert second["gap_s"] == 120.0 - 112.0  # after trial a ended on the same node
+    assert first["gap_s"] == 10.0 and first["end"] == 22.0 and first["end_s"] == 3.0 and first["new_process"]
+    assert second["gap_s"] == 120.0 - 112.0 and not second["new_process"]  # after trial a, in its process
+    assert fourth["new_process"] and fourth["gap_s"] == 115.0 - 108.0
+
+    from benchmarks.cluster_scaling import node_accounts
+
+    accounts = node_accounts([first, second, third, fourth], stage_seconds=50.0)
+    assert accounts["n1"] == {
+        "trials": 2,
+        "trainable_s": 22.0,  # 12 + 10
+        "before_first_s": 10.0,
+        "gaps_reused_s": 8.0,
+        "gaps_new_process_s": 0.0,
+        "new_processes": 1,
+        "idle_after_s": 50.0 - 40.0,
+    }
+    assert accounts["n2"]["gaps_new_process_s"] == 7.0 and accounts["n2"]["new_processes"] == 2
 
 
 def test_scaling_line_pairs_the_same_configurations_and_bounds_the_figure_by_the_best_split(tmp_path, capsys):
