@@ -27,6 +27,7 @@ import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
+from medkd.serve.deadline import HTTP_TIMEOUT_MARGIN_S
 from medkd.serve.guards import bearer_token
 from medkd.serve.ingress import DEPLOYMENT_NAME, PROBE_TIMEOUT_S, MedkdServer
 from medkd.serve.model_store import ModelDirError, collect_models, load_model_dir, resolve_model_dir
@@ -162,7 +163,11 @@ def deploy(
     config = config or ServeConfig()
     application = build_app(model_dir, config)
     serve.start(
-        http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s + 5.0}
+        http_options={
+            "host": config.host,
+            "port": config.port,
+            "request_timeout_s": config.request_timeout_s + HTTP_TIMEOUT_MARGIN_S,
+        }
     )
     host, port = _serve_http_address(config)
     base_url = config.model_copy(update={"host": host, "port": port}).local_url()

@@ -58,7 +58,7 @@ def simple_query(query_string: bytes) -> dict[str, str | None] | None:
     return query
 
 
-def _route(scope: Scope) -> str:
+def route_of(scope: Scope) -> str:
     """The path below the application's route prefix (Serve puts the prefix in ``root_path``)."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
@@ -83,7 +83,7 @@ class PredictionLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            route = _route(scope)
+            route = route_of(scope)
             batch = LANES.get(route)
             query = simple_query(scope.get("query_string", b"")) if batch is not None else None
             handler = getattr(_servable(), "predict_route", None) if query is not None else None

@@ -8,8 +8,9 @@ which implies direct ingress) and can drop the per-request extras (``RAY_SERVE_T
 user code on the replica's main loop, buffered request logs, no log copy to stderr).
 
 Both are read from the environment when Serve's controller, proxies and replicas start, so they must
-be set **before Ray starts**: :func:`enable` sets them in ``os.environ`` for the Ray instance that
-``medkd serve`` starts itself. On a cluster that is already running, whoever runs ``ray start`` sets
+be set **before Ray starts**, as must medkd's hook for the prediction routes' deadline
+(:data:`HTTP_CALLBACK_ENV`) and :data:`HAPROXY_METRICS_ENV`: :func:`enable` sets them in
+``os.environ`` for the Ray instance that ``medkd serve`` starts itself. On a cluster that is already running, whoever runs ``ray start`` sets
 them (:data:`CLUSTER_HINT`).
 
 HAProxy's admin socket path must stay under 97 bytes, and its stats and Prometheus ports are fixed
@@ -47,9 +48,24 @@ tasks cannot starve the raylet; a serving replica is then pre-empted by every no
 its node (the client, a log shipper). Measured on 2 loaded cores at concurrency 8: 890-919 req/s
 at 15, 965-1,138 at 0; /predict/batch 14-19k vs 19-22k images/s. medkd serve's own Ray instance
 runs them at 0, unless the caller set the variable."""
+HAPROXY_METRICS_ENV = "RAY_SERVE_HAPROXY_METRICS_ENABLED"
+"""``0`` (medkd's default; a caller's value is kept): Serve's HTTP request metrics
+(``serve_num_http_requests`` etc.) are recorded by the replica, in its cached in-process counters,
+instead of HAProxy logging every request as a syslog line to HAProxyManager, which parses it in
+Python: per 64-image ``/predict/batch`` request 0.11 ms less CPU in HAProxyManager and Ray's other
+processes and 0.03 ms less in HAProxy, the replica unchanged within the noise (serve_throughput (6)).
+HAProxy's own Prometheus exporter (its port is ``RAY_SERVE_HAPROXY_METRICS_PORT``) still counts
+what HAProxy answers itself."""
+HTTP_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+HTTP_CALLBACK = "medkd.serve.deadline:middlewares"
+"""Serve's hook for middlewares around every HTTP server it starts: in each direct-ingress replica
+medkd keeps the prediction routes' deadline itself instead of Serve's per-request task and
+disconnect watcher (:mod:`medkd.serve.deadline`; a string here: importing Serve would read its
+switches before :func:`enable` sets them)."""
 CLUSTER_HINT = (
     "on an existing cluster set RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_worker_niceness=0 "
-    "RAY_SERVE_HAPROXY_BINARY_PATH=$(command -v haproxy) in the environment of `ray start` on every node "
+    "RAY_SERVE_HAPROXY_BINARY_PATH=$(command -v haproxy) "
+    f"{HTTP_CALLBACK_ENV}={HTTP_CALLBACK} in the environment of `ray start` on every node "
     "(Debian: apt-get install haproxy)"
 )
 
@@ -109,6 +125,8 @@ def environment(haproxy: str, state_dir: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
         "RAY_SERVE_HAPROXY_NBTHREAD": os.environ.get("RAY_SERVE_HAPROXY_NBTHREAD") or str(haproxy_threads()),
+        HTTP_CALLBACK_ENV: os.environ.get(HTTP_CALLBACK_ENV) or HTTP_CALLBACK,
+        HAPROXY_METRICS_ENV: os.environ.get(HAPROXY_METRICS_ENV) or "0",
     }
 
 

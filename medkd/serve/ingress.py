@@ -10,7 +10,9 @@ for nothing (``batch_wait_timeout_s`` > 0 always waits for company). Model calls
 Runtime thread, queued back to back (:class:`medkd.serve.runner.ModelRunner`), or on the event
 loop when the model is so quick (``INLINE_INFER_S``) that the thread hop would cost more.
 Prediction requests reach :meth:`MedkdServer.predict_route` through a pure-ASGI fast lane in front
-of FastAPI's routing (:mod:`medkd.serve.fast_lane`) when their query string needs no validation.
+of FastAPI's routing (:mod:`medkd.serve.fast_lane`) when their query string needs no validation;
+behind HAProxy (direct ingress) their deadline is kept by :mod:`medkd.serve.deadline`, in front of
+Serve's request wrapper, instead of a task per request there.
 Every Pareto student of a run is served by the one application through Serve model multiplexing:
 the ``serve_multiplexed_model_id`` header (which Serve's Python proxy also routes on; HAProxy does
 not, and need not, as every replica holds every model) or the ``model`` query parameter picks one;
@@ -33,6 +35,7 @@ import numpy as np
 from fastapi import Depends, Query, Request
 from pydantic import SecretStr
 from ray import serve
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from medkd.serve import responses as answers
@@ -63,6 +66,8 @@ INLINE_DECODE_BYTES = 64 * 1024
 (and the GIL changing hands twice) costs more than decoding them, an uncompressed body cannot
 expand beyond its own size, and a stack of images is preprocessed in a few array operations
 (64 images of 28x28 in ~0.1 ms)."""
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded (in the metrics; no client reads it) for a request whose client left."""
 INLINE_INFER_S = 0.0002
 """Model calls expected to take less than this run on the event loop: handing them to the ONNX
 Runtime thread and back costs about as much (a tiny student's single image takes ~0.03 ms). A
@@ -119,6 +124,11 @@ class MedkdServer:
         self._inline_images = {model_id: inline_images(loaded) for model_id, loaded in self._loaded.items()}
         self._calls = 0  # model calls running in the ONNX Runtime thread
         self._batched = 0  # requests waiting in, or running through, the dynamic batch
+
+    @property
+    def request_timeout_s(self) -> float:
+        """The deployment's ``request_timeout_s`` (what :mod:`medkd.serve.deadline` reads)."""
+        return self._config.request_timeout_s
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def get_model(self, model_id: str) -> LoadedModel:
@@ -260,6 +270,8 @@ class MedkdServer:
                 media_type="application/json",
                 headers=headers,
             )
+        except ClientDisconnect:  # the client left while its body was read: nobody reads an answer
+            response = Response(status_code=CLIENT_CLOSED_REQUEST)
         except TimeoutError:
             message = f"request took longer than request_timeout_s={self._config.request_timeout_s:g}"
             response = Response(answers.error_body(message, 504, rid), status_code=504, media_type="application/json")

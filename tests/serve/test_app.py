@@ -7,6 +7,7 @@ import base64
 import gc
 import io
 import json
+import logging
 import os
 import signal
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from starlette.requests import Request
 
 from medkd.serve.app import ModelDirError, deploy, load_model_dir, serve_until_stopped, undeploy
 from medkd.serve.client import MedkdClient, ServeRequestError
@@ -432,5 +434,30 @@ def test_check_health_fails_when_the_onnx_session_is_wedged(classifier_dir):
         hung.release.set()
         call.result(timeout=30)
     asyncio.run(server.check_health())  # the call returned: healthy again
+    del server
+    gc.collect()
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
+def test_a_client_that_leaves_while_its_body_is_read_gets_499_and_no_error_log(classifier_dir, caplog):
+    """With direct ingress medkd, not Serve, sees a client leave (medkd.serve.deadline): the
+    request ends at once, recorded as 499, without an internal-error log."""
+    server_class = MedkdServer.func_or_class
+    server = object.__new__(server_class)
+    config = ServeConfig()
+    asyncio.run(server_class.__init__(server, collect_models(classifier_dir).model_dump(), config.model_dump(), None))
+    messages = iter([{"type": "http.request", "body": b"\x93NUMPY", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict/batch", "headers": [], "query_string": b""}
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        response = asyncio.run(
+            server.predict_route(Request(scope, receive), "/predict/batch", batch=True, model=None, mask=None)
+        )
+    assert response.status_code == 499
+    assert server._metrics.requests[("/predict/batch", 499)] == 1
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     del server
     gc.collect()

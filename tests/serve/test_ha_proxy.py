@@ -19,6 +19,8 @@ def clean_env(monkeypatch):
         ha_proxy.OPT_OUT_ENV,
         "RAY_SERVE_HAPROXY_BINARY_PATH",
         "RAY_SERVE_HAPROXY_NBTHREAD",
+        ha_proxy.HTTP_CALLBACK_ENV,
+        ha_proxy.HAPROXY_METRICS_ENV,
     ):
         monkeypatch.delenv(name, raising=False)
     saved = dict(os.environ)
@@ -41,6 +43,10 @@ def test_enable_sets_the_switches_before_ray_starts_with_short_paths_and_free_po
         # Serve's default of 4 HAProxy threads competes with the replica on a small machine.
         assert os.environ[ha_proxy.WORKER_NICENESS_ENV] == "0"  # replicas at normal CPU priority, not Ray's 15
         assert 1 <= int(os.environ["RAY_SERVE_HAPROXY_NBTHREAD"]) <= max(1, len(os.sched_getaffinity(0)) // 4)
+        # medkd keeps the prediction routes' deadline in each replica (medkd.serve.deadline), and the
+        # replica records Serve's HTTP metrics instead of HAProxy logging each request to HAProxyManager.
+        assert os.environ[ha_proxy.HTTP_CALLBACK_ENV] == "medkd.serve.deadline:middlewares"
+        assert os.environ[ha_proxy.HAPROXY_METRICS_ENV] == "0"
         assert setup.state_dir is not None and setup.state_dir.is_dir()
     finally:
         setup.close()

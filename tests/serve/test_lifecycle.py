@@ -93,6 +93,10 @@ def test_sigterm_drains_and_leaves_no_ray_process_behind(tmp_path):
         url = f"http://127.0.0.1:{port}"
         image = encode_npy(np.zeros((28, 28), np.uint8))
         assert call(url + "/predict", body=image, content_type="application/x-npy")[0] == 200
+        # Serve's timeout header from a client is not obeyed: medkd keeps the prediction routes'
+        # deadline (medkd.serve.deadline); Serve alone would answer this 408 at once.
+        short = {"x-request-timeout-seconds": "0.000001"}
+        assert call(url + "/predict", body=image, content_type="application/x-npy", headers=short)[0] == 200
         ray_processes = descendants(process.pid)
         names = " ".join(ray_processes.values())
         assert "raylet" in names and "gcs_server" in names, names
