@@ -317,7 +317,8 @@ def train_teachers(
             pending.append((teacher, teacher_fp, seed))
 
     if pending:
-        with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="medkd-teacher") as pool:
+        pool = ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="medkd-teacher")
+        try:
             futures = {
                 teacher.name: pool.submit(
                     train_one_teacher,
@@ -347,4 +348,11 @@ def train_teachers(
                     errors.append(f"{name}: {error}")
             if errors:
                 raise TeacherTrainingError("teacher training failed:\n  " + "\n  ".join(errors))
+        except KeyboardInterrupt:
+            # Leaving the pool would wait for every teacher to finish its epochs (a Train run started
+            # off the main thread does not hear Ctrl-C). Return at once instead: the caller's
+            # ray.shutdown (or the driver's exit) ends the runs, whose checkpoints stay for --resume.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return [artifacts[t.name] for t in spec.teachers], status
