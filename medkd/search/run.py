@@ -29,6 +29,7 @@ from medkd.core.fingerprint import fingerprint
 from medkd.core.progress import Progress, send_event
 from medkd.data.meta import DatasetMeta
 from medkd.search.context import TrialContext, distilled_teachers, search_context
+from medkd.search.ordering import longest_first_sampler, student_flops
 from medkd.search.outcome import SearchOutcome, TrialRecord, collect_outcome, pareto_front  # noqa: F401  (re-exported)
 from medkd.search.recipe import calibration_samples, teacher_logits_source, train_candidate, trial_augmentation
 from medkd.search.space import define_space, teacher_prior, teacher_temperatures, trial_distill_config
@@ -357,11 +358,23 @@ def run_search(
                 f"  an interrupted search exists (use --resume to continue it); starting over, old one kept at {aside}"
             )
             os.rename(experiment_path, aside)
+        space = define_space(search.space, len(teacher_fps))
+        sampling: dict[str, Any] = {"seed": context.seed}
+        if search.num_trials > search.max_concurrent:
+            # The same configurations as the sampler alone would draw; the start-up ones run longest first.
+            sampler, first = longest_first_sampler(
+                space,
+                ["maximize" if mode == "max" else "minimize" for mode in modes],
+                search.num_trials,
+                context.seed,
+                cost=lambda params: student_flops(meta, params, context),
+            )
+            sampling = {"sampler": sampler, "points_to_evaluate": first}
         searcher = OptunaSearch(
-            space=define_space(search.space, len(teacher_fps)),
+            space=space,
             metric=metrics if len(metrics) > 1 else metrics[0],
             mode=modes if len(modes) > 1 else modes[0],
-            seed=context.seed,
+            **sampling,
         )
         scheduler = None
         if use_asha:
@@ -394,7 +407,9 @@ def run_search(
             ),
         )
     progress.line(
-        f"  {search.num_trials} trials, {search.max_concurrent} at a time, objectives "
+        f"  {search.num_trials} trials, {search.max_concurrent} at a time"
+        + (", the randomly drawn start-up trials longest first" if search.num_trials > search.max_concurrent else "")
+        + ", objectives "
         + ", ".join(f"{m} ({mode})" for m, mode in zip(metrics, modes))
         + (f", ASHA early stopping on {ranked_on[0]}" if use_asha else "")
     )
