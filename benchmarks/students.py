@@ -293,6 +293,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"**{sp['speedup_vs_ensemble']:.1f}x** faster than the FP32 ensemble; INT8 vs FP32 student: "
         f"{sp['int8_vs_fp32_speedup']:.2f}x faster, size {sp['int8_vs_fp32_size']:.2f}x.",
         f"- Student parameters: {best['params']:,} = {best['params'] / RESNET18_PARAMS:.3f} of ResNet-18's 11.2 M.",
+        teacher_selection_line(r),
         memory_line(report.get("memory", {})),
         "",
         "```",
@@ -301,6 +302,21 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def teacher_selection_line(results: dict[str, Any]) -> str:
+    """Whose soft labels the students learned from, and each decision of ``search.teacher_selection`` (val).
+
+    Examples:
+        >>> teacher_selection_line({"ensemble": {"distilled": ["cnn", "vit"]}})
+        '- Students learned from: cnn, vit (search.teacher_selection: all).'
+    """
+    ensemble = results.get("ensemble") or {}
+    choice = ensemble.get("teacher_selection") or {}
+    kept = ", ".join(ensemble.get("distilled") or [t["name"] for t in results.get("teachers", [])])
+    line = f"- Students learned from: {kept} (search.teacher_selection: {choice.get('mode', 'all')})."
+    reasons = [step["reason"] for step in choice.get("steps") or []]
+    return line + (" On val: " + "; ".join(reasons) + "." if reasons else "")
 
 
 def result_line(report: dict[str, Any]) -> str:

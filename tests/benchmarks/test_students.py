@@ -146,3 +146,10 @@ def test_students_train_in_bf16_from_the_recipes_threshold(tmp_path):
     large = _write_npz(tmp_path / "pneumoniamnist_64.npz", (64, 64), num_classes=2, train=400)  # ~2,080 at 28x28
     assert _spec(large, tmp_path).search.cpu_precision == "bf16"
     assert _spec(large, tmp_path, "--set", "search.cpu_precision=fp32").search.cpu_precision == "fp32"
+
+
+def test_classification_students_learn_from_the_teachers_val_keeps(tmp_path):
+    # The recipe's rule (search.teacher_selection), unless asked otherwise by name; segmentation has no such rule.
+    small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
+    assert _spec(small, tmp_path).search.teacher_selection == "val_contribution"
+    assert _spec(small, tmp_path, "--set", "search.teacher_selection=all").search.teacher_selection == "all"
