@@ -29,7 +29,9 @@ own address on a private bridge, and the cluster's Redis beside the head.
   agents, driver, Redis), the busiest processes, each trial process's busiest thread vs all its
   other threads (a 1-CPU trial must compute on one thread), and what ran *outside* the cluster
   meanwhile. Each trial's time line (set-up, epochs, compression/export, the gap before it on
-  its node) comes from its Tune ``result.json``. A search during which processes outside the
+  its node) comes from its Tune ``result.json``, and so does each node's account (trials per
+  process, the wait before its first trial, the gaps between its trials, its idle time after
+  its last one: the cost of an uneven split). A search during which processes outside the
   cluster used more than 0.2 cores is marked void: the machine was not quiet.
 
   **What limits the figure** (the ``scaling:`` line). The two searches run the same trial
