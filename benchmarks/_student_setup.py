@@ -274,6 +274,34 @@ def retraining_inputs(spec: Any, results: dict[str, Any], dataset: Any) -> tuple
     return data_ref, cache, augment
 
 
+def students_run_parser(prog: str, description: str, *, seeds: list[int]) -> argparse.ArgumentParser:
+    """The arguments of every benchmark that retrains students of a finished ``benchmarks.students``
+    run: ``--run``, ``--data``, ``--spec`` and ``--seeds`` (checked by :func:`check_students_run_args`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    return parser
+
+
+def check_students_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each seed once, ``--epochs`` (where the benchmark has it) >= 1, ``--data`` a file and ``--run``
+    the output folder of a ``benchmarks.students`` run; else ``parser.error`` naming the option."""
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {args.seeds}")
+    if getattr(args, "epochs", None) is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    if not (args.run / "results.json").is_file() or not (args.run / "redis").is_dir():
+        parser.error(f"--run {args.run}: no results.json and redis/ (the output folder of a benchmarks.students run)")
+
+
 def load_students_run(data: Path, spec: Path, run: Path) -> tuple[dict[str, Any], Any, argparse.Namespace, Any]:
     """A finished ``benchmarks.students`` run: its ``results.json``, the served configuration
     (a ``DistillConfig``), the run's own spec options (same teachers, cache and search) and its data.

@@ -43,7 +43,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import configure_local_ray, load_average, utc_date
@@ -51,10 +50,10 @@ from benchmarks._harness import configure_local_ray, load_average, utc_date
 configure_local_ray()
 
 from benchmarks._student_setup import (  # noqa: E402
-    DEFAULT_DATA,
-    DEFAULT_SPEC,
+    check_students_run_args,
     load_students_run,
     retrain_variants,
+    students_run_parser,
 )
 from medkd.data.meta import DatasetMeta  # noqa: E402
 from medkd.students.losses.families import CLASSIFICATION_LOSSES  # noqa: E402
@@ -176,15 +175,7 @@ def result_line(dataset: str, summary: dict[str, dict[str, float]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loss_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)"
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = students_run_parser("python -m benchmarks.loss_ablation", __doc__.split("\n\n")[0], seeds=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(CLASSIFICATION_LOSSES))
     parser.add_argument("--standardization", default="auto", help="auto (>= 3 classes), on or off")
     parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
@@ -208,14 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--losses: each loss once, got {args.losses}")
     if args.standardization not in ("auto", "on", "off"):
         parser.error(f"--standardization must be auto, on or off, got {args.standardization!r}")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds: each seed once, got {args.seeds}")
-    if args.epochs is not None and args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    if not args.data.is_file():
-        parser.error(f"--data {args.data}: no such file")
-    if not (args.run / "results.json").is_file() or not (args.run / "redis").is_dir():
-        parser.error(f"--run {args.run}: no results.json and redis/ (the output folder of a benchmarks.students run)")
+    check_students_run_args(parser, args)
     return args
 
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import configure_local_ray, load_average, mean_std, utc_date
@@ -32,10 +31,10 @@ from benchmarks._harness import configure_local_ray, load_average, mean_std, utc
 configure_local_ray()
 
 from benchmarks._student_setup import (  # noqa: E402
-    DEFAULT_DATA,
-    DEFAULT_SPEC,
+    check_students_run_args,
     load_students_run,
     retrain_variants,
+    students_run_parser,
 )
 
 
@@ -99,15 +98,7 @@ def result_line(summary: dict[str, dict[str, float]], soup: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)"
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser = students_run_parser("python -m benchmarks.soup", __doc__.split("\n\n")[0], seeds=[0, 1, 2, 3])
     parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--forks", type=float, nargs="+", default=[0.25, 0.5])
     args = parser.parse_args(argv)
@@ -117,8 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--forks must be in (0, 1), got {args.forks}")
     if len(args.seeds) < 2:
         parser.error("--seeds needs at least two seeds (a spread needs two)")
-    if not (args.run / "results.json").is_file() or not (args.run / "redis").is_dir():
-        parser.error(f"--run {args.run}: no results.json and redis/ (the output folder of a benchmarks.students run)")
+    check_students_run_args(parser, args)
     return args
 
 

@@ -37,11 +37,11 @@ from benchmarks._harness import PASSWORD_ENV, configure_local_ray, load_average,
 configure_local_ray()
 
 from benchmarks._student_setup import (  # noqa: E402
-    DEFAULT_DATA,
-    DEFAULT_SPEC,
     build_spec,
+    check_students_run_args,
     load_students_run,
     retrain_variants,
+    students_run_parser,
 )
 from medkd.data.meta import DatasetMeta  # noqa: E402
 from medkd.registry.teacher_selection import (  # noqa: E402
@@ -149,28 +149,11 @@ def result_line(dataset: str, report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.teacher_selection", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--run", type=Path, required=True, help="output folder of a benchmarks.students run")
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="the run's MedMNIST .npz (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--spec", type=Path, default=DEFAULT_SPEC, help="the run's spec template (default: %(default)s)"
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = students_run_parser("python -m benchmarks.teacher_selection", __doc__.split("\n\n")[0], seeds=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
     parser.add_argument("--rule-only", action="store_true", help="apply the rule only; train nothing")
     args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds: each seed once, got {args.seeds}")
-    if args.epochs is not None and args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    if not args.data.is_file():
-        parser.error(f"--data {args.data}: no such file")
-    if not (args.run / "results.json").is_file() or not (args.run / "redis").is_dir():
-        parser.error(f"--run {args.run}: no results.json and redis/ (the output folder of a benchmarks.students run)")
+    check_students_run_args(parser, args)
     return args
 
 
