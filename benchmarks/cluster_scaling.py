@@ -1,6 +1,6 @@
 """Search scaling and remote cache reads on the network-namespace cluster.
 
-    python -m benchmarks.cluster_scaling [--trials 4] [--trial-epochs 10] [--num-train 1024]
+    python -m benchmarks.cluster_scaling [--trials 8] [--trial-epochs 10] [--num-train 1024]
                                          [--cache-samples 200000] [--read-rounds 7]
 
 Needs root (network namespaces). One :class:`medkd.cli.cluster.NetnsCluster` is started: a head
@@ -22,6 +22,12 @@ own address on a private bridge, and the cluster's Redis beside the head.
   final compression, export and latency measurement; ~20-30 CPU-s here). At 4 epochs of 512
   images that fixed cost is most of a trial and the figure says more about it than about
   spreading trials over nodes.
+
+  **8 trials by default** (4 until stop 20): 4 trials of 20-65 s split over 2 slots so unevenly
+  that the split alone capped the figure at 1.75-1.79 with no slowdown at all, so the figure said
+  more about one draw of 4 configurations than about the platform. 8 trials (started longest
+  first, as every search does) split to within 1 % (best split 148.6 / 148.3 s and 159.2 /
+  159.1 s on the two quiet runs of 2026-12-05, RESULTS.md).
 
   **Where the time goes.** While each search stage runs (from its ``== stage 3/7: search ==``
   log line to the next stage's), :class:`benchmarks._cpu_census.CpuCensus` samples ``/proc``:
@@ -441,7 +447,7 @@ def cache_ratio(cluster: LocalCluster, args: argparse.Namespace) -> tuple[float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--trial-epochs", type=int, default=10)
     parser.add_argument("--num-train", type=int, default=1024)
     parser.add_argument("--cache-samples", type=int, default=200_000)
