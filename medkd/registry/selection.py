@@ -283,12 +283,9 @@ def compare_final(
         if len(probs) != len(labels):
             raise ValueError(f"{name} model: {len(probs)} val probabilities for {len(labels)} val labels")
     indices = bootstrap_indices(len(labels), resamples, seed)
-    search_auc = auc_resamples(search_probs, labels, indices, multilabel=multilabel)
-    final_auc = auc_resamples(final_probs, labels, indices, multilabel=multilabel)
     options = {"multilabel": multilabel, "target_sensitivity": target_sensitivity, "positive_class": positive_class}
-    search_correct = decision_correct(np.asarray(search_probs, dtype=np.float64), labels, **options)
-    final_correct = decision_correct(np.asarray(final_probs, dtype=np.float64), labels, **options)
-    search_acc, final_acc = search_correct[indices].mean(1), final_correct[indices].mean(1)
+    search_auc, search_acc = resampled_scores(search_probs, labels, indices, **options)
+    final_auc, final_acc = resampled_scores(final_probs, labels, indices, **options)
     quality_gap, quality_se = float(search_auc[0] - final_auc[0]), paired_se(search_auc, final_auc)
     decision_gap, decision_se = float(search_acc[0] - final_acc[0]), paired_se(search_acc, final_acc)
     worse = [
@@ -297,7 +294,7 @@ def compare_final(
             ("val AUC", final_auc[0], search_auc[0], quality_gap, quality_se),
             ("val accuracy", final_acc[0], search_acc[0], decision_gap, decision_se),
         )
-        if gap > 0 and gap > TIE_STANDARD_ERRORS * se
+        if beyond_noise(gap, se)
     ]
     if worse:
         served, reason = "search", "the final training is worse beyond the val noise: " + "; ".join(worse)
@@ -320,6 +317,39 @@ def compare_final(
         decision_gap=decision_gap,
         decision_se=decision_se,
     )
+
+
+def beyond_noise(gap: float, se: float) -> bool:
+    """Whether a positive difference of two val figures exceeds the val noise: more than
+    :data:`TIE_STANDARD_ERRORS` paired-bootstrap standard errors.
+
+    Examples:
+        >>> beyond_noise(0.03, 0.01), beyond_noise(0.01, 0.02), beyond_noise(-0.05, 0.01)
+        (True, False, False)
+    """
+    return gap > 0 and gap > TIE_STANDARD_ERRORS * se
+
+
+def resampled_scores(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    *,
+    multilabel: bool = False,
+    target_sensitivity: float | None = None,
+    positive_class: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One model's val AUC and decision accuracy (at its served operating point chosen on val) on each
+    bootstrap resample of ``indices`` (row 0: the split itself), to compare models pairwise.
+
+    Examples:
+        >>> auc, acc = resampled_scores(probs, labels, bootstrap_indices(len(labels), 200, 0))  # doctest: +SKIP
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    correct = decision_correct(
+        probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity, positive_class=positive_class
+    )
+    return auc_resamples(probs, labels, indices, multilabel=multilabel), correct[indices].mean(1)
 
 
 def decision_correct(

@@ -30,10 +30,10 @@ from medkd.registry.selection import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
     TIE_STANDARD_ERRORS,
-    auc_resamples,
+    beyond_noise,
     bootstrap_indices,
-    decision_correct,
     paired_se,
+    resampled_scores,
 )
 from medkd.spec.job import JobSpec
 
@@ -156,9 +156,7 @@ def select_teachers(
 
     def score(members: list[str]) -> tuple[np.ndarray, np.ndarray]:
         probs = ensemble_probabilities([val_logits[n] for n in members], multilabel=multilabel)
-        probs = np.asarray(probs, dtype=np.float64)
-        accuracy = decision_correct(probs, labels, **options)[indices].mean(1)
-        return auc_resamples(probs, labels, indices, multilabel=multilabel), accuracy
+        return resampled_scores(probs, labels, indices, **options)
 
     while True:
         auc, acc = score(remaining)
@@ -167,8 +165,7 @@ def select_teachers(
             auc_without, acc_without = score([n for n in remaining if n != name])
             acc_gain, acc_se = float(acc_without[0] - acc[0]), paired_se(acc_without, acc)
             auc_loss, auc_se = float(auc[0] - auc_without[0]), paired_se(auc, auc_without)
-            better = acc_gain > 0 and acc_gain > TIE_STANDARD_ERRORS * acc_se
-            not_worse = not (auc_loss > 0 and auc_loss > TIE_STANDARD_ERRORS * auc_se)
+            better, not_worse = beyond_noise(acc_gain, acc_se), not beyond_noise(auc_loss, auc_se)
             candidates.append(
                 TeacherCandidate(
                     teacher=name,
