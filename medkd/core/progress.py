@@ -242,6 +242,31 @@ class Progress:
         with self._lock:
             self._show(self._teacher_tasks, teacher, f"  teacher {teacher}  {text}", epoch, epochs)
 
+    def teacher_progress(
+        self, teacher: str, epoch: int, epochs: int, *, fraction: float, images: int, total: int, seconds: float
+    ) -> None:
+        """A teacher is ``fraction`` of the way through ``epoch`` (``images`` of ``total`` in ``seconds``).
+
+        Examples:
+            >>> import io
+            >>> stream = io.StringIO()
+            >>> Progress(stream).teacher_progress("cnn", 1, 3, fraction=0.5, images=17280, total=34561, seconds=240.0)
+            >>> stream.getvalue().split("] ", 1)[1].rstrip()
+            '  teacher cnn: epoch 1/3 at 50% (17,280 of 34,561 images in 4.0 min; ~4.0 min of training left in the epoch)'
+        """
+        if self._bars is None:
+            rest = seconds * (1 - fraction) / max(fraction, 1e-9) / 60
+            self.line(
+                f"  teacher {teacher}: epoch {epoch}/{epochs} at {fraction:.0%} ({images:,} of {total:,} images in "
+                f"{seconds / 60:.1f} min; ~{rest:.1f} min of training left in the epoch)"
+            )
+            return
+        with self._lock:
+            if teacher in self._teacher_tasks:
+                self._bars.update(self._teacher_tasks[teacher], completed=epoch - 1 + fraction)
+            else:
+                self._show(self._teacher_tasks, teacher, f"  teacher {teacher}", epoch - 1 + fraction, epochs)
+
     # ------------------------------------------------------------------ soft labels
     def soft_labels(self, teacher: str, status: SoftLabelStatus, splits: tuple[str, ...] | list[str] = ()) -> None:
         """Soft labels of ``teacher``: ``computing`` (splits), then ``cached`` or ``skipped`` (all found)."""
@@ -321,6 +346,16 @@ class Progress:
         kind = event.get("kind")
         if kind == "teacher_epoch":
             self.teacher_epoch(event["teacher"], event["epoch"], event["epochs"], event["metrics"])
+        elif kind == "teacher_progress":
+            self.teacher_progress(
+                event["teacher"],
+                event["epoch"],
+                event["epochs"],
+                fraction=event["fraction"],
+                images=event["images"],
+                total=event["total"],
+                seconds=event["seconds"],
+            )
         elif kind == "trial_epoch":
             self.trial_epoch(event["trial"], event["epoch"], event["epochs"], event["metric"], event["value"])
         else:

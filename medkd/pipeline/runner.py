@@ -35,7 +35,7 @@ from medkd.search.context import distilled_teachers, search_context
 from medkd.search.final import train_final
 from medkd.search.run import SearchOutcome, run_search, search_fingerprint
 from medkd.serve.app import deploy, serve_until_stopped, undeploy
-from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits
+from medkd.softlabels.compute import cache_teacher_logits, cache_view_logits, start_missing_logits
 from medkd.softlabels.redis_server import ManagedRedisServer
 from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import JobSpec
@@ -90,6 +90,7 @@ class Pipeline:
         self.serve_enabled = serve and spec.serve.enabled
         self.output_dir = Path(spec.output_dir).resolve()
         self.results = Results(job=spec.name, job_fingerprint=spec.fingerprint())
+        self.soft_label_tasks: dict[str, Any] = {}  # teacher name -> its soft labels' Ray task, started early
 
     # ------------------------------------------------------------------ helpers
 
@@ -212,6 +213,7 @@ class Pipeline:
             storage_path=self.storage_path,
             progress=self.progress,
             events=self.events,
+            on_ready=self._start_soft_labels,
         )
         self.results.teachers = [
             {
@@ -231,6 +233,20 @@ class Pipeline:
         ]
         return "ran" if any(s == "ran" for s in status.values()) else "skipped"
 
+    def _start_soft_labels(self, teacher: Any) -> None:
+        """Start a ready teacher's soft labels while slower teachers still train (stage 2 collects them)."""
+        try:
+            self.soft_label_tasks[teacher.name] = start_missing_logits(
+                self.cache,
+                teacher,
+                dataset_fp=self.dataset.fingerprint,
+                meta=self.meta,
+                data_ref=self.data_ref,
+                progress=self.progress,
+            )
+        except Exception as error:  # the cache is checked again, with a clear error, in stage 2
+            self.progress.line(f"  soft labels {teacher.name}: not started early ({type(error).__name__}: {error})")
+
     def _soft_labels(self) -> str:
         spec = self.spec
         options = {"encoding": spec.cache.encoding, "compression": spec.cache.compression, "topk": spec.cache.topk}
@@ -243,6 +259,7 @@ class Pipeline:
             data_ref=self.data_ref,
             cache_options=options,
             progress=self.progress,
+            started_tasks=self.soft_label_tasks,
         )
         # Teacher quality on val and test comes from the cached logits: no teacher re-runs.
 

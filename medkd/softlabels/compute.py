@@ -61,6 +61,28 @@ def teacher_logits_remote(
     return ray.get(teacher_logits_task(artifact, meta, data_ref, splits))
 
 
+def start_missing_logits(
+    cache: Any,
+    artifact: TeacherArtifact,
+    *,
+    dataset_fp: str,
+    meta: DatasetMeta,
+    data_ref: Any,
+    progress: Progress,
+) -> Any | None:
+    """Start the Ray task that computes the splits of ``artifact`` missing from the cache.
+
+    Returns the task's ObjectRef (``None`` when every split is cached), for
+    :func:`cache_teacher_logits` to collect. The pipeline calls it as soon as a teacher is
+    trained, so its inference runs while slower teachers still train.
+    """
+    missing = [split for split in SPLITS if not cache.exists(artifact.fingerprint, dataset_fp, split)]
+    if not missing:
+        return None
+    progress.soft_labels(artifact.name, "computing", missing)
+    return teacher_logits_task(artifact, meta, data_ref, missing)
+
+
 def cache_teacher_logits(
     cache: Any,
     artifacts: list[TeacherArtifact],
@@ -70,8 +92,13 @@ def cache_teacher_logits(
     data_ref: Any,
     cache_options: dict[str, Any],
     progress: Progress,
+    started_tasks: dict[str, Any | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Make sure every teacher's logits for every split are in the cache.
+
+    Args:
+        started_tasks: per teacher name, what :func:`start_missing_logits` returned for it
+            earlier; teachers not in it are looked up and started here.
 
     Returns per teacher: status (``ran`` if any split was computed, else ``skipped``), the
     key prefixes, bytes stored and per-split hit/miss.
@@ -81,10 +108,14 @@ def cache_teacher_logits(
     # Launch every teacher's missing splits at once: Ray runs them side by side.
     launched: dict[str, Any] = {}
     for artifact in artifacts:
-        missing = [split for split in SPLITS if not cache.exists(artifact.fingerprint, dataset_fp, split)]
-        if missing:
-            progress.soft_labels(artifact.name, "computing", missing)
-            launched[artifact.name] = teacher_logits_task(artifact, meta, data_ref, missing)
+        if started_tasks is not None and artifact.name in started_tasks:
+            task = started_tasks[artifact.name]
+        else:
+            task = start_missing_logits(
+                cache, artifact, dataset_fp=dataset_fp, meta=meta, data_ref=data_ref, progress=progress
+            )
+        if task is not None:
+            launched[artifact.name] = task
     for artifact in artifacts:
         computed: dict[str, np.ndarray] = ray.get(launched[artifact.name]) if artifact.name in launched else {}
         per_split = {}

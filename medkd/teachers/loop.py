@@ -20,6 +20,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medkd.core.ema import WeightAverage, ema_decay
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
+from medkd.core.progress import send_event
 from medkd.data import AugmentSpec, build_augmentation
 from medkd.data.meta import DatasetMeta
 from medkd.teachers.registry import create_teacher
@@ -41,6 +43,8 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 VAL_BATCH_SIZE = 256
+#: An epoch that reaches a quarter sooner than this shows no line inside it (its end-of-epoch line is enough).
+PROGRESS_AFTER_S = 20.0
 
 
 def worker_threads(cpus_per_worker: float) -> int:
@@ -141,15 +145,17 @@ def train_epoch(
     device: torch.device,
     use_amp: bool,
     average: Any = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss per sample.
 
-    ``average`` (a :class:`~medkd.core.ema.WeightAverage`) is updated after every step.
+    ``average`` (a :class:`~medkd.core.ema.WeightAverage`) is updated after every step;
+    ``on_batch`` is called with the number of batches done after each one.
     """
     model.train()
     segmentation = meta.task == "segmentation"
     total, count = 0.0, 0
-    for images, labels in loader:
+    for batch, (images, labels) in enumerate(loader, start=1):
         if augment is not None:
             images, masks = augment(images, labels if segmentation else None)
             labels = masks if segmentation else labels
@@ -165,7 +171,56 @@ def train_epoch(
             average.update(model.module if hasattr(model, "module") else model)
         total += float(loss.detach()) * len(images)
         count += len(images)
+        if on_batch is not None:
+            on_batch(batch)
     return total / max(count, 1)
+
+
+class EpochQuarters:
+    """Sends a ``teacher_progress`` event at each quarter of a long epoch, so an epoch of
+    minutes (a ResNet-18 over 35k images on one CPU) is not silent until it ends.
+
+    Args:
+        queue: the driver's progress queue (``None``: nothing is sent).
+        teacher: the teacher's name.
+        epoch: this epoch, from 1.
+        epochs: the teacher's epochs.
+        batches: batches in the epoch (this worker's).
+        images: images in the epoch (all workers').
+
+    Examples:
+        >>> quarters = EpochQuarters(None, "cnn", 1, 3, batches=100, images=6400)
+        >>> [quarters(done) for done in (25, 50)]
+        [None, None]
+    """
+
+    def __init__(self, queue: Any, teacher: str, epoch: int, epochs: int, *, batches: int, images: int) -> None:
+        self.queue, self.teacher, self.epoch, self.epochs = queue, teacher, epoch, epochs
+        self.batches, self.images = max(1, batches), images
+        self.started = time.perf_counter()
+        self.next_quarter = 1
+
+    def __call__(self, done: int) -> None:
+        quarter = done * 4 // self.batches
+        if self.queue is None or quarter < self.next_quarter or quarter >= 4:
+            return
+        self.next_quarter = quarter + 1
+        seconds = time.perf_counter() - self.started
+        if seconds < PROGRESS_AFTER_S:
+            return
+        send_event(
+            self.queue,
+            {
+                "kind": "teacher_progress",
+                "teacher": self.teacher,
+                "epoch": self.epoch,
+                "epochs": self.epochs,
+                "fraction": done / self.batches,
+                "images": round(self.images * done / self.batches),
+                "total": self.images,
+                "seconds": seconds,
+            },
+        )
 
 
 def uses_cpu_bf16(teacher: dict[str, Any], device: torch.device) -> bool:
@@ -316,6 +371,14 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
             device=device,
             use_amp=use_amp,
             average=average,
+            on_batch=EpochQuarters(
+                config.get("progress_queue") if rank == 0 else None,
+                teacher["name"],
+                epoch + 1,
+                teacher["epochs"],
+                batches=len(loader),
+                images=len(dataset),
+            ),
         )
         scheduler.step()
         train_seconds = time.perf_counter() - started

@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ def train_one_teacher(
             "dataset": meta,
             "seed": seed,
             "data_ref": data_ref,
+            "progress_queue": events,
         },
         scaling_config=ScalingConfig(
             # Elastic: after a lost node, Train restarts from the last checkpoint with as many
@@ -297,8 +299,15 @@ def train_teachers(
     storage_path: str,
     progress: Progress,
     events: Any = None,
+    on_ready: Callable[[TeacherArtifact], None] | None = None,
 ) -> tuple[list[TeacherArtifact], dict[str, str]]:
-    """Train (or find) every teacher of the spec; returns artifacts and ``{name: ran|skipped}``."""
+    """Train (or find) every teacher of the spec; returns artifacts and ``{name: ran|skipped}``.
+
+    ``on_ready`` is called with each teacher's artifact as soon as it is trained, while the other
+    teachers may still train (the pipeline starts its soft labels there). Teachers found on disk
+    are handed over at once when none trains, else with the first that ends, so their work does
+    not take the CPUs the trainings are being placed on.
+    """
     meta = DatasetMeta.of(dataset)
     check_teachers(list(spec.teachers), meta)
     artifacts: dict[str, TeacherArtifact] = {}
@@ -316,7 +325,15 @@ def train_teachers(
             progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): training {teacher.epochs} epochs")
             pending.append((teacher, teacher_fp, seed))
 
-    if pending:
+    found_ready = [artifacts[t.name] for t in spec.teachers if t.name in artifacts]
+
+    def hand_over(ready: list[TeacherArtifact]) -> None:
+        for artifact in ready if on_ready is not None else []:
+            on_ready(artifact)
+
+    if not pending:
+        hand_over(found_ready)
+    else:
         pool = ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="medkd-teacher")
         try:
             futures = {
@@ -334,18 +351,24 @@ def train_teachers(
                 for teacher, teacher_fp, seed in pending
             }
             errors = []
-            for name, future in futures.items():
+            names = {future: name for name, future in futures.items()}
+            for future in as_completed(names):
+                name = names[future]
+                hand_over(found_ready)
+                found_ready = []
                 try:
                     artifacts[name] = future.result()
+                except TeacherTrainingError as error:  # keep the other teachers' results
+                    errors.append(str(error))
+                except Exception as error:
+                    errors.append(f"{name}: {error}")
+                else:
                     status[name] = "ran"
                     a = artifacts[name]
                     progress.line(
                         f"  teacher {name}: done in {a.train_seconds:.0f}s, best epoch {a.best_epoch}, val={a.best_val:.4f}"
                     )
-                except TeacherTrainingError as error:  # keep the other teachers' results
-                    errors.append(str(error))
-                except Exception as error:
-                    errors.append(f"{name}: {error}")
+                    hand_over([a])
             if errors:
                 raise TeacherTrainingError("teacher training failed:\n  " + "\n  ".join(errors))
         except KeyboardInterrupt:

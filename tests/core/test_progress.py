@@ -27,6 +27,18 @@ def _run_a_small_pipeline(progress: Progress) -> None:
             }
         )
         progress.event(
+            {
+                "kind": "teacher_progress",
+                "teacher": "cnn",
+                "epoch": 2,
+                "epochs": 3,
+                "fraction": 0.25,
+                "images": 8640,
+                "total": 34561,
+                "seconds": 90.0,
+            }
+        )
+        progress.event(
             {"kind": "teacher_epoch", "teacher": "cnn", "epoch": 3, "epochs": 3, "metrics": {"val_auc": 0.88}}
         )
     with progress.stage(2, 7, "soft_labels"):
@@ -86,6 +98,7 @@ def test_plain_lines_when_the_stream_is_not_a_terminal() -> None:
     assert lines == [
         "== stage 1/7: teachers ==",
         "  teacher cnn: epoch 1/3 val_auc=0.7100, train_loss=0.5000",
+        "  teacher cnn: epoch 2/3 at 25% (8,640 of 34,561 images in 1.5 min; ~4.5 min of training left in the epoch)",
         "  teacher cnn: epoch 3/3 val_auc=0.8800",
         "== stage 2/7: soft_labels ==",
         "  soft labels cnn: computing train, val, test (cache miss)",

@@ -161,8 +161,12 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     report = (spec.output_dir / "report.html").read_text()
     assert "Teachers vs student" in report and "data:image/png;base64" in report
 
+    # Each teacher's soft labels start as soon as it is trained, inside the teacher stage.
+    first_run = capsys.readouterr().out
+    stage_2 = first_run.index("== stage 2/7: soft_labels ==")
+    assert all(0 <= first_run.find(f"soft labels {name}: computing") < stage_2 for name in ("cnn", "vit")), first_run
+
     # Same job again: every stage with persisted output is skipped, nothing is retrained.
-    capsys.readouterr()
     run_job(spec, serve=False)
     again = json.loads((spec.output_dir / "results.json").read_text())
     assert again["stages"]["teachers"]["status"] == "skipped"

@@ -46,10 +46,23 @@ def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_p
     dataset = load_dataset(spec.data)
     data_ref = ray.put({k: (s.images, s.labels) for k, s in dataset.splits.items()})
     storage = str(tmp_path / "ray")
-    artifacts, status = train_teachers(
-        spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress()
-    )
+    ready = []
+
+    def train():
+        return train_teachers(
+            spec,
+            dataset,
+            data_ref,
+            output_dir=spec.output_dir,
+            storage_path=storage,
+            progress=Progress(),
+            on_ready=ready.append,
+        )
+
+    artifacts, status = train()
     assert status == {"cnn": "ran", "vit": "ran"}
+    # Each teacher is handed over once, as it finishes (the pipeline starts its soft labels then).
+    assert sorted((a.name, a.fingerprint) for a in ready) == sorted((a.name, a.fingerprint) for a in artifacts)
     for artifact in artifacts:
         assert 1 <= artifact.epochs_run <= 2
         assert artifact.history and "val_auc" in artifact.history[0]
@@ -61,9 +74,9 @@ def test_teachers_train_concurrently_and_are_skipped_on_rerun(ray_session, tmp_p
     # The bf16 teacher says so in its artifact (its soft labels are computed in bf16 too); the other is fp32.
     assert [a.cpu_precision for a in artifacts] == [None, "bf16"]
 
-    again, status = train_teachers(
-        spec, dataset, data_ref, output_dir=spec.output_dir, storage_path=storage, progress=Progress()
-    )
+    ready.clear()
+    again, status = train()
     assert status == {"cnn": "skipped", "vit": "skipped"}
+    assert [a.name for a in ready] == ["cnn", "vit"]  # found teachers are handed over at once
     assert [a.fingerprint for a in again] == [a.fingerprint for a in artifacts]
     assert "skipped, checkpoint found" in capsys.readouterr().out
