@@ -257,8 +257,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Wall time: {report['wall_seconds'] / 60:.1f} min on {report['machine']} "
         f"(stages: {stages}; "
         f"KD gain {report['kd_gain_seconds']:.0f}s, speed {report['speed_seconds']:.0f}s).  ",
-        f"Training split: {report['train_size']} images. Timings were taken while the machine was shared with other "
-        f"engineers' jobs (load average {report['load_average']}): they are pessimistic.",
+        f"Training split: {report['train_size']} images. Load average (1, 5, 15 min) at the end of the run: "
+        f"{report['load_average']}; timings taken while other work ran are pessimistic.",
         "",
         f"Selected student (INT8 static, served): `{cfg['student']}` width {cfg['width']:.3g}, depth {cfg['depth']:.3g}, "
         f"T={cfg['temperature']:.3g}, alpha={cfg['alpha']:.3g} (CE weight), aggregation {cfg['aggregation']}, "
