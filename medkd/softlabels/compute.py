@@ -108,7 +108,7 @@ def cache_teacher_logits(
     # Launch every teacher's missing splits at once: Ray runs them side by side.
     launched: dict[str, Any] = {}
     for artifact in artifacts:
-        if started_tasks is not None and artifact.name in started_tasks:
+        if artifact.name in (started_tasks or {}):
             task = started_tasks[artifact.name]
         else:
             task = start_missing_logits(

@@ -325,14 +325,11 @@ def train_teachers(
             progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): training {teacher.epochs} epochs")
             pending.append((teacher, teacher_fp, seed))
 
-    found_ready = [artifacts[t.name] for t in spec.teachers if t.name in artifacts]
-
-    def hand_over(ready: list[TeacherArtifact]) -> None:
-        for artifact in ready if on_ready is not None else []:
-            on_ready(artifact)
-
+    notify = on_ready or (lambda artifact: None)
+    waiting = [artifacts[t.name] for t in spec.teachers if t.name in artifacts]  # found on disk
     if not pending:
-        hand_over(found_ready)
+        for artifact in waiting:
+            notify(artifact)
     else:
         pool = ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="medkd-teacher")
         try:
@@ -354,8 +351,9 @@ def train_teachers(
             names = {future: name for name, future in futures.items()}
             for future in as_completed(names):
                 name = names[future]
-                hand_over(found_ready)
-                found_ready = []
+                for artifact in waiting:  # with the first teacher that ends
+                    notify(artifact)
+                waiting = []
                 try:
                     artifacts[name] = future.result()
                 except TeacherTrainingError as error:  # keep the other teachers' results
@@ -368,7 +366,7 @@ def train_teachers(
                     progress.line(
                         f"  teacher {name}: done in {a.train_seconds:.0f}s, best epoch {a.best_epoch}, val={a.best_val:.4f}"
                     )
-                    hand_over([a])
+                    notify(a)
             if errors:
                 raise TeacherTrainingError("teacher training failed:\n  " + "\n  ".join(errors))
         except KeyboardInterrupt:
