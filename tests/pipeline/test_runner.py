@@ -297,3 +297,37 @@ def test_3d_segmentation_example_runs_end_to_end(ray_session, redis_url, tmp_pat
     assert 0.0 <= best["test_metrics"]["dice"] <= 1.0 and best["parity"]["max_abs_diff"] < 1e-3
     answer = results["serve"]["demo"]["answer"]
     assert answer["shape"] == [16, 16, 16] and sum(answer["class_pixel_counts"]) == 16**3
+
+
+def test_a_cache_down_when_a_teacher_is_ready_is_logged_and_left_to_stage_2(tmp_path):
+    """The early start of a teacher's soft labels must not fail the teacher stage: the cache error is
+    printed with the teacher's name and nothing is recorded as started, so stage 2 checks again."""
+    import io
+
+    from medkd.core.progress import Progress
+    from medkd.data import load_dataset
+    from medkd.data.meta import DatasetMeta
+    from medkd.pipeline.runner import Pipeline
+    from medkd.softlabels.redis_server import ManagedRedisServer
+    from medkd.softlabels.store import SoftLabelCache
+    from medkd.teachers.train import TeacherArtifact
+
+    spec = parse_spec(tiny_job(tmp_path, "redis://127.0.0.1:1/0"))
+    printed = io.StringIO()
+    pipeline = Pipeline(spec, progress=Progress(printed, live=False))
+    pipeline.dataset = load_dataset(spec.data)
+    pipeline.meta, pipeline.data_ref = DatasetMeta.of(pipeline.dataset), None
+    teacher = TeacherArtifact(
+        **{"name": "cnn", "model": "resnet10", "family": "cnn", "model_kwargs": {}, "fingerprint": "ab12cd34"},
+        **{"params": 1, "checkpoint": str(tmp_path / "none.pt"), "epochs_run": 1, "best_epoch": 1, "best_val": 0.5},
+        **{"history": [], "train_seconds": 1.0},
+    )
+    server = ManagedRedisServer(data_dir=tmp_path / "redis").start()
+    pipeline.cache = SoftLabelCache(server.url, namespace="early", retries=0)
+    server.stop()  # the cache goes away between the teachers' start and the first teacher's end
+
+    pipeline._start_soft_labels(teacher)
+
+    assert "cnn" not in pipeline.soft_label_tasks
+    line = next(line for line in printed.getvalue().splitlines() if "soft labels cnn: not started early (" in line)
+    assert "Connection" in line.split("not started early (")[1]
