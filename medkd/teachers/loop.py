@@ -43,8 +43,9 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 VAL_BATCH_SIZE = 256
-#: An epoch that reaches a quarter sooner than this shows no line inside it (its end-of-epoch line is enough).
-PROGRESS_AFTER_S = 20.0
+#: Quarters reached sooner than this into the epoch print no line: at 5,000 images (epochs of 1-2 min) that
+#: leaves one or two lines per epoch, at 35,000 (epochs of 10+ min) all three.
+PROGRESS_AFTER_S = 60.0
 
 
 def worker_threads(cpus_per_worker: float) -> int:
