@@ -445,6 +445,7 @@ def served_section(results: dict[str, Any]) -> ReportSection | None:
         section.notes.append(
             f"trained again after the search for {final['epochs']} epochs (search: {final['search_epochs']})"
             + (f", a weight soup of {final['branches']} branches" if final.get("branches", 1) > 1 else "")
+            + (f", from a fresh seed ({final['seed']})" if final.get("seed") is not None else "")
             + "; val "
             + ", ".join(
                 f"{k} {_fmt(v)} (search {_fmt(final['search_val'].get(k))})"

@@ -140,9 +140,14 @@ def choose(outcome: SearchOutcome, select: str | int, evidence: SelectionEvidenc
     return select_for_export(outcome, select, evidence)[0]
 
 
-def judge_final(final: Any, chosen: TrialRecord, evidence: SelectionEvidence | None) -> FinalComparison:
+def judge_final(
+    final: Any, chosen: TrialRecord, evidence: SelectionEvidence | None, selection: Selection | None = None
+) -> FinalComparison:
     """Whether the final training of ``chosen`` is served (:func:`medkd.registry.selection.compare_final`),
     from the stored models only, so a re-run decides the same.
+
+    ``selection`` (how ``chosen`` was selected) gives the number of trials tied within the val noise,
+    whose expected maximum widens the noise the final model is judged by (None: one).
 
     Without evidence (segmentation: no val bootstrap of Dice here) the final model is served, as before.
 
@@ -166,6 +171,7 @@ def judge_final(final: Any, chosen: TrialRecord, evidence: SelectionEvidence | N
         multilabel=evidence.multilabel,
         target_sensitivity=evidence.target_sensitivity,
         positive_class=evidence.positive_class,
+        selected_from=sum(c.tied for c in selection.candidates) if selection is not None else 1,
     )
 
 
@@ -196,7 +202,7 @@ def export_models(
             raise ExportError(
                 f"the final training is of trial {final.trial_id}, but export.select picks {chosen.trial_id}"
             )
-        comparison = judge_final(final, chosen, evidence)
+        comparison = judge_final(final, chosen, evidence, selection)
         served = "final training" if comparison.served == "final" else f"search instance of trial {chosen.trial_id}"
         progress.line(f"  serving the {served}: {comparison.reason}")
         if comparison.served == "search":
@@ -343,6 +349,7 @@ def _write_metadata(
             "epochs": final.epochs,
             "search_epochs": final.search_epochs,
             "branches": final.branches,
+            "seed": final.seed,
             "search_val": final.search_val,
         },
         "config": candidate["config"],

@@ -84,6 +84,7 @@ class FinalTrainingLineage(BaseModel):
     epochs: int
     search_epochs: int
     branches: int = 1
+    seed: int | None = None  # its own seed, not the search trial's (None: an entry from before)
     search_val: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -4,9 +4,13 @@ A search trial is a proxy that ranks configurations on a short budget (``search.
 ASHA stops most trials sooner), and one trained instance of a configuration is one draw: on a
 few hundred images, test AUC moves by points from seed to seed while a small val split cannot
 tell the draws apart. The final training trains the configuration the export will select once
-more from scratch — same seed, same cached soft labels and FKD views, never a teacher:
+more from scratch — from a fresh seed (:func:`final_seed`), on the same cached soft labels and FKD
+views, never a teacher:
 
 - ``final_epochs``: for that many epochs instead of the search's;
+- neither changed (``final_epochs`` equal to the search's): one more draw of the configuration.
+  The search's instance is the best of the trials tied on val, so its val figures overstate
+  what its configuration gives; a fresh draw does not carry that luck;
 - ``final_branches``: as a weight soup (:func:`medkd.students.distill.distill` with
   ``branches``): one run to a quarter of the epochs, then that many copies finish it with their
   own data order, and the served weights are their average (BatchNorm statistics recomputed) —
@@ -16,8 +20,9 @@ more from scratch — same seed, same cached soft labels and FKD views, never a 
 It is then pruned, exported and quantized, and validated, exactly as in a trial
 (:func:`medkd.search.recipe.train_candidate`). The export serves that model in place of the
 trial's unless validation says it is worse than the trial's own model beyond the val split's
-noise (:func:`medkd.registry.selection.compare_final`: paired bootstrap, val AUC and val accuracy
-at the served operating point); the other Pareto points are exported as searched.
+noise, widened by the search instance's selection optimism
+(:func:`medkd.registry.selection.compare_final`: paired bootstrap, val AUC and val accuracy at the
+served operating point); the other Pareto points are exported as searched.
 
 The result is kept under ``output_dir/final/<fingerprint>/`` (search, trial, configuration and
 epochs), so a re-run or ``--resume`` finds it instead of training again.
@@ -56,6 +61,7 @@ class FinalModel(BaseModel):
     epochs: int
     search_epochs: int
     branches: int = 1
+    seed: int | None = None  # None: a record written before the final training had its own seed
     val: dict[str, float]
     search_val: dict[str, float]
     seconds: float
@@ -63,7 +69,18 @@ class FinalModel(BaseModel):
 
 def final_fingerprint(outcome: SearchOutcome, trial: TrialRecord, epochs: int, branches: int = 1) -> str:
     parts = [outcome.fingerprint, trial.trial_id, trial.config, epochs] + ([branches] if branches > 1 else [])
-    return fingerprint("final", *parts)
+    return fingerprint("final", *parts, {"seed": final_seed(int(trial.config.get("seed", 0)))})
+
+
+def final_seed(search_seed: int) -> int:
+    """The final training's seed: a draw other than the search trial's ``search_seed``, the same on
+    every re-run.
+
+    Examples:
+        >>> final_seed(0) != 0, final_seed(0) == final_seed(0), 0 <= final_seed(7) < 2**31
+        (True, True, True)
+    """
+    return int(fingerprint("final seed", search_seed), 16) % 2**31
 
 
 def final_cpus(cpus_per_trial: float, max_concurrent: int) -> float:
@@ -125,7 +142,8 @@ def train_final(
         )
         return record, "skipped"
 
-    config = DistillConfig.model_validate(trial.config).model_copy(update={"epochs": epochs, "branches": branches})
+    config = DistillConfig.model_validate(trial.config)
+    config = config.model_copy(update={"epochs": epochs, "branches": branches, "seed": final_seed(config.seed)})
     cpus = final_cpus(spec.search.cpus_per_trial, spec.search.max_concurrent)
     soup = (
         f", a soup of {branches} branches forked at epoch {round(epochs * config.fork_fraction)}"
@@ -134,7 +152,7 @@ def train_final(
     )
     progress.line(
         f"  final training of trial {trial.trial_id} ({config.student}, width {config.width:.2f}): "
-        f"{epochs} epochs (search: {search_epochs}){soup}, {cpus:g} CPU"
+        f"{epochs} epochs (search: {search_epochs}){soup}, fresh seed {config.seed}, {cpus:g} CPU"
     )
     started = time.perf_counter()
     task = ray.remote(num_cpus=cpus, num_gpus=spec.search.gpus_per_trial, max_retries=1)(final_candidate)
@@ -148,6 +166,7 @@ def train_final(
         epochs=epochs,
         search_epochs=search_epochs,
         branches=branches,
+        seed=config.seed,
         val=_val_metrics(metrics),
         search_val=_val_metrics(trial.metrics),
         seconds=round(seconds, 1),

@@ -135,8 +135,10 @@ class SearchSpec(StrictModel):
         None,
         gt=0,
         description="after the search, the selected student is trained again from scratch for this many epochs "
-        "(same configuration, seed, soft labels and views), compressed and validated as in a trial, "
-        "and that model is exported and served; None: export the search trial as it is",
+        "(same configuration, soft labels and views, a fresh seed), compressed and validated as in a trial, "
+        "and that model is exported and served unless val says it is worse than the trial's beyond the noise "
+        "(registry.selection.compare_final); equal to search.epochs: one more draw of the configuration; "
+        "None: export the search trial as it is",
     )
     final_branches: int | None = Field(
         None,

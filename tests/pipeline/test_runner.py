@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from medkd.pipeline.runner import run_job
+from medkd.search.final import final_seed
 from medkd.spec.job import parse_spec
 from tests.conftest import free_port
 
@@ -205,6 +206,7 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     assert final["stages"]["search"]["status"] == "skipped" and final["stages"]["final"]["status"] == "ran"
     assert final["final"]["trial_id"] == best["trial_id"] and final["final"]["epochs"] == 2
     assert final["final"]["search_epochs"] == 1 and set(final["final"]["val"]) >= {"val_auc", "val_acc"}
+    assert final["final"]["seed"] == final_seed(best["config"]["seed"])  # a fresh draw, not the trial's seed
     # Served only if val does not say it is worse than the search's instance beyond the noise
     # (registry.selection.compare_final, unit-tested both ways in tests/registry/test_selection.py).
     judged = final["selection"]["final"]
@@ -227,9 +229,12 @@ def test_run_job_end_to_end_then_resume(ray_session, redis_url, tmp_path, capsys
     if judged["served"] == "final":
         assert final["best"]["model_id"] != best["model_id"] and final["best"]["config"]["epochs"] == 2
         assert final["best"]["config"]["branches"] == 2 and final["final"]["branches"] == 2
-        assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches")} == {
-            k: v for k, v in best["config"].items() if k not in ("epochs", "branches")
+        assert {k: v for k, v in final["best"]["config"].items() if k not in ("epochs", "branches", "seed")} == {
+            k: v for k, v in best["config"].items() if k not in ("epochs", "branches", "seed")
         }
+        # A fresh draw: its own seed, recorded in the registry's lineage.
+        assert final["best"]["config"]["seed"] == final_seed(best["config"]["seed"]) != best["config"]["seed"]
+        assert final["best"]["final_training"]["seed"] == final["best"]["config"]["seed"]
         assert final["best"]["final_training"]["epochs"] == 2 and final["best"]["final_training"]["branches"] == 2
         assert final["best"]["val_metrics"]["val_auc"] == pytest.approx(final["final"]["val"]["val_auc"])
         assert students[final["best"]["model_id"]]["medkd.final_training_fingerprint"]

@@ -248,6 +248,31 @@ def test_a_final_model_with_the_same_ranking_but_worse_decisions_is_not_served(v
     assert at_point.served == "final" and at_point.decision_gap == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_best_of_tied_trials_gives_a_fresh_final_model_its_selection_optimism(val):
+    labels, score = val
+    fresh = np.clip(score + np.random.default_rng(5).normal(0, 0.12, len(score)), 0.001, 0.999)
+    alone = compare_final(binary_probs(score), binary_probs(fresh), labels)
+    # Worse by 1.2-1.6 SE: beyond one SE, so against an instance chosen alone the search's is served ...
+    assert 1 < alone.quality_gap / alone.quality_se < 2 and 1 < alone.decision_gap / alone.decision_se < 2
+    assert alone.served == "search" and alone.selected_from == 1 and alone.selection_allowance == 0
+    # ... but an instance that is the best of 5 tied trials overstates its val figures by about
+    # 1.16 SE (the expected maximum of 5 standard normals), which a fresh draw cannot be expected to match.
+    of_five = compare_final(binary_probs(score), binary_probs(fresh), labels, selected_from=5)
+    assert of_five.served == "final" and of_five.selection_allowance == pytest.approx(1.163, abs=1e-3)
+    assert "best of 5 tied trials" in of_five.reason and "expected maximum" in of_five.rule
+    assert (of_five.quality_gap, of_five.quality_se) == (alone.quality_gap, alone.quality_se)
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        compare_final(binary_probs(score), binary_probs(fresh), labels, selected_from=0)
+
+
+def test_expected_maximum_of_standard_normals_matches_sampling():
+    from medkd.registry.selection import expected_maximum
+
+    draws = np.random.default_rng(0).standard_normal((200_000, 5)).max(axis=1).mean()
+    assert expected_maximum(5) == pytest.approx(draws, abs=0.01)
+    assert expected_maximum(1) == 0.0 and expected_maximum(2) == pytest.approx(1 / np.sqrt(np.pi), abs=1e-6)
+
+
 def test_final_comparison_errors_name_the_model(val):
     labels, score = val
     with pytest.raises(ValueError, match="final model: 10 val probabilities for 150 val labels"):
