@@ -42,7 +42,10 @@ VIEW_PASS_BUDGET = 10_000
 # images: 0.891 to 0.918 over 4 seeds) and a val split of a few dozen images cannot see which
 # draw it got; at 5,000 images single instances agree to +-0.001 AUC over 3 seeds, and the soup's
 # (1 + 3 * branches) / 4 trials of training, for the served model and each KD-gain run, do not
-# fit the 45-minute budget.
+# fit the 45-minute budget. Above it the final training is one fresh draw of the selected
+# configuration at the search's epochs (one trial's training more), so the served model is not
+# the search's best-of-the-tied draw unless val says the fresh one is worse
+# (medkd.registry.selection.compare_final).
 SOUP_MAX_TRAIN_SIZE = 2_000
 # search.teacher_selection of classification runs. The rule drops the ViT on both real sets' cached val
 # logits (BloodMNIST: +0.58 val ACC points without it, 1.6 SE, on 20 of 20 bootstrap seeds; BreastMNIST:
@@ -129,8 +132,8 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         # Students learn only from teachers that do not hurt the ensemble's val decisions beyond the
         # noise; the search fingerprint changes only where the rule drops one.
         spec = with_search(spec, teacher_selection=RECIPE_TEACHER_SELECTION)
-    if spec.search.final_branches and train_size > SOUP_MAX_TRAIN_SIZE and "search.final_branches" not in explicit:
-        spec = with_search(spec, final_branches=None)
+    if train_size > SOUP_MAX_TRAIN_SIZE and "search.final_branches" not in explicit:
+        spec = with_search(spec, final_branches=None, final_epochs=spec.search.final_epochs or spec.search.epochs)
     if spec.cache.views:
         # A student sees each sample once per epoch, as the original or one view: views beyond
         # the epoch count would mostly go unseen, and each costs a teacher pass per image (on

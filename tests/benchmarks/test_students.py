@@ -102,12 +102,16 @@ def test_missing_data_file_names_the_path(tmp_path):
         build_spec(args, redis_port=1)
 
 
-def test_final_weight_soup_only_for_small_training_splits(tmp_path):
+def test_final_weight_soup_for_small_training_splits_one_fresh_draw_above(tmp_path):
     small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
-    assert _spec(small, tmp_path, "--teachers", "spec").search.final_branches == 4  # the template's
-    # 400 images of 64x64 count as ~2,080 of 28x28: over SOUP_MAX_TRAIN_SIZE, the soup is dropped ...
+    small_spec = _spec(small, tmp_path, "--teachers", "spec")
+    assert (small_spec.search.final_branches, small_spec.search.final_epochs) == (4, None)  # the template's
+    # 400 images of 64x64 count as ~2,080 of 28x28: over SOUP_MAX_TRAIN_SIZE, the soup is dropped and
+    # the final training is one more draw at the search's epochs ...
     large = _write_npz(tmp_path / "pneumoniamnist_64.npz", (64, 64), num_classes=2, train=400)
-    assert _spec(large, tmp_path, "--teachers", "spec").search.final_branches is None
+    large_spec = _spec(large, tmp_path, "--teachers", "spec")
+    assert large_spec.search.final_branches is None
+    assert large_spec.search.final_epochs == large_spec.search.epochs and large_spec.search.final_training
     # ... unless asked for by name.
     forced = _spec(large, tmp_path, "--teachers", "spec", "--set", "search.final_branches=2")
     assert forced.search.final_branches == 2
