@@ -45,12 +45,22 @@ def negative_log_likelihood(
         >>> round(negative_log_likelihood(np.array([[0.0, 0.0]]), np.array([1]), 1.0), 4)
         0.6931
     """
+    return float(np.mean(sample_nll(logits, labels, temperature, multilabel=multilabel)))
+
+
+def sample_nll(logits: np.ndarray, labels: np.ndarray, temperature: float, *, multilabel: bool = False) -> np.ndarray:
+    """Each sample's NLL ``(N,)`` under ``logits / temperature`` (multi-label: its BCE averaged over labels).
+
+    Examples:
+        >>> sample_nll(np.array([[0.0, 0.0], [0.0, 0.0]]), np.array([1, 0]), 1.0).round(4).tolist()
+        [0.6931, 0.6931]
+    """
     probs = np.clip(scaled_probabilities(logits, temperature, multilabel=multilabel), 1e-12, 1.0)
     if multilabel:
         truth = np.asarray(labels).reshape(probs.shape).astype(bool)
-        return float(-np.mean(np.where(truth, np.log(probs), np.log1p(-np.minimum(probs, 1 - 1e-12)))))
+        return -np.mean(np.where(truth, np.log(probs), np.log1p(-np.minimum(probs, 1 - 1e-12))), axis=1)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
+    return -np.log(probs[np.arange(len(labels)), labels])
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, multilabel: bool = False) -> float:

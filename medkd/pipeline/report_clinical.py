@@ -48,6 +48,15 @@ def calibration_summary(results: dict[str, Any]) -> str:
     if not calibration:
         return ""
     test = best.get("test_metrics") or {}
+    fitted = calibration.get("fitted_temperature")
+    if fitted is not None and fitted != calibration["temperature"]:
+        text = (
+            f"Probabilities left as trained (T = 1): the temperature fitted on val (T = {fitted:.3f}) lowered the "
+            f"val NLL by {_fmt(calibration.get('nll_gain'))}, within its standard error "
+            f"{_fmt(calibration.get('nll_gain_se'))}; ECE (15 bins) on val {_fmt(calibration.get('ece_before'))}"
+            + (f", on test {_fmt(test['ece'])}" if test.get("ece") is not None else "")
+        )
+        return html.escape(text + ".")
     text = (
         f"Probabilities calibrated by temperature scaling on val: T = {calibration['temperature']:.3f}; "
         f"ECE (15 bins) on val {_fmt(calibration.get('ece_before'))} → {_fmt(calibration.get('ece_after'))}"

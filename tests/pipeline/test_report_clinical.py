@@ -69,6 +69,16 @@ def test_calibration_and_selection_texts():
     text = calibration_summary({"best": BEST})
     assert "T = 1.800" in text and "val 0.1200 → 0.0300" in text and "test 0.1000 → 0.0400" in text
     assert calibration_summary({"best": {}}) == ""
+    kept = {
+        "temperature": 1.0,
+        "fitted_temperature": 1.157,
+        "nll_gain": 0.0026,
+        "nll_gain_se": 0.0068,
+        "ece_before": 0.09,
+    }
+    text = calibration_summary({"best": {**BEST, "calibration": kept}})
+    assert text.startswith("Probabilities left as trained (T = 1)") and "(T = 1.157)" in text
+    assert "by 0.0026, within its standard error 0.0068" in text and "on test 0.1000." in text and "→" not in text
     rows = selection_rows({"selection": SELECTION})
     assert rows[1]["trial"] == "b (served)" and rows[1]["tied"] == "yes" and rows[1]["val_auc"] == 0.9123
     assert selection_rule({"selection": SELECTION}).startswith("Selection rule: highest val_auc")

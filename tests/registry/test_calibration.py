@@ -190,3 +190,22 @@ def test_metadata_refuses_an_unknown_or_impossible_operating_point():
         )
     with pytest.raises(ValidationError, match="temperature"):
         metadata(calibration={"temperature": 0.0})
+
+
+def test_a_temperature_whose_val_gain_is_within_the_noise_is_not_applied():
+    # 78 val images (BreastMNIST's val split) from a model calibrated by construction: the NLL
+    # minimum still lands away from T = 1, by chance.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2.0, (78, 2))
+    labels = (rng.random(78) < calibrated_probabilities(logits)[:, 1]).astype(int)
+    calibration = fit_calibration(logits, labels)
+    assert calibration.fitted_temperature == pytest.approx(1.157, abs=1e-3)
+    assert 0 < calibration.nll_gain < calibration.nll_gain_se
+    assert calibration.temperature == 1.0 and calibration.within_noise
+    assert calibration.ece_after == calibration.ece_before and calibration.nll_after == calibration.nll_before
+    # The same miscalibration on 40 times the images is beyond the noise: applied.
+    many = np.tile(logits, (40, 1)) * 1.3  # over-confident by a third
+    many_labels = np.tile(labels, 40)
+    applied = fit_calibration(many, many_labels)
+    assert applied.nll_gain > applied.nll_gain_se and not applied.within_noise
+    assert applied.temperature == applied.fitted_temperature > 1.2
