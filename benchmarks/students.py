@@ -480,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_seconds": pipeline_seconds,
         "kd_gain_seconds": kd_seconds,
         "speed_seconds": speed_seconds,
-        "results": {k: results[k] for k in ("best", "ensemble", "teachers", "stages", "search")},
+        # "final" and "selection" name the served instance (search's or the final training's) and why.
+        "results": {
+            k: results.get(k) for k in ("best", "ensemble", "teachers", "stages", "search", "final", "selection")
+        },
         "kd_gain": gain,
         "speed": timing,
         "memory": memory.summary(),
