@@ -3,15 +3,22 @@ ONNX Runtime and Serve; the teachers and the served student must have learnt (fl
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from medkd.pipeline.runner import run_job
+from medkd.core.progress import Progress
+from medkd.data import load_dataset
+from medkd.data.meta import DatasetMeta
+from medkd.pipeline.runner import Pipeline, run_job
 from medkd.search.final import final_seed
+from medkd.softlabels.redis_server import ManagedRedisServer
+from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import parse_spec
+from medkd.teachers.train import TeacherArtifact
 from tests.conftest import free_port
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
@@ -307,16 +314,6 @@ def test_3d_segmentation_example_runs_end_to_end(ray_session, redis_url, tmp_pat
 def test_a_cache_down_when_a_teacher_is_ready_is_logged_and_left_to_stage_2(tmp_path):
     """The early start of a teacher's soft labels must not fail the teacher stage: the cache error is
     printed with the teacher's name and nothing is recorded as started, so stage 2 checks again."""
-    import io
-
-    from medkd.core.progress import Progress
-    from medkd.data import load_dataset
-    from medkd.data.meta import DatasetMeta
-    from medkd.pipeline.runner import Pipeline
-    from medkd.softlabels.redis_server import ManagedRedisServer
-    from medkd.softlabels.store import SoftLabelCache
-    from medkd.teachers.train import TeacherArtifact
-
     spec = parse_spec(tiny_job(tmp_path, "redis://127.0.0.1:1/0"))
     printed = io.StringIO()
     pipeline = Pipeline(spec, progress=Progress(printed, live=False))
