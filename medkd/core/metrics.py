@@ -37,6 +37,9 @@ from sklearn.metrics import roc_auc_score
 
 ECE_BINS = 15
 MULTILABEL_THRESHOLD = 0.5
+#: The yardstick of "within the noise of the val split": a difference counts only beyond this many
+#: standard errors (ties between trials, teachers that hurt, a fitted temperature worth applying).
+NOISE_STANDARD_ERRORS = 1.0
 _PROBABILITY_TOLERANCE = 1e-6  # rounding in float32 softmax/sigmoid outputs computed elsewhere
 _SEGMENTATION_CHUNK = 8  # images per MONAI call, bounds the one-hot memory for large volumes
 

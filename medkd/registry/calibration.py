@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from medkd.core.metrics import ECE_BINS, MULTILABEL_THRESHOLD, classification_metrics
+from medkd.core.metrics import ECE_BINS, MULTILABEL_THRESHOLD, NOISE_STANDARD_ERRORS, classification_metrics
 from medkd.core.temperature import (  # noqa: F401  (re-exported: the registry's calibration API)
     TEMPERATURE_BOUNDS,
     fit_temperature,
@@ -35,11 +35,6 @@ from medkd.core.temperature import (  # noqa: F401  (re-exported: the registry's
 )
 
 ARGMAX = "argmax"
-
-
-#: A fitted temperature is applied only when it lowers the val NLL by more than this many standard
-#: errors of the mean per-sample gain: the one-SE yardstick of registry.selection.
-CALIBRATION_NOISE_SE = 1.0
 
 
 class Calibration(BaseModel):
@@ -116,7 +111,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, multilabel: bool 
     NLL before and after.
 
     The fitted temperature is applied only when it lowers the val NLL by more than
-    :data:`CALIBRATION_NOISE_SE` standard errors of the mean per-sample gain; otherwise the model's
+    :data:`~medkd.core.metrics.NOISE_STANDARD_ERRORS` standard errors of the mean per-sample gain; otherwise the model's
     own probabilities are kept (T = 1) and the fit is recorded. On a few dozen val images the NLL
     minimum moves with the draw of the split: BreastMNIST's 78 gave T = 1.03 for a val NLL gain
     of 0.0002, and val ECE rose from 0.054 to 0.063 under it.
@@ -143,7 +138,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, multilabel: bool 
     )
     gain = float(np.mean(gains))
     gain_se = float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else 0.0
-    temperature = fitted if gain > CALIBRATION_NOISE_SE * gain_se else 1.0
+    temperature = fitted if gain > NOISE_STANDARD_ERRORS * gain_se else 1.0
     return Calibration(
         temperature=temperature,
         fitted_temperature=fitted,

@@ -37,11 +37,11 @@ from pydantic import BaseModel
 from scipy.integrate import quad
 from scipy.stats import norm, rankdata
 
+from medkd.core.metrics import NOISE_STANDARD_ERRORS
 from medkd.registry.calibration import choose_operating_points
 
 BOOTSTRAP_RESAMPLES = 200
 BOOTSTRAP_SEED = 0
-TIE_STANDARD_ERRORS = 1.0
 
 
 def selection_rule(quality: str, target_sensitivity: float | None = None) -> str:
@@ -50,7 +50,7 @@ def selection_rule(quality: str, target_sensitivity: float | None = None) -> str
         f"the threshold reaching val sensitivity {target_sensitivity:g}" if target_sensitivity is not None else "argmax"
     )
     return (
-        f"highest {quality}; trials within {TIE_STANDARD_ERRORS:g} standard error of the best (paired bootstrap of "
+        f"highest {quality}; trials within {NOISE_STANDARD_ERRORS:g} standard error of the best (paired bootstrap of "
         f"the val split, {BOOTSTRAP_RESAMPLES} resamples) are tied, and among tied trials the highest val accuracy "
         f"at the served operating point ({point}) wins, then the lowest latency_ms, then the smallest model_bytes"
     )
@@ -216,7 +216,7 @@ def select_trial(
             se, tied = None, True
         else:
             se = paired_se(best_auc, auc)
-            tied = gap <= TIE_STANDARD_ERRORS * se
+            tied = gap <= NOISE_STANDARD_ERRORS * se
         probs = np.asarray(val_probs[trial.trial_id], dtype=np.float64)
         point = choose_operating_points(
             probs, labels, multilabel=multilabel, target_sensitivity=target_sensitivity, positive_class=positive_class
@@ -251,7 +251,7 @@ def final_rule(target_sensitivity: float | None = None) -> str:
     )
     return (
         f"the final training (a fresh seed) is served unless it is worse than the search's instance by more than "
-        f"{TIE_STANDARD_ERRORS:g} standard error (paired bootstrap of the val split, {BOOTSTRAP_RESAMPLES} resamples) "
+        f"{NOISE_STANDARD_ERRORS:g} standard error (paired bootstrap of the val split, {BOOTSTRAP_RESAMPLES} resamples) "
         f"plus the search instance's selection optimism (the expected maximum of k standard normals, in standard "
         f"errors, for the k trials tied within the noise it was chosen among) on val AUC or on val accuracy at the "
         f"served operating point ({point}); then the search's instance is served"
@@ -326,7 +326,7 @@ def compare_final(
     final_auc, final_acc = resampled_scores(final_probs, labels, indices, **options)
     quality_gap, quality_se = float(search_auc[0] - final_auc[0]), paired_se(search_auc, final_auc)
     decision_gap, decision_se = float(search_acc[0] - final_acc[0]), paired_se(search_acc, final_acc)
-    noise = f"{TIE_STANDARD_ERRORS + allowance:.2f} SE" if allowance else f"{TIE_STANDARD_ERRORS:g} SE"
+    noise = f"{NOISE_STANDARD_ERRORS + allowance:.2f} SE" if allowance else f"{NOISE_STANDARD_ERRORS:g} SE"
     worse = [
         f"{name} {final:.4f} vs {search:.4f} (gap {gap:.4f} > {noise} {se:.4f})"
         for name, final, search, gap, se in (
@@ -369,7 +369,7 @@ def compare_final(
 
 def beyond_noise(gap: float, se: float, allowance: float = 0.0) -> bool:
     """Whether a positive difference of two val figures exceeds the val noise: more than
-    :data:`TIE_STANDARD_ERRORS` paired-bootstrap standard errors, plus ``allowance`` more (a
+    :data:`NOISE_STANDARD_ERRORS` paired-bootstrap standard errors, plus ``allowance`` more (a
     selection optimism, see :func:`compare_final`).
 
     Examples:
@@ -378,7 +378,7 @@ def beyond_noise(gap: float, se: float, allowance: float = 0.0) -> bool:
         >>> beyond_noise(0.03, 0.01, allowance=2.5)
         False
     """
-    return gap > 0 and gap > (TIE_STANDARD_ERRORS + allowance) * se
+    return gap > 0 and gap > (NOISE_STANDARD_ERRORS + allowance) * se
 
 
 def resampled_scores(

@@ -4,7 +4,7 @@ student selection's yardstick.
 ``val_contribution``: the equal-weight ensemble of the teachers still in is scored on val with and
 without each of them, on the same paired bootstrap of the val split as
 :func:`medkd.registry.selection.select_trial` (:func:`~medkd.registry.selection.bootstrap_indices`,
-:func:`~medkd.registry.selection.paired_se`, :data:`~medkd.registry.selection.TIE_STANDARD_ERRORS`).
+:func:`~medkd.registry.selection.paired_se`, :data:`~medkd.core.metrics.NOISE_STANDARD_ERRORS`).
 A teacher can go when the ensemble without it decides better on val beyond the noise (accuracy at
 the served operating point, each ensemble's own point chosen on val, higher by more than one
 standard error) and ranks no worse beyond it (val AUC not lower by more than one standard error).
@@ -25,11 +25,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from medkd.core.metrics import ensemble_probabilities
+from medkd.core.metrics import NOISE_STANDARD_ERRORS, ensemble_probabilities
 from medkd.registry.selection import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
-    TIE_STANDARD_ERRORS,
     beyond_noise,
     bootstrap_indices,
     paired_se,
@@ -49,8 +48,8 @@ def teacher_selection_rule(mode: TeacherSelectionMode, target_sensitivity: float
     )
     return (
         f"val_contribution: a teacher is dropped from the soft labels when the equal-weight ensemble without it has "
-        f"a val accuracy at the served operating point ({point}) higher by more than {TIE_STANDARD_ERRORS:g} "
-        f"standard error and a val AUC not lower by more than {TIE_STANDARD_ERRORS:g} (paired bootstrap of the "
+        f"a val accuracy at the served operating point ({point}) higher by more than {NOISE_STANDARD_ERRORS:g} "
+        f"standard error and a val AUC not lower by more than {NOISE_STANDARD_ERRORS:g} (paired bootstrap of the "
         f"val split, {BOOTSTRAP_RESAMPLES} resamples); the one whose removal gains most accuracy goes first and "
         f"the rest are scored again, while two or more remain; distill: false teachers are out from the start"
     )
@@ -242,6 +241,6 @@ def _reason(remaining: list[str], candidates: list[TeacherCandidate], worst: Tea
 def _figures(c: TeacherCandidate) -> str:
     sign = "+" if c.acc_gain >= 0 else ""
     return (
-        f"val accuracy without it {c.val_acc_without:.4f}, {sign}{c.acc_gain:.4f} vs {TIE_STANDARD_ERRORS:g} SE "
+        f"val accuracy without it {c.val_acc_without:.4f}, {sign}{c.acc_gain:.4f} vs {NOISE_STANDARD_ERRORS:g} SE "
         f"{c.acc_se:.4f}; val AUC without it {c.val_auc_without:.4f}, {-c.auc_loss:+.4f} vs SE {c.auc_se:.4f}"
     )
