@@ -17,6 +17,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
+from medkd.serve.ha_proxy import HTTP_CALLBACK, HTTP_CALLBACK_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = Path(os.environ.get("MEDKD_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
@@ -64,6 +66,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # As `medkd serve` starts its own Ray: Serve's HTTP servers get medkd's middlewares.
+        os.environ.setdefault(HTTP_CALLBACK_ENV, HTTP_CALLBACK)
         ray.init(
             address="local",
             num_cpus=2,

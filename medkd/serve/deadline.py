@@ -24,12 +24,16 @@ it sets both headers itself (replacing any a client sent) and keeps the deadline
   deadline) and its answer is dropped; a client that leaves while its body is still being read ends
   the request at once (499, :meth:`~medkd.serve.ingress.MedkdServer._handle`).
 
-Every other route, and any request outside a medkd replica, passes through untouched: Serve's own
-handling applies there.
+Where medkd does not keep the deadline (Serve's Python proxy, which HAProxy falls back to as its
+backup server while a replica fails its health check, and a replica before its servable is
+published), Serve keeps its own timeout and disconnect handling, but a client never overrides them:
+:class:`ClientOverridesDropped` removes both headers from prediction requests there. Before, a
+client's ``x-request-timeout-seconds: 0.000001`` was answered 408 on that path (and ``0`` would have
+switched the server's timeout off). Every other route passes through untouched.
 
 Examples:
-    >>> middlewares()  # outside a Serve replica (e.g. Serve's Python proxy): nothing to add
-    []
+    >>> [m.cls.__name__ for m in middlewares()]  # outside a replica (e.g. Serve's Python proxy)
+    ['ClientOverridesDropped']
 """
 
 from __future__ import annotations
@@ -57,6 +61,34 @@ def _servable() -> Any | None:
         return serve.get_replica_context().servable_object
     except Exception:  # noqa: BLE001 - not inside a Serve replica
         return None
+
+
+def _is_prediction(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and route_of(scope) in LANES
+
+
+def _without_client_overrides(scope: Scope) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in scope["headers"] if name not in SERVE_OWNED]
+
+
+class ClientOverridesDropped:
+    """ASGI middleware: Serve's two per-request headers, sent by a client, removed from prediction requests.
+
+    Serve's Python proxy reads them as hints from a trusted load balancer in front of it (Serve 2.60's
+    own HAProxy config sets neither); from a client they would set the server's timeout
+    (``0.000001``: 408 at once; ``0``: none at all).
+
+    Args:
+        app: the application it wraps (Serve's proxy, or a replica's server before its servable exists).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _is_prediction(scope):
+            scope["headers"] = _without_client_overrides(scope)
+        await self.app(scope, receive, send)
 
 
 def _request_id(scope: Scope) -> str:
@@ -91,14 +123,15 @@ class PredictionDeadline:
         return self.limit_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit_s = self.limit_s or self._limit()
-        if limit_s is None or scope["type"] != "http" or scope["method"] != "POST" or route_of(scope) not in LANES:
+        if not _is_prediction(scope):
             await self.app(scope, receive, send)
             return
-        scope["headers"] = [(name, value) for name, value in scope["headers"] if name not in SERVE_OWNED] + [
-            (DISCONNECT_HEADER, b"?1"),
-            (TIMEOUT_HEADER, b"0"),
-        ]
+        limit_s = self.limit_s or self._limit()
+        if limit_s is None:  # the servable is not published yet: Serve's own deadline, not the client's
+            scope["headers"] = _without_client_overrides(scope)
+            await self.app(scope, receive, send)
+            return
+        scope["headers"] = _without_client_overrides(scope) + [(DISCONNECT_HEADER, b"?1"), (TIMEOUT_HEADER, b"0")]
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -124,17 +157,15 @@ class PredictionDeadline:
 
 
 def middlewares() -> list[Middleware]:
-    """Serve's HTTP callback: :class:`PredictionDeadline` inside a Serve replica, nothing elsewhere.
-
-    Serve's Python proxy calls it too; there it adds nothing (the proxy keeps its own timeout and
-    disconnect handling).
+    """Serve's HTTP callback: :class:`PredictionDeadline` inside a Serve replica, :class:`ClientOverridesDropped`
+    elsewhere (Serve's Python proxy keeps its own timeout and disconnect handling, not a client's).
 
     Examples:
-        >>> middlewares()
-        []
+        >>> [m.cls.__name__ for m in middlewares()]
+        ['ClientOverridesDropped']
     """
     try:
         serve.get_replica_context()
     except Exception:  # noqa: BLE001 - not inside a Serve replica (the Python proxy, a driver)
-        return []
+        return [Middleware(ClientOverridesDropped)]
     return [Middleware(PredictionDeadline)]

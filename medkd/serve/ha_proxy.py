@@ -149,7 +149,8 @@ def enable(*, own_ray: bool = True) -> FastPathSetup:
     """Switch the Ray instance about to start to Serve's fast path when ``haproxy`` is on PATH.
 
     Whenever the caller starts its own Ray instance, its workers (the replicas) also run at normal
-    CPU priority (:data:`WORKER_NICENESS_ENV` = 0) unless the caller set it.
+    CPU priority (:data:`WORKER_NICENESS_ENV` = 0) and Serve's HTTP servers get medkd's middlewares
+    (:data:`HTTP_CALLBACK_ENV`), unless the caller set them.
 
     Args:
         own_ray: the caller is about to start its own Ray instance. When False (joining a running
@@ -166,6 +167,9 @@ def enable(*, own_ray: bool = True) -> FastPathSetup:
     if not own_ray:
         return FastPathSetup(False, f"medkd: Serve uses the cluster's HTTP proxy; for the fast path {CLUSTER_HINT}")
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+    # On either path: Serve's Python proxy (the only one, or HAProxy's backup) must not take its
+    # timeout from a client's header (medkd.serve.deadline.ClientOverridesDropped).
+    os.environ.setdefault(HTTP_CALLBACK_ENV, HTTP_CALLBACK)
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         return FastPathSetup(True, "medkd: Serve's fast path: RAY_SERVE_ENABLE_HA_PROXY=1 set by the caller")
     if os.environ.get(OPT_OUT_ENV) == "0":

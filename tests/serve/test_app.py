@@ -173,6 +173,16 @@ def test_predict_png_matches_local_onnxruntime(served, classifier_dir):
     assert_matches_local(json.loads(body), classifier_dir, expected_input)
 
 
+def test_a_clients_timeout_header_does_not_set_the_python_proxys_timeout(served):
+    """Serve's Python proxy (medkd's only proxy without haproxy, HAProxy's backup server with it) reads
+    ``x-request-timeout-seconds`` as its caller's hint: from a client, 1 us was a 408 at once."""
+    image = png_bytes(RNG.integers(0, 256, (28, 28), dtype=np.uint8))
+    headers = {"Content-Type": "image/png", "x-request-timeout-seconds": "0.000001"}
+    request = urllib.request.Request(served["cls"] + "/predict", data=image, method="POST", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200 and json.loads(response.read())["model_id"] == "tiny-cnn-test"
+
+
 def test_predict_npy_float_image_is_resized(served, classifier_dir):
     image = RNG.random((20, 20)).astype(np.float32)
     answer = MedkdClient(served["cls"]).predict(image)

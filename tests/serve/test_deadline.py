@@ -9,7 +9,13 @@ import json
 
 import pytest
 
-from medkd.serve.deadline import DISCONNECT_HEADER, TIMEOUT_HEADER, PredictionDeadline, middlewares
+from medkd.serve.deadline import (
+    DISCONNECT_HEADER,
+    TIMEOUT_HEADER,
+    ClientOverridesDropped,
+    PredictionDeadline,
+    middlewares,
+)
 
 
 class RecordingApp:
@@ -83,9 +89,22 @@ def test_a_started_answer_is_not_followed_by_a_second_one():
     assert inner.cancelled and [m["type"] for m in sent] == ["http.response.start"]
 
 
-def test_outside_a_replica_nothing_is_added_or_changed():
-    assert middlewares() == []
+CLIENT_OVERRIDES = [(b"x-request-id", b"r3"), (TIMEOUT_HEADER, b"0.000001"), (DISCONNECT_HEADER, b"?1")]
+
+
+def test_outside_a_replica_a_client_cannot_set_serves_timeout_and_nothing_is_added():
+    """Serve's Python proxy (HAProxy's backup server) keeps its own timeout: a client's header would
+    have it answer 408 at once (0.000001) or never time out (0)."""
+    assert [m.cls for m in middlewares()] == [ClientOverridesDropped]
     inner = RecordingApp()
-    headers = [(TIMEOUT_HEADER, b"3")]
-    request(PredictionDeadline(inner), "POST", "/predict", headers)  # no servable: no deadline to keep
-    assert inner.headers == headers
+    sent = request(ClientOverridesDropped(inner), "POST", "/predict/batch", list(CLIENT_OVERRIDES))
+    assert [m.get("status") for m in sent] == [200, None]
+    assert inner.headers == [(b"x-request-id", b"r3")]
+    request(ClientOverridesDropped(inner), "GET", "/healthz", [(TIMEOUT_HEADER, b"3")])
+    assert inner.headers == [(TIMEOUT_HEADER, b"3")]  # other routes: untouched
+
+
+def test_before_the_servable_is_published_serves_own_deadline_applies_not_the_clients():
+    inner = RecordingApp()
+    request(PredictionDeadline(inner), "POST", "/predict", list(CLIENT_OVERRIDES))  # no servable yet
+    assert inner.headers == [(b"x-request-id", b"r3")]

@@ -57,6 +57,8 @@ def test_opt_out_and_a_running_cluster_leave_the_environment_alone(clean_env):
     clean_env.setenv(ha_proxy.OPT_OUT_ENV, "0")
     opted_out = ha_proxy.enable(own_ray=True)
     assert not opted_out.enabled and f"{ha_proxy.OPT_OUT_ENV}=0" in opted_out.message
+    # Serve's Python proxy drops a client's timeout header on the prediction routes (medkd.serve.deadline).
+    assert os.environ[ha_proxy.HTTP_CALLBACK_ENV] == "medkd.serve.deadline:middlewares"
     clean_env.delenv(ha_proxy.OPT_OUT_ENV)
     cluster = ha_proxy.enable(own_ray=False)
     assert not cluster.enabled

@@ -96,7 +96,8 @@ def test_sigterm_drains_and_leaves_no_ray_process_behind(tmp_path):
         # Serve's timeout header from a client is not obeyed: medkd keeps the prediction routes'
         # deadline (medkd.serve.deadline); Serve alone would answer this 408 at once.
         short = {"x-request-timeout-seconds": "0.000001"}
-        assert call(url + "/predict", body=image, content_type="application/x-npy", headers=short)[0] == 200
+        status, body = call(url + "/predict", body=image, content_type="application/x-npy", headers=short)[:2]
+        assert status == 200, f"{status} {body!r}\n" + "".join(output[-40:])
         ray_processes = descendants(process.pid)
         names = " ".join(ray_processes.values())
         assert "raylet" in names and "gcs_server" in names, names
