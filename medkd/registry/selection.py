@@ -345,9 +345,12 @@ def compare_final(
         served, reason = "search", "the final training is worse beyond the val noise: " + "; ".join(worse)
     else:
         served = "final"
+        # Said as it is: a final training better beyond the noise (e.g. trained longer) is not "not worse".
+        better = beyond_noise(-quality_gap, quality_se) or beyond_noise(-decision_gap, decision_se)
         reason = (
-            f"the final training is not worse beyond the val noise: val AUC {final_auc[0]:.4f} vs {search_auc[0]:.4f} "
-            f"(SE {quality_se:.4f}), val accuracy {final_acc[0]:.4f} vs {search_acc[0]:.4f} (SE {decision_se:.4f})"
+            f"the final training is {'better' if better else 'not worse'} beyond the val noise: "
+            f"val AUC {final_auc[0]:.4f} vs {search_auc[0]:.4f} (SE {quality_se:.4f}), "
+            f"val accuracy {final_acc[0]:.4f} vs {search_acc[0]:.4f} (SE {decision_se:.4f})"
         )
     reason += optimism
     return FinalComparison(

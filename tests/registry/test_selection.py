@@ -232,7 +232,7 @@ def test_a_final_model_within_the_noise_or_better_is_served(val):
     slightly = compare_final(binary_probs(score), binary_probs(np.clip(score + 0.01, 0, 1)), labels)
     assert slightly.served == "final" and "not worse" in slightly.reason
     better = compare_final(binary_probs(noisier(score, 0.25)), binary_probs(score), labels)
-    assert better.served == "final" and better.quality_gap < 0
+    assert better.served == "final" and better.quality_gap < 0 and "is better beyond the val noise" in better.reason
 
 
 def test_a_final_model_with_the_same_ranking_but_worse_decisions_is_not_served(val):
