@@ -27,9 +27,9 @@ it sets both headers itself (replacing any a client sent) and keeps the deadline
 Where medkd does not keep the deadline (Serve's Python proxy, which HAProxy falls back to as its
 backup server while a replica fails its health check, and a replica before its servable is
 published), Serve keeps its own timeout and disconnect handling, but a client never overrides them:
-:class:`ClientOverridesDropped` removes both headers from prediction requests there. Before, a
-client's ``x-request-timeout-seconds: 0.000001`` was answered 408 on that path (and ``0`` would have
-switched the server's timeout off). Every other route passes through untouched.
+:class:`ClientOverridesDropped` removes both headers from prediction requests there (a client's
+``x-request-timeout-seconds: 0.000001`` would be a 408 at once, ``0`` no timeout at all). Every other
+route passes through untouched.
 
 Examples:
     >>> [m.cls.__name__ for m in middlewares()]  # outside a replica (e.g. Serve's Python proxy)

@@ -31,6 +31,7 @@ from medkd.serve.model_store import LoadedModel, ModelFiles, collect_models
 from medkd.spec.serve import ServeConfig
 from tests.conftest import free_port
 from tests.serve.images import make_dicom, png_bytes
+from tests.serve.students import call
 
 CLASS_NAMES = ["malignant", "benign"]
 TEACHER = {"name": "cnn", "model": "resnet18", "family": "cnn", "fingerprint": "abc", "params": 1000, "cache_keys": {}}
@@ -177,10 +178,9 @@ def test_a_clients_timeout_header_does_not_set_the_python_proxys_timeout(served)
     """Serve's Python proxy (medkd's only proxy without haproxy, HAProxy's backup server with it) reads
     ``x-request-timeout-seconds`` as its caller's hint: from a client, 1 us was a 408 at once."""
     image = png_bytes(RNG.integers(0, 256, (28, 28), dtype=np.uint8))
-    headers = {"Content-Type": "image/png", "x-request-timeout-seconds": "0.000001"}
-    request = urllib.request.Request(served["cls"] + "/predict", data=image, method="POST", headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.status == 200 and json.loads(response.read())["model_id"] == "tiny-cnn-test"
+    short = {"x-request-timeout-seconds": "0.000001"}
+    status, body, _ = call(served["cls"] + "/predict", body=image, content_type="image/png", headers=short)
+    assert status == 200 and json.loads(body)["model_id"] == "tiny-cnn-test", body
 
 
 def test_predict_npy_float_image_is_resized(served, classifier_dir):
