@@ -2,7 +2,7 @@
 finished run, and what that does to the served student's configuration, same budget and seeds.
 
     python -m benchmarks.teacher_selection --run runs/bench-students-breastmnist-s12 \
-        --data $MEDKD_DATA_DIR/breastmnist.npz [--seeds 0 1 2] [--epochs E] [--rule-only]
+        --data $MEDKD_DATA_DIR/breastmnist.npz [--seeds 0 1 2] [--epochs E] [--rule-only] [--each-teacher] [--no-ce]
 
 Needs the output folder of a finished ``python -m benchmarks.students`` run on the same data: its
 soft-label cache (the managed redis-server's data under ``RUN/redis``) and its selected student
@@ -14,7 +14,8 @@ soft-label cache (the managed redis-server's data under ``RUN/redis``) and its s
    (how close to the noise the decision is).
 2. Unless ``--rule-only``: the served configuration trained once per seed as ``ce`` (no teacher),
    ``kd_all`` (the teachers the run's students learned from) and ``kd_selected`` (the teachers the
-   rule keeps; not trained when it keeps them all), each through the search's own recipe
+   rule keeps; not trained when it keeps them all) and, with ``--each-teacher``, ``kd_<name>`` from each
+   teacher alone (``--no-ce`` leaves out ``ce``), each through the search's own recipe
    (:func:`benchmarks._student_setup.kd_gain_run`: distill -> compress -> INT8 ONNX), scored on val
    and test. Choose by val; test is reported beside it.
 
@@ -148,10 +149,34 @@ def result_line(dataset: str, report: dict[str, Any]) -> str:
     return "RESULT " + " ".join(parts)
 
 
+def variants_for(
+    learned_from: list[str],
+    kept: list[str],
+    teachers: list[str],
+    *,
+    with_ce: bool = True,
+    each_teacher: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """The trained variants: ``ce`` (no teacher; unless ``with_ce`` is False), ``kd_all`` (the teachers
+    the run's students learned from), ``kd_selected`` (the rule's, when it differs) and, with
+    ``each_teacher``, ``kd_<name>`` for every teacher of the run alone (what each one's soft labels
+    are worth), except one already trained as another variant."""
+    variants: dict[str, dict[str, Any]] = {"ce": {"alpha": 1.0}} if with_ce else {}
+    variants["kd_all"] = {"teachers": list(learned_from)}
+    if set(kept) != set(learned_from):
+        variants["kd_selected"] = {"teachers": list(kept)}
+    if each_teacher:
+        trained = [set(v["teachers"]) for v in variants.values() if "teachers" in v]
+        variants.update({f"kd_{name}": {"teachers": [name]} for name in teachers if {name} not in trained})
+    return variants
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = students_run_parser("python -m benchmarks.teacher_selection", __doc__.split("\n\n")[0], seeds=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
     parser.add_argument("--rule-only", action="store_true", help="apply the rule only; train nothing")
+    parser.add_argument("--each-teacher", action="store_true", help="also distill from each teacher alone")
+    parser.add_argument("--no-ce", action="store_true", help="skip the variant without teachers")
     args = parser.parse_args(argv)
     check_students_run_args(parser, args)
     return args
@@ -180,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.rule_only:
         learned_from = (results.get("ensemble") or {}).get("distilled") or [t["name"] for t in results["teachers"]]
-        variants: dict[str, dict[str, Any]] = {"ce": {"alpha": 1.0}, "kd_all": {"teachers": learned_from}}
-        if set(choice.kept) != set(learned_from):
-            variants["kd_selected"] = {"teachers": choice.kept}
-        else:
+        variants = variants_for(
+            learned_from,
+            choice.kept,
+            [t["name"] for t in results["teachers"]],
+            with_ce=not args.no_ce,
+            each_teacher=args.each_teacher,
+        )
+        if "kd_selected" not in variants:
             log("the rule keeps every teacher the run learned from: kd_selected is kd_all, not trained again")
         runs = retrain_variants(args.run, students, results, dataset, config, variants, args.seeds, log)
         report["runs"] = runs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks._student_setup import teacher_subset
-from benchmarks.teacher_selection import best_by_val, parse_args, result_line, summarise
+from benchmarks.teacher_selection import best_by_val, parse_args, result_line, summarise, variants_for
 from medkd.students.distill import DistillConfig
 
 RESULTS = {
@@ -31,6 +31,24 @@ def test_a_variant_distills_from_its_teachers_only_with_their_weights():
     assert teacher_subset({"teachers": ["cnn", "vit"]}, single, CACHE, cnn_only)[0]["teacher_weights"] is None
     with pytest.raises(SystemExit, match=r"teachers \['swin'\] are not teachers of the run"):
         teacher_subset({"teachers": ["swin"]}, config, CACHE, RESULTS)
+
+
+def test_variants_each_teacher_alone_without_repeating_a_trained_one():
+    assert variants_for(["cnn", "vit"], ["cnn", "vit"], ["cnn", "vit"]) == {
+        "ce": {"alpha": 1.0},
+        "kd_all": {"teachers": ["cnn", "vit"]},
+    }
+    dropped = variants_for(["cnn", "vit"], ["cnn"], ["cnn", "vit"], each_teacher=True)
+    # kd_selected already distills from the CNN alone, so only the ViT gets its own variant.
+    assert dropped == {
+        "ce": {"alpha": 1.0},
+        "kd_all": {"teachers": ["cnn", "vit"]},
+        "kd_selected": {"teachers": ["cnn"]},
+        "kd_vit": {"teachers": ["vit"]},
+    }
+    # A run whose students learned from one teacher: the other one alone, and no CE when asked.
+    one = variants_for(["cnn"], ["cnn"], ["cnn", "cnn_ls0"], with_ce=False, each_teacher=True)
+    assert one == {"kd_all": {"teachers": ["cnn"]}, "kd_cnn_ls0": {"teachers": ["cnn_ls0"]}}
 
 
 def test_summary_result_line_and_choice_by_val():
