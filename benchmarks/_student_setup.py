@@ -369,6 +369,13 @@ def retrain_variants(
                 name: resolve_calibration(update, spec, cache, dataset, log) for name, update in variants.items()
             }
             sources = {name: teacher_subset(update, config, cache, results) for name, update in variants.items()}
+            distilling = [
+                fp
+                for name, (update, source) in sources.items()
+                if config.model_copy(update=update).alpha < 1
+                for fp in source["teacher_fps"]
+            ]
+            fill_missing_views(run, spec, cache, results, dataset, list(dict.fromkeys(distilling)), log)
             task = ray.remote(num_cpus=1)(kd_gain_run)
             refs = {
                 (name, seed): task.remote(
@@ -399,6 +406,74 @@ def retrain_variants(
             if started_ray:
                 ray.shutdown()
     return runs
+
+
+def fill_missing_views(
+    run: Path,
+    spec: Any,
+    cache: dict[str, Any],
+    results: dict[str, Any],
+    dataset: Any,
+    teacher_fps: list[str],
+    log: Any,
+) -> None:
+    """Cache the FKD views of ``teacher_fps`` the run did not cache, from the teachers' checkpoints in
+    ``run``, before any training starts.
+
+    The soft-label stage caches views only for the teachers the students learn from, so a variant
+    distilling from a teacher ``search.teacher_selection`` dropped needs its views computed as a
+    search trial would recompute lost ones (:func:`medkd.softlabels.recovery.cache_recovery`).
+
+    Raises:
+        SystemExit: such a teacher's checkpoint is not in ``run`` (names the teacher and the folder).
+    """
+    views = cache.get("views")
+    if not views or not teacher_fps:
+        return
+    from medkd.softlabels.reading import missing_views
+    from medkd.softlabels.recovery import cache_recovery
+    from medkd.softlabels.store import SoftLabelCache
+    from medkd.teachers.train import MODEL_FILE, artifact_dir, find_artifact
+
+    source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
+    try:
+        missing = missing_views(source, teacher_fps, views["views_dataset_fp"], views["views"])
+        if not missing:
+            return
+        names = {t["fingerprint"]: t["name"] for t in results["teachers"]}
+        lacking = list(dict.fromkeys(teacher_fps[t] for t, _ in missing))
+        artifacts = []
+        for fp in lacking:
+            artifact = find_artifact(run, names[fp], fp)
+            if artifact is None:
+                raise SystemExit(
+                    f"teacher {names[fp]}: its FKD views are not cached and its checkpoint is not in "
+                    f"{artifact_dir(run, names[fp], fp)} to compute them"
+                )
+            # The run folder may have moved since the teacher stage wrote the absolute path.
+            checkpoint = artifact_dir(run, names[fp], fp) / MODEL_FILE
+            artifacts.append(artifact.model_copy(update={"checkpoint": str(checkpoint)}).model_dump_json())
+        recover = cache_recovery(
+            source,
+            artifacts=artifacts,
+            dataset_fp=cache["dataset_fp"],
+            meta=DatasetMeta.of(dataset),
+            cache_options={
+                "encoding": spec.cache.encoding,
+                "compression": spec.cache.compression,
+                "topk": spec.cache.topk,
+            },
+            train_images=dataset.splits["train"].images,
+            augment=spec.search.augment.model_dump(mode="json"),
+            views=views,
+        )
+        for t, view in missing:
+            log(
+                f"FKD view {view} of teacher {names[teacher_fps[t]]} is not cached (not distilled by the run): computing"
+            )
+            recover(lacking.index(teacher_fps[t]), view)
+    finally:
+        source.close()
 
 
 def teacher_subset(

@@ -49,6 +49,21 @@ def cached_teacher_logits(
     return array_teacher_logits(np.stack([fetch(t, None) for t in range(len(teacher_fps))]))
 
 
+def view_manifests(
+    cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp: str, view: int
+) -> tuple[list[Any], list[int]]:
+    """Each teacher's manifest of FKD view ``view`` and the indices of the teachers it is missing for."""
+    manifests = [cache.manifest(fp, views_dataset_fp, "train", view=view) for fp in teacher_fps]
+    return manifests, [t for t, m in enumerate(manifests) if m is None or m.view_params is None]
+
+
+def missing_views(
+    cache: SoftLabelCache, teacher_fps: list[str], views_dataset_fp: str, num_views: int
+) -> list[tuple[int, int]]:
+    """``(teacher index, view)`` of every FKD view of ``views_dataset_fp`` not cached for a teacher."""
+    return [(t, k) for k in range(num_views) for t in view_manifests(cache, teacher_fps, views_dataset_fp, k)[1]]
+
+
 def cached_views(
     cache: SoftLabelCache,
     teacher_fps: list[str],
@@ -65,18 +80,13 @@ def cached_views(
         ValueError: the teachers' manifests disagree on a view's parameters (they must have seen
             the same augmented images).
     """
-
-    def read(k: int) -> tuple[list[Any], list[int]]:
-        manifests = [cache.manifest(fp, views_dataset_fp, "train", view=k) for fp in teacher_fps]
-        return manifests, [t for t, m in enumerate(manifests) if m is None or m.view_params is None]
-
     params = []
     for k in range(num_views):
-        manifests, missing = read(k)
+        manifests, missing = view_manifests(cache, teacher_fps, views_dataset_fp, k)
         if missing and recover is not None:
             for t in missing:
                 recover(t, k)
-            manifests, missing = read(k)
+            manifests, missing = view_manifests(cache, teacher_fps, views_dataset_fp, k)
         if missing:
             raise CacheMissError(
                 f"augmented view {k} of {views_dataset_fp} is not cached for teacher(s) "

@@ -1,0 +1,133 @@
+"""benchmarks._student_setup.fill_missing_views: a variant distilling from a teacher the run did not
+distill from (its FKD views were never cached) gets those views from the teacher's checkpoint
+before any training starts, against a real redis-server."""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks._student_setup import fill_missing_views
+from medkd.data import AugmentSpec, SyntheticDataSpec, apply_view, load_dataset
+from medkd.data.meta import DatasetMeta
+from medkd.softlabels.compute import view_params
+from medkd.softlabels.reading import cached_views, missing_views
+from medkd.softlabels.store import SoftLabelCache
+from medkd.teachers.loop import MODEL_FILE, predict
+from medkd.teachers.registry import create_teacher
+from medkd.teachers.train import ARTIFACT_FILE, TeacherArtifact, artifact_dir
+
+AUGMENT = AugmentSpec(flip=0.5)
+VIEWS_SEED = 3
+
+
+def write_teacher(run, dataset, name: str, seed: int) -> tuple[str, torch.nn.Module]:
+    """An (untrained) teacher as the teacher stage leaves it in ``run``, its artifact's checkpoint
+    path pointing where the run folder used to be."""
+    meta = DatasetMeta.of(dataset)
+    torch.manual_seed(seed)
+    model = create_teacher(
+        "resnet10",
+        spatial_dims=2,
+        in_channels=meta.in_channels,
+        num_classes=meta.num_classes,
+        image_size=meta.image_size,
+    ).eval()
+    fp = f"{name}-{uuid.uuid4().hex[:6]}"
+    directory = artifact_dir(run, name, fp)
+    directory.mkdir(parents=True)
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    artifact = TeacherArtifact(
+        name=name,
+        model="resnet10",
+        family="cnn",
+        model_kwargs={},
+        fingerprint=fp,
+        params=1,
+        checkpoint=f"/moved/away/{name}/{MODEL_FILE}",
+        epochs_run=1,
+        best_epoch=1,
+        best_val=0.5,
+        history=[],
+        train_seconds=0.0,
+    )
+    (directory / ARTIFACT_FILE).write_text(artifact.model_dump_json())
+    return fp, model
+
+
+@pytest.fixture
+def run_with_a_dropped_teacher(redis_url, tmp_path):
+    """A finished run whose students learned from ``cnn`` only: ``cnn``'s view 0 is cached, ``dropped``'s is not."""
+    dataset = load_dataset(SyntheticDataSpec(image_size=16, num_classes=3, num_train=24, num_val=8, num_test=8))
+    meta = DatasetMeta.of(dataset)
+    images = dataset.splits["train"].images
+    run = tmp_path / "run"
+    (cnn_fp, _), (dropped_fp, dropped) = (
+        write_teacher(run, dataset, "cnn", 0),
+        write_teacher(run, dataset, "dropped", 1),
+    )
+    namespace = f"test-fill-views-{uuid.uuid4().hex[:8]}"
+    writer = SoftLabelCache(redis_url, namespace=namespace)
+    views_fp = f"views-{uuid.uuid4().hex[:6]}"
+    params = view_params(AUGMENT, len(images), seed=VIEWS_SEED, view=0, meta=meta)
+    cnn_view = np.random.default_rng(0).normal(size=(len(images), meta.num_classes)).astype(np.float32)
+    writer.publish(cnn_fp, views_fp, "train", cnn_view, view=0, view_params=params, teacher_spec={"model": "resnet10"})
+    cache = {
+        "url": redis_url,
+        "namespace": namespace,
+        "password_env": None,
+        "dataset_fp": dataset.fingerprint,
+        "teacher_fps": [cnn_fp],
+        "views": {"views": 1, "views_dataset_fp": views_fp, "seed": VIEWS_SEED},
+    }
+    results = {"teachers": [{"name": "cnn", "fingerprint": cnn_fp}, {"name": "dropped", "fingerprint": dropped_fp}]}
+    spec = SimpleNamespace(
+        cache=SimpleNamespace(encoding="float16", compression=None, topk=None), search=SimpleNamespace(augment=AUGMENT)
+    )
+    expected = predict(dropped, apply_view(images, params), 64, torch.device("cpu"))
+    yield SimpleNamespace(
+        run=run, spec=spec, cache=cache, results=results, dataset=dataset, fps=[cnn_fp, dropped_fp], expected=expected
+    )
+    writer.purge()
+    writer.close()
+
+
+def test_views_of_a_teacher_the_run_did_not_distill_from_come_from_its_checkpoint(run_with_a_dropped_teacher):
+    r = run_with_a_dropped_teacher
+    reader = SoftLabelCache(r.cache["url"], namespace=r.cache["namespace"])
+    views_fp = r.cache["views"]["views_dataset_fp"]
+    assert missing_views(reader, r.fps, views_fp, 1) == [(1, 0)]
+    lines: list[str] = []
+    fill_missing_views(r.run, r.spec, r.cache, r.results, r.dataset, r.fps, lines.append)
+    assert missing_views(reader, r.fps, views_fp, 1) == []
+    assert len(lines) == 1 and "teacher dropped" in lines[0]
+    views = cached_views(reader, r.fps, views_fp, 1, segmentation=False)
+    logits = views.logits(0, np.arange(len(r.dataset.splits["train"].images)))
+    rounded = r.expected.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(logits[1], rounded, atol=2e-3)  # the dropped teacher on the same augmented images
+    lines.clear()
+    fill_missing_views(r.run, r.spec, r.cache, r.results, r.dataset, r.fps, lines.append)
+    assert lines == []  # cached now: nothing computed twice
+    reader.close()
+
+
+def test_a_missing_checkpoint_fails_before_anything_is_trained_or_written(run_with_a_dropped_teacher):
+    r = run_with_a_dropped_teacher
+    (artifact_dir(r.run, "dropped", r.fps[1]) / MODEL_FILE).unlink()
+    with pytest.raises(SystemExit, match=r"teacher dropped: its FKD views are not cached and its checkpoint is not in"):
+        fill_missing_views(r.run, r.spec, r.cache, r.results, r.dataset, r.fps, print)
+    reader = SoftLabelCache(r.cache["url"], namespace=r.cache["namespace"])
+    assert missing_views(reader, r.fps, r.cache["views"]["views_dataset_fp"], 1) == [(1, 0)]
+    reader.close()
+
+
+def test_nothing_to_fill_without_views_or_teachers(run_with_a_dropped_teacher):
+    r = run_with_a_dropped_teacher
+    for cache, fps in (({**r.cache, "views": None}, r.fps), (r.cache, [])):
+        lines: list[str] = []
+        fill_missing_views(r.run, r.spec, cache, r.results, r.dataset, fps, lines.append)
+        assert lines == []
