@@ -408,6 +408,31 @@ def retrain_variants(
     return runs
 
 
+def kd_gain_runs(run: Path, config: Any, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """The ``kd`` and ``ce`` trainings of ``config`` at ``seeds`` that the run's own KD gain
+    (``RUN/benchmark/students.json``) already made, for a retraining benchmark to read rather than
+    train again: a (configuration, seed) trains to the same model (a retraining reproduced them to
+    the digit, ``benchmarks/RESULTS.md`` stop 24). Empty when there is no such file, its configuration
+    (seed aside; a ``loss`` of None is Hinton KD) differs or a seed is missing."""
+    import json
+
+    from medkd.students.distill import DistillConfig
+
+    path = run / "benchmark" / "students.json"
+    gain = (json.loads(path.read_text()).get("kd_gain") or {}) if path.is_file() else {}
+    if not gain.get("config"):
+        return {}
+    trained = DistillConfig.model_validate(gain["config"])
+    if (trained.loss or "hinton_kd") != (config.loss or "hinton_kd"):
+        return {}
+    if trained.model_copy(update={"seed": 0, "loss": None}) != config.model_copy(update={"seed": 0, "loss": None}):
+        return {}
+    by_seed = {kind: {r["seed"]: r for r in gain["runs"].get(kind, [])} for kind in ("kd", "ce")}
+    if any(seed not in runs for runs in by_seed.values() for seed in seeds):
+        return {}
+    return {kind: [runs[seed] for seed in seeds] for kind, runs in by_seed.items()}
+
+
 def fill_missing_views(
     run: Path,
     spec: Any,

@@ -21,8 +21,15 @@ logit standardization (``+ls``). Every run goes through the search's own recipe
 and test after compression; runs are Ray tasks of 1 CPU, two at a time here. Choose by val:
 the table's last column says which variant val prefers.
 
+``--ls-losses`` limits the standardized variants to some losses (the issue's orientation rows are KD,
+DKD, DIST and KD + standardization: ``--ls-losses hinton_kd``). ``ce`` and ``hinton_kd`` are read
+from the run's own KD gain (``RUN/benchmark/students.json``) when it trained the same configuration
+at the same seeds, since a (configuration, seed) trains to the same model (``--retrain-all`` trains
+them anyway).
+
 Ends with ``RESULT dataset=NAME ce_test_auc=... ce_test_acc=... hinton_kd_test_auc=... ...
-best_by_val=VARIANT``: mean test AUC and ACC of every variant over the seeds.
+best_by_val=VARIANT best_by_val_acc=VARIANT``: mean test AUC and ACC of every variant over the
+seeds, and which variant val AUC and val accuracy prefer.
 
 ``--study kd_accuracy`` (issue 13: why KD costs accuracy) trains, on VAL only (test is never
 scored), the configuration as it is (``kd``), with the teachers' soft labels temperature-calibrated
@@ -51,6 +58,7 @@ configure_local_ray()
 
 from benchmarks._student_setup import (  # noqa: E402
     check_students_run_args,
+    kd_gain_runs,
     load_students_run,
     retrain_variants,
     students_run_parser,
@@ -64,8 +72,11 @@ def log(message: str) -> None:
     print(f"[loss-ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def variants(losses: list[str], num_classes: int, standardization: str) -> dict[str, dict[str, Any]]:
-    """Config updates per variant: the no-KD baseline, each loss, and each loss + logit standardization.
+def variants(
+    losses: list[str], num_classes: int, standardization: str, standardized: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Config updates per variant: the no-KD baseline, each loss, and each loss (of ``standardized``,
+    default all) + logit standardization.
 
     Raises:
         ValueError: ``--standardization on`` for a set with fewer than three classes.
@@ -79,7 +90,7 @@ def variants(losses: list[str], num_classes: int, standardization: str) -> dict[
     for loss in losses:
         out[loss] = {"loss": loss, "logit_standardization": False}
     if standardization != "off" and num_classes >= MIN_STANDARDIZED_CLASSES:
-        for loss in losses:
+        for loss in losses if standardized is None else [loss for loss in losses if loss in standardized]:
             out[f"{loss}+ls"] = {"loss": loss, "logit_standardization": True}
     return out
 
@@ -96,7 +107,7 @@ def accuracy_variants(high_alpha: float, with_ce: bool = False) -> dict[str, dic
 
 
 def summarise(
-    runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("val_auc", "test_auc", "test_acc")
+    runs: list[dict[str, Any]], metrics: tuple[str, ...] = ("val_auc", "val_acc", "test_auc", "test_acc")
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     for metric in metrics:
@@ -106,9 +117,9 @@ def summarise(
     return out
 
 
-def best_by_val(summary: dict[str, dict[str, float]]) -> str:
-    """The variant with the highest mean val AUC (what a search would choose), ties by name."""
-    return max(sorted(summary), key=lambda name: summary[name]["val_auc"])
+def best_by_val(summary: dict[str, dict[str, float]], metric: str = "val_auc") -> str:
+    """The variant with the highest mean val ``metric`` (val AUC: what a search ranks first), ties by name."""
+    return max(sorted(summary), key=lambda name: summary[name][metric])
 
 
 def _run_lines(report: dict[str, Any], data_note: str = "") -> list[str]:
@@ -125,15 +136,19 @@ def markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [
         *_run_lines(report),
-        "| variant | val AUC | test AUC | test ACC | " + " | ".join(f"seed {s} test AUC / ACC" for s in seeds) + " |",
-        "|---|---|---|---|" + "---|" * len(seeds),
+        "| variant | val AUC | val ACC | test AUC | test ACC | "
+        + " | ".join(f"seed {s} test AUC / ACC" for s in seeds)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(seeds),
     ]
     for name, runs in report["runs"].items():
         s = report["summary"][name]
         per_seed = " | ".join(f"{r['test_auc']:.4f} / {r['test_acc']:.4f}" for r in runs)
-        marker = " (best val)" if name == report["best_by_val"] else ""
+        best = [m for m, key in (("val AUC", "best_by_val"), ("val ACC", "best_by_val_acc")) if report.get(key) == name]
+        marker = f" (best {', '.join(best)})" if best else ""
         lines.append(
-            f"| {name}{marker} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['test_auc']:.4f} ± "
+            f"| {name}{marker} | {s['val_auc']:.4f} ± {s['val_auc_std']:.4f} | {s['val_acc']:.4f} ± "
+            f"{s['val_acc_std']:.4f} | {s['test_auc']:.4f} ± "
             f"{s['test_auc_std']:.4f} | {s['test_acc']:.4f} ± {s['test_acc_std']:.4f} | {per_seed} |"
         )
     return "\n".join(lines) + "\n"
@@ -171,13 +186,23 @@ def result_line(dataset: str, summary: dict[str, dict[str, float]]) -> str:
     for name, s in summary.items():
         key = name.replace("+", "_")
         parts += [f"{key}_test_auc={s['test_auc']:.4f}", f"{key}_test_acc={s['test_acc']:.4f}"]
-    return "RESULT " + " ".join(parts) + f" best_by_val={best_by_val(summary)}"
+    return (
+        "RESULT "
+        + " ".join(parts)
+        + f" best_by_val={best_by_val(summary)} best_by_val_acc={best_by_val(summary, 'val_acc')}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = students_run_parser("python -m benchmarks.loss_ablation", __doc__.split("\n\n")[0], seeds=[0, 1, 2])
     parser.add_argument("--losses", nargs="+", default=list(CLASSIFICATION_LOSSES))
     parser.add_argument("--standardization", default="auto", help="auto (>= 3 classes), on or off")
+    parser.add_argument(
+        "--ls-losses", nargs="+", default=None, help="only these of --losses also run standardized (default: all)"
+    )
+    parser.add_argument(
+        "--retrain-all", action="store_true", help="train ce and hinton_kd even when the run's KD gain has them"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
     parser.add_argument("--study", choices=["losses", "kd_accuracy"], default="losses", help="what to compare")
     parser.add_argument("--high-alpha", type=float, default=0.7, help="kd_accuracy: the higher CE weight")
@@ -197,6 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--losses: unknown {unknown}; choose from {list(CLASSIFICATION_LOSSES)}")
     if len(set(args.losses)) != len(args.losses):
         parser.error(f"--losses: each loss once, got {args.losses}")
+    if args.ls_losses is not None and set(args.ls_losses) - set(args.losses):
+        parser.error(f"--ls-losses: choose among --losses {args.losses}, got {args.ls_losses}")
     if args.standardization not in ("auto", "on", "off"):
         parser.error(f"--standardization must be auto, on or off, got {args.standardization!r}")
     check_students_run_args(parser, args)
@@ -217,10 +244,28 @@ def main(argv: list[str] | None = None) -> int:
     if meta.task != "classification" or meta.multilabel:
         raise SystemExit(f"--data {args.data}: the logit losses are for single-label classification")
     try:
-        chosen = variants(args.losses, meta.num_classes, args.standardization)
+        chosen = variants(args.losses, meta.num_classes, args.standardization, args.ls_losses)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    runs = retrain_variants(args.run, students, results, dataset, config, chosen, args.seeds, log)
+    gain = {} if args.retrain_all else kd_gain_runs(args.run, config, args.seeds)
+    # The KD gain's "kd" is this table's hinton_kd when the served configuration is plain Hinton KD;
+    # its "ce" (alpha 1) never reads a teacher, whatever the loss.
+    plain_kd = config.loss in (None, "hinton_kd") and not config.logit_standardization
+    pairs = (("ce", "ce"), ("kd", "hinton_kd")) if plain_kd else (("ce", "ce"),)
+    reused = {name: gain[kind] for kind, name in pairs if kind in gain and name in chosen}
+    if reused:
+        log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
+    trained = retrain_variants(
+        args.run,
+        students,
+        results,
+        dataset,
+        config,
+        {name: update for name, update in chosen.items() if name not in reused},
+        args.seeds,
+        log,
+    )
+    runs = {name: reused.get(name) or trained[name] for name in chosen}
     summary = {name: summarise(r) for name, r in runs.items()}
     report = {
         "command": "python -m benchmarks.loss_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -236,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "summary": summary,
+        "reused_from_kd_gain": list(reused),
         "best_by_val": best_by_val(summary),
+        "best_by_val_acc": best_by_val(summary, "val_acc"),
     }
     report["result_line"] = result_line(args.data.stem, summary)
     (args.run / "benchmark").mkdir(parents=True, exist_ok=True)

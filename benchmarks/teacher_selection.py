@@ -40,9 +40,11 @@ configure_local_ray()
 from benchmarks._student_setup import (  # noqa: E402
     build_spec,
     check_students_run_args,
+    kd_gain_runs,
     load_students_run,
     retrain_variants,
     students_run_parser,
+    teacher_subset,
 )
 from medkd.data.meta import DatasetMeta  # noqa: E402
 from medkd.registry.teacher_selection import (  # noqa: E402
@@ -171,6 +173,23 @@ def variants_for(
     return variants
 
 
+def reusable_kd_gain(
+    run: Path, config: Any, results: dict[str, Any], variants: dict[str, dict[str, Any]], seeds: list[int]
+) -> dict[str, list[dict[str, Any]]]:
+    """The variants the run's KD gain already trained (:func:`benchmarks._student_setup.kd_gain_runs`):
+    ``ce``, and ``kd_all`` when distilling from the run's teachers leaves ``config`` as it is."""
+    gain = kd_gain_runs(run, config, seeds)
+    if not gain:
+        return {}
+    reused = {"ce": gain["ce"]} if "ce" in variants else {}
+    if (
+        "kd_all" in variants
+        and config.model_copy(update=teacher_subset(variants["kd_all"], config, {}, results)[0]) == config
+    ):
+        reused["kd_all"] = gain["kd"]
+    return reused
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = students_run_parser("python -m benchmarks.teacher_selection", __doc__.split("\n\n")[0], seeds=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the configuration's epochs (smoke runs)")
@@ -214,7 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "kd_selected" not in variants:
             log("the rule keeps every teacher the run learned from: kd_selected is kd_all, not trained again")
-        runs = retrain_variants(args.run, students, results, dataset, config, variants, args.seeds, log)
+        reused = reusable_kd_gain(args.run, config, results, variants, args.seeds)
+        if reused:
+            log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
+        trained = retrain_variants(
+            args.run,
+            students,
+            results,
+            dataset,
+            config,
+            {name: update for name, update in variants.items() if name not in reused},
+            args.seeds,
+            log,
+        )
+        runs = {name: reused.get(name) or trained[name] for name in variants}
         report["runs"] = runs
         report["summary"] = {name: summarise(r) for name, r in runs.items()}
         report["best_by_val"] = best_by_val(report["summary"])

@@ -16,6 +16,10 @@ def test_variants_add_standardization_only_where_it_means_something():
     assert list(blood) == ["ce", "hinton_kd", "dkd", "hinton_kd+ls", "dkd+ls"]
     assert blood["dkd+ls"] == {"loss": "dkd", "logit_standardization": True}
     assert list(variants(["dist"], num_classes=8, standardization="off")) == ["ce", "dist"]
+    orientation = variants(
+        ["hinton_kd", "dkd", "dist"], num_classes=8, standardization="auto", standardized=["hinton_kd"]
+    )
+    assert list(orientation) == ["ce", "hinton_kd", "dkd", "dist", "hinton_kd+ls"]
     with pytest.raises(ValueError, match="--standardization on: .*at least 3 classes, this set has 2"):
         variants(["dkd"], num_classes=2, standardization="on")
 
@@ -23,21 +27,22 @@ def test_variants_add_standardization_only_where_it_means_something():
 def test_summary_result_line_and_choice_by_val():
     runs = {
         "ce": [
-            {"val_auc": 0.80, "test_auc": 0.85, "test_acc": 0.80},
-            {"val_auc": 0.82, "test_auc": 0.87, "test_acc": 0.84},
+            {"val_auc": 0.80, "val_acc": 0.90, "test_auc": 0.85, "test_acc": 0.80},
+            {"val_auc": 0.82, "val_acc": 0.90, "test_auc": 0.87, "test_acc": 0.84},
         ],
         "dkd+ls": [
-            {"val_auc": 0.90, "test_auc": 0.84, "test_acc": 0.82},
-            {"val_auc": 0.90, "test_auc": 0.86, "test_acc": 0.82},
+            {"val_auc": 0.90, "val_acc": 0.80, "test_auc": 0.84, "test_acc": 0.82},
+            {"val_auc": 0.90, "val_acc": 0.82, "test_auc": 0.86, "test_acc": 0.82},
         ],
     }
     summary = {name: summarise(r) for name, r in runs.items()}
     assert summary["ce"]["test_acc"] == pytest.approx(0.82) and summary["dkd+ls"]["val_auc_std"] == 0.0
     assert best_by_val(summary) == "dkd+ls"  # by val, even though its test AUC is lower
+    assert best_by_val(summary, "val_acc") == "ce"
     line = result_line("bloodmnist", summary)
     assert line == (
         "RESULT dataset=bloodmnist ce_test_auc=0.8600 ce_test_acc=0.8200 dkd_ls_test_auc=0.8500 "
-        "dkd_ls_test_acc=0.8200 best_by_val=dkd+ls"
+        "dkd_ls_test_acc=0.8200 best_by_val=dkd+ls best_by_val_acc=ce"
     )
 
 
@@ -47,6 +52,7 @@ def test_summary_result_line_and_choice_by_val():
         (["--losses", "fitnet"], "--losses: unknown ['fitnet']"),
         (["--losses", "dkd", "dkd"], "--losses: each loss once"),
         (["--standardization", "maybe"], "--standardization must be auto, on or off"),
+        (["--losses", "dkd", "--ls-losses", "dist"], "--ls-losses: choose among --losses ['dkd']"),
         (["--seeds", "1", "1"], "--seeds: each seed once"),
         (["--epochs", "0"], "--epochs must be >= 1"),
     ],

@@ -1,9 +1,10 @@
-"""benchmarks._student_setup.fill_missing_views: a variant distilling from a teacher the run did not
-distill from (its FKD views were never cached) gets those views from the teacher's checkpoint
-before any training starts, against a real redis-server."""
+"""benchmarks._student_setup: a variant distilling from a teacher the run did not distill from (its
+FKD views were never cached) gets those views from the teacher's checkpoint before any training
+starts, against a real redis-server; the run's KD gain is read back only for what it trained."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from types import SimpleNamespace
 
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks._student_setup import fill_missing_views
+from benchmarks._student_setup import fill_missing_views, kd_gain_runs
 from medkd.data import AugmentSpec, SyntheticDataSpec, apply_view, load_dataset
 from medkd.data.meta import DatasetMeta
 from medkd.softlabels.compute import view_params
 from medkd.softlabels.reading import cached_views, missing_views
 from medkd.softlabels.store import SoftLabelCache
+from medkd.students.distill import DistillConfig
 from medkd.teachers.loop import MODEL_FILE, predict
 from medkd.teachers.registry import create_teacher
 from medkd.teachers.train import ARTIFACT_FILE, TeacherArtifact, artifact_dir
@@ -131,3 +133,26 @@ def test_nothing_to_fill_without_views_or_teachers(run_with_a_dropped_teacher):
         lines: list[str] = []
         fill_missing_views(r.run, r.spec, cache, r.results, r.dataset, fps, lines.append)
         assert lines == []
+
+
+def test_the_runs_kd_gain_is_read_only_when_it_trained_the_same_thing(tmp_path):
+    config = DistillConfig(student="resnet_tiny", width=0.89, alpha=0.6, epochs=12, seed=834504245)
+    runs = {
+        kind: [
+            {"seed": seed, "val_auc": 0.99, "val_acc": acc + seed / 100, "test_auc": 0.99, "test_acc": acc}
+            for seed in (1, 2, 3)
+        ]
+        for kind, acc in (("kd", 0.96), ("ce", 0.95))
+    }
+    (tmp_path / "benchmark").mkdir()
+    path = tmp_path / "benchmark" / "students.json"
+    assert kd_gain_runs(tmp_path, config, [1, 2]) == {}  # no KD gain in the run
+    path.write_text(
+        json.dumps({"kd_gain": {"seeds": [1, 2, 3], "config": config.model_dump(mode="json"), "runs": runs}})
+    )
+    reused = kd_gain_runs(tmp_path, config, [3, 1])
+    assert [r["seed"] for r in reused["ce"]] == [3, 1] and reused["kd"] == [runs["kd"][2], runs["kd"][0]]
+    assert kd_gain_runs(tmp_path, config.model_copy(update={"loss": "hinton_kd"}), [1])["ce"] == [runs["ce"][0]]
+    assert kd_gain_runs(tmp_path, config, [1, 4]) == {}  # a seed it did not train
+    assert kd_gain_runs(tmp_path, config.model_copy(update={"epochs": 4}), [1]) == {}  # --epochs changed it
+    assert kd_gain_runs(tmp_path, config.model_copy(update={"loss": "dkd"}), [1]) == {}  # not the loss it trained

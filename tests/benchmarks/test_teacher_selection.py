@@ -4,10 +4,19 @@ benchmark)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks._student_setup import teacher_subset
-from benchmarks.teacher_selection import best_by_val, parse_args, result_line, summarise, variants_for
+from benchmarks.teacher_selection import (
+    best_by_val,
+    parse_args,
+    result_line,
+    reusable_kd_gain,
+    summarise,
+    variants_for,
+)
 from medkd.students.distill import DistillConfig
 
 RESULTS = {
@@ -49,6 +58,23 @@ def test_variants_each_teacher_alone_without_repeating_a_trained_one():
     # A run whose students learned from one teacher: the other one alone, and no CE when asked.
     one = variants_for(["cnn"], ["cnn"], ["cnn", "cnn_ls0"], with_ce=False, each_teacher=True)
     assert one == {"kd_all": {"teachers": ["cnn"]}, "kd_cnn_ls0": {"teachers": ["cnn_ls0"]}}
+
+
+def test_ce_and_kd_all_are_read_from_the_runs_kd_gain_when_it_trained_them(tmp_path):
+    config = DistillConfig(student="mobilenet_tiny", aggregation="confidence", teacher_weights=[0.6, 0.4])
+    runs = {kind: [{"seed": seed, "kind": kind} for seed in (1, 2)] for kind in ("kd", "ce")}
+    (tmp_path / "benchmark").mkdir()
+    gain = {"kd_gain": {"config": config.model_dump(mode="json"), "runs": runs}}
+    (tmp_path / "benchmark" / "students.json").write_text(json.dumps(gain))
+    variants = variants_for(["cnn", "vit"], ["cnn"], ["cnn", "vit"], each_teacher=True)
+    reused = reusable_kd_gain(tmp_path, config, RESULTS, variants, [2, 1])
+    assert reused == {"ce": runs["ce"][::-1], "kd_all": runs["kd"][::-1]}  # kd_selected and kd_vit train
+    # Weights that distilling from the run's teachers renormalises: kd_all is not the KD gain's kd.
+    unnormalised = config.model_copy(update={"teacher_weights": [0.3, 0.2]})
+    gain["kd_gain"]["config"] = unnormalised.model_dump(mode="json")
+    (tmp_path / "benchmark" / "students.json").write_text(json.dumps(gain))
+    assert reusable_kd_gain(tmp_path, unnormalised, RESULTS, variants, [1]) == {"ce": runs["ce"][:1]}
+    assert reusable_kd_gain(tmp_path, config, RESULTS, variants, [1]) == {}  # another configuration
 
 
 def test_summary_result_line_and_choice_by_val():
