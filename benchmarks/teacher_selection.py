@@ -6,7 +6,10 @@ finished run, and what that does to the served student's configuration, same bud
 
 Needs the output folder of a finished ``python -m benchmarks.students`` run on the same data: its
 soft-label cache (the managed redis-server's data under ``RUN/redis``) and its selected student
-(``RUN/results.json``). Nothing re-runs a teacher.
+(``RUN/results.json``). Nothing re-trains a teacher; a teacher the run did not distill from (the rule
+dropped it) has no cached FKD views, so ``kd_<name>`` first computes them from its checkpoint in
+``RUN/teachers``. ``ce`` and ``kd_all`` are read from the run's own KD gain when it trained the same
+configuration at the same seeds.
 
 1. The rule (:func:`medkd.registry.teacher_selection.select_teachers_for`, the run's operating point
    and ``distill: false`` teachers) on the teachers' cached val logits: one line per decision, with the
