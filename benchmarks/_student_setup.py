@@ -337,6 +337,7 @@ def retrain_variants(
     log: Any,
     *,
     score_test: bool = True,
+    reused: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train ``config`` once per (variant, seed) through :func:`kd_gain_run`, as Ray tasks of 1 CPU
     on a local Ray instance, with the run's managed redis-server holding its soft labels.
@@ -350,6 +351,8 @@ def retrain_variants(
             configuration's ``teacher_weights`` cut to them.
         log: prints one line (each benchmark's own prefix).
         score_test: also score each run on test (False: val only).
+        reused: variant name -> per-seed runs read from the run's KD gain (:func:`kd_gain_runs`):
+            those variants are not trained again.
 
     Returns:
         variant name -> one :func:`kd_gain_run` dict per seed, in ``seeds`` order.
@@ -359,7 +362,13 @@ def retrain_variants(
     from medkd.pipeline.runner import init_ray
 
     meta = DatasetMeta.of(dataset)
+    reused = reused or {}
+    if reused:
+        log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
+    order, variants = list(variants), {name: update for name, update in variants.items() if name not in reused}
     runs: dict[str, list[dict[str, Any]]] = {}
+    if not variants:
+        return {name: reused[name] for name in order}
     with managed_redis(run / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(students, redis_port=redis.port, dataset=dataset)
         started_ray = init_ray(spec)
@@ -405,7 +414,7 @@ def retrain_variants(
         finally:
             if started_ray:
                 ray.shutdown()
-    return runs
+    return {name: reused.get(name) or runs[name] for name in order}
 
 
 def kd_gain_runs(run: Path, config: Any, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:

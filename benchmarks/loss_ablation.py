@@ -253,19 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_kd = config.loss in (None, "hinton_kd") and not config.logit_standardization
     pairs = (("ce", "ce"), ("kd", "hinton_kd")) if plain_kd else (("ce", "ce"),)
     reused = {name: gain[kind] for kind, name in pairs if kind in gain and name in chosen}
-    if reused:
-        log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
-    trained = retrain_variants(
-        args.run,
-        students,
-        results,
-        dataset,
-        config,
-        {name: update for name, update in chosen.items() if name not in reused},
-        args.seeds,
-        log,
-    )
-    runs = {name: reused.get(name) or trained[name] for name in chosen}
+    runs = retrain_variants(args.run, students, results, dataset, config, chosen, args.seeds, log, reused=reused)
     summary = {name: summarise(r) for name, r in runs.items()}
     report = {
         "command": "python -m benchmarks.loss_ablation " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -237,19 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if "kd_selected" not in variants:
             log("the rule keeps every teacher the run learned from: kd_selected is kd_all, not trained again")
         reused = reusable_kd_gain(args.run, config, results, variants, args.seeds)
-        if reused:
-            log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
-        trained = retrain_variants(
-            args.run,
-            students,
-            results,
-            dataset,
-            config,
-            {name: update for name, update in variants.items() if name not in reused},
-            args.seeds,
-            log,
-        )
-        runs = {name: reused.get(name) or trained[name] for name in variants}
+        runs = retrain_variants(args.run, students, results, dataset, config, variants, args.seeds, log, reused=reused)
         report["runs"] = runs
         report["summary"] = {name: summarise(r) for name, r in runs.items()}
         report["best_by_val"] = best_by_val(report["summary"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,8 +21,8 @@ from medkd.softlabels.reading import cached_views, missing_views
 from medkd.softlabels.store import SoftLabelCache
 from medkd.students.distill import DistillConfig
 from medkd.teachers.loop import MODEL_FILE, predict
-from medkd.teachers.registry import create_teacher
-from medkd.teachers.train import ARTIFACT_FILE, TeacherArtifact, artifact_dir
+from medkd.teachers.train import ARTIFACT_FILE, artifact_dir
+from tests.search.test_distill_cache import fake_teacher
 
 AUGMENT = AugmentSpec(flip=0.5)
 VIEWS_SEED = 3
@@ -30,35 +31,13 @@ VIEWS_SEED = 3
 def write_teacher(run, dataset, name: str, seed: int) -> tuple[str, torch.nn.Module]:
     """An (untrained) teacher as the teacher stage leaves it in ``run``, its artifact's checkpoint
     path pointing where the run folder used to be."""
-    meta = DatasetMeta.of(dataset)
-    torch.manual_seed(seed)
-    model = create_teacher(
-        "resnet10",
-        spatial_dims=2,
-        in_channels=meta.in_channels,
-        num_classes=meta.num_classes,
-        image_size=meta.image_size,
-    ).eval()
-    fp = f"{name}-{uuid.uuid4().hex[:6]}"
-    directory = artifact_dir(run, name, fp)
+    artifact, model = fake_teacher(run.parent, dataset, name, seed)
+    directory = artifact_dir(run, name, artifact.fingerprint)
     directory.mkdir(parents=True)
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    artifact = TeacherArtifact(
-        name=name,
-        model="resnet10",
-        family="cnn",
-        model_kwargs={},
-        fingerprint=fp,
-        params=1,
-        checkpoint=f"/moved/away/{name}/{MODEL_FILE}",
-        epochs_run=1,
-        best_epoch=1,
-        best_val=0.5,
-        history=[],
-        train_seconds=0.0,
-    )
-    (directory / ARTIFACT_FILE).write_text(artifact.model_dump_json())
-    return fp, model
+    Path(artifact.checkpoint).rename(directory / MODEL_FILE)
+    moved = artifact.model_copy(update={"checkpoint": f"/moved/away/{name}/{MODEL_FILE}"})
+    (directory / ARTIFACT_FILE).write_text(moved.model_dump_json())
+    return artifact.fingerprint, model
 
 
 @pytest.fixture
