@@ -361,14 +361,14 @@ def retrain_variants(
 
     from medkd.pipeline.runner import init_ray
 
-    meta = DatasetMeta.of(dataset)
-    reused = reused or {}
+    reused = {name: reused[name] for name in variants if name in (reused or {})}
     if reused:
         log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
     order, variants = list(variants), {name: update for name, update in variants.items() if name not in reused}
-    runs: dict[str, list[dict[str, Any]]] = {}
     if not variants:
         return {name: reused[name] for name in order}
+    meta = DatasetMeta.of(dataset)
+    runs: dict[str, list[dict[str, Any]]] = {}
     with managed_redis(run / "redis", password_env=PASSWORD_ENV) as redis:
         spec = build_spec(students, redis_port=redis.port, dataset=dataset)
         started_ray = init_ray(spec)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks._student_setup import fill_missing_views, kd_gain_runs
+from benchmarks._student_setup import fill_missing_views, kd_gain_runs, retrain_variants
 from medkd.data import AugmentSpec, SyntheticDataSpec, apply_view, load_dataset
 from medkd.data.meta import DatasetMeta
 from medkd.softlabels.compute import view_params
@@ -135,3 +135,13 @@ def test_the_runs_kd_gain_is_read_only_when_it_trained_the_same_thing(tmp_path):
     assert kd_gain_runs(tmp_path, config, [1, 4]) == {}  # a seed it did not train
     assert kd_gain_runs(tmp_path, config.model_copy(update={"epochs": 4}), [1]) == {}  # --epochs changed it
     assert kd_gain_runs(tmp_path, config.model_copy(update={"loss": "dkd"}), [1]) == {}  # not the loss it trained
+
+
+def test_nothing_starts_when_every_variant_is_read_from_the_kd_gain(tmp_path):
+    reused = {"kd_all": [{"seed": 1, "kd": True}], "ce": [{"seed": 1, "kd": False}]}
+    lines: list[str] = []
+    variants = {"ce": {"alpha": 1.0}, "kd_all": {"teachers": ["cnn"]}}
+    # No run folder, spec or dataset: reading must not reach redis, Ray or the data.
+    runs = retrain_variants(tmp_path / "no-run", None, {}, None, None, variants, [1], lines.append, reused=reused)
+    assert list(runs) == ["ce", "kd_all"] and runs["ce"] == reused["ce"]
+    assert lines == ["ce, kd_all: read from the run's KD gain (same configuration and seeds), not trained again"]
