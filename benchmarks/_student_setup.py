@@ -15,15 +15,29 @@ INT8 export on test.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file, managed_redis
+from medkd.data import load_dataset
 from medkd.data.meta import DatasetMeta
+from medkd.search.space import teacher_temperatures
+from medkd.softlabels.reading import cached_teacher_logits, cached_views, missing_views
+from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import load_spec, parse_override
+from medkd.students.compression import OnnxModel
+from medkd.students.distill import DistillConfig, build_student, evaluate_logits
 from medkd.teachers.recipe import BF16_FROM, image_cost, laterality_specific, scaled_floor, teacher_recipe
+
+# Modules that import Ray (medkd.search.recipe, medkd.softlabels.recovery, medkd.teachers.train,
+# medkd.pipeline.runner, ray itself) are imported in the functions that use them: a benchmark sets
+# Ray's environment (benchmarks._harness.configure_local_ray) before Ray is imported, and
+# benchmarks.profile_scale imports this module without Ray.
 
 DEFAULT_SPEC = REPO_ROOT / "examples" / "breastmnist.yaml"
 DEFAULT_DATA = data_file("breastmnist.npz")
@@ -199,13 +213,7 @@ def kd_gain_run(
 ) -> dict[str, Any]:
     """One retraining of the selected student (a Ray task): train, compress, score INT8 on val (and on
     test unless ``score_test`` is False: studies that choose a method look at val only)."""
-    import torch
-
     from medkd.search.recipe import train_candidate, trial_augmentation
-    from medkd.softlabels.reading import cached_teacher_logits, cached_views
-    from medkd.softlabels.store import SoftLabelCache
-    from medkd.students.compression import OnnxModel
-    from medkd.students.distill import DistillConfig, build_student, evaluate_logits
 
     torch.set_num_threads(1)
     config = DistillConfig.model_validate_json(config_json)
@@ -312,10 +320,6 @@ def load_students_run(data: Path, spec: Path, run: Path) -> tuple[dict[str, Any]
     Raises:
         SystemExit: ``data`` is not the run's data (dataset fingerprints differ).
     """
-    import json
-
-    from medkd.data import load_dataset
-    from medkd.students.distill import DistillConfig
 
     results = json.loads((run / "results.json").read_text())
     config = DistillConfig.model_validate(results["best"]["config"])
@@ -423,9 +427,6 @@ def kd_gain_runs(run: Path, config: Any, seeds: list[int]) -> dict[str, list[dic
     train again: a (configuration, seed) trains to the same model (a retraining reproduced them to
     the digit, ``benchmarks/RESULTS.md`` stop 24). Empty when there is no such file, its configuration
     (seed aside; a ``loss`` of None is Hinton KD) differs or a seed is missing."""
-    import json
-
-    from medkd.students.distill import DistillConfig
 
     path = run / "benchmark" / "students.json"
     gain = (json.loads(path.read_text()).get("kd_gain") or {}) if path.is_file() else {}
@@ -464,9 +465,7 @@ def fill_missing_views(
     views = cache.get("views")
     if not views or not teacher_fps:
         return
-    from medkd.softlabels.reading import missing_views
     from medkd.softlabels.recovery import cache_recovery
-    from medkd.softlabels.store import SoftLabelCache
     from medkd.teachers.train import MODEL_FILE, artifact_dir, find_artifact
 
     source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
@@ -546,8 +545,6 @@ def resolve_calibration(
     temperatures (:func:`medkd.search.space.teacher_temperatures`, as ``search.calibrate_teachers``)."""
     if not update.get("calibrate_teachers"):
         return {k: v for k, v in update.items() if k != "calibrate_teachers"}
-    from medkd.search.space import teacher_temperatures
-    from medkd.softlabels.store import SoftLabelCache
 
     source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
     val_logits = [source.fetch(fp, cache["dataset_fp"], "val") for fp in cache["teacher_fps"]]
