@@ -67,7 +67,7 @@ TEACHERS: Registry[Callable[..., nn.Module]] = Registry("teacher")
 
 
 def register_teacher(
-    family: str, *, spatial_dims: Sequence[int] = SUPPORTED_SPATIAL_DIMS
+    family: str, *, spatial_dims: Sequence[int] = SUPPORTED_SPATIAL_DIMS, revision: int = 1
 ) -> Callable[[BuilderT], BuilderT]:
     """Decorator that registers a teacher builder under its function name.
 
@@ -75,6 +75,9 @@ def register_teacher(
         family: "cnn", "vit" (classification, output ``(N, num_classes)`` logits) or "unet"
             (segmentation, output ``(N, num_classes, *spatial)`` logits).
         spatial_dims: the spatial dimensionalities the builder supports.
+        revision: raised when a fix changes what the builder trains into for the same spec; a
+            revision above 1 enters the teacher's fingerprint, so teachers trained by the
+            earlier builder are trained again rather than reused from disk or the cache.
 
     Raises:
         ValueError: an unknown family, a builder missing a core argument, or a name that is
@@ -82,6 +85,8 @@ def register_teacher(
     """
     if family not in FAMILY_TASKS:
         raise ValueError(f"family must be one of {sorted(FAMILY_TASKS)}, got {family!r}")
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
+        raise ValueError(f"revision must be an int >= 1, got {revision!r}")
     dims = tuple(spatial_dims)
     if not dims or any(d not in SUPPORTED_SPATIAL_DIMS for d in dims):
         raise ValueError(f"spatial_dims must be a non-empty subset of {SUPPORTED_SPATIAL_DIMS}, got {spatial_dims!r}")
@@ -95,7 +100,15 @@ def register_teacher(
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             raise ValueError(f"teacher builder {name!r} must list its options explicitly, not take **kwargs")
         options = tuple(arg for arg in parameters if arg not in CORE_ARGUMENTS)
-        TEACHERS.add(name, builder, family=family, task=FAMILY_TASKS[family], spatial_dims=dims, options=options)
+        TEACHERS.add(
+            name,
+            builder,
+            family=family,
+            task=FAMILY_TASKS[family],
+            spatial_dims=dims,
+            options=options,
+            revision=revision,
+        )
         return builder
 
     return decorator
@@ -116,6 +129,11 @@ def _entry(name: str) -> TeacherEntry:
 def teacher_family(name: str) -> str:
     """The family ("cnn", "vit" or "unet") of a registered teacher."""
     return _entry(name).family
+
+
+def teacher_revision(name: str) -> int:
+    """The builder revision of a registered teacher (see :func:`register_teacher`)."""
+    return int(TEACHERS.get(name).info["revision"])
 
 
 def teacher_task(name: str) -> TeacherTask:

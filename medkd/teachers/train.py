@@ -35,7 +35,7 @@ from medkd.teachers.faults import (
     training_failure_message,
 )
 from medkd.teachers.loop import META_FILE, MODEL_FILE, train_teacher_loop
-from medkd.teachers.registry import create_teacher, teacher_family, teacher_task
+from medkd.teachers.registry import create_teacher, teacher_family, teacher_revision, teacher_task
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s)
 # and takes at most one report per poll; the last report and the end of a run each wait for a
@@ -66,8 +66,16 @@ class TeacherArtifact(BaseModel):
 
 
 def teacher_fingerprint(teacher: Any, dataset_fp: str, seed: int, task: str) -> str:
-    """Hash of (teacher spec, dataset fingerprint, training config, seed): see ARCHITECTURE.md, "Fingerprints"."""
-    return fingerprint("teacher", teacher.training_fingerprint_fields(), dataset_fp, seed, task)
+    """Hash of (teacher spec, dataset fingerprint, training config, seed): see ARCHITECTURE.md, "Fingerprints".
+
+    A builder revision above 1 (:func:`medkd.teachers.registry.register_teacher`) is hashed too, so a
+    teacher whose builder was fixed is trained again; revision 1 leaves every earlier fingerprint as it was.
+    """
+    fields = teacher.training_fingerprint_fields()
+    revision = teacher_revision(teacher.model)
+    if revision > 1:
+        fields = {**fields, "model_revision": revision}
+    return fingerprint("teacher", fields, dataset_fp, seed, task)
 
 
 def artifact_dir(output_dir: Path, teacher_name: str, teacher_fp: str) -> Path:

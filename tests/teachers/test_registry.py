@@ -258,6 +258,8 @@ def test_vit_without_a_valid_auto_patch_asks_for_one():
 def test_register_teacher_rejects_bad_builders():
     with pytest.raises(ValueError, match="family must be one of"):
         register_teacher("gan")
+    with pytest.raises(ValueError, match="revision must be an int >= 1"):
+        register_teacher("cnn", revision=0)
     with pytest.raises(ValueError, match="spatial_dims must be a non-empty subset"):
         register_teacher("cnn", spatial_dims=(1,))
 
@@ -334,3 +336,22 @@ def test_teacher_trains_under_ddp(name, tmp_path):
         assert not torch.allclose(before, after)  # the steps changed the model
     finally:
         dist.destroy_process_group()
+
+
+def test_a_fixed_builders_revision_enters_the_fingerprint_and_revision_1_leaves_it_alone():
+    from medkd.core.fingerprint import fingerprint
+    from medkd.spec.teachers import TeacherSpec
+    from medkd.teachers.registry import teacher_revision
+    from medkd.teachers.train import teacher_fingerprint
+
+    assert teacher_revision("resnet18") == 1 and teacher_revision("efficientnet_b0") == 2
+    for model, revision in (("resnet18", 1), ("efficientnet_b0", 2)):
+        spec = TeacherSpec.model_validate({"name": "t", "model": model})
+        fields = spec.training_fingerprint_fields()
+        before = fingerprint("teacher", fields, "data-fp", 0, "classification")
+        now = teacher_fingerprint(spec, "data-fp", 0, "classification")
+        # Revision 1: the fingerprint every earlier run has (BreastMNIST's pinned ones stay, too);
+        # a fixed builder's teachers are trained again rather than reused.
+        assert (now == before) == (revision == 1)
+        if revision > 1:
+            assert now == fingerprint("teacher", {**fields, "model_revision": revision}, "data-fp", 0, "classification")
