@@ -47,14 +47,22 @@ from typing import Any
 
 from benchmarks._harness import configure_local_ray, format_mean_std, local_ray, print_result
 
-configure_local_ray()
+configure_local_ray()  # before anything below imports Ray
+
+import torch  # noqa: E402
 
 from medkd.core.contribution import leave_one_out  # noqa: E402
 from medkd.core.metrics import classification_metrics, ensemble_probabilities  # noqa: E402
+from medkd.core.progress import Progress  # noqa: E402
+from medkd.data import MedMNISTDataSpec, load_dataset  # noqa: E402
+from medkd.data.medmnist import medmnist_flag  # noqa: E402
 from medkd.data.meta import DatasetMeta  # noqa: E402
 from medkd.registry.teacher_selection import select_teachers  # noqa: E402
+from medkd.spec.job import parse_spec  # noqa: E402
+from medkd.teachers.loop import predict  # noqa: E402
 from medkd.teachers.recipe import teacher_recipe  # noqa: E402
 from medkd.teachers.registry import list_teachers, teacher_family  # noqa: E402
+from medkd.teachers.train import load_teacher_model, train_teachers  # noqa: E402
 
 DEFAULT_MODELS = "resnet18,vit"
 
@@ -140,12 +148,6 @@ def run_seed(
     seed: int, *, dataset: Any, data_ref: Any, teachers: list[dict[str, Any]], output_dir: Path, progress: Any
 ) -> dict[str, Any]:
     """Train the teachers for one seed; returns each teacher's and the ensembles' metrics (:func:`score_teachers`)."""
-    import torch
-
-    from medkd.spec.job import parse_spec
-    from medkd.teachers.loop import predict
-    from medkd.teachers.train import load_teacher_model, train_teachers
-
     spec = parse_spec(
         {
             "name": f"bench-teachers-{dataset.name}-s{seed}",
@@ -299,11 +301,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall_started = time.perf_counter()
-
-    from medkd.core.progress import Progress
-    from medkd.data import MedMNISTDataSpec, load_dataset
-    from medkd.data.medmnist import medmnist_flag
-
     progress = Progress()
     dataset = load_dataset(
         MedMNISTDataSpec(path=args.data.resolve())

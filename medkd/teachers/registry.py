@@ -57,6 +57,7 @@ class TeacherEntry:
     builder: Callable[..., nn.Module]
     spatial_dims: tuple[int, ...]
     options: tuple[str, ...]
+    revision: int
 
     @property
     def task(self) -> TeacherTask:
@@ -123,7 +124,8 @@ def list_teachers(family: str | None = None) -> list[str]:
 
 def _entry(name: str) -> TeacherEntry:
     entry = TEACHERS.get(name)
-    return TeacherEntry(name, entry.info["family"], entry.obj, entry.info["spatial_dims"], entry.info["options"])
+    info = entry.info
+    return TeacherEntry(name, info["family"], entry.obj, info["spatial_dims"], info["options"], info["revision"])
 
 
 def teacher_family(name: str) -> str:
@@ -133,7 +135,7 @@ def teacher_family(name: str) -> str:
 
 def teacher_revision(name: str) -> int:
     """The builder revision of a registered teacher (see :func:`register_teacher`)."""
-    return int(TEACHERS.get(name).info["revision"])
+    return _entry(name).revision
 
 
 def teacher_task(name: str) -> TeacherTask:
