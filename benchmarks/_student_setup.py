@@ -466,7 +466,7 @@ def fill_missing_views(
     if not views or not teacher_fps:
         return
     from medkd.softlabels.recovery import cache_recovery
-    from medkd.teachers.train import MODEL_FILE, artifact_dir, find_artifact
+    from medkd.teachers.train import artifact_dir, find_artifact
 
     source = SoftLabelCache(cache["url"], namespace=cache["namespace"], password_env=cache["password_env"])
     try:
@@ -483,9 +483,7 @@ def fill_missing_views(
                     f"teacher {names[fp]}: its FKD views are not cached and its checkpoint is not in "
                     f"{artifact_dir(run, names[fp], fp)} to compute them"
                 )
-            # The run folder may have moved since the teacher stage wrote the absolute path.
-            checkpoint = artifact_dir(run, names[fp], fp) / MODEL_FILE
-            artifacts.append(artifact.model_copy(update={"checkpoint": str(checkpoint)}).model_dump_json())
+            artifacts.append(artifact.model_dump_json())
         recover = cache_recovery(
             source,
             artifacts=artifacts,

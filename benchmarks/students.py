@@ -166,12 +166,15 @@ def export_teachers(
     import torch
 
     from medkd.students.compression import export_onnx
-    from medkd.teachers.train import ARTIFACT_FILE, TeacherArtifact, artifact_dir, load_teacher_model
+    from medkd.teachers.train import artifact_dir, find_artifact, load_teacher_model
 
     paths = {}
     for entry in results["teachers"]:
-        directory = artifact_dir(output_dir, entry["name"], entry["fingerprint"])
-        artifact = TeacherArtifact.model_validate_json((directory / ARTIFACT_FILE).read_text())
+        artifact = find_artifact(output_dir, entry["name"], entry["fingerprint"])
+        if artifact is None:
+            raise SystemExit(
+                f"teacher {entry['name']}: no checkpoint in {artifact_dir(output_dir, entry['name'], entry['fingerprint'])}"
+            )
         target = output_dir / "benchmark" / f"teacher-{entry['name']}-fp32.onnx"
         if not target.is_file():
             export_onnx(load_teacher_model(artifact, meta), torch.from_numpy(example), target)

@@ -96,12 +96,59 @@ def load_teacher_model(artifact: TeacherArtifact, meta: DatasetMeta) -> torch.nn
 
 
 def find_artifact(output_dir: Path, teacher_name: str, teacher_fp: str) -> TeacherArtifact | None:
+    """The complete artifact of this teacher in ``output_dir``, or None.
+
+    Its checkpoint is the ``model.pt`` beside the ``teacher.json`` that was found, not the path the
+    teacher stage recorded, so an output folder (or a teacher's folder) can be moved or copied.
+
+    Raises:
+        ValueError: the ``teacher.json`` found is not a teacher artifact (names the file).
+    """
     directory = artifact_dir(output_dir, teacher_name, teacher_fp)
     path = directory / ARTIFACT_FILE
     if not path.is_file() or not (directory / MODEL_FILE).is_file():
         return None
-    artifact = TeacherArtifact.model_validate_json(path.read_text())
-    return artifact if artifact.fingerprint == teacher_fp else None
+    try:
+        artifact = TeacherArtifact.model_validate_json(path.read_text())
+    except ValueError as error:
+        raise ValueError(
+            f"{path}: not a teacher artifact ({error}); delete its folder to train the teacher again"
+        ) from None
+    if artifact.fingerprint != teacher_fp:
+        return None
+    return artifact.model_copy(update={"name": teacher_name, "checkpoint": str((directory / MODEL_FILE).resolve())})
+
+
+def adopt_artifact(output_dir: Path, teacher_name: str, teacher_fp: str) -> tuple[TeacherArtifact, Path] | None:
+    """The same training found under another name in ``output_dir``, copied to this teacher's folder.
+
+    The fingerprint leaves the name out, so a renamed teacher, or a teacher folder copied in from
+    another run (``teachers/<name>-<fingerprint>``), is not trained again.
+
+    Returns:
+        The artifact under ``teacher_name`` and the folder it was copied from, or None.
+    """
+    target = artifact_dir(output_dir, teacher_name, teacher_fp)
+    for source in sorted((Path(output_dir) / "teachers").glob(f"*-{teacher_fp}")):
+        if source == target or not source.is_dir():
+            continue
+        found = find_artifact(output_dir, source.name[: -len(teacher_fp) - 1], teacher_fp)
+        if found is None:
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / MODEL_FILE, target / MODEL_FILE)
+        adopted = found.model_copy(update={"name": teacher_name, "checkpoint": str((target / MODEL_FILE).resolve())})
+        write_artifact(target, adopted)
+        return adopted, source
+    return None
+
+
+def write_artifact(directory: Path, artifact: TeacherArtifact) -> None:
+    """Write ``teacher.json`` last and atomically: its presence marks the artifact complete (a crash
+    before it re-trains, and Ray Train resumes the run from its last checkpoint)."""
+    tmp = directory / (ARTIFACT_FILE + ".tmp")
+    tmp.write_text(artifact.model_dump_json(indent=2))
+    tmp.replace(directory / ARTIFACT_FILE)
 
 
 def epoch_timing_line(teacher: str, record: dict[str, Any], epochs: int, seconds_so_far: list[float]) -> str:
@@ -259,11 +306,7 @@ def train_one_teacher(
         resumed_from=final_state.get("resumed_from", []),
         cpu_precision=teacher.cpu_precision,
     )
-    # Written last: its presence marks the artifact complete (a crash before this re-trains,
-    # and Ray Train resumes the run from its last checkpoint).
-    tmp = directory / (ARTIFACT_FILE + ".tmp")
-    tmp.write_text(artifact.model_dump_json(indent=2))
-    tmp.replace(directory / ARTIFACT_FILE)
+    write_artifact(directory, artifact)
     return artifact
 
 
@@ -325,9 +368,11 @@ def train_teachers(
         seed = spec.teacher_seed(teacher)
         teacher_fp = teacher_fingerprint(teacher, dataset.fingerprint, seed, spec.task)
         found = find_artifact(output_dir, teacher.name, teacher_fp)
-        if found is not None:
-            progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): skipped, checkpoint found")
-            artifacts[teacher.name] = found
+        adopted = None if found is not None else adopt_artifact(output_dir, teacher.name, teacher_fp)
+        if found is not None or adopted is not None:
+            where = "" if adopted is None else f" in {adopted[1].name} (the same training), copied"
+            progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): skipped, checkpoint found{where}")
+            artifacts[teacher.name] = found if found is not None else adopted[0]
             status[teacher.name] = "skipped"
         else:
             progress.line(f"  teacher {teacher.name} ({teacher.model}, {teacher_fp}): training {teacher.epochs} epochs")
