@@ -157,3 +157,26 @@ def test_classification_students_learn_from_the_teachers_val_keeps(tmp_path):
     small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
     assert _spec(small, tmp_path).search.teacher_selection == "val_contribution"
     assert _spec(small, tmp_path, "--set", "search.teacher_selection=all").search.teacher_selection == "all"
+
+
+def test_teachers_export_from_a_moved_run_folder_and_a_missing_one_is_named(tmp_path):
+    """The speed table's teacher ONNX files come from each teacher's checkpoint beside its artifact, not
+    from the path the run recorded before its folder was moved."""
+    import onnxruntime
+
+    from benchmarks.students import export_teachers
+    from medkd.data import SyntheticDataSpec
+    from medkd.data.meta import DatasetMeta
+    from tests.teachers.test_train import write_moved_teacher
+
+    dataset = load_dataset(SyntheticDataSpec(image_size=16, num_classes=3, num_train=8, num_val=4, num_test=4))
+    run = tmp_path / "run"
+    fp, _ = write_moved_teacher(run, dataset, "cnn")
+    example = dataset.splits["val"].images[:1]
+
+    paths = export_teachers({"teachers": [{"name": "cnn", "fingerprint": fp}]}, run, DatasetMeta.of(dataset), example)
+
+    session = onnxruntime.InferenceSession(str(paths["cnn"]))
+    assert session.run(None, {session.get_inputs()[0].name: example})[0].shape == (1, 3)
+    with pytest.raises(SystemExit, match="teacher vit: no checkpoint in .*vit-0000"):
+        export_teachers({"teachers": [{"name": "vit", "fingerprint": "0000"}]}, run, DatasetMeta.of(dataset), example)
