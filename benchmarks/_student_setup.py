@@ -322,12 +322,27 @@ def load_students_run(data: Path, spec: Path, run: Path) -> tuple[dict[str, Any]
     """
 
     results = json.loads((run / "results.json").read_text())
-    config = DistillConfig.model_validate(results["best"]["config"])
+    config = served_config(run)
     students = spec_options(data, spec, run)
     dataset = load_dataset(build_spec(students, redis_port=1).data)
     if dataset.fingerprint != results["dataset"]["fingerprint"]:
         raise SystemExit(f"--data {data} is not the data of --run {run} (dataset fingerprints differ)")
     return results, config, students, dataset
+
+
+def served_config(run: Path, dataset_fp: str | None = None) -> Any:
+    """The configuration (a ``DistillConfig``) a finished ``benchmarks.students`` run served.
+
+    Raises:
+        SystemExit: ``run`` has no ``results.json``, or its data is not ``dataset_fp`` (names the run).
+    """
+    path = run / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{run}: no results.json (not a finished benchmarks.students run)")
+    results = json.loads(path.read_text())
+    if dataset_fp is not None and results["dataset"]["fingerprint"] != dataset_fp:
+        raise SystemExit(f"{run} ran on other data than this run (dataset fingerprints differ)")
+    return DistillConfig.model_validate(results["best"]["config"])
 
 
 def retrain_variants(

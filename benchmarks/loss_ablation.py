@@ -50,6 +50,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import configure_local_ray, load_average, utc_date
@@ -61,6 +62,7 @@ from benchmarks._student_setup import (  # noqa: E402
     kd_gain_runs,
     load_students_run,
     retrain_variants,
+    served_config,
     students_run_parser,
 )
 from medkd.data.meta import DatasetMeta  # noqa: E402
@@ -208,6 +210,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--high-alpha", type=float, default=0.7, help="kd_accuracy: the higher CE weight")
     parser.add_argument("--branches", type=int, default=None, help="override the configuration's soup branches")
     parser.add_argument("--with-ce", action="store_true", help="kd_accuracy: also train without teachers")
+    parser.add_argument(
+        "--config-from",
+        type=Path,
+        default=None,
+        help="train the configuration another benchmarks.students run served (same data) on --run's teachers, "
+        "to compare two runs' teachers on one student; the CE runs of that run's KD gain are reused",
+    )
     parser.add_argument("--only", nargs="+", default=None, help="kd_accuracy: train only these variants")
     args = parser.parse_args(argv)
     if not 0 <= args.high_alpha < 1:
@@ -227,13 +236,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.standardization not in ("auto", "on", "off"):
         parser.error(f"--standardization must be auto, on or off, got {args.standardization!r}")
     check_students_run_args(parser, args)
+    if args.config_from is not None and not (args.config_from / "results.json").is_file():
+        parser.error(
+            f"--config-from {args.config_from}: no results.json (the output folder of a benchmarks.students run)"
+        )
     return args
+
+
+def reusable_runs(args: argparse.Namespace, config: Any) -> dict[str, list[dict[str, Any]]]:
+    """The trainings of ``config`` at ``--seeds`` that need not run again: those of ``--run``'s KD gain,
+    and with ``--config-from`` the CE ones of that run's KD gain (CE reads no teacher; its KD runs
+    learned from the other run's teachers, so they are not reused). Empty with ``--retrain-all``."""
+    if args.retrain_all:
+        return {}
+    gain = kd_gain_runs(args.run, config, args.seeds)
+    if args.config_from is not None:
+        other = kd_gain_runs(args.config_from, config, args.seeds)
+        gain = {**({"ce": other["ce"]} if "ce" in other else {}), **gain}
+    return gain
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     results, config, students, dataset = load_students_run(args.data, args.spec, args.run)
+    if args.config_from is not None:
+        config = served_config(args.config_from, dataset.fingerprint)
     if args.epochs is not None:
         config = config.model_copy(update={"epochs": args.epochs})
     if args.branches is not None:
@@ -247,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = variants(args.losses, meta.num_classes, args.standardization, args.ls_losses)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    gain = {} if args.retrain_all else kd_gain_runs(args.run, config, args.seeds)
+    gain = reusable_runs(args, config)
     # The KD gain's "kd" is this table's hinton_kd when the served configuration is plain Hinton KD;
     # its "ce" (alpha 1) never reads a teacher, whatever the loss.
     plain_kd = config.loss in (None, "hinton_kd") and not config.logit_standardization

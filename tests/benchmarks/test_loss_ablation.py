@@ -3,9 +3,14 @@ in the benchmark)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from benchmarks.loss_ablation import best_by_val, parse_args, result_line, summarise, variants
+from benchmarks._student_setup import served_config
+from benchmarks.loss_ablation import best_by_val, parse_args, result_line, reusable_runs, summarise, variants
+from medkd.students.distill import DistillConfig
 
 
 def test_variants_add_standardization_only_where_it_means_something():
@@ -129,3 +134,52 @@ def test_bad_study_arguments_name_the_flag(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
         parse_args(["--run", str(tmp_path), "--data", str(data), "--study", "kd_accuracy", *extra])
     assert message in capsys.readouterr().err
+
+
+def _write_kd_gain(run: Path, config: DistillConfig, kd_acc: float, ce_acc: float, dataset_fp: str = "data") -> None:
+    runs = {
+        kind: [{"seed": seed, "val_auc": 0.99, "val_acc": acc, "test_auc": 0.99, "test_acc": acc} for seed in (1, 2, 3)]
+        for kind, acc in (("kd", kd_acc), ("ce", ce_acc))
+    }
+    (run / "benchmark").mkdir(parents=True)
+    (run / "redis").mkdir()
+    (run / "results.json").write_text(
+        json.dumps({"dataset": {"fingerprint": dataset_fp}, "best": {"config": config.model_dump(mode="json")}})
+    )
+    gain = {"seeds": [1, 2, 3], "config": config.model_dump(mode="json"), "runs": runs}
+    (run / "benchmark" / "students.json").write_text(json.dumps({"kd_gain": gain}))
+
+
+def test_config_from_another_run_reuses_only_its_ce_runs(tmp_path):
+    """--config-from trains another run's served student on this run's teachers: that run's CE runs are
+    the same trainings (CE reads no teacher), its KD runs are not (other teachers)."""
+    served_here = DistillConfig(student="mobilenet_tiny", width=0.8, alpha=0.44, epochs=12, seed=7)
+    served_there = DistillConfig(student="resnet_tiny", width=0.89, alpha=0.61, epochs=12, seed=7)
+    here, there = tmp_path / "here", tmp_path / "there"
+    _write_kd_gain(here, served_here, kd_acc=0.964, ce_acc=0.965)
+    _write_kd_gain(there, served_there, kd_acc=0.966, ce_acc=0.958)
+
+    config = served_config(there, "data")
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"")
+    argv = ["--run", str(here), "--data", str(data), "--seeds", "1", "2", "--config-from", str(there)]
+    args = parse_args([*argv, "--retrain-all"])
+    assert config == served_there and reusable_runs(args, config) == {}
+    args.retrain_all = False
+    reused = reusable_runs(args, config)
+    assert list(reused) == ["ce"] and [r["test_acc"] for r in reused["ce"]] == [0.958, 0.958]
+    args.config_from = None
+    assert reusable_runs(args, served_here)["kd"][0]["test_acc"] == 0.964  # the run's own KD gain, as before
+
+
+def test_config_from_a_run_on_other_data_or_no_run_is_refused_naming_it(tmp_path, capsys):
+    _write_kd_gain(tmp_path / "here", DistillConfig(student="resnet_tiny"), 0.9, 0.9)
+    (tmp_path / "data.npz").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path / "here"), "--data", str(tmp_path / "data.npz"), "--config-from", "nowhere"])
+    assert "--config-from nowhere: no results.json" in capsys.readouterr().err
+    _write_kd_gain(tmp_path / "there", DistillConfig(student="resnet_tiny"), 0.9, 0.9, dataset_fp="other")
+    with pytest.raises(SystemExit, match="there ran on other data than this run"):
+        served_config(tmp_path / "there", "data")
+    with pytest.raises(SystemExit, match="nowhere: no results.json"):
+        served_config(tmp_path / "nowhere", "data")
