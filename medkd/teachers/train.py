@@ -174,11 +174,26 @@ def epoch_timing_line(teacher: str, record: dict[str, Any], epochs: int, seconds
 
 class _ProgressCallback(UserCallback):
     """Forwards each reported epoch from the Train controller to the driver's progress queue,
-    with a line on the epoch's time and the teacher's ETA."""
+    with a line on the epoch's time and the teacher's ETA, and a line for each worker failure
+    (Ray Train restarts the workers from the last checkpoint, which a user should see happen)."""
 
-    def __init__(self, queue: Any, teacher: str, epochs: int) -> None:
-        self.queue, self.teacher, self.epochs = queue, teacher, epochs
+    def __init__(self, queue: Any, teacher: str, epochs: int, max_failures: int = 0) -> None:
+        self.queue, self.teacher, self.epochs, self.max_failures = queue, teacher, epochs, max_failures
         self.epoch_seconds: list[float] = []
+        self.failures = 0
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        self.failures += 1
+        errors = "; ".join(
+            f"worker {rank}: {' '.join(str(error).split())[:300]}" for rank, error in sorted(worker_exceptions.items())
+        )
+        then = (
+            "Ray Train restarts the workers from the last checkpoint"
+            if self.failures <= self.max_failures
+            else "no restart left"
+        )
+        message = f"  teacher {self.teacher}: failure {self.failures} of {self.max_failures} allowed ({errors}); {then}"
+        send_event(self.queue, {"kind": "teacher_failure", "message": message})
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if metrics:
@@ -251,7 +266,7 @@ def train_one_teacher(
             ),
             failure_config=FailureConfig(max_failures=teacher.max_failures),
             callbacks=[
-                _ProgressCallback(events, teacher.name, teacher.epochs),
+                _ProgressCallback(events, teacher.name, teacher.epochs, teacher.max_failures),
                 LostNodeDeadline(nodes_before, wait_s=lost_node_wait_s(), what=f"teacher {teacher.name!r}"),
             ],
         ),

@@ -157,3 +157,29 @@ def test_a_corrupt_artifact_is_refused_naming_its_file(small_dataset, tmp_path):
 
     with pytest.raises(ValueError, match=f"{path}: not a teacher artifact"):
         find_artifact(output_dir, "cnn", fp)
+
+
+def test_each_worker_failure_shows_in_the_progress_with_what_train_does_next():
+    """A worker group Ray Train restarts from the last checkpoint is said in the progress, not only in
+    ``teacher.json``'s ``resumed_from`` (stop 27: a restart under load went unseen)."""
+    import io
+    import queue
+
+    from medkd.teachers.train import _ProgressCallback
+
+    events: queue.Queue = queue.Queue()
+    callback = _ProgressCallback(events, "cnn", epochs=12, max_failures=1)
+    lost = RuntimeError("A worker health check failed.\nThe actor is dead: its placement group was removed.")
+    callback.after_exception(None, {0: lost})
+    callback.after_exception(None, {1: ValueError("out of memory")})
+
+    stream = io.StringIO()
+    progress = Progress(stream)
+    while not events.empty():
+        progress.event(events.get_nowait())
+    first, second = stream.getvalue().splitlines()[-2:]
+    assert first.endswith(
+        "teacher cnn: failure 1 of 1 allowed (worker 0: A worker health check failed. The actor is dead: its "
+        "placement group was removed.); Ray Train restarts the workers from the last checkpoint"
+    )
+    assert "failure 2 of 1 allowed (worker 1: out of memory); no restart left" in second
