@@ -77,6 +77,8 @@ from benchmarks._harness import (
 configure_local_ray()
 
 import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks._memory import PeakMemory  # noqa: E402
 from benchmarks._student_setup import (  # noqa: E402  (re-exported: the spec of this benchmark)
@@ -96,7 +98,12 @@ from benchmarks._student_setup import (  # noqa: E402  (re-exported: the spec of
     with_search,
     without_flips,
 )
+from medkd.data import load_dataset  # noqa: E402
 from medkd.data.meta import DatasetMeta  # noqa: E402
+from medkd.pipeline.runner import init_ray, run_job  # noqa: E402
+from medkd.students.compression import export_onnx, measure_latency, model_size_bytes  # noqa: E402
+from medkd.students.distill import DistillConfig  # noqa: E402
+from medkd.teachers.train import artifact_dir, find_artifact, load_teacher_model  # noqa: E402
 
 __all__ = [
     "SOUP_MAX_TRAIN_SIZE",
@@ -121,10 +128,6 @@ def log(message: str) -> None:
 
 
 def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta, seeds: list[int]) -> dict[str, Any]:
-    import ray
-
-    from medkd.students.distill import DistillConfig
-
     best = DistillConfig.model_validate(results["best"]["config"])
     if best.alpha >= 1:
         log("  the selected student was trained without KD (alpha = 1): KD gain is 0 by construction")
@@ -163,11 +166,6 @@ def kd_gain(spec: Any, results: dict[str, Any], dataset: Any, meta: DatasetMeta,
 def export_teachers(
     results: dict[str, Any], output_dir: Path, meta: DatasetMeta, example: np.ndarray
 ) -> dict[str, Path]:
-    import torch
-
-    from medkd.students.compression import export_onnx
-    from medkd.teachers.train import artifact_dir, find_artifact, load_teacher_model
-
     paths = {}
     for entry in results["teachers"]:
         artifact = find_artifact(output_dir, entry["name"], entry["fingerprint"])
@@ -185,8 +183,6 @@ def export_teachers(
 def measure_speed(
     models: dict[str, Path], input_shape: tuple[int, ...], *, threads: int, runs: int, rounds: int
 ) -> dict[str, float]:
-    from medkd.students.compression import measure_latency
-
     def median_ms(path: Path) -> Callable[[], float]:
         return lambda: measure_latency(path, input_shape, threads=threads, runs=runs).median_ms
 
@@ -198,8 +194,6 @@ def measure_speed(
 def speed(
     results: dict[str, Any], output_dir: Path, meta: DatasetMeta, dataset: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from medkd.students.compression import model_size_bytes
-
     example = dataset.splits["train"].images[:2]
     teachers = export_teachers(results, output_dir, meta, example)
     student_int8 = Path(results["best"]["onnx_path"])
@@ -428,11 +422,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    import ray
-
-    from medkd.data import load_dataset
-    from medkd.pipeline.runner import init_ray, run_job
-
     first = build_spec(args, redis_port=1)
     output_dir = Path(first.output_dir)
     dataset = load_dataset(first.data)

@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 
-from benchmarks.students import build_spec, parse_args, published_rows
-from medkd.data import load_dataset
+from benchmarks.students import build_spec, export_teachers, parse_args, published_rows
+from medkd.data import SyntheticDataSpec, load_dataset
+from medkd.data.meta import DatasetMeta
+from tests.teachers.test_train import write_moved_teacher
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "examples" / "breastmnist.yaml"
@@ -162,13 +165,6 @@ def test_classification_students_learn_from_the_teachers_val_keeps(tmp_path):
 def test_teachers_export_from_a_moved_run_folder_and_a_missing_one_is_named(tmp_path):
     """The speed table's teacher ONNX files come from each teacher's checkpoint beside its artifact, not
     from the path the run recorded before its folder was moved."""
-    import onnxruntime
-
-    from benchmarks.students import export_teachers
-    from medkd.data import SyntheticDataSpec
-    from medkd.data.meta import DatasetMeta
-    from tests.teachers.test_train import write_moved_teacher
-
     dataset = load_dataset(SyntheticDataSpec(image_size=16, num_classes=3, num_train=8, num_val=4, num_test=4))
     run = tmp_path / "run"
     fp, _ = write_moved_teacher(run, dataset, "cnn")

@@ -3,6 +3,9 @@ teacher's artifact in a moved output folder or under another name."""
 
 from __future__ import annotations
 
+import io
+import queue
+
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ from medkd.spec.job import parse_spec
 from medkd.teachers.loop import MODEL_FILE
 from medkd.teachers.train import (
     ARTIFACT_FILE,
+    _ProgressCallback,
     adopt_artifact,
     artifact_dir,
     find_artifact,
@@ -162,11 +166,6 @@ def test_a_corrupt_artifact_is_refused_naming_its_file(small_dataset, tmp_path):
 def test_each_worker_failure_shows_in_the_progress_with_what_train_does_next():
     """A worker group Ray Train restarts from the last checkpoint is said in the progress, not only in
     ``teacher.json``'s ``resumed_from`` (stop 27: a restart under load went unseen)."""
-    import io
-    import queue
-
-    from medkd.teachers.train import _ProgressCallback
-
     events: queue.Queue = queue.Queue()
     callback = _ProgressCallback(events, "cnn", epochs=12, max_failures=1)
     lost = RuntimeError("A worker health check failed.\nThe actor is dead: its placement group was removed.")
