@@ -357,6 +357,7 @@ def retrain_variants(
     *,
     score_test: bool = True,
     reused: dict[str, list[dict[str, Any]]] | None = None,
+    reused_from: dict[str, Path] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train ``config`` once per (variant, seed) through :func:`kd_gain_run`, as Ray tasks of 1 CPU
     on a local Ray instance, with the run's managed redis-server holding its soft labels.
@@ -372,6 +373,7 @@ def retrain_variants(
         score_test: also score each run on test (False: val only).
         reused: variant name -> per-seed runs read from the run's KD gain (:func:`kd_gain_runs`):
             those variants are not trained again.
+        reused_from: variant name -> the run folder whose KD gain its reused runs came from (default: ``run``).
 
     Returns:
         variant name -> one :func:`kd_gain_run` dict per seed, in ``seeds`` order.
@@ -381,8 +383,11 @@ def retrain_variants(
     from medkd.pipeline.runner import init_ray
 
     reused = {name: reused[name] for name in variants if name in (reused or {})}
-    if reused:
-        log(f"{', '.join(reused)}: read from the run's KD gain (same configuration and seeds), not trained again")
+    sources: dict[Path, list[str]] = {}
+    for name in reused:
+        sources.setdefault((reused_from or {}).get(name, run), []).append(name)
+    for source, names in sources.items():
+        log(f"{', '.join(names)}: read from the KD gain of {source} (same configuration and seeds), not trained again")
     order, variants = list(variants), {name: update for name, update in variants.items() if name not in reused}
     if not variants:
         return {name: reused[name] for name in order}

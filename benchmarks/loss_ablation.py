@@ -243,16 +243,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def reusable_runs(args: argparse.Namespace, config: Any) -> dict[str, list[dict[str, Any]]]:
-    """The trainings of ``config`` at ``--seeds`` that need not run again: those of ``--run``'s KD gain,
-    and with ``--config-from`` the CE ones of that run's KD gain (CE reads no teacher; its KD runs
-    learned from the other run's teachers, so they are not reused). Empty with ``--retrain-all``."""
+def reusable_runs(args: argparse.Namespace, config: Any) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    """The trainings of ``config`` at ``--seeds`` that need not run again, each with the run folder it
+    comes from: those of ``--run``'s KD gain, and with ``--config-from`` the CE ones of that run's KD gain
+    when ``--run`` has none (CE reads no teacher; its KD runs learned from the other run's teachers, so
+    they are not reused). Empty with ``--retrain-all``."""
     if args.retrain_all:
         return {}
-    gain = kd_gain_runs(args.run, config, args.seeds)
+    gain = {kind: (args.run, runs) for kind, runs in kd_gain_runs(args.run, config, args.seeds).items()}
     if args.config_from is not None:
         other = kd_gain_runs(args.config_from, config, args.seeds)
-        gain = {**({"ce": other["ce"]} if "ce" in other else {}), **gain}
+        if "ce" in other:
+            gain.setdefault("ce", (args.config_from, other["ce"]))
     return gain
 
 
@@ -280,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     # its "ce" (alpha 1) never reads a teacher, whatever the loss.
     plain_kd = config.loss in (None, "hinton_kd") and not config.logit_standardization
     pairs = (("ce", "ce"), ("kd", "hinton_kd")) if plain_kd else (("ce", "ce"),)
-    reused = {name: gain[kind] for kind, name in pairs if kind in gain and name in chosen}
-    runs = retrain_variants(args.run, students, results, dataset, config, chosen, args.seeds, log, reused=reused)
+    reused_pairs = {name: gain[kind] for kind, name in pairs if kind in gain and name in chosen}
+    reused = {name: runs for name, (_, runs) in reused_pairs.items()}
+    reused_from = {name: source for name, (source, _) in reused_pairs.items()}
+    runs = retrain_variants(
+        args.run, students, results, dataset, config, chosen, args.seeds, log, reused=reused, reused_from=reused_from
+    )
     summary = {name: summarise(r) for name, r in runs.items()}
     report = {
         "command": "python -m benchmarks.loss_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -297,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "summary": summary,
-        "reused_from_kd_gain": list(reused),
+        "reused_from_kd_gain": {name: str(source) for name, source in reused_from.items()},
         "best_by_val": best_by_val(summary),
         "best_by_val_acc": best_by_val(summary, "val_acc"),
     }

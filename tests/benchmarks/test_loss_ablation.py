@@ -167,9 +167,12 @@ def test_config_from_another_run_reuses_only_its_ce_runs(tmp_path):
     assert config == served_there and reusable_runs(args, config) == {}
     args.retrain_all = False
     reused = reusable_runs(args, config)
-    assert list(reused) == ["ce"] and [r["test_acc"] for r in reused["ce"]] == [0.958, 0.958]
+    assert list(reused) == ["ce"] and reused["ce"][0] == there
+    assert [r["test_acc"] for r in reused["ce"][1]] == [0.958, 0.958]
+    own = reusable_runs(args, served_here)
+    assert own["ce"][0] == here and own["ce"][1][0]["test_acc"] == 0.965  # the run's own CE wins over --config-from's
     args.config_from = None
-    assert reusable_runs(args, served_here)["kd"][0]["test_acc"] == 0.964  # the run's own KD gain, as before
+    assert reusable_runs(args, served_here)["kd"] == (here, own["kd"][1])  # the run's own KD gain, as before
 
 
 def test_config_from_a_run_on_other_data_or_no_run_is_refused_naming_it(tmp_path, capsys):

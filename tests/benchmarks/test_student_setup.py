@@ -142,6 +142,14 @@ def test_nothing_starts_when_every_variant_is_read_from_the_kd_gain(tmp_path):
     lines: list[str] = []
     variants = {"ce": {"alpha": 1.0}, "kd_all": {"teachers": ["cnn"]}}
     # No run folder, spec or dataset: reading must not reach redis, Ray or the data.
-    runs = retrain_variants(tmp_path / "no-run", None, {}, None, None, variants, [1], lines.append, reused=reused)
+    run = tmp_path / "no-run"
+    runs = retrain_variants(run, None, {}, None, None, variants, [1], lines.append, reused=reused)
     assert list(runs) == ["ce", "kd_all"] and runs["ce"] == reused["ce"]
-    assert lines == ["ce, kd_all: read from the run's KD gain (same configuration and seeds), not trained again"]
+    assert lines == [f"ce, kd_all: read from the KD gain of {run} (same configuration and seeds), not trained again"]
+    other = tmp_path / "other-run"
+    lines.clear()
+    retrain_variants(run, None, {}, None, None, variants, [1], lines.append, reused=reused, reused_from={"ce": other})
+    assert lines == [
+        f"ce: read from the KD gain of {other} (same configuration and seeds), not trained again",
+        f"kd_all: read from the KD gain of {run} (same configuration and seeds), not trained again",
+    ]
