@@ -163,12 +163,9 @@ def create_session(model_bytes: bytes, *, threads: int = 1, use_gpu: bool = Fals
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from medkd.core.onnx_session import cpu_session_options
+
+    options = cpu_session_options(threads, allow_spinning=False)
     if not use_gpu:
         return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
     where = f"serve.gpus_per_replica > 0 asked for a GPU and Ray placed the replica on node {ray_node_description()}"

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from pydantic import SecretStr
 
+from medkd.core.onnx_session import X64_QUANT_PRECISION
 from medkd.registry.metadata import InputMeta, ModelMetadata
 from medkd.serve.codecs import PayloadTooLarge, RequestError, encode_npy
 from medkd.serve.guards import Limits, authorized, bearer_token, check_before_decoding, check_image_count
@@ -77,7 +78,10 @@ def test_gpu_replicas_use_cuda_or_refuse_to_start(tmp_path):
     else:
         with pytest.raises(GpuUnavailableError, match=r"gpus_per_replica > 0 .*medkd\[gpu\]"):
             create_session(model_bytes, use_gpu=True)
-    assert create_session(model_bytes).get_providers() == ["CPUExecutionProvider"]
+    cpu = create_session(model_bytes)
+    assert cpu.get_providers() == ["CPUExecutionProvider"]
+    # medkd.core.onnx_session: INT8 products do not saturate on x86 CPUs without VNNI
+    assert cpu.get_session_options().get_session_config_entry(X64_QUANT_PRECISION) == "1"
 
 
 def test_collect_models_serves_the_pareto_students_of_the_selected_search(tmp_path):

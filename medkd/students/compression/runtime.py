@@ -17,6 +17,8 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from medkd.core.onnx_session import cpu_session_options
+
 __all__ = [
     "LatencyStats",
     "OnnxModel",
@@ -55,16 +57,6 @@ def _resolve_providers(providers: Sequence[str] | None) -> list[str]:
     if CPU_PROVIDER not in resolved:
         resolved.append(CPU_PROVIDER)  # fallback for operators the accelerator lacks
     return resolved
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only
-    return options
 
 
 class OnnxModel:
@@ -108,7 +100,7 @@ class OnnxModel:
             session_input = str(path)
         try:
             self.session = ort.InferenceSession(
-                session_input, sess_options=_session_options(threads), providers=_resolve_providers(providers)
+                session_input, sess_options=cpu_session_options(threads), providers=_resolve_providers(providers)
             )
         except Exception as exc:  # onnxruntime raises its own exception types for any load failure
             raise ValueError(f"ONNX Runtime cannot load {self.source}: {exc}") from exc
