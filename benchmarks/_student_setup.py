@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file, managed_redis
+from medkd.core.cpu_features import cpu_has_native_bf16
 from medkd.data import load_dataset
 from medkd.data.meta import DatasetMeta
 from medkd.search.space import teacher_temperatures
@@ -138,9 +139,10 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
         spec = with_search(spec, num_trials=trials)
     explicit = {parse_override(text)[0] for text in args.set or []}
-    if train_size >= BF16_FROM and "search.cpu_precision" not in explicit:
+    if train_size >= BF16_FROM and cpu_has_native_bf16() and "search.cpu_precision" not in explicit:
         # As the recipe's teachers: students train in bf16 from 2,000 images on (1.4-1.6x per image,
-        # validation quality checked in benchmarks/RESULTS.md); smaller splits keep their fingerprints.
+        # validation quality checked in benchmarks/RESULTS.md) where the CPU has native bf16 kernels;
+        # smaller splits keep their fingerprints.
         spec = with_search(spec, cpu_precision="bf16")
     if spec.task == "classification" and "search.teacher_selection" not in explicit:
         # Students learn only from teachers that do not hurt the ensemble's val decisions beyond the

@@ -7,10 +7,13 @@ import onnxruntime as ort
 __all__ = ["X64_QUANT_PRECISION", "cpu_session_options"]
 
 # On x86 CPUs without VNNI (AVX2-only, e.g. AMD EPYC before Zen 4), ONNX Runtime multiplies
-# uint8 activations by int8 weights with VPMADDUBSW, whose int16 pair sums saturate: measured on
-# such a machine, a dynamically quantized transformer's logits moved 7x further from FP32 (max
-# error 0.089 against 0.012). This entry makes ONNX Runtime switch those products to uint8 x uint8
-# there and changes nothing on CPUs with VNNI; the exported model stays portable either way.
+# uint8 activations by int8 weights with VPMADDUBSW, whose int16 pair sums saturate. Measured on
+# such a machine: a dynamically quantized transformer's logits moved 7x further from FP32 (max
+# error 0.089 against 0.012), and a static-INT8 BreastMNIST student changed 2 of 156 test decisions
+# that FP32 and exact INT8 agree on. This entry makes ONNX Runtime switch those products to
+# uint8 x uint8 there, so a model scores the same on every CPU; it changes nothing on CPUs with
+# VNNI. The cost, on CPUs without VNNI only: static-INT8 convolutions run at about FP32 speed
+# (benchmarks/RESULTS.md, stop 28).
 X64_QUANT_PRECISION = "session.x64quantprecision"
 
 

@@ -16,7 +16,8 @@ reads only properties of the data (training-split size, image size, class names)
 - precision: splits of at least ``BF16_FROM`` (2,000) images train and infer under bfloat16
   autocast on CPU (``cpu_precision: bf16``: ~2x faster per image for both teachers at 28 px,
   validation quality measured equal, ``benchmarks/RESULTS.md`` "scale"); smaller splits, whose
-  teachers train in minutes, stay fp32 (and keep their fingerprints);
+  teachers train in minutes, stay fp32 (and keep their fingerprints); so does every split on a CPU
+  without native bf16 kernels (AVX2-only), where bf16 autocast is over 10x slower than fp32;
 - weight averaging: an exponential moving average of the weights over the last
   ``max(1, epochs / 10)`` epochs is what is validated, selected and used as the teacher (on a
   few dozen validation images, picking among raw per-epoch weights is mostly picking noise);
@@ -47,6 +48,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+from medkd.core.cpu_features import cpu_has_native_bf16
 
 SAMPLE_BUDGET = 40_000  # training samples seen per teacher (before early stopping), up to SCALE_FROM images
 MIN_EPOCHS = 8
@@ -167,6 +170,7 @@ def teacher_recipe(
     cnn: str = "resnet18",
     vit: str = "vit",
     cpus_per_worker: float = 1.0,
+    bf16: bool | None = None,
 ) -> list[dict[str, Any]]:
     """The two teacher specs (``teachers:`` entries of a job spec) for a classification set.
 
@@ -179,12 +183,15 @@ def teacher_recipe(
         cnn: registry name of the CNN teacher.
         vit: registry name of the ViT teacher (its size is set here when it is ``vit``).
         cpus_per_worker: CPUs of each teacher's single Ray Train worker.
+        bf16: whether splits from ``BF16_FROM`` images on train in bfloat16 on CPU; None: where this
+            CPU has native bf16 kernels (:func:`medkd.core.cpu_features.cpu_has_native_bf16`), since
+            without them bf16 autocast is many times slower than float32.
 
     Returns:
         ``[cnn, vit]`` as plain dicts, ready for ``JobSpec``'s ``teachers`` list.
 
     Examples:
-        >>> cnn, vit = teacher_recipe(n_train=240, class_names=["a", "b"], image_size=[28, 28, 28])
+        >>> cnn, vit = teacher_recipe(n_train=240, class_names=["a", "b"], image_size=[28, 28, 28], bf16=True)
         >>> vit["model_kwargs"]["patch_size"], vit["model_kwargs"]["hidden_size"], cnn["cpu_precision"]
         (4, 132, 'bf16')
     """
@@ -208,7 +215,8 @@ def teacher_recipe(
         "augment": augment,
         "cpus_per_worker": cpus_per_worker,
     }
-    if n_train * image_cost(image_size) >= BF16_FROM:
+    bf16 = cpu_has_native_bf16() if bf16 is None else bf16
+    if bf16 and n_train * image_cost(image_size) >= BF16_FROM:
         common["cpu_precision"] = "bf16"
     vit_kwargs: dict[str, Any] = {"patch_size": vit_patch_size(image_size), "pos_embed_type": "sincos"}
     if vit == "vit":  # a small, fine-grained ViT: many tokens, few layers (CPU-sized)

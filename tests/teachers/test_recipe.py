@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medkd.spec.teachers import TeacherSpec
-from medkd.teachers import create_teacher
+from medkd.teachers import create_teacher, recipe
 from medkd.teachers.recipe import (
     BF16_FROM,
     auto_epochs,
@@ -107,9 +107,18 @@ def test_images_seen_grow_as_the_square_root_of_the_split_above_5000():
 
 
 def test_bf16_from_2000_images_small_splits_keep_fp32_and_their_fingerprints():
-    small = teacher_recipe(n_train=546, class_names=["a", "b"], image_size=[28, 28])
+    small = teacher_recipe(n_train=546, class_names=["a", "b"], image_size=[28, 28], bf16=True)
     assert all("cpu_precision" not in t for t in small)  # BreastMNIST: the pinned fingerprints
-    large = teacher_recipe(n_train=BF16_FROM, class_names=["a", "b"], image_size=[28, 28])
+    large = teacher_recipe(n_train=BF16_FROM, class_names=["a", "b"], image_size=[28, 28], bf16=True)
     assert [t["cpu_precision"] for t in large] == ["bf16", "bf16"]
     # 400 images of 64x64 count as ~2,090 of 28x28
-    assert teacher_recipe(n_train=400, class_names=["a", "b"], image_size=[64, 64])[0]["cpu_precision"] == "bf16"
+    wide = teacher_recipe(n_train=400, class_names=["a", "b"], image_size=[64, 64], bf16=True)
+    assert wide[0]["cpu_precision"] == "bf16"
+
+
+def test_bf16_only_where_the_cpu_has_native_kernels(monkeypatch):
+    # On an AVX2-only CPU bf16 autocast was 16x slower than fp32 (benchmarks/RESULTS.md, stop 28).
+    for native in (False, True):
+        monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda native=native: native)
+        large = teacher_recipe(n_train=BF16_FROM, class_names=["a", "b"], image_size=[28, 28])
+        assert [t.get("cpu_precision", "fp32") for t in large] == ["bf16" if native else "fp32"] * 2
