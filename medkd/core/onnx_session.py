@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import onnxruntime as ort
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["X64_QUANT_PRECISION", "cpu_session_options"]
 
@@ -30,6 +33,8 @@ def cpu_session_options(threads: int, *, allow_spinning: bool = True) -> ort.Ses
         >>> cpu_session_options(1).intra_op_num_threads
         1
     """
+    import onnxruntime as ort  # on first use: medkd.serve.app imports this where no model runs
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

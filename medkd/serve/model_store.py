@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from medkd.core.errors import GpuUnavailableError
+from medkd.core.onnx_session import cpu_session_options
 from medkd.core.ray_node import ray_node_description
 from medkd.registry import layout
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE, SELECTED_FILE
@@ -162,8 +163,6 @@ def create_session(model_bytes: bytes, *, threads: int = 1, use_gpu: bool = Fals
         >>> session = create_session(open("model.onnx", "rb").read())  # doctest: +SKIP
     """
     import onnxruntime as ort
-
-    from medkd.core.onnx_session import cpu_session_options
 
     options = cpu_session_options(threads, allow_spinning=False)
     if not use_gpu:
