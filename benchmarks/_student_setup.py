@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from benchmarks._harness import PASSWORD_ENV, REPO_ROOT, data_file, managed_redis
-from medkd.core.cpu_features import cpu_has_native_bf16
 from medkd.data import load_dataset
 from medkd.data.meta import DatasetMeta
 from medkd.search.space import teacher_temperatures
@@ -33,7 +32,13 @@ from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import load_spec, parse_override
 from medkd.students.compression import OnnxModel
 from medkd.students.distill import DistillConfig, build_student, evaluate_logits
-from medkd.teachers.recipe import BF16_FROM, image_cost, laterality_specific, scaled_floor, teacher_recipe
+from medkd.teachers.recipe import (
+    image_cost,
+    laterality_specific,
+    scaled_floor,
+    teacher_recipe,
+    trains_in_bf16,
+)
 
 # Modules that import Ray (medkd.search.recipe, medkd.softlabels.recovery, medkd.teachers.train,
 # medkd.pipeline.runner, ray itself) are imported in the functions that use them: a benchmark sets
@@ -139,7 +144,7 @@ def build_spec(args: argparse.Namespace, redis_port: int, dataset: Any | None = 
         trials = search_trials(train_size, spec.search.epochs, spec.search.num_trials)
         spec = with_search(spec, num_trials=trials)
     explicit = {parse_override(text)[0] for text in args.set or []}
-    if train_size >= BF16_FROM and cpu_has_native_bf16() and "search.cpu_precision" not in explicit:
+    if trains_in_bf16(train_size) and "search.cpu_precision" not in explicit:
         # As the recipe's teachers: students train in bf16 from 2,000 images on (1.4-1.6x per image,
         # validation quality checked in benchmarks/RESULTS.md) where the CPU has native bf16 kernels;
         # smaller splits keep their fingerprints.

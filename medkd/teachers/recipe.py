@@ -161,6 +161,19 @@ def vit_hidden_size(spatial_dims: int, width: int = VIT_WIDTH, heads: int = VIT_
     return -(-width // step) * step
 
 
+def trains_in_bf16(train_size: float, bf16: bool | None = None) -> bool:
+    """The recipe's precision rule, for its teachers and (``benchmarks.students``) its students: bf16 on
+    CPU from ``BF16_FROM`` training images (counted in 28x28 images, :func:`image_cost`) where ``bf16``
+    allows it; None: where this CPU has native bf16 kernels (:func:`cpu_has_native_bf16`).
+
+    Examples:
+        >>> trains_in_bf16(2_000, bf16=True), trains_in_bf16(546, bf16=True), trains_in_bf16(2_000, bf16=False)
+        (True, False, False)
+    """
+    allowed = cpu_has_native_bf16() if bf16 is None else bf16
+    return allowed and train_size >= BF16_FROM
+
+
 def teacher_recipe(
     *,
     n_train: int,
@@ -215,8 +228,7 @@ def teacher_recipe(
         "augment": augment,
         "cpus_per_worker": cpus_per_worker,
     }
-    bf16 = cpu_has_native_bf16() if bf16 is None else bf16
-    if bf16 and n_train * image_cost(image_size) >= BF16_FROM:
+    if trains_in_bf16(n_train * image_cost(image_size), bf16):
         common["cpu_precision"] = "bf16"
     vit_kwargs: dict[str, Any] = {"patch_size": vit_patch_size(image_size), "pos_embed_type": "sincos"}
     if vit == "vit":  # a small, fine-grained ViT: many tokens, few layers (CPU-sized)

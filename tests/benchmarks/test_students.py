@@ -10,7 +10,6 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from benchmarks import _student_setup
 from benchmarks.students import build_spec, export_teachers, parse_args, published_rows
 from medkd.data import SyntheticDataSpec, load_dataset
 from medkd.data.meta import DatasetMeta
@@ -150,14 +149,13 @@ def test_breastmnist_spec_keeps_its_fingerprints(breastmnist_path, tmp_path):
 
 def test_students_train_in_bf16_from_the_recipes_threshold_where_the_cpu_has_native_bf16(tmp_path, monkeypatch):
     # As the recipe's teachers (medkd.teachers.recipe.BF16_FROM, counted in 28x28 images).
-    monkeypatch.setattr(_student_setup, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: True)
     small = _write_npz(tmp_path / "breastmnist.npz", (28, 28), num_classes=2)
     assert _spec(small, tmp_path).search.cpu_precision == "fp32"
     large = _write_npz(tmp_path / "pneumoniamnist_64.npz", (64, 64), num_classes=2, train=400)  # ~2,080 at 28x28
     assert _spec(large, tmp_path).search.cpu_precision == "bf16"
     assert _spec(large, tmp_path, "--set", "search.cpu_precision=fp32").search.cpu_precision == "fp32"
-    monkeypatch.setattr(_student_setup, "cpu_has_native_bf16", lambda: False)  # AVX2-only: bf16 is 16x slower
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: False)  # AVX2-only: bf16 is 16x slower
     assert _spec(large, tmp_path).search.cpu_precision == "fp32"
 
 
