@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
+from medkd.core.cpu_features import warn_if_cpu_bf16_is_slow
 from medkd.core.ema import WeightAverage, ema_decay
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.data.meta import DatasetMeta
@@ -255,6 +256,8 @@ def distill(
     criterion.to(device)
     calibration = _teacher_calibration(config, teacher_logits is not None, device)
     bf16 = uses_cpu_bf16(config, device)
+    if bf16:
+        warn_if_cpu_bf16_is_slow(f"student {config.student!r}")
     epochs = epochs or config.epochs
     steps_per_epoch = max(1, len(train_images) // config.batch_size)
     segmentation = meta.task == "segmentation"

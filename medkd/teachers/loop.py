@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from medkd.core.cpu_features import warn_if_cpu_bf16_is_slow
 from medkd.core.ema import WeightAverage, ema_decay
 from medkd.core.metrics import classification_metrics, probabilities, segmentation_metrics
 from medkd.core.progress import send_event
@@ -307,6 +308,8 @@ def train_teacher_loop(config: dict[str, Any]) -> None:
     model = build_teacher_model(teacher, meta)
     device = ray.train.torch.get_device()
     cpu_bf16 = uses_cpu_bf16(teacher, device)
+    if cpu_bf16 and rank == 0:
+        warn_if_cpu_bf16_is_slow(f"teacher {teacher['name']!r}")
     # CUDA: float16 autocast with a GradScaler; CPU: autocast's default dtype is bfloat16 (no scaler needed).
     use_amp = (device.type == "cuda" and teacher["mixed_precision"]) or cpu_bf16
     optimizer = build_optimizer(model, teacher)

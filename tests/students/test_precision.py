@@ -4,10 +4,13 @@ serialise as they did before the field."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from pydantic import ValidationError
 
+from medkd.core import cpu_features
 from medkd.students.distill import DistillConfig, array_teacher_logits, build_student, distill, uses_cpu_bf16
 from tests.students.test_distill import META, config, tiny_data
 
@@ -60,3 +63,23 @@ def test_fp32_configs_serialise_as_before_the_field():
 def test_unknown_student_precision_names_the_field():
     with pytest.raises(ValidationError, match="cpu_precision"):
         DistillConfig(cpu_precision="fp16")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bf16_student_warns_only_on_a_cpu_without_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(cpu_features, "cpu_has_native_bf16", lambda: native)
+    images, labels, teachers = tiny_data()
+    cfg = config(alpha=0.3, epochs=1, cpu_precision="bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distill(
+            build_student(META, cfg),
+            cfg,
+            train_images=images,
+            train_labels=labels,
+            teacher_logits=array_teacher_logits(teachers),
+            meta=META,
+        )
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "no native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    assert native or f"student {cfg.student!r}" in str(slow[0].message)
