@@ -54,6 +54,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from benchmarks._memory import process_tree  # noqa: E402
+from medkd.core.onnx_session import X64_QUANT_PRECISION  # noqa: E402
 
 CONCURRENCY = (1, 8, 64)
 BATCH_IMAGES, BATCH_CLIENTS = 64, 4
@@ -192,6 +193,9 @@ def plain_server(model_dir: str, port: int) -> None:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = ORT_THREADS
+    # The same INT8 arithmetic as medkd's sessions (exact on CPUs without VNNI, where it is slower),
+    # so that the comparison measures the serving stacks, not two different kernels.
+    options.add_session_config_entry(X64_QUANT_PRECISION, "1")
     session = ort.InferenceSession(
         str(Path(model_dir) / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
     )
