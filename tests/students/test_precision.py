@@ -15,15 +15,21 @@ from medkd.students.distill import DistillConfig, array_teacher_logits, build_st
 from tests.students.test_distill import META, config, tiny_data
 
 
-def test_bf16_student_trains_under_autocast_with_float32_losses_and_learns():
+def distill_tiny(cfg: DistillConfig, model: torch.nn.Module | None = None) -> list[dict]:
+    """``distill`` on the tiny KD data of ``test_distill``; returns the history."""
     images, labels, teachers = tiny_data()
+    model = build_student(META, cfg) if model is None else model
+    return distill(
+        model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers), meta=META
+    )
+
+
+def test_bf16_student_trains_under_autocast_with_float32_losses_and_learns():
     cfg = config(alpha=0.3, temperature=4.0, cpu_precision="bf16")
     model = build_student(META, cfg)
     output_dtypes = []
     model.register_forward_hook(lambda module, inputs, output: output_dtypes.append(output.dtype))
-    history = distill(
-        model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers), meta=META
-    )
+    history = distill_tiny(cfg, model)
     # Training steps ran in bf16 (autocast), the losses are float32 numbers that went down.
     assert torch.bfloat16 in output_dtypes
     kd, loss = [r["train_kd"] for r in history], [r["train_loss"] for r in history]
@@ -33,14 +39,11 @@ def test_bf16_student_trains_under_autocast_with_float32_losses_and_learns():
 
 
 def test_fp32_student_never_runs_in_bf16():
-    images, labels, teachers = tiny_data()
     cfg = config(alpha=0.3, epochs=1)
     model = build_student(META, cfg)
     output_dtypes = []
     model.register_forward_hook(lambda module, inputs, output: output_dtypes.append(output.dtype))
-    distill(
-        model, cfg, train_images=images, train_labels=labels, teacher_logits=array_teacher_logits(teachers), meta=META
-    )
+    distill_tiny(cfg, model)
     assert set(output_dtypes) == {torch.float32}
 
 
@@ -68,18 +71,10 @@ def test_unknown_student_precision_names_the_field():
 @pytest.mark.parametrize("native", [False, True])
 def test_a_bf16_student_warns_only_on_a_cpu_without_native_bf16(monkeypatch, native):
     monkeypatch.setattr(cpu_features, "cpu_has_native_bf16", lambda: native)
-    images, labels, teachers = tiny_data()
     cfg = config(alpha=0.3, epochs=1, cpu_precision="bf16")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        distill(
-            build_student(META, cfg),
-            cfg,
-            train_images=images,
-            train_labels=labels,
-            teacher_logits=array_teacher_logits(teachers),
-            meta=META,
-        )
+        distill_tiny(cfg)
     slow = [w for w in caught if issubclass(w.category, RuntimeWarning) and "no native bf16" in str(w.message)]
     assert len(slow) == (0 if native else 1)
     assert native or f"student {cfg.student!r}" in str(slow[0].message)
