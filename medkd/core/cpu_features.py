@@ -37,7 +37,7 @@ def warn_if_cpu_bf16_is_slow(what: str) -> bool:
     warning names the setting that would make the run fast on this CPU.
 
     Args:
-        what: the job part that trains under bf16, e.g. ``"teacher 'cnn'"`` or ``"student trial 3"``.
+        what: the job part that trains under bf16, e.g. ``"teacher 'cnn'"`` or ``"student 'resnet_tiny'"``.
 
     Examples:
         >>> import warnings
