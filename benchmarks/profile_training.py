@@ -10,7 +10,7 @@ random flip/affine augmentation), ``forward`` (model + loss), ``backward``, ``op
 (AdamW step, zero_grad). Variants: ``fp32``; ``bf16`` = ``torch.autocast("cpu",
 dtype=torch.bfloat16)`` around forward and loss; ``_cl`` = ``channels_last`` model and inputs.
 ``--inference`` also times the soft-label pass (``medkd.teachers.loop.predict``'s forward, no
-grad) per 1,000 images in fp32 and bf16.
+grad) per 1,000 images in the precisions of ``--variants`` (fp32 and/or bf16).
 
 Prints one line per (model, variant, batch size, threads) and ends with ``RESULT`` naming the
 ms per training image of each; short (seconds per line), for side-by-side comparison only, not
@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if args.inference and name not in STUDENTS:
                 model, _ = build_model(name, meta, len(images), list(dataset.class_names))
-                times: dict[bool, list[float]] = {False: [], True: []}
+                # Only the precisions asked for: on a CPU without native bf16 kernels, bf16 is emulated
+                # and many times slower than fp32.
+                precisions = {variant.startswith("bf16") for variant in args.variants.split(",")}
+                times: dict[bool, list[float]] = {bf16: [] for bf16 in sorted(precisions)}
                 for _ in range(args.rounds):
                     for bf16 in times:
                         times[bf16].append(time_inference(model, images[: args.inference_images], bf16=bf16))
