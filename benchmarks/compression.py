@@ -8,6 +8,9 @@ when no file is found), exported to ONNX and then, in one process:
 
 * FP32 vs INT8 static (QDQ, per-channel, calibrated on 256 training images): file size ratio,
   batch-1 latency ratio, test accuracy/AUC of each and their argmax agreement;
+* INT8 static with 8-bit vs 7-bit weights (``int8_static_7bit``), each in medkd's session: on x86
+  CPUs without VNNI the 8-bit model runs exact (slower) products and the 7-bit one the fast kernels;
+  with VNNI both run the same kernels;
 * channel pruning (50% of channels by L2 norm, then a short fine-tune) vs the unpruned model,
   both FP32 ONNX: parameter ratio and batch-1 latency ratio.
 
@@ -15,7 +18,7 @@ Latency: ONNX Runtime, CPU, 1 intra-op thread, sequential, warm-up, median of ``
 candidates are measured alternately for ``--rounds`` rounds and the median of the round
 medians is reported, so load from other processes hits all of them alike.
 Ends with ``RESULT int8_size_ratio=<int8/fp32 bytes> int8_speedup=<fp32/int8 latency>
-channel_prune_speedup=<unpruned/pruned latency> ...``.
+channel_prune_speedup=<unpruned/pruned latency> ... int8_7bit_vs_int8=<int8/int8_7bit latency> ...``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from medkd.students.compression import (
     measure_latency,
     model_size_bytes,
     prune_channels,
+    quantize,
     quantize_static_int8,
 )
 
@@ -152,18 +156,28 @@ def main() -> None:
         fp32 = export_onnx(model, example, directory / "fp32.onnx")
         parity = check_parity(model, fp32, data["test_x"], atol=1e-4)
         int8 = quantize_static_int8(fp32, directory / "int8.onnx", data["train_x"][:256])
+        int8_7bit = quantize(
+            fp32, directory / "int8_7bit.onnx", mode="int8_static_7bit", calibration=data["train_x"][:256]
+        )
 
         pruned = prune_channels(model, args.prune_amount, example)
         train(pruned, data["train_x"], data["train_y"], epochs=max(1, args.epochs // 2), lr=1e-3)
         pruned_fp32 = export_onnx(pruned, example, directory / "pruned_fp32.onnx")
         pruned_int8 = quantize_static_int8(pruned_fp32, directory / "pruned_int8.onnx", data["train_x"][:256])
 
-        paths = {"fp32": fp32, "int8": int8, "pruned_fp32": pruned_fp32, "pruned_int8": pruned_int8}
+        paths = {
+            "fp32": fp32,
+            "int8": int8,
+            "int8_7bit": int8_7bit,
+            "pruned_fp32": pruned_fp32,
+            "pruned_int8": pruned_int8,
+        }
         latency = interleaved_latency(paths, (1, *in_shape), runs=args.runs, rounds=args.rounds)
         logits = {name: OnnxModel(path).predict(data["test_x"]) for name, path in paths.items()}
         sizes = {name: model_size_bytes(path) for name, path in paths.items()}
         params = {"fp32": count_parameters(model), "pruned_fp32": count_parameters(pruned)}
-        params["int8"], params["pruned_int8"] = params["fp32"], params["pruned_fp32"]
+        params["int8"] = params["int8_7bit"] = params["fp32"]
+        params["pruned_int8"] = params["pruned_fp32"]
 
     print(
         f"export parity (FP32 ONNX vs PyTorch, test split): max |diff| {parity.max_abs_diff:.2e}, "
@@ -185,10 +199,13 @@ def main() -> None:
     prune_speedup = latency["fp32"] / latency["pruned_fp32"]
     prune_param_ratio = params["pruned_fp32"] / params["fp32"]
     combined_speedup = latency["fp32"] / latency["pruned_int8"]
+    seven_bit_speedup = latency["int8"] / latency["int8_7bit"]
+    seven_bit_agreement = float(np.mean(logits["int8_7bit"].argmax(1) == logits["fp32"].argmax(1)))
     print(
         f"\nRESULT int8_size_ratio={int8_size_ratio:.3f} int8_speedup={int8_speedup:.2f} "
         f"int8_argmax_agreement={int8_agreement:.3f} channel_prune_speedup={prune_speedup:.2f} "
-        f"channel_prune_param_ratio={prune_param_ratio:.3f} pruned_int8_speedup={combined_speedup:.2f}"
+        f"channel_prune_param_ratio={prune_param_ratio:.3f} pruned_int8_speedup={combined_speedup:.2f} "
+        f"int8_7bit_vs_int8={seven_bit_speedup:.2f} int8_7bit_argmax_agreement={seven_bit_agreement:.3f}"
     )
 
 

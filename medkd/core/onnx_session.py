@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["X64_QUANT_PRECISION", "cpu_session_options"]
+__all__ = ["INT8_WEIGHT_BITS_KEY", "X64_QUANT_PRECISION", "cpu_session_options", "needs_exact_int8"]
 
 # On x86 CPUs without VNNI (AVX2-only, e.g. AMD EPYC before Zen 4), ONNX Runtime multiplies
 # uint8 activations by int8 weights with VPMADDUBSW, whose int16 pair sums saturate. Measured on
@@ -19,8 +20,37 @@ __all__ = ["X64_QUANT_PRECISION", "cpu_session_options"]
 # (benchmarks/RESULTS.md, stop 28).
 X64_QUANT_PRECISION = "session.x64quantprecision"
 
+# ONNX metadata entry the quantization mode ``int8_static_7bit`` writes: with weights in [-64, 64],
+# a pair of uint8 x int8 products sums to at most 2 x 255 x 64 = 32,640 < 32,767, so the fast
+# kernels cannot saturate and the exact (slower) products are not needed.
+INT8_WEIGHT_BITS_KEY = "medkd.int8_weight_bits"
 
-def cpu_session_options(threads: int, *, allow_spinning: bool = True) -> ort.SessionOptions:
+
+def needs_exact_int8(model: str | Path | bytes) -> bool:
+    """Whether a session for ``model`` needs :data:`X64_QUANT_PRECISION`: every model but one whose
+    metadata says its INT8 weights have 7 bits (:data:`INT8_WEIGHT_BITS_KEY`).
+
+    Args:
+        model: an ONNX file or its bytes.
+
+    Examples:
+        >>> needs_exact_int8("model.onnx")  # doctest: +SKIP
+        True
+    """
+    import onnx
+
+    try:
+        if isinstance(model, (bytes, bytearray)):
+            proto = onnx.load_model_from_string(bytes(model))
+        else:
+            proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # not a readable model: ONNX Runtime's load names the problem
+        return True
+    bits = {entry.key: entry.value for entry in proto.metadata_props}.get(INT8_WEIGHT_BITS_KEY)
+    return bits != "7"
+
+
+def cpu_session_options(threads: int, *, allow_spinning: bool = True, exact_int8: bool = True) -> ort.SessionOptions:
     """Session options for one model on the CPU: ``threads`` intra-op threads, one inter-op thread,
     sequential execution, every graph optimisation, errors-only logging, saturation-free INT8.
 
@@ -28,6 +58,8 @@ def cpu_session_options(threads: int, *, allow_spinning: bool = True) -> ort.Ses
         threads: intra-op threads (>= 1).
         allow_spinning: let idle intra-op threads spin (lowest latency for a lone session; off for
             serving replicas that share cores with other processes).
+        exact_int8: set :data:`X64_QUANT_PRECISION`; ``False`` only for a model that cannot
+            saturate (:func:`needs_exact_int8`), which then runs the fast INT8 kernels.
 
     Examples:
         >>> cpu_session_options(1).intra_op_num_threads
@@ -41,7 +73,8 @@ def cpu_session_options(threads: int, *, allow_spinning: bool = True) -> ort.Ses
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
-    options.add_session_config_entry(X64_QUANT_PRECISION, "1")
+    if exact_int8:
+        options.add_session_config_entry(X64_QUANT_PRECISION, "1")
     if not allow_spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

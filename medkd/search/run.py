@@ -37,7 +37,7 @@ from medkd.search.trial_checkpoint import EpochCheckpoints, die_if_a_test_asks, 
 from medkd.softlabels.store import SoftLabelCache
 from medkd.spec.job import JobSpec
 from medkd.students.candidate import apply_pruning
-from medkd.students.compression import count_nonzero_parameters, export_onnx, measure_latency
+from medkd.students.compression import bytes_per_weight, count_nonzero_parameters, export_onnx, measure_latency
 from medkd.students.distill import (
     build_student,
     quality_metric,
@@ -121,12 +121,11 @@ def distill_trial(params: dict[str, Any], context: TrialContext) -> None:
         with tempfile.TemporaryDirectory() as directory:
             probe = apply_pruning(copy.deepcopy(model), config, probe_input)
             path = export_onnx(probe.eval(), probe_input, Path(directory) / "probe.onnx")
-            bytes_per_param = {"int8_static": 1, "int8_dynamic": 1, "fp16": 2}.get(config.quantize, 4)
             params_count = int(count_nonzero_parameters(probe))
             estimates = {
                 "latency_ms": float(measure_latency(path, (1, *train_x.shape[1:]), runs=10).median_ms),
                 "params": params_count,
-                "model_bytes": params_count * bytes_per_param,
+                "model_bytes": params_count * bytes_per_weight(config.quantize),
             }
 
     def on_epoch(record: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from medkd.core.errors import GpuUnavailableError
-from medkd.core.onnx_session import cpu_session_options
+from medkd.core.onnx_session import cpu_session_options, needs_exact_int8
 from medkd.core.ray_node import ray_node_description
 from medkd.registry import layout
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE, SELECTED_FILE
@@ -164,7 +164,7 @@ def create_session(model_bytes: bytes, *, threads: int = 1, use_gpu: bool = Fals
     """
     import onnxruntime as ort
 
-    options = cpu_session_options(threads, allow_spinning=False)
+    options = cpu_session_options(threads, allow_spinning=False, exact_int8=needs_exact_int8(model_bytes))
     if not use_gpu:
         return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
     where = f"serve.gpus_per_replica > 0 asked for a GPU and Ray placed the replica on node {ray_node_description()}"

@@ -9,14 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from medkd.core.onnx_session import X64_QUANT_PRECISION, cpu_session_options
+from medkd.core.onnx_session import INT8_WEIGHT_BITS_KEY, X64_QUANT_PRECISION, cpu_session_options, needs_exact_int8
 
 FEATURES, OUTPUTS = 64, 4
 
 
-def saturating_matmul(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+def saturating_matmul(tmp_path: Path, *, reduce_range: bool = False) -> tuple[Path, np.ndarray, np.ndarray]:
     """A MatMul whose dynamically quantized form multiplies uint8 255s by int8 127s: every adjacent
-    pair of products (2 x 32,385) overflows int16, which is where u8s8 kernels without VNNI saturate."""
+    pair of products (2 x 32,385) overflows int16, which is where u8s8 kernels without VNNI saturate.
+    With ``reduce_range`` (7-bit weights) the products are 255 x 64 and their pairs fit in int16."""
     weights = np.ones((FEATURES, OUTPUTS), np.float32)
     weights[:, 1] = -1.0
     graph = helper.make_graph(
@@ -29,7 +30,7 @@ def saturating_matmul(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     fp32 = tmp_path / "fp32.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
     int8 = tmp_path / "int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, reduce_range=reduce_range)
     x = np.ones((3, FEATURES), np.float32)
     x[1] = 0.5
     return int8, x, x @ weights
@@ -50,3 +51,26 @@ def test_options_carry_threads_spinning_and_the_precision_entry():
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ONNX Runtime's default (spinning)
         cpu_session_options(1).get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_seven_bit_weights_are_exact_without_the_precision_entry(tmp_path):
+    int8, x, expected = saturating_matmul(tmp_path, reduce_range=True)
+    options = cpu_session_options(1, exact_int8=False)
+    with pytest.raises(RuntimeError, match="x64quantprecision"):  # the entry is not set
+        options.get_session_config_entry(X64_QUANT_PRECISION)
+    (got,) = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, expected, atol=1.0)
+
+
+def test_only_a_model_marked_seven_bit_skips_the_exact_products(tmp_path):
+    int8, _, _ = saturating_matmul(tmp_path)
+    assert needs_exact_int8(int8) and needs_exact_int8(int8.read_bytes())
+    model = onnx.load(str(int8))
+    onnx.helper.set_model_props(model, {INT8_WEIGHT_BITS_KEY: "7"})
+    marked = tmp_path / "marked.onnx"
+    onnx.save(model, marked)
+    assert not needs_exact_int8(marked) and not needs_exact_int8(marked.read_bytes())
+    onnx.helper.set_model_props(model, {INT8_WEIGHT_BITS_KEY: "8"})
+    assert needs_exact_int8(model.SerializeToString())
+    # Not a model: the exact products, and ONNX Runtime's own load error later.
+    assert needs_exact_int8(b"not an onnx model") and needs_exact_int8(tmp_path / "missing.onnx")

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
+from medkd.core.onnx_session import INT8_WEIGHT_BITS_KEY, X64_QUANT_PRECISION, cpu_session_options, needs_exact_int8
 from medkd.students.compression import (
     OnnxModel,
     convert_fp16,
@@ -132,6 +134,30 @@ def test_static_int8_is_small_and_agrees_with_fp32(
     assert agreement >= 0.9
 
 
+def test_static_int8_7bit_runs_the_fast_kernels_exactly(
+    trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    fp32, calibration, held_out = trained_fp32
+    eight = quantize(fp32, tmp_path / "int8.onnx", mode="int8_static", calibration=calibration)
+    seven = quantize(fp32, tmp_path / "int8_7bit.onnx", mode="int8_static_7bit", calibration=calibration)
+    model = onnx.load(str(seven))
+    assert {p.key: p.value for p in model.metadata_props}[INT8_WEIGHT_BITS_KEY] == "7"
+    assert needs_exact_int8(eight) and not needs_exact_int8(seven)
+    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64  # 7 bits: pairs of u8 x s8 fit in int16
+    assert max(int(np.abs(w).max()) for w in weights) > 32  # and the range is used
+
+    def logits(options) -> np.ndarray:
+        session = ort.InferenceSession(str(seven), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: held_out})[0]
+
+    fast, exact = cpu_session_options(1, exact_int8=False), cpu_session_options(1)
+    assert exact.get_session_config_entry(X64_QUANT_PRECISION) == "1"
+    np.testing.assert_allclose(logits(fast), logits(exact), atol=1e-5)  # on CPUs without VNNI too
+    np.testing.assert_allclose(OnnxModel(seven).predict(held_out), logits(fast), atol=1e-5)  # medkd's session
+    assert argmax_agreement(OnnxModel(fp32).predict(held_out), logits(fast)) >= 0.9
+
+
 def test_static_int8_per_channel_scales(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
     fp32, calibration, _ = trained_fp32
 
@@ -188,10 +214,10 @@ def test_fp16_conversion_runs_with_float32_io(
 
 def test_dispatcher_modes(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
     fp32, calibration, _ = trained_fp32
-    assert list_quantization_modes() == ["fp16", "int8_dynamic", "int8_static", "none"]
+    assert list_quantization_modes() == ["fp16", "int8_dynamic", "int8_static", "int8_static_7bit", "none"]
     copied = quantize(fp32, tmp_path / "none.onnx", mode="none")
     assert copied.read_bytes() == fp32.read_bytes()
-    for mode in ("int8_static", "int8_dynamic", "fp16"):
+    for mode in ("int8_static", "int8_static_7bit", "int8_dynamic", "fp16"):
         out = quantize(fp32, tmp_path / f"{mode}.onnx", mode=mode, calibration=calibration[:16])
         assert out == tmp_path / f"{mode}.onnx"
         assert OnnxModel(out).predict(calibration[:2]).shape == (2, CLASSES)
@@ -201,11 +227,13 @@ def test_bad_inputs(trained_fp32: tuple[Path, np.ndarray, np.ndarray], tmp_path:
     fp32, calibration, _ = trained_fp32
     with pytest.raises(
         ValueError,
-        match="unknown quantization mode 'int4'; known quantization modes: fp16, int8_dynamic, int8_static, none",
+        match="unknown quantization mode 'int4'; known quantization modes: fp16, int8_dynamic, int8_static, "
+        "int8_static_7bit, none",
     ):
         quantize(fp32, tmp_path / "x.onnx", mode="int4")
-    with pytest.raises(ValueError, match="calibration"):
-        quantize(fp32, tmp_path / "x.onnx", mode="int8_static")
+    for mode in ("int8_static", "int8_static_7bit"):
+        with pytest.raises(ValueError, match=f"mode '{mode}' needs calibration"):
+            quantize(fp32, tmp_path / "x.onnx", mode=mode)
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         quantize_static_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx", calibration)
     with pytest.raises(FileNotFoundError, match="missing.onnx"):

@@ -27,6 +27,7 @@ from medkd.students.compression.prune import (
 )
 from medkd.students.compression.quantize import (
     QuantizationMode,
+    bytes_per_weight,
     convert_fp16,
     list_quantization_modes,
     quantize,
@@ -52,6 +53,7 @@ __all__ = [
     "ParityReport",
     "QuantizationMode",
     "UnsupportedModelError",
+    "bytes_per_weight",
     "check_parity",
     "convert_fp16",
     "count_nonzero_parameters",

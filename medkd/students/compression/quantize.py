@@ -5,6 +5,9 @@ Modes (a registry, see ``list_quantization_modes``):
 - ``none``: the FP32 model, copied.
 - ``int8_static``: INT8 weights and activations (QDQ format), activation ranges calibrated
   on training samples. The right choice for CNNs on CPU.
+- ``int8_static_7bit``: ``int8_static`` with 7-bit weights, for serving on x86 CPUs without
+  VNNI (AVX2 only): there medkd's sessions can use ONNX Runtime's fast INT8 kernels, which
+  saturate on 8-bit weights, at a small cost in fidelity to FP32 (benchmarks/RESULTS.md, stop 28).
 - ``int8_dynamic``: INT8 weights of MatMul/Gemm, activations quantized on the fly. For
   Linear-heavy models (ViT, MLP) where activation ranges vary per input.
 - ``fp16``: half-precision weights and compute with float32 inputs/outputs, for GPU serving.
@@ -33,11 +36,13 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from medkd.core.onnx_session import INT8_WEIGHT_BITS_KEY
 from medkd.core.registry import Registry
 
 __all__ = [
     "QuantizationMode",
     "SampleReader",
+    "bytes_per_weight",
     "convert_fp16",
     "list_quantization_modes",
     "quantize",
@@ -48,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-QuantizationMode = Literal["none", "int8_static", "int8_dynamic", "fp16"]
+QuantizationMode = Literal["none", "int8_static", "int8_static_7bit", "int8_dynamic", "fp16"]
 Quantizer = Callable[[Path, Path, "np.ndarray | None"], Path]
 
 QUANTIZATION_MODES: Registry[Quantizer] = Registry("quantization mode")
@@ -65,6 +70,16 @@ def register_quantization_mode(name: str) -> Callable[[Quantizer], Quantizer]:
 
 def list_quantization_modes() -> list[str]:
     return QUANTIZATION_MODES.names()
+
+
+def bytes_per_weight(mode: str) -> int:
+    """Bytes each weight takes in a model of quantization ``mode`` (a size estimate before export).
+
+    Examples:
+        >>> bytes_per_weight("int8_static_7bit"), bytes_per_weight("fp16"), bytes_per_weight("none")
+        (1, 2, 4)
+    """
+    return 1 if mode.startswith("int8") else 2 if mode == "fp16" else 4
 
 
 def _model_input(path: Path) -> tuple[str, tuple[int | None, ...]]:
@@ -267,6 +282,21 @@ def _int8_static(fp32_path: Path, out_path: Path, calibration: np.ndarray | None
     return quantize_static_int8(fp32_path, out_path, calibration)
 
 
+@register_quantization_mode("int8_static_7bit")
+def _int8_static_7bit(fp32_path: Path, out_path: Path, calibration: np.ndarray | None) -> Path:
+    """INT8 static with 7-bit weights, for serving on x86 CPUs without VNNI: their fast INT8 kernels
+    cannot saturate on such weights, so sessions skip the exact (slower) products
+    (:func:`medkd.core.onnx_session.needs_exact_int8` reads the mark this writes)."""
+    if calibration is None:
+        raise ValueError("mode 'int8_static_7bit' needs calibration samples (calibration=...)")
+    quantize_static_int8(fp32_path, out_path, calibration, reduce_range=True)
+    model = onnx.load(str(out_path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = INT8_WEIGHT_BITS_KEY, "7"
+    onnx.save(model, str(out_path))
+    return out_path
+
+
 @register_quantization_mode("int8_dynamic")
 def _int8_dynamic(fp32_path: Path, out_path: Path, calibration: np.ndarray | None) -> Path:
     return quantize_dynamic_int8(fp32_path, out_path)
@@ -290,10 +320,10 @@ def quantize(
         fp32_path: the FP32 ONNX model.
         out_path: the output model (``mode="none"`` copies the FP32 model there).
         mode: one of ``list_quantization_modes()``.
-        calibration: training samples ``(n, *input_shape)``; required by ``int8_static``.
+        calibration: training samples ``(n, *input_shape)``; required by the ``int8_static`` modes.
 
     Raises:
-        ValueError: unknown ``mode``, or missing/bad ``calibration`` for ``int8_static``.
+        ValueError: unknown ``mode``, or missing/bad ``calibration`` for an ``int8_static`` mode.
         FileNotFoundError: ``fp32_path`` does not exist.
 
     Examples:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from medkd.core.onnx_session import cpu_session_options
+from medkd.core.onnx_session import cpu_session_options, needs_exact_int8
 
 __all__ = [
     "LatencyStats",
@@ -100,7 +100,9 @@ class OnnxModel:
             session_input = str(path)
         try:
             self.session = ort.InferenceSession(
-                session_input, sess_options=cpu_session_options(threads), providers=_resolve_providers(providers)
+                session_input,
+                sess_options=cpu_session_options(threads, exact_int8=needs_exact_int8(session_input)),
+                providers=_resolve_providers(providers),
             )
         except Exception as exc:  # onnxruntime raises its own exception types for any load failure
             raise ValueError(f"ONNX Runtime cannot load {self.source}: {exc}") from exc
