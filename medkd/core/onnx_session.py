@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["INT8_WEIGHT_BITS_KEY", "X64_QUANT_PRECISION", "cpu_session_options", "needs_exact_int8"]
+__all__ = [
+    "INT8_WEIGHT_BITS_KEY",
+    "X64_QUANT_PRECISION",
+    "cpu_int8_products_saturate",
+    "cpu_session_options",
+    "int8_weight_bits",
+    "needs_exact_int8",
+]
 
 # On x86 CPUs without VNNI (AVX2-only, e.g. AMD EPYC before Zen 4), ONNX Runtime multiplies
 # uint8 activations by int8 weights with VPMADDUBSW, whose int16 pair sums saturate. Measured on
@@ -26,16 +35,43 @@ X64_QUANT_PRECISION = "session.x64quantprecision"
 INT8_WEIGHT_BITS_KEY = "medkd.int8_weight_bits"
 
 
-def needs_exact_int8(model: str | Path | bytes) -> bool:
-    """Whether a session for ``model`` needs :data:`X64_QUANT_PRECISION`: every model but one whose
-    metadata says its INT8 weights have 7 bits (:data:`INT8_WEIGHT_BITS_KEY`).
+X86_MACHINES = {"x86_64", "amd64", "i386", "i686"}
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
+
+
+@functools.cache
+def cpu_int8_products_saturate(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ONNX Runtime's fast uint8 x int8 kernels saturate on this CPU: an x86 CPU without VNNI
+    (``avx512_vnni`` or ``avx_vnni`` in ``cpuinfo``'s flags), where they sum pairs of products in int16.
+
+    There a session with :data:`X64_QUANT_PRECISION` runs exact products, at about FP32 speed, and
+    only 7-bit weights run the fast kernels exactly. ``False`` where it cannot tell (no
+    ``cpuinfo``) and on other architectures.
+
+    Examples:
+        >>> isinstance(cpu_int8_products_saturate(), bool)
+        True
+    """
+    if platform.machine().lower() not in X86_MACHINES:
+        return False
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return flags is not None and not VNNI_FLAGS & set(flags)
+
+
+def int8_weight_bits(model: str | Path | bytes) -> int | None:
+    """The bits of ``model``'s INT8 weights: 7 when its metadata says so (:data:`INT8_WEIGHT_BITS_KEY`),
+    8 for other models with INT8 initializers, ``None`` for a model without them (or not readable).
 
     Args:
         model: an ONNX file or its bytes.
 
     Examples:
-        >>> needs_exact_int8("model.onnx")  # doctest: +SKIP
-        True
+        >>> int8_weight_bits("model.onnx")  # doctest: +SKIP
+        8
     """
     import onnx
 
@@ -45,9 +81,25 @@ def needs_exact_int8(model: str | Path | bytes) -> bool:
         else:
             proto = onnx.load(str(model), load_external_data=False)
     except Exception:  # not a readable model: ONNX Runtime's load names the problem
-        return True
-    bits = {entry.key: entry.value for entry in proto.metadata_props}.get(INT8_WEIGHT_BITS_KEY)
-    return bits != "7"
+        return None
+    if {entry.key: entry.value for entry in proto.metadata_props}.get(INT8_WEIGHT_BITS_KEY) == "7":
+        return 7
+    int8 = onnx.TensorProto.INT8
+    return 8 if any(tensor.data_type == int8 for tensor in proto.graph.initializer) else None
+
+
+def needs_exact_int8(model: str | Path | bytes) -> bool:
+    """Whether a session for ``model`` needs :data:`X64_QUANT_PRECISION`: every model but one whose
+    metadata says its INT8 weights have 7 bits (a model without INT8 weights is not slowed by it).
+
+    Args:
+        model: an ONNX file or its bytes.
+
+    Examples:
+        >>> needs_exact_int8("model.onnx")  # doctest: +SKIP
+        True
+    """
+    return int8_weight_bits(model) != 7
 
 
 def cpu_session_options(threads: int, *, allow_spinning: bool = True, exact_int8: bool = True) -> ort.SessionOptions:

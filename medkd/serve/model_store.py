@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,13 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from medkd.core.errors import GpuUnavailableError
-from medkd.core.onnx_session import cpu_session_options, needs_exact_int8
+from medkd.core.onnx_session import cpu_int8_products_saturate, cpu_session_options, int8_weight_bits
 from medkd.core.ray_node import ray_node_description
 from medkd.registry import layout
 from medkd.registry.layout import METADATA_FILE, MODEL_FILE, SELECTED_FILE
 from medkd.registry.metadata import ModelMetadata
+
+logger = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -164,8 +167,15 @@ def create_session(model_bytes: bytes, *, threads: int = 1, use_gpu: bool = Fals
     """
     import onnxruntime as ort
 
-    options = cpu_session_options(threads, allow_spinning=False, exact_int8=needs_exact_int8(model_bytes))
+    bits = int8_weight_bits(model_bytes)
+    options = cpu_session_options(threads, allow_spinning=False, exact_int8=bits != 7)
     if not use_gpu:
+        if bits == 8 and cpu_int8_products_saturate():
+            logger.warning(
+                "medkd: this CPU has no VNNI, so the model's 8-bit INT8 weights run exact products at about FP32 "
+                "speed here; a student searched with search.space.quantize: [int8_static_7bit] runs the fast "
+                "INT8 kernels exactly on such CPUs"
+            )
         return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
     where = f"serve.gpus_per_replica > 0 asked for a GPU and Ray placed the replica on node {ray_node_description()}"
     if CUDA_PROVIDER not in ort.get_available_providers():

@@ -9,7 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from medkd.core.onnx_session import INT8_WEIGHT_BITS_KEY, X64_QUANT_PRECISION, cpu_session_options, needs_exact_int8
+from medkd.core import onnx_session
+from medkd.core.onnx_session import (
+    INT8_WEIGHT_BITS_KEY,
+    X64_QUANT_PRECISION,
+    cpu_int8_products_saturate,
+    cpu_session_options,
+    int8_weight_bits,
+    needs_exact_int8,
+)
 
 FEATURES, OUTPUTS = 64, 4
 
@@ -64,13 +72,39 @@ def test_seven_bit_weights_are_exact_without_the_precision_entry(tmp_path):
 
 def test_only_a_model_marked_seven_bit_skips_the_exact_products(tmp_path):
     int8, _, _ = saturating_matmul(tmp_path)
+    assert int8_weight_bits(int8) == 8 and int8_weight_bits(tmp_path / "fp32.onnx") is None
     assert needs_exact_int8(int8) and needs_exact_int8(int8.read_bytes())
     model = onnx.load(str(int8))
     onnx.helper.set_model_props(model, {INT8_WEIGHT_BITS_KEY: "7"})
     marked = tmp_path / "marked.onnx"
     onnx.save(model, marked)
     assert not needs_exact_int8(marked) and not needs_exact_int8(marked.read_bytes())
+    assert int8_weight_bits(marked) == 7
     onnx.helper.set_model_props(model, {INT8_WEIGHT_BITS_KEY: "8"})
     assert needs_exact_int8(model.SerializeToString())
     # Not a model: the exact products, and ONNX Runtime's own load error later.
     assert needs_exact_int8(b"not an onnx model") and needs_exact_int8(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "saturates"),
+    [
+        ("x86_64", "fpu sse2 avx avx2 fma", True),  # AVX2 only: VPMADDUBSW's int16 pair sums
+        ("x86_64", "fpu avx2 avx512f avx512bw", True),  # AVX-512 without VNNI saturates too
+        ("x86_64", "fpu avx2 avx512f avx512_vnni", False),
+        ("x86_64", "fpu avx2 avx_vnni", False),
+        ("aarch64", "fp asimd asimddp", False),  # not x86: other kernels
+    ],
+)
+def test_which_cpus_saturate_int8_products(tmp_path, monkeypatch, machine, flags, saturates):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(onnx_session.platform, "machine", lambda: machine)
+    assert cpu_int8_products_saturate(cpuinfo) is saturates
+
+
+def test_an_unreadable_cpuinfo_is_no_verdict(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_session.platform, "machine", lambda: "x86_64")
+    assert cpu_int8_products_saturate(tmp_path / "missing") is False
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    assert cpu_int8_products_saturate(tmp_path / "noflags") is False

@@ -4,6 +4,7 @@ one classification post-processing — without Ray (fast)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnxruntime as ort
@@ -12,9 +13,11 @@ from pydantic import SecretStr
 
 from medkd.core.onnx_session import X64_QUANT_PRECISION
 from medkd.registry.metadata import InputMeta, ModelMetadata
+from medkd.serve import model_store
 from medkd.serve.codecs import PayloadTooLarge, RequestError, encode_npy
 from medkd.serve.guards import Limits, authorized, bearer_token, check_before_decoding, check_image_count
 from medkd.serve.model_store import GpuUnavailableError, ModelDirError, collect_models, create_session
+from medkd.students.compression import quantize
 from tests.serve.images import make_dicom, png_bytes
 from tests.serve.students import export_student, make_run
 from tests.serve.test_fuzz import png_bomb
@@ -82,6 +85,27 @@ def test_gpu_replicas_use_cuda_or_refuse_to_start(tmp_path):
     assert cpu.get_providers() == ["CPUExecutionProvider"]
     # medkd.core.onnx_session: INT8 products do not saturate on x86 CPUs without VNNI
     assert cpu.get_session_options().get_session_config_entry(X64_QUANT_PRECISION) == "1"
+
+
+def test_cpu_replicas_run_seven_bit_int8_on_the_fast_kernels(tmp_path, monkeypatch, caplog):
+    fp32 = export_student(tmp_path / "m", seed=1, model_id="m") / "model.onnx"
+    calibration = np.random.default_rng(0).normal(size=(16, 1, 28, 28)).astype(np.float32)
+    eight = quantize(fp32, tmp_path / "int8.onnx", mode="int8_static", calibration=calibration)
+    seven = quantize(fp32, tmp_path / "int8_7bit.onnx", mode="int8_static_7bit", calibration=calibration)
+    monkeypatch.setattr(model_store, "cpu_int8_products_saturate", lambda: True)  # an AVX2-only CPU
+    with caplog.at_level(logging.WARNING, logger=model_store.__name__):
+        exact = create_session(eight.read_bytes())
+        assert "no VNNI" in caplog.text and "int8_static_7bit" in caplog.text  # says why and what to do
+        caplog.clear()
+        fast = create_session(seven.read_bytes())
+        assert not caplog.text
+    assert exact.get_session_options().get_session_config_entry(X64_QUANT_PRECISION) == "1"
+    with pytest.raises(RuntimeError, match="x64quantprecision"):  # not set: the fast kernels
+        fast.get_session_options().get_session_config_entry(X64_QUANT_PRECISION)
+    monkeypatch.setattr(model_store, "cpu_int8_products_saturate", lambda: False)  # a CPU with VNNI
+    with caplog.at_level(logging.WARNING, logger=model_store.__name__):
+        create_session(eight.read_bytes())
+    assert not caplog.text
 
 
 def test_collect_models_serves_the_pareto_students_of_the_selected_search(tmp_path):
