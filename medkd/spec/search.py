@@ -48,7 +48,12 @@ class SearchSpace(StrictModel):
     lr: Dimension = Field(default_factory=lambda: Range(low=1e-3, high=1e-2, log=True))
     prune: list[Literal["none", "unstructured", "channels"]] = Field(default_factory=lambda: ["none"])
     prune_amount: Dimension = Field(default_factory=lambda: Range(low=0.0, high=0.5))
-    quantize: list[str] = Field(default_factory=lambda: ["int8_static"], min_length=1)
+    quantize: list[str] = Field(
+        default_factory=lambda: ["int8_static"],
+        min_length=1,
+        description="quantization modes of the served student: int8_static; int8_static_7bit (7-bit weights: fast "
+        "and exact INT8 on x86 CPUs without VNNI); int8_dynamic; fp16 (GPU serving); none",
+    )
     loss: list[str] | None = Field(
         None,
         min_length=1,
